@@ -1,0 +1,52 @@
+# deepfleet: the two contract commands are `make lab` and `make test` (see README.md).
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+VENV := .venv
+PY := $(VENV)/bin/python
+# testinfra's ansible:// backend and ansible-playbook must come from the venv.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export PYTHONUNBUFFERED := 1
+
+.DEFAULT_GOAL := help
+.PHONY: help deps venv lint test test-fast test-lab lab lab-down lab-status plan
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+
+.stamp/deps: scripts/install-deps.sh
+	scripts/install-deps.sh
+	@mkdir -p .stamp && touch $@
+
+deps: .stamp/deps ## install system packages (apt; needs root)
+
+$(VENV)/.installed: pyproject.toml runtime/pyproject.toml scripts/bootstrap-venv.sh
+	scripts/bootstrap-venv.sh
+	@touch $@
+
+venv: $(VENV)/.installed ## create .venv with the toolkit, runtime and dev tools
+
+lint: venv ## ruff, yamllint, ansible-lint (production profile)
+	ruff check .
+	yamllint -s .
+	ansible-lint --profile production --offline roles/ playbooks/
+
+test-fast: deps venv ## unit tests (no lab): runtime, Pulumi mocks, monitoring rules
+	$(PY) -m pytest -m "not lab" -q
+
+test-lab: deps venv ## lab end-to-end: bring up hosts, run site.yml twice, compliance, tear down
+	$(PY) -m pytest -m lab -q
+
+test: lint test-fast test-lab ## everything that runs on this machine (CI runs this)
+
+lab: deps venv ## bring up the local lab, configure it with playbooks/site.yml, run compliance
+	$(PY) -m lab up
+	$(PY) -m lab converge
+
+lab-down: ## remove everything the lab made
+	@if [ -x $(PY) ]; then $(PY) -m lab down; else echo "no venv: nothing to tear down"; fi
+
+lab-status: ## show what the lab has up
+	$(PY) -m lab status
+
+plan: venv ## print the resource tree a Pulumi stack would create (STACK=aws|onprem|hybrid), no CLI needed
+	$(PY) -m infra.plan $(or $(STACK),aws)

@@ -1,0 +1,17 @@
+"""Runtime defaults, defined once. Pulumi (infra/), the Ansible role defaults and the server config
+read these values; tests guard that the copies Ansible needs in YAML stay equal to them."""
+
+API_PORT = 8000  # OpenAI API, /healthz, /readyz and /metrics share this port
+
+# Engine (source documents: token-budget batcher max_tokens 4096, max_batch 32)
+MAX_NUM_BATCHED_TOKENS = 4096
+MAX_NUM_SEQS_CPU = 32
+KV_BLOCK_SIZE = 16
+
+# Server overload control (source documents: async priority scheduler max_concurrent 16)
+MAX_CONCURRENT = 16
+RATE_LIMIT_PER_MINUTE = 100
+
+# Generic dynamic batcher (source documents: max_batch 32, max wait 5 ms; grow x1.5 < 30 %, shrink x0.7 > 80 %)
+BATCHER_MAX_BATCH_SIZE = 32
+BATCHER_MAX_QUEUE_DELAY_MS = 5.0

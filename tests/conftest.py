@@ -1,0 +1,29 @@
+"""Repository-wide test wiring: GPU tests skip without a GPU; the compliance suite only runs when a
+target inventory is given (`--hosts=...`), because testinfra would otherwise check this very machine."""
+
+from pathlib import Path
+
+import pytest
+
+COMPLIANCE_DIR = Path(__file__).parent / "compliance"
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config):
+    if COMPLIANCE_DIR in (collection_path, *collection_path.parents) and not config.getoption("hosts", None):
+        return True
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    if has_gpu:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU (run on a GPU host: pytest -m gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
