@@ -1,0 +1,139 @@
+"""Sampler semantics on small hand-made logits (CPU; the same code runs on CUDA)."""
+
+import math
+
+import pytest
+import torch
+from deepfleet.engine.sampler import Sampler, SamplingState, make_generator
+from deepfleet.engine.sampling_params import SamplingParams
+
+VOCAB = 50
+
+
+def state(prompt=(), output=(), seed=None, **params):
+    p = SamplingParams(seed=seed, **params)
+    generator = make_generator(seed, "cpu") if seed is not None else None
+    return SamplingState(p, list(prompt), list(output), generator)
+
+
+def random_logits(rows, seed=0):
+    return torch.randn(rows, VOCAB, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_greedy_is_argmax():
+    logits = random_logits(4)
+    out = Sampler()(logits, [state(temperature=0) for _ in range(4)])
+    assert [t.token_id for t in out] == logits.argmax(-1).tolist()
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    logits = random_logits(6, seed=1)
+    seqs = [state(top_k=1) for _ in range(3)] + [state(top_p=1e-6) for _ in range(3)]
+    torch.manual_seed(0)
+    out = Sampler()(logits, seqs)
+    assert [t.token_id for t in out] == logits.argmax(-1).tolist()
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent():
+    logits = random_logits(1, seed=2)
+    alone = Sampler()(logits, [state(seed=7, temperature=1.3)])[0].token_id
+    for other_seed in range(5):
+        # a fresh generator with the same seed, between an unseeded and another seeded row
+        seqs = [state(temperature=0.8), state(seed=7, temperature=1.3), state(seed=other_seed, top_k=5)]
+        batch = torch.cat([random_logits(1, seed=5), logits, random_logits(1, seed=6)])
+        assert Sampler()(batch, seqs)[1].token_id == alone
+
+
+def test_seeded_stream_over_steps_matches_alone():
+    logits = random_logits(1, seed=3)
+    solo, batched = state(seed=11), state(seed=11)
+    other = state()
+    solo_tokens, batched_tokens = [], []
+    for _ in range(20):
+        solo_tokens.append(Sampler()(logits, [solo])[0].token_id)
+        batched_tokens.append(Sampler()(torch.cat([random_logits(1), logits]), [other, batched])[1].token_id)
+    assert solo_tokens == batched_tokens
+    assert len(set(solo_tokens)) > 1  # it really sampled
+
+
+def test_min_p_removes_tokens_below_fraction_of_the_top():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    seqs = [state(min_p=0.5)]
+    torch.manual_seed(0)
+    drawn = {Sampler()(probs.log(), seqs)[0].token_id for _ in range(200)}
+    assert drawn == {0, 1}  # 0.15 and 0.05 are below 0.5 * 0.5
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    torch.manual_seed(0)
+    drawn = {Sampler()(logits, [state(top_p=0.7)])[0].token_id for _ in range(200)}
+    assert drawn == {0, 1}
+
+
+def test_penalties_on_a_hand_made_example():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0]])
+    # repetition: tokens 0 (prompt) and 1 (output) seen; positive divided, negative multiplied
+    rep = Sampler._apply_penalties(logits.clone(), [state(prompt=[0], output=[1], repetition_penalty=2.0)])
+    assert rep.tolist() == [[1.0, -2.0, 0.5, 3.0, -2.0]]
+    # presence/frequency over output tokens only: token 3 twice, token 2 once, prompt token 4 untouched
+    pf = Sampler._apply_penalties(
+        logits.clone(), [state(prompt=[4], output=[3, 2, 3], presence_penalty=0.5, frequency_penalty=0.25)]
+    )
+    assert pf.tolist() == [[2.0, -1.0, 0.5 - 0.5 - 0.25, 3.0 - 0.5 - 0.5, -2.0]]
+
+
+def test_penalties_apply_per_row():
+    logits = torch.tensor([[1.0, 1.0], [1.0, 1.0]])
+    seqs = [state(output=[0], repetition_penalty=4.0), state(output=[0])]
+    assert Sampler._apply_penalties(logits.clone(), seqs).tolist() == [[0.25, 1.0], [1.0, 1.0]]
+
+
+def test_penalty_changes_the_greedy_choice():
+    logits = torch.tensor([[3.0, 2.9, 0.0]])
+    assert Sampler()(logits, [state(output=[0], temperature=0, presence_penalty=0.5)])[0].token_id == 1
+
+
+def test_logprobs_are_log_softmax_of_raw_logits():
+    logits = random_logits(2, seed=4)
+    seqs = [state(temperature=0, logprobs=3, repetition_penalty=1.5, prompt=[0, 1]), state(logprobs=0, seed=1)]
+    out = Sampler()(logits, seqs)
+    ref = torch.log_softmax(logits, -1)
+    for row, tok in enumerate(out):
+        assert tok.logprob == pytest.approx(ref[row, tok.token_id].item(), abs=1e-6)
+    values, ids = ref[0].topk(3)
+    assert out[0].top_logprobs == pytest.approx(dict(zip(ids.tolist(), values.tolist(), strict=True)))
+    assert out[1].top_logprobs == {}
+
+
+def test_no_logprobs_requested_gives_none():
+    assert Sampler()(random_logits(1), [state()])[0].top_logprobs is None
+
+
+def test_temperature_reshapes_the_distribution():
+    base = torch.tensor([0.5, 0.3, 0.2])
+    draws = 4000
+    for temperature in (1.0, 2.0):
+        torch.manual_seed(1234)
+        out = Sampler()(base.log().expand(draws, 3), [state(temperature=temperature) for _ in range(draws)])
+        counts = torch.bincount(torch.tensor([t.token_id for t in out]), minlength=3).double() / draws
+        expected = base ** (1 / temperature)
+        expected /= expected.sum()
+        sigma = (expected * (1 - expected) / draws).sqrt()
+        assert ((counts - expected).abs() < 4 * sigma).all(), (temperature, counts, expected)
+
+
+def test_mixed_batch_and_masked_vocabulary():
+    logits = random_logits(3, seed=8)
+    logits[:, 10:] = float("-inf")  # e.g. padded vocabulary rows never get sampled
+    seqs = [state(temperature=0), state(top_k=3, top_p=0.9, min_p=0.1), state(temperature=2.0, seed=3)]
+    torch.manual_seed(0)
+    for _ in range(20):
+        out = Sampler()(logits, seqs)
+        assert all(t.token_id < 10 and math.isfinite(t.logprob) for t in out)
+    assert out[0].token_id == logits[0].argmax().item()
+
+
+def test_wrong_logits_shape_is_refused():
+    with pytest.raises(ValueError, match="logits"):
+        Sampler()(random_logits(2), [state()])
