@@ -10,6 +10,8 @@ KV_BLOCK_SIZE = 16
 
 # Server overload control (source documents: async priority scheduler max_concurrent 16)
 MAX_CONCURRENT = 16
+# On SIGTERM the server finishes in-flight requests for this long; k8s terminationGracePeriodSeconds must exceed it.
+SHUTDOWN_GRACE_S = 30
 RATE_LIMIT_PER_MINUTE = 100
 
 # Generic dynamic batcher (source documents: max_batch 32, max wait 5 ms; grow x1.5 < 30 %, shrink x0.7 > 80 %)
