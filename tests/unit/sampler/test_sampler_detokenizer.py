@@ -1,0 +1,154 @@
+"""Incremental detokenization and stop strings against a real byte-level BPE tokenizer trained here."""
+
+import random
+
+import pytest
+from deepfleet.engine.detokenizer import IncrementalDetokenizer, StopChecker
+from deepfleet.models.tokenizer import Tokenizer
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+CORPUS = [
+    "日本語のテキスト café naïve 🙂 emoji 🙂🙂 and plain English words.",
+    "The quick brown fox jumps over the lazy dog. END of story.",
+    "Привет мир, 你好世界, مرحبا بالعالم, 🚀 rockets 🚀!",
+]
+EOS = "<|eos|>"
+ALPHABET = "ab éç日本語🙂🚀\nEND"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    hf.train_from_iterator(CORPUS * 5, trainer)
+    model_dir = tmp_path_factory.mktemp("tok")
+    hf.save(str(model_dir / "tokenizer.json"))
+    (model_dir / "tokenizer_config.json").write_text(f'{{"eos_token": "{EOS}"}}')
+    return Tokenizer(model_dir)
+
+
+def stream(tokenizer, prompt, output, skip_special_tokens=True):
+    detok = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=skip_special_tokens)
+    deltas = [detok.append(t) for t in output]
+    return detok, deltas
+
+
+def test_multibyte_character_split_over_byte_tokens_waits_until_complete(tokenizer):
+    # "🙂" as four single-byte tokens: nothing until the fourth byte
+    byte_chars = _bytes_to_unicode()
+    ids = [tokenizer.token_to_id(byte_chars[b]) for b in "🙂".encode()]
+    detok, deltas = stream(tokenizer, tokenizer.encode("hi "), ids)
+    assert deltas == ["", "", "", "🙂"]
+    assert detok.text == "🙂"
+
+
+@settings(max_examples=60, deadline=None)
+@given(prompt=st.text(ALPHABET, max_size=20), text=st.text(ALPHABET, max_size=40))
+def test_streamed_text_equals_full_decode_for_real_text(tokenizer, prompt, text):
+    prompt_ids, output_ids = tokenizer.encode(prompt), tokenizer.encode(text)
+    detok, deltas = stream(tokenizer, prompt_ids, output_ids)
+    assert "".join(deltas) == detok.text == tokenizer.decode(output_ids) == text
+    assert not any("\ufffd" in d for d in deltas)
+    assert detok.flush() == ""
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), length=st.integers(0, 30), prompt=st.text(ALPHABET, max_size=10))
+def test_random_token_sequences_match_full_decode(tokenizer, seed, length, prompt):
+    # random ids make broken UTF-8 and special tokens; after flush the text still equals one full decode
+    rng = random.Random(seed)
+    output_ids = [rng.randrange(tokenizer.vocab_size) for _ in range(length)]
+    for skip in (True, False):
+        detok, deltas = stream(tokenizer, tokenizer.encode(prompt), output_ids, skip_special_tokens=skip)
+        tail = detok.flush()
+        assert "".join(deltas) + tail == detok.text == tokenizer.decode(output_ids, skip_special_tokens=skip)
+
+
+def test_window_stays_small(tokenizer):
+    calls = []
+
+    class Spy:
+        def decode(self, ids, skip_special_tokens=True):
+            calls.append(len(ids))
+            return tokenizer.decode(ids, skip_special_tokens)
+
+    ids = tokenizer.encode(" ".join(CORPUS * 3))
+    detok = IncrementalDetokenizer(Spy(), ids[:10])
+    for t in ids[10:]:
+        detok.append(t)
+    assert max(calls) <= 10 < len(ids)
+    assert detok.text == tokenizer.decode(ids[10:])
+
+
+def test_stop_string_spanning_tokens_is_cut(tokenizer):
+    text = "The quick brown fox jumps over the lazy dog. END of story."
+    ids = tokenizer.encode(text)
+    assert "lazy dog" not in [tokenizer.decode([t]) for t in ids]  # the stop string spans tokens
+    detok, checker = IncrementalDetokenizer(tokenizer, []), StopChecker(["lazy dog"])
+    emitted = ""
+    for t in ids:
+        detok.append(t)
+        stopped, safe = checker.check(detok.text)
+        assert safe.startswith(emitted) and "lazy" not in safe
+        emitted = safe
+        if stopped:
+            break
+    assert stopped and emitted == "The quick brown fox jumps over the "
+
+
+def test_stop_checker_holds_back_only_possible_stop_prefixes():
+    checker = StopChecker(["</answer>", "\n\n"])
+    assert checker.check("result </ans") == (False, "result ")
+    assert checker.check("result </ans x") == (False, "result </ans x")
+    assert checker.check("result </ans x\n") == (False, "result </ans x")
+    assert checker.check("result </ans x\n\nmore") == (True, "result </ans x")
+
+
+def test_stop_checker_releases_the_tail_when_finished_and_passes_through_without_stops():
+    assert StopChecker(["STOP"]).check("ends with ST", finished=True) == (False, "ends with ST")
+    assert StopChecker(None).check("anything") == (False, "anything")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    text=st.text("abc", max_size=40),
+    stops=st.lists(st.text("abc", min_size=1, max_size=4), min_size=1, max_size=3),
+    cuts=st.lists(st.integers(1, 5), max_size=40),
+)
+def test_streaming_never_emits_a_partial_stop_string(text, stops, cuts):
+    ends = sorted({min(sum(cuts[:i]), len(text)) for i in range(1, len(cuts) + 1)} | {len(text)})
+    # generation halts at the first chunk whose text contains a stop string; the output is cut before it
+    first_hit = next((end for end in ends if any(s in text[:end] for s in stops)), None)
+    if first_hit is None:
+        expected = text
+    else:
+        expected = text[: min(i for i in (text[:first_hit].find(s) for s in stops) if i >= 0)]
+    checker, emitted = StopChecker(stops), ""
+    for end in ends:
+        stopped, safe = checker.check(text[:end], finished=end == len(text))
+        assert expected.startswith(safe) and safe.startswith(emitted)
+        assert stopped or end - len(safe) <= max(map(len, stops)) - 1
+        emitted = safe
+        if stopped:
+            break
+    assert emitted == expected and stopped == (first_hit is not None)
+
+
+def _bytes_to_unicode():
+    """GPT-2's byte -> printable character table that byte-level BPE vocabularies are written in."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for _, c in sorted(zip(bs, cs, strict=True))]
