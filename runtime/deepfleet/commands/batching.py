@@ -1,0 +1,39 @@
+"""`deepfleet serve-models` (KServe v2 server for a model repository) and `deepfleet example-models`."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from deepfleet.defaults import API_PORT
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("serve-models")
+    def serve_models(
+        repository: Annotated[Path, typer.Argument(help="Model repository: one directory per model with config.yaml.")],
+        host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+        port: Annotated[int, typer.Option(help="Port to listen on.")] = API_PORT,
+        max_body_mb: Annotated[float, typer.Option(help="Largest accepted request body, MiB (larger: 413).")] = 16.0,
+    ) -> None:
+        """Serve the repository's models with dynamic batching over the KServe v2 protocol."""
+        import uvicorn
+
+        from deepfleet.batching.app import create_app_from_repository
+        from deepfleet.batching.errors import ConfigError
+
+        try:
+            app = create_app_from_repository(repository, int(max_body_mb * 1024 * 1024))
+        except ConfigError as exc:
+            raise typer.BadParameter(exc.message, param_hint="REPOSITORY") from None
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+
+    @app.command("example-models")
+    def example_models(
+        directory: Annotated[Path, typer.Argument(help="Where to write the example repository.")],
+    ) -> None:
+        """Write a model repository with two small ONNX models (a classifier and a bucketed embedder)."""
+        from deepfleet.batching.examples import write_example_repository
+
+        write_example_repository(directory)
+        typer.echo(f"wrote {directory}: serve it with `deepfleet serve-models {directory}`")
