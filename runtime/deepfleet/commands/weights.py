@@ -1,0 +1,109 @@
+"""`deepfleet weights ...`: SHA256 manifests and encryption at rest of model directories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from deepfleet.security.crypto import CIPHERS, KEY_ENV
+
+weights_app = typer.Typer(help="Weight integrity (SHA256 manifests) and encryption at rest.", no_args_is_help=True)
+
+_CIPHER_HELP = f"one of: {', '.join(CIPHERS)}"
+_KEY_HELP = f"file holding the key (raw bytes or hex); without it the hex key is read from ${KEY_ENV}"
+
+
+def _fail(error: Exception) -> typer.Exit:
+    typer.echo(f"error: {error}", err=True)
+    return typer.Exit(1)
+
+
+@weights_app.command("manifest")
+def manifest(model_dir: Annotated[Path, typer.Argument(help="model directory")]) -> None:
+    """Write deepfleet-manifest.json (sha256 + size of every file) into MODEL_DIR."""
+    from deepfleet.security.manifest import write_manifest
+
+    try:
+        path = write_manifest(model_dir)
+    except OSError as e:
+        raise _fail(e) from None
+    typer.echo(f"wrote {path}")
+
+
+@weights_app.command("verify")
+def verify(model_dir: Annotated[Path, typer.Argument(help="model directory")]) -> None:
+    """Check MODEL_DIR against its manifest; exit 1 naming each missing, unexpected or changed file."""
+    from deepfleet.security.manifest import ManifestError, verify_manifest
+
+    try:
+        verify_manifest(model_dir)
+    except (ManifestError, OSError) as e:
+        raise _fail(e) from None
+    typer.echo(f"{model_dir}: all files match the manifest")
+
+
+@weights_app.command("keygen")
+def keygen(
+    key_file: Annotated[Path, typer.Argument(help="where to write the new key (mode 0600; never overwritten)")],
+    cipher: Annotated[str, typer.Option("--cipher", help=_CIPHER_HELP)] = "aes-256-gcm",
+) -> None:
+    """Write a new random key for CIPHER (for a lab; production keys come from a KMS or Vault)."""
+    import os
+
+    from deepfleet.security.crypto import WeightCryptoError, generate_key
+
+    try:
+        key = generate_key(cipher)
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except (WeightCryptoError, OSError) as e:
+        raise _fail(e) from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+    typer.echo(f"wrote a {len(key)}-byte {cipher} key to {key_file}")
+
+
+@weights_app.command("encrypt")
+def encrypt(
+    model_dir: Annotated[Path, typer.Argument(help="plaintext model directory")],
+    out_dir: Annotated[Path, typer.Argument(help="where the .dfenc files go")],
+    cipher: Annotated[str, typer.Option("--cipher", help=_CIPHER_HELP)] = "aes-256-gcm",
+    key_file: Annotated[Path | None, typer.Option("--key-file", help=_KEY_HELP)] = None,
+) -> None:
+    """Encrypt every file of MODEL_DIR into OUT_DIR (write a manifest first so decryption can be verified)."""
+    from deepfleet.security.crypto import WeightCryptoError, encrypt_dir, load_key
+
+    try:
+        written = encrypt_dir(model_dir, out_dir, load_key(cipher, key_file), cipher)
+    except (WeightCryptoError, OSError) as e:
+        raise _fail(e) from None
+    typer.echo(f"encrypted {len(written)} files with {cipher} into {out_dir}")
+
+
+@weights_app.command("decrypt")
+def decrypt(
+    enc_dir: Annotated[Path, typer.Argument(help="directory of .dfenc files")],
+    out_dir: Annotated[Path, typer.Argument(help="target directory, e.g. on a tmpfs")],
+    key_file: Annotated[Path | None, typer.Option("--key-file", help=_KEY_HELP)] = None,
+) -> None:
+    """Decrypt ENC_DIR into OUT_DIR, authenticating every chunk, then verify the manifest if one was included.
+    The cipher is read from the files' headers."""
+    from deepfleet.security.crypto import ENCRYPTED_SUFFIX, WeightCryptoError, decrypt_dir, load_key, read_cipher
+    from deepfleet.security.manifest import MANIFEST_NAME, ManifestError, verify_manifest
+
+    try:
+        first = next(iter(sorted(enc_dir.rglob("*" + ENCRYPTED_SUFFIX))), None)
+        if first is None:
+            raise WeightCryptoError(f"{enc_dir}: no {ENCRYPTED_SUFFIX} files")
+        written = decrypt_dir(enc_dir, out_dir, load_key(read_cipher(first), key_file))
+        if (out_dir / MANIFEST_NAME).is_file():
+            verify_manifest(out_dir)
+    except (WeightCryptoError, ManifestError, OSError) as e:
+        raise _fail(e) from None
+    typer.echo(f"decrypted {len(written)} files into {out_dir}")
+
+
+def register(app: typer.Typer) -> None:
+    """Attach `deepfleet weights` to the root app."""
+    app.add_typer(weights_app, name="weights")
