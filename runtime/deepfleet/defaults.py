@@ -7,6 +7,11 @@ API_PORT = 8000  # OpenAI API, /healthz, /readyz and /metrics share this port
 MAX_NUM_BATCHED_TOKENS = 4096
 MAX_NUM_SEQS_CPU = 32
 KV_BLOCK_SIZE = 16
+MAX_NUM_SEQS_GPU_CAP = 256  # GPU default max_num_seqs: KV tokens / GPU_TOKENS_PER_SEQ, capped here
+GPU_TOKENS_PER_SEQ = 1024
+GPU_MEMORY_UTILIZATION = 0.9
+GPU_MEMORY_RESERVE_BYTES = 1 << 30  # sampler buffers, CUDA graphs, allocator slack
+CPU_KV_CACHE_BYTES = 4 << 30  # upper bound of the KV cache on CPU hosts
 
 # Server overload control (source documents: async priority scheduler max_concurrent 16)
 MAX_CONCURRENT = 16

@@ -1,0 +1,158 @@
+"""Runs the model for one scheduled batch: flattens the sequences into one token row (decodes first), builds
+positions, cache slots, block tables and context lengths, runs the forward pass and returns the logits of the
+sequences whose last token was computed. On CUDA, pure-decode steps replay CUDA graphs captured per (batch size,
+block-table width) bucket, which removes the per-kernel launch cost that dominates small-batch decode."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from deepfleet import defaults
+from deepfleet.engine.sampling_params import SamplingParams
+from deepfleet.engine.scheduler import SchedulerOutput
+from deepfleet.engine.sequence import Sequence
+from deepfleet.models.attention import AttentionMetadata
+from deepfleet.models.config import ModelConfig
+from deepfleet.models.loader import load_model
+
+log = logging.getLogger(__name__)
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class ModelRunner:
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_model_len: int,
+                 block_size: int, enforce_eager: bool):
+        self.cfg, self.dtype, self.device = cfg, dtype, device
+        self.block_size, self.max_model_len = block_size, max_model_len
+        self.model = load_model(cfg, dtype, device, max_positions=max(max_model_len, cfg.max_position_embeddings))
+        self.kv_heads, self.k_dim, self.v_dim = self.model.kv_cache_layout()
+        self.has_v_cache = self.v_dim is not None  # None: values are part of the cached keys (MLA)
+        self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
+        self.use_graphs = device.type == "cuda" and not enforce_eager and getattr(self.model, "cuda_graph_safe", True)
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    # ---- KV cache -------------------------------------------------------------------------------------------------
+    def block_bytes(self) -> int:
+        per_token = self.kv_heads * (self.k_dim + (self.v_dim if self.has_v_cache else 0))
+        return self.cfg.num_layers * self.block_size * per_token * torch.finfo(self.dtype).bits // 8
+
+    def profile_num_blocks(self, max_num_batched_tokens: int, memory_utilization: float) -> int:
+        """GPU: run the largest prefill once to measure activation memory; the rest of the budget holds KV blocks."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        n = min(max_num_batched_tokens, self.max_model_len)
+        self.allocate_kv_cache(math.ceil(n / self.block_size))
+        seq = Sequence("profile", None, [0] * n, SamplingParams())
+        seq.block_table = list(range(math.ceil(n / self.block_size)))
+        self.execute(SchedulerOutput(scheduled=[(seq, n)]))
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        self.kv_caches = []
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info()
+        used_elsewhere = total - free - torch.cuda.memory_allocated()  # other processes, CUDA context
+        budget = total * memory_utilization - used_elsewhere - peak - defaults.GPU_MEMORY_RESERVE_BYTES
+        blocks = int(budget // self.block_bytes())
+        if blocks < self.max_blocks_per_seq:
+            raise RuntimeError(f"not enough GPU memory for one {self.max_model_len}-token sequence "
+                               f"({blocks} KV blocks fit); lower max_model_len or raise gpu_memory_utilization")
+        return blocks
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """`num_blocks` usable blocks plus one scratch block (id num_blocks) that padding rows write to."""
+        self.scratch_block = num_blocks
+        shape = (num_blocks + 1, self.block_size, self.kv_heads)
+        self.kv_caches = [
+            (torch.zeros(*shape, self.k_dim, dtype=self.dtype, device=self.device),
+             torch.zeros(*shape, self.v_dim, dtype=self.dtype, device=self.device) if self.has_v_cache else None)
+            for _ in range(self.cfg.num_layers)
+        ]
+
+    # ---- inputs ---------------------------------------------------------------------------------------------------
+    def _prepare(self, out: SchedulerOutput, width: int | None = None, pad_to: int | None = None):
+        ids, positions, slots, ctx_lens, tables, prefills, sample_rows = [], [], [], [], [], [], []
+        bs = self.block_size
+        num_decodes = sum(1 for _, n in out.scheduled if n == 1)
+        width = width or max(len(s.block_table) for s, _ in out.scheduled)
+        for seq, n in out.scheduled:
+            start = seq.num_computed_tokens
+            ids.extend(seq.token_ids[start : start + n])
+            for pos in range(start, start + n):
+                positions.append(pos)
+                slots.append(seq.block_table[pos // bs] * bs + pos % bs)
+            ctx_lens.append(start + n)
+            tables.append(seq.block_table + [self.scratch_block] * (width - len(seq.block_table)))
+            if n != 1:
+                prefills.append((n, start + n))
+            if start + n == seq.num_tokens:
+                sample_rows.append(len(ids) - 1)
+        for _ in range((pad_to or 0) - len(ids)):  # CUDA-graph padding rows: harmless writes to the scratch block
+            ids.append(0)
+            positions.append(0)
+            slots.append(self.scratch_block * bs)
+            ctx_lens.append(1)
+            tables.append([self.scratch_block] * width)
+        dev = self.device
+
+        def t(x, dtype):
+            return torch.tensor(x, dtype=dtype).to(dev, non_blocking=True)
+
+        meta = AttentionMetadata(num_decodes=num_decodes,
+                                 slot_mapping=t(slots, torch.long), context_lens=t(ctx_lens, torch.int32),
+                                 block_tables=t(tables, torch.int32), block_size=bs, prefills=prefills)
+        return t(ids, torch.long), t(positions, torch.long), meta, sample_rows
+
+    # ---- execution ------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> torch.Tensor | None:
+        """Run one step. Returns logits [num sampled sequences, vocab] (float32), or None if none is sampled."""
+        is_decode = all(n == 1 for _, n in out.scheduled)
+        if self.use_graphs and is_decode and len(out.scheduled) <= self.graph_max_batch:
+            hidden, rows = self._run_graph(out)
+        else:
+            ids, positions, meta, rows = self._prepare(out)
+            hidden = self.model(ids, positions, self.kv_caches, meta)
+        if not rows:
+            return None
+        return self.model.compute_logits(hidden[rows] if len(rows) != hidden.shape[0] else hidden)
+
+    # ---- CUDA graphs ----------------------------------------------------------------------------------------------
+    def init_graphs(self, max_batch: int) -> None:
+        self.graph_max_batch = max_batch if self.use_graphs else 0
+        self.graph_batch_sizes = sorted({min(_pow2_at_least(b), max_batch) for b in range(1, max_batch + 1)})
+        self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+
+    def _run_graph(self, out: SchedulerOutput):
+        n = len(out.scheduled)
+        batch = next(b for b in self.graph_batch_sizes if b >= n)
+        need = max(len(s.block_table) for s, _ in out.scheduled)
+        width = min(_pow2_at_least(need), _pow2_at_least(self.max_blocks_per_seq))
+        ids, positions, meta, rows = self._prepare(out, width=width, pad_to=batch)
+        key = (batch, width)
+        if key not in self.graphs:
+            self._capture(key, ids, positions, meta)
+        graph, static = self.graphs[key]
+        inputs, hidden = static
+        for dst, src in zip(inputs, (ids, positions, meta.slot_mapping, meta.context_lens, meta.block_tables),
+                            strict=True):
+            dst.copy_(src, non_blocking=True)
+        graph.replay()
+        return hidden[:n], rows
+
+    def _capture(self, key, ids, positions, meta: AttentionMetadata) -> None:
+        static_in = [x.clone() for x in (ids, positions, meta.slot_mapping, meta.context_lens, meta.block_tables)]
+        s_meta = AttentionMetadata(num_decodes=key[0], slot_mapping=static_in[2], context_lens=static_in[3],
+                                   block_tables=static_in[4], block_size=self.block_size, prefills=[])
+        self.model(static_in[0], static_in[1], self.kv_caches, s_meta)  # warm-up outside capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.graph_pool):
+            hidden = self.model(static_in[0], static_in[1], self.kv_caches, s_meta)
+        self.graphs[key] = (graph, (static_in, hidden))
+        log.info("captured CUDA graph for decode batch %d, block-table width %d", *key)

@@ -1,0 +1,120 @@
+"""Continuous batching under a token budget.
+
+Each step packs, in order of urgency, the running sequences (one decode token each, or the next chunk of a prompt
+being prefilled in pieces) and then waiting sequences (their prompt, or as much of it as the budget leaves: chunked
+prefill), never exceeding `max_num_batched_tokens` tokens or `max_num_seqs` sequences.
+
+Urgency is the request priority (lower = more urgent) minus an ageing credit for every step spent waiting, so a
+low-priority request waits at most about `priority gap × AGEING_STEPS` steps behind a stream of urgent ones.
+When the KV cache runs out of blocks, the least urgent running sequence (newest on ties) is preempted: its blocks
+are freed and it goes back to waiting, to be recomputed from its prompt plus the tokens it already generated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from deepfleet.engine.block_manager import BlockManager
+from deepfleet.engine.sequence import Sequence, Status
+
+AGEING_STEPS = 8  # waiting steps that make a request one priority level more urgent
+
+
+@dataclass
+class SchedulerOutput:
+    # (sequence, tokens to compute this step); decodes (one token, something already cached) come first
+    scheduled: list[tuple[Sequence, int]] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = block_manager
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    @staticmethod
+    def urgency(seq: Sequence) -> tuple[float, int]:
+        return (seq.priority - seq.waited_steps / AGEING_STEPS, seq.arrival)
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out (finished, aborted, timed out) and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free_seq(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self.blocks.free_seq(seq)
+        seq.status, seq.waited_steps = Status.WAITING, 0
+        self.waiting.append(seq)
+        out.preempted.append(seq)
+        self.num_preemptions += 1
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        self.running.sort(key=self.urgency)
+        scheduled: set[int] = set()
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed, budget)
+            while not self.blocks.allocate(seq, n):
+                victim = self.running[-1]  # least urgent, newest
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            if seq.status is Status.RUNNING:
+                out.scheduled.append((seq, n))
+                scheduled.add(id(seq))
+                budget -= n
+                i += 1
+        # admit waiting sequences while budget, sequence slots and blocks allow
+        self.waiting.sort(key=self.urgency)
+        admitted: list[Sequence] = []
+        for seq in self.waiting:
+            if budget <= 0 or len(self.running) + len(admitted) >= self.max_num_seqs:
+                break
+            if seq in out.preempted:
+                continue  # not re-admitted in the step that evicted it
+            queried, hit = self.blocks.allocate_prefix(seq)
+            n = min(seq.num_uncomputed, budget)
+            if not self.blocks.allocate(seq, n):
+                self.blocks.free_seq(seq)  # cached blocks stay findable for the next attempt
+                break  # keep the order: nothing less urgent jumps ahead while blocks are short
+            self.blocks.prefix_queries += queried
+            self.blocks.prefix_hits += hit
+            if not seq.output_token_ids:
+                seq.num_cached_tokens = hit
+            seq.status = Status.RUNNING
+            admitted.append(seq)
+            out.scheduled.append((seq, n))
+            budget -= n
+        for seq in admitted:
+            self.waiting.remove(seq)
+        self.running.extend(admitted)
+        for seq in self.waiting:
+            seq.waited_steps += 1
+        # decodes first: the attention batches them in one call
+        out.scheduled.sort(key=lambda sn: sn[1] != 1)
+        return out
+
+    def update_after_step(self, out: SchedulerOutput) -> None:
+        for seq, n in out.scheduled:
+            seq.num_computed_tokens += n
+            self.blocks.register_full_blocks(seq)

@@ -1,0 +1,70 @@
+"""A request as the engine tracks it: its tokens, how many of them have KV in the cache, its blocks and its
+output state. The engine serves n=1 per request (the server fans out n), so request and sequence coincide."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+from deepfleet.engine.detokenizer import IncrementalDetokenizer, StopChecker
+from deepfleet.engine.sampler import SamplingState
+from deepfleet.engine.sampling_params import SamplingParams
+
+_arrival = itertools.count()
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int = 0
+    deadline: float | None = None  # time.monotonic() value after which the request times out
+    arrival: int = field(default_factory=lambda: next(_arrival))  # admission order, breaks priority ties
+    token_ids: list[int] = field(init=False)
+    num_computed_tokens: int = 0  # tokens whose keys/values are in the cache
+    num_cached_tokens: int = 0  # of the prompt, found in the prefix cache at first admission
+    block_table: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    waited_steps: int = 0  # scheduler steps spent waiting since arrival or the last preemption (for ageing)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    text: str = ""
+    logprobs: list[dict] | None = None
+    sampling: SamplingState = field(init=False)
+    detokenizer: IncrementalDetokenizer | None = None
+    stop_checker: StopChecker | None = None
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_token_ids)
+        self.sampling = SamplingState(self.params, self.prompt_token_ids, [])
+        if self.params.logprobs is not None:
+            self.logprobs = []
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.sampling.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+        self.sampling.output_token_ids.append(token_id)

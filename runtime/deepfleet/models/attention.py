@@ -1,0 +1,109 @@
+"""Paged attention: the one interface the models call.
+
+The KV cache of a layer is `k_cache[num_blocks, block_size, kv_heads, k_dim]` (+ `v_cache` likewise, or None when
+values are the first `v_dim` features of the keys, as in MLA's compressed cache). A batch is flattened: the first
+`num_decodes` rows are sequences with one new token each, the rest are prefill chunks of any length.
+
+Implementation (CPU and GPU alike, so the CPU parity tests cover the GPU code path): new keys/values are scattered
+into their slots; decode rows attend in one batched SDPA over the blocks gathered from their block tables (the
+gather width is a fixed bucket, so the step is CUDA-graph capturable); prefill rows attend per sequence, straight on
+the fresh keys when nothing is cached before them (flash kernel, causal) or over gathered blocks otherwise.
+Grouped-query heads are handled by viewing the query as [kv_heads, group] so no key/value copy per head is made."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    num_decodes: int
+    slot_mapping: torch.Tensor  # [T] int64: cache slot (block * block_size + offset) of every new token
+    context_lens: torch.Tensor  # [B] int32 on device: tokens in cache after this step, per sequence
+    block_tables: torch.Tensor  # [B, W] int32 on device, padded with a valid (scratch) block
+    block_size: int
+    # prefill rows, host side: (query_len, context_len) per sequence, in batch order after the decodes
+    prefills: list[tuple[int, int]]
+
+
+def write_kv(cache: torch.Tensor, new: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping, new.to(cache.dtype))
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """[..., W] block ids -> [..., W * block_size, heads, dim]"""
+    g = cache[block_table]
+    return g.flatten(-4, -3)
+
+
+def _decode(q, k_cache, v_cache, v_dim, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    n = meta.num_decodes
+    kv_heads = k_cache.shape[2]
+    group = q.shape[1] // kv_heads
+    k = _gather(k_cache, meta.block_tables[:n])  # [n, L, Hkv, Dk]
+    v = k[..., :v_dim] if v_cache is None else _gather(v_cache, meta.block_tables[:n])
+    L = k.shape[1]
+    mask = torch.arange(L, device=q.device)[None, :] < meta.context_lens[:n, None]  # [n, L]
+    qg = q.view(n, kv_heads, group, q.shape[-1])  # the group's query heads act as the query "length"
+    out = F.scaled_dot_product_attention(
+        qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None, :], scale=scale
+    )
+    return out.reshape(n, q.shape[1], v_dim)
+
+
+def _prefill_one(q, k_new, v_new, k_cache, v_cache, v_dim, table, ctx, scale) -> torch.Tensor:
+    qlen, heads = q.shape[0], q.shape[1]
+    if ctx == qlen:  # nothing cached before this chunk: attend to the fresh keys
+        k, v = k_new, (k_new[..., :v_dim] if v_new is None else v_new)
+        mask, causal = None, True
+    else:
+        nblocks = -(-ctx // k_cache.shape[1])
+        k = _gather(k_cache, table[:nblocks])[:ctx]
+        v = k[..., :v_dim] if v_cache is None else _gather(v_cache, table[:nblocks])[:ctx]
+        # query i sits at position ctx - qlen + i and sees keys up to there
+        qpos = torch.arange(ctx - qlen, ctx, device=q.device)[:, None]
+        mask, causal = torch.arange(ctx, device=q.device)[None, :] <= qpos, False
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None],
+        k.transpose(0, 1)[None],
+        v.transpose(0, 1)[None],
+        attn_mask=mask,
+        is_causal=causal,
+        scale=scale,
+        enable_gqa=heads != k.shape[1],
+    )
+    return out[0].transpose(0, 1)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor | None,
+    meta: AttentionMetadata,
+    scale: float,
+    v_dim: int,
+) -> torch.Tensor:
+    """q [T, H, Dk], k [T, Hkv, Dk], v [T, Hkv, Dv] or None (values inside the keys) -> [T, H, Dv]"""
+    write_kv(k_cache, k, meta.slot_mapping)
+    if v is not None:
+        write_kv(v_cache, v, meta.slot_mapping)
+    n = meta.num_decodes
+    if not meta.prefills:
+        return _decode(q, k_cache, v_cache, v_dim, meta, scale)
+    parts = [_decode(q[:n], k_cache, v_cache, v_dim, meta, scale)] if n else []
+    start = n
+    for i, (qlen, ctx) in enumerate(meta.prefills):
+        end = start + qlen
+        parts.append(
+            _prefill_one(
+                q[start:end], k[start:end], None if v is None else v[start:end],
+                k_cache, v_cache, v_dim, meta.block_tables[n + i], ctx, scale,
+            )
+        )
+        start = end
+    return torch.cat(parts) if len(parts) > 1 else parts[0]

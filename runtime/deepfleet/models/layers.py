@@ -1,0 +1,177 @@
+"""Building blocks shared by the models: the linear-layer factory, embeddings, RMSNorm, SiLU-gated MLP activation and
+rotary position embeddings with the scaling variants the supported configs use (llama3, yarn, linear).
+
+Parameters are created with `torch.empty` (the loader overwrites every one) and each carries a `weight_loader`, so
+a quantized (FP8) or tensor-parallel linear can replace `Linear` by changing only `linear()` and its loaders."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _param(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+def default_weight_loader(param: nn.Parameter, tensor: torch.Tensor, shard: Any = None) -> None:
+    if shard is not None:
+        raise ValueError(f"parameter has no shard {shard!r}")
+    if tuple(tensor.shape) != tuple(param.shape):
+        raise ValueError(f"shape {tuple(tensor.shape)} does not match the expected {tuple(param.shape)}")
+    param.data.copy_(tensor)
+
+
+class Linear(nn.Module):
+    """y = x Wᵀ (+ b). `out_features` given as a list fuses several checkpoint tensors (q/k/v, gate/up) into one
+    matrix: one GEMM instead of several, which matters for small-batch decode. Shards load by index."""
+
+    def __init__(self, in_features: int, out_features: int | list[int], bias: bool = False):
+        super().__init__()
+        self.shard_sizes = list(out_features) if isinstance(out_features, list | tuple) else [out_features]
+        self.shard_offsets = [sum(self.shard_sizes[:i]) for i in range(len(self.shard_sizes))]
+        self.in_features, self.out_features = in_features, sum(self.shard_sizes)
+        self.weight = _param(self.out_features, in_features)
+        self.bias = _param(self.out_features) if bias else None
+        fused = len(self.shard_sizes) > 1
+        for p in (self.weight, self.bias):
+            if p is not None:
+                p.weight_loader = self._load_shard
+                p.expected_shards = list(range(len(self.shard_sizes))) if fused else [None]
+
+    def _load_shard(self, param: nn.Parameter, tensor: torch.Tensor, shard: int | None = None) -> None:
+        if shard is None:
+            return default_weight_loader(param, tensor)
+        if not 0 <= shard < len(self.shard_sizes):
+            raise ValueError(f"shard index {shard} out of range")
+        target = param.data.narrow(0, self.shard_offsets[shard], self.shard_sizes[shard])
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise ValueError(f"shape {tuple(tensor.shape)} does not match the expected {tuple(target.shape)}")
+        target.copy_(tensor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def linear(in_features: int, out_features: int | list[int], bias: bool = False) -> nn.Module:
+    """The one place linear layers are made: swap in quantized / parallel variants here."""
+    return Linear(in_features, out_features, bias)
+
+
+class Embedding(nn.Module):
+    def __init__(self, num_embeddings: int, dim: int):
+        super().__init__()
+        self.weight = _param(num_embeddings, dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = _param(dim)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # statistics in float32 whatever the activation dtype, as the reference implementations do
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)) with gate and up fused into one matrix."""
+
+    def __init__(self, hidden: int, inner: int, bias: bool = False):
+        super().__init__()
+        self.gate_up_proj = linear(hidden, [inner, inner], bias=bias)
+        self.down_proj = linear(inner, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+# ---- rotary embeddings -------------------------------------------------------------------------------------------
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_inv_freq(dim: int, base: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies for `dim` rotary dims and the factor cos/sin are multiplied by."""
+    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
+    if kind == "default":
+        return inv, 1.0
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv / factor, 1.0
+    if kind == "llama3":
+        old = scaling["original_max_position_embeddings"]
+        low_wl, high_wl = old / scaling["low_freq_factor"], old / scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wl, inv / factor, inv)
+        lo, hi = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if kind == "yarn":
+        old = scaling["original_max_position_embeddings"]
+        beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+        def corr_dim(rot: float) -> float:
+            return dim * math.log(old / (rot * 2 * math.pi)) / (2 * math.log(base))
+
+        low = max(math.floor(corr_dim(beta_fast)), 0)
+        high = min(math.ceil(corr_dim(beta_slow)), dim - 1)
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
+        inv = (inv / factor) * ramp + inv * (1 - ramp)
+        mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        if scaling.get("attention_factor") is not None:
+            attn = float(scaling["attention_factor"])
+        elif mscale and mscale_all:
+            attn = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all)
+        else:
+            attn = _yarn_mscale(factor)
+        return inv, attn
+    raise ValueError(f"config.json: rope_scaling type {kind!r} is not supported (default, linear, llama3, yarn)")
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies RoPE to the last `dim` features of q and k at the given positions.
+    `interleaved`: pairs are (x0, x1), (x2, x3)… (DeepSeek); otherwise the two halves (GPT-NeoX, Qwen, Llama)."""
+
+    def __init__(self, dim: int, max_positions: int, base: float, scaling: dict | None, interleaved: bool = False):
+        super().__init__()
+        inv, attn = rope_inv_freq(dim, base, scaling)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv.to(torch.float32))
+        self.register_buffer("cos", (freqs.cos() * attn).float(), persistent=False)
+        self.register_buffer("sin", (freqs.sin() * attn).float(), persistent=False)
+        self.interleaved = interleaved
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.interleaved:
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+        else:
+            x1, x2 = x.chunk(2, dim=-1)
+        # the interleaved form is returned de-interleaved ([evens | odds]); q and k get the same permutation,
+        # so q·k is unchanged
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # q: [T, H, dim], k: [T, Hk, dim]
+        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)

@@ -1,0 +1,114 @@
+"""Loading a Hugging Face model directory into a deepfleet model.
+
+Parameters are allocated uninitialised (`torch.empty`) directly in the target dtype on the target device; each
+checkpoint tensor is then read through `safe_open` (memory-mapped) one at a time, converted and copied into its
+parameter, so CPU memory never holds a second full copy of the weights. Every expected tensor must be present with
+the right shape; errors name the file and the tensor."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from deepfleet.models.config import ModelConfig
+from deepfleet.models.layers import default_weight_loader
+
+log = logging.getLogger(__name__)
+
+
+def model_class(cfg: ModelConfig):
+    if cfg.arch in ("qwen2", "llama"):
+        from deepfleet.models.qwen2 import Qwen2ForCausalLM
+
+        return Qwen2ForCausalLM
+    from deepfleet.models.deepseek_v3 import DeepseekV3ForCausalLM
+
+    return DeepseekV3ForCausalLM
+
+
+def checkpoint_files(model_dir: Path) -> dict[Path, list[str] | None]:
+    """safetensors file -> tensor names the index assigns to it (None when there is no index)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index ({e!r})") from e
+        files: dict[Path, list[str]] = {}
+        for name, fname in weight_map.items():
+            files.setdefault(model_dir / fname, []).append(name)
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"{f}: listed in {index.name} but missing")
+        return files
+    found = sorted(model_dir.glob("*.safetensors"))
+    if not found:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights found")
+    return dict.fromkeys(found)
+
+
+def verify_manifest_if_present(model_dir: Path) -> None:
+    if not (model_dir / "deepfleet-manifest.json").is_file():
+        return
+    try:
+        from deepfleet.security.manifest import verify_manifest
+    except ImportError as e:
+        raise RuntimeError(f"{model_dir}/deepfleet-manifest.json: present but cannot be verified ({e})") from e
+    verify_manifest(model_dir)
+
+
+def load_weights(model: nn.Module, model_dir: Path, device: torch.device) -> None:
+    params = dict(model.named_parameters())
+    loaded: set[tuple[str, object]] = set()
+    for path, names in checkpoint_files(model_dir).items():
+        try:
+            handle = safe_open(str(path), framework="pt", device=str(device))
+        except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+            raise ValueError(f"{path}: cannot read safetensors file ({e})") from e
+        with handle as f:
+            keys = set(f.keys())
+            if names is not None and (absent := sorted(set(names) - keys)):
+                raise ValueError(f"{path}: the index lists tensors the file lacks, e.g. {absent[:3]}")
+            for name in sorted(keys):
+                target = model.param_for(name)
+                if target is None:
+                    continue
+                pname, shard = target
+                if pname not in params:
+                    log.warning("%s: tensor %s is not used by %s", path.name, name, type(model).__name__)
+                    continue
+                param = params[pname]
+                tensor = f.get_tensor(name)
+                try:
+                    loader = getattr(param, "weight_loader", default_weight_loader)
+                    loader(param, tensor.to(param.dtype), shard)
+                except ValueError as e:
+                    raise ValueError(f"{path}: tensor {name}: {e}") from e
+                loaded.add((pname, shard))
+    missing = [
+        f"{name}" + ("" if shard is None else f"[shard {shard}]")
+        for name, p in params.items()
+        for shard in getattr(p, "expected_shards", [None])
+        if (name, shard) not in loaded
+    ]
+    if missing:
+        raise ValueError(f"{model_dir}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:5]}")
+
+
+def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int) -> nn.Module:
+    verify_manifest_if_present(cfg.path)
+    cls = model_class(cfg)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            model = cls(cfg, max_positions)
+    finally:
+        torch.set_default_dtype(previous)
+    load_weights(model, cfg.path, device)
+    return model.eval()
