@@ -80,8 +80,9 @@ class Sampler:
         out = []
         for row, p in enumerate(params):
             top_logprobs = None
-            if p.logprobs is not None:
-                top_logprobs = dict(zip(top_ids[row][: p.logprobs], top_values[row][: p.logprobs], strict=True))
+            if p.logprobs is not None:  # top is None when every row asked for logprobs=0 (no top-k computed)
+                top_logprobs = {} if top is None else dict(
+                    zip(top_ids[row][: p.logprobs], top_values[row][: p.logprobs], strict=True))
             out.append(SampledToken(token_list[row], logprob_list[row], top_logprobs))
         return out
 
