@@ -100,8 +100,24 @@ def load_weights(model: nn.Module, model_dir: Path, device: torch.device) -> Non
         raise ValueError(f"{model_dir}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:5]}")
 
 
-def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int) -> nn.Module:
-    verify_manifest_if_present(cfg.path)
+def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+    """Random weights in place (benchmarks of real shapes without multi-GB files, like vLLM's load_format=dummy)."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.data.fill_(1.0)
+        elif p.dim() == 1:
+            p.data.zero_()
+        else:
+            p.data.normal_(0.0, 0.02, generator=gen)
+
+
+def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int,
+               load_format: str = "auto") -> nn.Module:
+    if load_format not in ("auto", "dummy"):
+        raise ValueError(f"load_format: {load_format!r} is not supported (auto, dummy)")
+    if load_format == "auto":
+        verify_manifest_if_present(cfg.path)
     cls = model_class(cfg)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -110,5 +126,8 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_p
             model = cls(cfg, max_positions)
     finally:
         torch.set_default_dtype(previous)
-    load_weights(model, cfg.path, device)
+    if load_format == "dummy":
+        init_dummy_weights(model)
+    else:
+        load_weights(model, cfg.path, device)
     return model.eval()
