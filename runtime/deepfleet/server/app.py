@@ -1,0 +1,88 @@
+"""The FastAPI application: OpenAI routes, health (/healthz, /readyz), /metrics, and OpenAI-shaped errors for
+everything that goes wrong, including routing errors and bugs (never a bare 500 page)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from deepfleet import __version__
+from deepfleet.server.config import ServeSettings
+from deepfleet.server.errors import APIError
+from deepfleet.server.openai_api import router as openai_router
+from deepfleet.server.state import ServerState
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(settings: ServeSettings) -> Any:
+    """The real engine for `settings` (imported here: torch loads only when a server starts)."""
+    from deepfleet.engine.llm_engine import EngineConfig, LLMEngine
+
+    return LLMEngine(EngineConfig(model=settings.model, **settings.engine.engine_kwargs()))
+
+
+def _record(request: Request, status: int) -> None:
+    record = getattr(request.state, "record", None)
+    if record is not None:
+        record.done(status)
+
+
+def create_app(settings: ServeSettings, engine_factory: Callable[[ServeSettings], Any] = build_engine) -> FastAPI:
+    state = ServerState(settings, engine_factory)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Load in the background: /healthz answers at once, /readyz once the model is loaded and warm.
+        loading = asyncio.create_task(state.start())
+        yield
+        loading.cancel()
+        await state.stop()
+
+    app = FastAPI(title="deepfleet", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible inference for DeepSeek-family models.")
+    app.state.server = state
+    app.include_router(openai_router)
+
+    @app.get("/healthz", summary="Liveness: the process and its engine loop are alive")
+    async def healthz() -> JSONResponse:
+        if not state.alive:
+            return JSONResponse({"status": "failed", "error": state.error or str(state.engine.dead)}, 503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/readyz", summary="Readiness: model loaded and warmed up, not draining")
+    async def readyz() -> JSONResponse:
+        if state.ready:
+            return JSONResponse({"status": "ready"})
+        phase = "draining" if state.draining else ("failed" if not state.alive else state.phase)
+        return JSONResponse({"status": phase}, 503)
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        _record(request, exc.status)
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code,
+                        headers=getattr(exc, "headers", None)).response()
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        _record(request, 500)
+        return APIError(500, f"internal error: {type(exc).__name__}", type="server_error").response()
+
+    return app

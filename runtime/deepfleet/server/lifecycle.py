@@ -1,0 +1,49 @@
+"""Running the server process: uvicorn with a graceful drain.
+
+On SIGTERM (or SIGINT): /readyz turns 503 and new requests get 503 at once (`draining`), uvicorn closes the
+listening socket, requests already accepted run to completion for up to `shutdown_grace_s`, then the engine
+loop stops and the process exits. A model that fails to load ends the process with status 1.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import FrameType
+
+import uvicorn
+from deepfleet.server.app import create_app
+from deepfleet.server.config import ServeSettings
+from deepfleet.server.state import ServerState
+
+
+class _DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self._state = state
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._state.draining = True
+        super().handle_exit(sig, frame)
+
+
+def run(settings: ServeSettings) -> int:
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    state: ServerState = app.state.server
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=settings.log_level == "debug",  # one line per request is too much at production rates
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
+        lifespan="on",
+    )
+    server = _DrainingServer(config, state)
+
+    def fatal() -> None:
+        server.should_exit = True
+
+    state.on_fatal = fatal
+    server.run()
+    return 1 if state.phase == "failed" else 0

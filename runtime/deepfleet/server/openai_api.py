@@ -1,0 +1,417 @@
+"""The OpenAI routes: /v1/chat/completions, /v1/completions (JSON or SSE) and /v1/models."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from deepfleet.engine.sampling_params import SamplingParams
+from deepfleet.server import protocol as p
+from deepfleet.server import render
+from deepfleet.server.admission import QueueFull
+from deepfleet.server.async_engine import DeadlineExceeded, EngineDead, RequestStream, StreamAborted
+from deepfleet.server.errors import APIError, bad_request, from_value_error, overloaded
+from deepfleet.server.reasoning import ReasoningParser, prompt_opens_reasoning
+from deepfleet.server.request_body import parse_as, read_json
+from deepfleet.server.state import RequestRecord, ServerState
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
+from jinja2.exceptions import TemplateError
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+CLIENT_CLOSED = 499  # nginx's "client closed request": the status recorded when a client goes away
+
+router = APIRouter()
+
+
+@dataclass
+class _Job:
+    """One validated request, ready for the engine."""
+
+    endpoint: str
+    body: p.ChatCompletionRequest | p.CompletionRequest
+    prompt_ids: list[int]
+    params: list[SamplingParams]
+    priority: int
+    reasoning_starts_open: bool | None  # None: no reasoning split (completions, or parser off)
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+def _priority(request: Request, body: p.ChatCompletionRequest | p.CompletionRequest) -> int:
+    if body.priority is not None:
+        return body.priority
+    header = request.headers.get("x-priority")
+    if header is None:
+        return 0
+    try:
+        value = int(header)
+    except ValueError:
+        raise bad_request("X-Priority: must be an integer (lower is more urgent)", param="X-Priority") from None
+    if abs(value) > p.MAX_PRIORITY:
+        raise bad_request(f"X-Priority: must be within +-{p.MAX_PRIORITY}", param="X-Priority")
+    return value
+
+
+def _max_tokens(state: ServerState, requested: int | None, prompt_len: int, prompt_field: str) -> int:
+    room = state.max_model_len - prompt_len
+    if room < 1:
+        raise APIError(
+            400,
+            f"{prompt_field}: the prompt is {prompt_len} tokens; this model's context is {state.max_model_len} "
+            "tokens including the output",
+            param=prompt_field,
+            code="context_length_exceeded",
+        )
+    if requested is None:
+        return room
+    if requested > room:
+        raise APIError(
+            400,
+            f"max_tokens: {requested} output tokens do not fit: the prompt is {prompt_len} tokens and the "
+            f"context {state.max_model_len} (at most {room} here)",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    return requested
+
+
+def _sampling(body: p.ChatCompletionRequest | p.CompletionRequest, max_tokens: int, logprobs: int | None,
+              rename: dict[str, str]) -> list[SamplingParams]:
+    try:
+        return [
+            SamplingParams(
+                n=1,
+                temperature=body.temperature,
+                top_p=body.top_p,
+                top_k=body.top_k,
+                min_p=body.min_p,
+                repetition_penalty=body.repetition_penalty,
+                presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty,
+                # n choices are n engine requests; distinct, reproducible seeds keep them from being copies.
+                seed=None if body.seed is None else body.seed + i,
+                stop=body.stop,
+                stop_token_ids=body.stop_token_ids,
+                ignore_eos=body.ignore_eos,
+                max_tokens=max_tokens,
+                logprobs=logprobs,
+                skip_special_tokens=body.skip_special_tokens,
+            )
+            for i in range(body.n)
+        ]
+    except ValueError as exc:
+        raise from_value_error(exc, rename) from None
+
+
+def _common_checks(state: ServerState, body: p.ChatCompletionRequest | p.CompletionRequest) -> None:
+    if body.model != state.model_name:
+        raise APIError(
+            404, f"model: '{body.model}' is not served here (this server serves '{state.model_name}')",
+            param="model", code="model_not_found",
+        )
+    if body.n > state.settings.max_n:
+        raise bad_request(f"n: at most {state.settings.max_n} choices per request", param="n")
+
+
+def _prepare_chat(state: ServerState, request: Request, body: p.ChatCompletionRequest) -> _Job:
+    _common_checks(state, body)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    try:
+        prompt = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except (TemplateError, ValueError) as exc:
+        raise bad_request(f"messages: cannot be formatted with this model's chat template: {exc}",
+                          param="messages") from None
+    # The template writes BOS itself (as transformers' apply_chat_template(tokenize=True)).
+    prompt_ids = state.tokenizer.encode(prompt, add_special_tokens=False)
+    max_tokens = _max_tokens(state, body.requested_max_tokens(), len(prompt_ids), "messages")
+    params = _sampling(body, max_tokens, body.requested_logprobs(), {"logprobs": "top_logprobs"})
+    starts_open = prompt_opens_reasoning(prompt) if state.settings.reasoning_parser == "deepseek_r1" else None
+    return _Job(CHAT, body, prompt_ids, params, _priority(request, body), starts_open)
+
+
+def _prepare_completion(state: ServerState, request: Request, body: p.CompletionRequest) -> _Job:
+    _common_checks(state, body)
+    if isinstance(body.prompt, str):
+        prompt_ids = state.tokenizer.encode(body.prompt)
+    else:
+        vocab = state.tokenizer.vocab_size
+        if any(t >= vocab for t in body.prompt):
+            raise bad_request(f"prompt: token ids must be below the vocabulary size {vocab}", param="prompt")
+        prompt_ids = list(body.prompt)
+    max_tokens = _max_tokens(state, body.requested_max_tokens(), len(prompt_ids), "prompt")
+    params = _sampling(body, max_tokens, body.requested_logprobs(), {})
+    return _Job(COMPLETIONS, body, prompt_ids, params, _priority(request, body), None)
+
+
+async def _start(state: ServerState, job: _Job, record: RequestRecord) -> RequestStream:
+    s = state.settings
+    try:
+        stream = await state.engine.submit(
+            [job.prompt_ids] * len(job.params), job.params, priority=job.priority,
+            deadline=record.deadline, queue_timeout=max(record.deadline - time.monotonic(), 0),
+        )
+    except QueueFull:
+        a = state.engine.admission
+        raise overloaded(s.queue_full_status, f"server at capacity: {a.active} requests running and {a.queued} "
+                         "queued; retry later", "queue_full", s.retry_after_s) from None
+    except asyncio.TimeoutError:
+        raise overloaded(503, f"no capacity within the request timeout ({s.request_timeout_s:g} s); retry later",
+                         "queue_timeout", s.retry_after_s) from None
+    except ValueError as exc:
+        raise from_value_error(exc) from None
+    except EngineDead as exc:
+        raise _engine_unavailable(exc) from None
+    record.accepted()
+    return stream
+
+
+def _engine_unavailable(exc: EngineDead) -> APIError:
+    return APIError(503, f"engine unavailable: {exc}", type="server_error", code="engine_unavailable")
+
+
+async def _abort_on_disconnect(request: Request, state: ServerState, stream: RequestStream) -> None:
+    # The body was read already, so the next ASGI message can only be the client going away.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    state.engine.close(stream)
+
+
+async def _run(state: ServerState, request: Request, job: _Job, record: RequestRecord,
+               on_update: Callable[[dict[int, Any]], None]) -> bool:
+    """Drive a non-streaming request to its end; False when its deadline passed first."""
+    stream = await _start(state, job, record)
+    watcher = asyncio.create_task(_abort_on_disconnect(request, state, stream))
+    try:
+        async for batch in stream.updates(record.deadline):
+            record.tokens_seen(batch)
+            on_update(batch)
+        return True
+    except DeadlineExceeded:
+        return False
+    except EngineDead as exc:
+        raise _engine_unavailable(exc) from None
+    finally:
+        watcher.cancel()
+        state.engine.close(stream)
+
+
+def _cursors(job: _Job) -> list[render.ChoiceCursor]:
+    return [
+        render.ChoiceCursor(None if job.reasoning_starts_open is None else ReasoningParser(job.reasoning_starts_open))
+        for _ in job.params
+    ]
+
+
+def _finish_timed_out(cursors: list[render.ChoiceCursor]) -> None:
+    for cursor in cursors:
+        cursor.finish_reason = cursor.finish_reason or "timeout"
+
+
+def _usage(job: _Job, cursors: list[render.ChoiceCursor], cached: int) -> p.Usage:
+    return render.usage(len(job.prompt_ids), sum(c.num_tokens for c in cursors), cached)
+
+
+async def _chat_json(state: ServerState, request: Request, job: _Job, record: RequestRecord) -> Response:
+    cursors = _cursors(job)
+    parts = [{"reasoning": [], "content": [], "logprobs": []} for _ in cursors]
+    cached = 0
+
+    def on_update(batch: dict[int, Any]) -> None:
+        nonlocal cached
+        for i, out in batch.items():
+            cached = max(cached, out.num_cached_tokens)
+            reasoning, content, logprobs = cursors[i].advance(out.outputs[0])
+            parts[i]["reasoning"].append(reasoning)
+            parts[i]["content"].append(content)
+            parts[i]["logprobs"].extend(logprobs)
+
+    if not await _run(state, request, job, record, on_update):
+        _finish_timed_out(cursors)
+    want_logprobs = job.params[0].logprobs is not None
+    choices = [
+        p.ChatChoice(
+            index=i,
+            message=p.AssistantMessage(
+                content="".join(part["content"]),
+                reasoning_content="".join(part["reasoning"]) if cursor.saw_reasoning else None,
+            ),
+            logprobs=render.chat_logprobs(part["logprobs"], state.token_text) if want_logprobs else None,
+            finish_reason=cursor.finish_reason,
+        )
+        for i, (cursor, part) in enumerate(zip(cursors, parts, strict=True))
+    ]
+    body = p.ChatCompletion(id=record.response_id("chatcmpl"), created=record.created, model=state.model_name,
+                            choices=choices, usage=_usage(job, cursors, cached))
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
+async def _completion_json(state: ServerState, request: Request, job: _Job, record: RequestRecord) -> Response:
+    cursors = _cursors(job)
+    texts: list[list[str]] = [[] for _ in cursors]
+    logprobs: list[list[dict[str, Any]]] = [[] for _ in cursors]
+    cached = 0
+
+    def on_update(batch: dict[int, Any]) -> None:
+        nonlocal cached
+        for i, out in batch.items():
+            cached = max(cached, out.num_cached_tokens)
+            _, content, lps = cursors[i].advance(out.outputs[0])
+            texts[i].append(content)
+            logprobs[i].extend(lps)
+
+    if not await _run(state, request, job, record, on_update):
+        _finish_timed_out(cursors)
+    want_logprobs = job.params[0].logprobs is not None
+    choices = [
+        p.CompletionChoice(
+            index=i,
+            text="".join(texts[i]),
+            logprobs=render.completion_logprobs(logprobs[i], state.token_text, 0) if want_logprobs else None,
+            finish_reason=cursor.finish_reason,
+        )
+        for i, cursor in enumerate(cursors)
+    ]
+    body = p.Completion(id=record.response_id("cmpl"), created=record.created, model=state.model_name,
+                        choices=choices, usage=_usage(job, cursors, cached))
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
+async def _sse(state: ServerState, job: _Job, record: RequestRecord, stream: RequestStream,
+               chunk: Callable[[int, str, str, list[dict[str, Any]], str | None], Any],
+               first: Callable[[int], Any] | None, usage_chunk: Callable[[p.Usage], Any]) -> AsyncIterator[str]:
+    """SSE events of one streaming request; closing the generator (client gone) aborts the engine request."""
+    cursors = _cursors(job)
+    cached = 0
+    status = CLIENT_CLOSED
+    try:
+        if first is not None:
+            for i in range(len(cursors)):
+                yield render.sse(first(i))
+        try:
+            async for batch in stream.updates(record.deadline):
+                record.tokens_seen(batch)
+                for i, out in sorted(batch.items()):
+                    cached = max(cached, out.num_cached_tokens)
+                    reasoning, content, logprobs = cursors[i].advance(out.outputs[0])
+                    finish = out.outputs[0].finish_reason
+                    if reasoning or content or logprobs or finish:
+                        yield render.sse(chunk(i, reasoning, content, logprobs, finish))
+        except DeadlineExceeded:
+            for i, cursor in enumerate(cursors):
+                if cursor.finish_reason is None:
+                    yield render.sse(chunk(i, "", "", [], "timeout"))
+        except EngineDead as exc:
+            status = 500
+            err = p.ErrorResponse(error=p.ErrorDetail(message=f"engine unavailable: {exc}", type="server_error",
+                                                      code="engine_unavailable"))
+            yield render.sse(err)
+            return
+        if job.body.include_usage_in_stream():
+            yield render.sse(usage_chunk(_usage(job, cursors, cached)))
+        yield render.SSE_DONE
+        status = 200
+    finally:
+        state.engine.close(stream)
+        record.done(status)
+
+
+def _chat_stream(state: ServerState, job: _Job, record: RequestRecord, stream: RequestStream) -> AsyncIterator[str]:
+    rid = record.response_id("chatcmpl")
+    want_logprobs = job.params[0].logprobs is not None
+
+    def envelope(choices: list[p.ChatChunkChoice], usage: p.Usage | None = None) -> p.ChatCompletionChunk:
+        return p.ChatCompletionChunk(id=rid, created=record.created, model=state.model_name, choices=choices,
+                                     usage=usage)
+
+    def first(i: int) -> p.ChatCompletionChunk:
+        return envelope([p.ChatChunkChoice(index=i, delta=p.ChatDelta(role="assistant", content=""))])
+
+    def chunk(i: int, reasoning: str, content: str, logprobs: list, finish: str | None) -> p.ChatCompletionChunk:
+        delta = p.ChatDelta(content=content or None, reasoning_content=reasoning or None)
+        lp = render.chat_logprobs(logprobs, state.token_text) if want_logprobs else None
+        return envelope([p.ChatChunkChoice(index=i, delta=delta, logprobs=lp, finish_reason=finish)])
+
+    return _sse(state, job, record, stream, chunk, first, lambda usage: envelope([], usage))
+
+
+def _completion_stream(state: ServerState, job: _Job, record: RequestRecord,
+                       stream: RequestStream) -> AsyncIterator[str]:
+    rid = record.response_id("cmpl")
+    want_logprobs = job.params[0].logprobs is not None
+    offsets = [0] * len(job.params)
+
+    def envelope(choices: list[p.CompletionChoice], usage: p.Usage | None = None) -> p.Completion:
+        return p.Completion(id=rid, created=record.created, model=state.model_name, choices=choices, usage=usage)
+
+    def chunk(i: int, _reasoning: str, text: str, logprobs: list, finish: str | None) -> p.Completion:
+        lp = render.completion_logprobs(logprobs, state.token_text, offsets[i]) if want_logprobs else None
+        offsets[i] += len(text)
+        return envelope([p.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=finish)])
+
+    return _sse(state, job, record, stream, chunk, None, lambda usage: envelope([], usage))
+
+
+async def _serve(request: Request, endpoint: str, model: type, prepare: Callable, as_json: Callable,
+                 as_stream: Callable) -> Response:
+    state = _state(request)
+    record = state.begin(request, endpoint)
+    body = parse_as(model, await read_json(request, state.settings.max_body_bytes))
+    state.check_accepting()
+    job = prepare(state, request, body)
+    if not body.stream:
+        try:
+            response = await as_json(state, request, job, record)
+        except StreamAborted:
+            record.done(CLIENT_CLOSED)
+            return Response(status_code=CLIENT_CLOSED)
+        record.done(200)
+        return response
+    stream = await _start(state, job, record)
+    return _EngineStreamResponse(as_stream(state, job, record, stream), lambda: _closed(state, stream, record))
+
+
+def _closed(state: ServerState, stream: RequestStream, record: RequestRecord) -> None:
+    state.engine.close(stream)
+    record.done(CLIENT_CLOSED)  # no-op when the stream already recorded how it ended
+
+
+class _EngineStreamResponse(StreamingResponse):
+    """SSE response that always releases its engine request, even when the client leaves before the first
+    event (an async generator that never started runs no `finally`)."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+@router.post(CHAT, summary="Chat completion (OpenAI)", response_model=p.ChatCompletion)
+async def chat_completions(request: Request) -> Response:
+    return await _serve(request, CHAT, p.ChatCompletionRequest, _prepare_chat, _chat_json, _chat_stream)
+
+
+@router.post(COMPLETIONS, summary="Text completion (OpenAI)", response_model=p.Completion)
+async def completions(request: Request) -> Response:
+    return await _serve(request, COMPLETIONS, p.CompletionRequest, _prepare_completion, _completion_json,
+                        _completion_stream)
+
+
+@router.get("/v1/models", summary="Served models (OpenAI)", response_model=p.ModelList)
+async def models(request: Request) -> p.ModelList:
+    state = _state(request)
+    card = p.ModelCard(id=state.model_name, created=state.created, max_model_len=state.max_model_len)
+    return p.ModelList(data=[card])
+

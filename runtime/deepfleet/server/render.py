@@ -1,0 +1,99 @@
+"""Engine outputs -> OpenAI bodies. A `ChoiceCursor` turns one choice's cumulative outputs into deltas (text,
+reasoning split, logprobs); the non-streaming answer feeds the whole output through the same cursor, so both
+forms are built by one code path and agree."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deepfleet.server import protocol as p
+from deepfleet.server.reasoning import ReasoningParser
+
+
+class TokenText:
+    """Token id -> its text, as OpenAI logprobs show it (cached: the same ids recur)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._cache.get(token_id)
+        if text is None:
+            text = self._cache[token_id] = self._tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+
+class ChoiceCursor:
+    """Position of what was already sent for one choice."""
+
+    def __init__(self, reasoning: ReasoningParser | None) -> None:
+        self._reasoning = reasoning
+        self.sent_chars = 0
+        self.sent_logprobs = 0
+        self.num_tokens = 0
+        self.finish_reason: str | None = None
+
+    @property
+    def saw_reasoning(self) -> bool:
+        return self._reasoning is not None and self._reasoning.saw_reasoning
+
+    def advance(self, completion: Any) -> tuple[str, str, list[dict[str, Any]]]:
+        """New (reasoning, content, logprob entries) since the last call; on the final output the parser's
+        held-back tail is flushed and finish_reason is set."""
+        text = completion.text[self.sent_chars :]
+        self.sent_chars = len(completion.text)
+        self.num_tokens = len(completion.token_ids)
+        logprobs = (completion.logprobs or [])[self.sent_logprobs :]
+        self.sent_logprobs += len(logprobs)
+        if self._reasoning is None:
+            reasoning, content = "", text
+        else:
+            reasoning, content = self._reasoning.feed(text)
+        if completion.finish_reason is not None:
+            self.finish_reason = completion.finish_reason
+            if self._reasoning is not None:
+                r, c = self._reasoning.finish()
+                reasoning, content = reasoning + r, content + c
+        return reasoning, content, logprobs
+
+
+def chat_logprobs(entries: list[dict[str, Any]], token_text: TokenText) -> p.ChatLogprobs:
+    content = []
+    for e in entries:
+        token = token_text(e["token_id"])
+        tops = [
+            p.TopLogprob(token=(t := token_text(tid)), logprob=lp, bytes=list(t.encode()))
+            for tid, lp in (e.get("top_logprobs") or {}).items()
+        ]
+        content.append(p.TokenLogprob(token=token, logprob=e["logprob"], bytes=list(token.encode()), top_logprobs=tops))
+    return p.ChatLogprobs(content=content)
+
+
+def completion_logprobs(entries: list[dict[str, Any]], token_text: TokenText, offset: int) -> p.CompletionLogprobs:
+    out = p.CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+    for e in entries:
+        token = token_text(e["token_id"])
+        out.tokens.append(token)
+        out.token_logprobs.append(e["logprob"])
+        out.top_logprobs.append({token_text(tid): lp for tid, lp in (e.get("top_logprobs") or {}).items()})
+        out.text_offset.append(offset)
+        offset += len(token)
+    return out
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> p.Usage:
+    return p.Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=p.PromptTokensDetails(cached_tokens=cached_tokens),
+    )
+
+
+def sse(model: Any) -> str:
+    # null fields are left out: OpenAI clients read absent and null alike, and chunks stay small
+    return f"data: {model.model_dump_json(exclude_none=True)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
