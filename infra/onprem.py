@@ -1,0 +1,151 @@
+"""On-prem and edge: the stack config renders the Ansible inventory (hosts.yml + group_vars) and the RoCE fabric
+plan, so `ansible-playbook` configures exactly what Pulumi declared. Variable names are the roles' own
+(roles/*/defaults/main.yml). Rendering is pure; `OnpremInventory` exports the files as stack outputs and
+`python -m infra.onprem STACK DIR` writes them to disk."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path, PurePosixPath
+
+import pulumi
+import yaml
+from deepfleet.defaults import API_PORT
+
+from infra import gpu_catalog
+from infra.config import ConfigError, Onprem, StackConfig, parse, read_stack_file
+from infra.runtime_settings import serve_settings
+
+GPU_GROUP = "gpu_nodes"  # the group playbooks/gpu.yml and the nccl role target
+EDGE_GROUP = "edge"
+
+
+def _model_vars(local_path: str) -> dict:
+    return {
+        "inference_runtime_model_name": PurePosixPath(local_path).name,
+        "inference_runtime_model_dir": local_path,
+        "inference_runtime_model_source": "present",  # staged by the storage tier, not copied by the role
+    }
+
+
+def _dump(data: dict) -> str:
+    return "---\n" + yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+
+
+def fabric_plan(onprem: Onprem) -> dict:
+    """The RoCE fabric the hosts are configured for and the switches must match (PFC lossless class)."""
+    f = onprem.fabric
+    return {
+        "transport": "RoCEv2",
+        "lossless_class": {"dscp": f.dscp, "pfc_priority": f.pfc_priority, "ecn": True},
+        "switch_requirements": [
+            f"trust DSCP; map DSCP {f.dscp} to priority {f.pfc_priority}",
+            f"PFC enabled on priority {f.pfc_priority} only (lossless); ECN marking on its queue (DCQCN)",
+            f"MTU >= {f.mtu} on every RoCE port",
+        ],
+        "mtu": f.mtu,
+        "targets": {"max_inter_node_latency_us": f.max_latency_us},
+        "nccl": {"NCCL_IB_GID_INDEX": f.gid_index, "NCCL_IB_TC": f.dscp * 4},  # TC = DSCP << 2
+        "hosts": {
+            h.name: {"address": h.address, "nics": [{"netdev": n.netdev, "hca": n.hca} for n in h.roce_nics]}
+            for h in onprem.hosts
+        },
+    }
+
+
+def render_inventory(cfg: StackConfig) -> dict[str, str]:
+    """Relative path → file content: hosts.yml, group_vars/{all,gpu_nodes,edge}.yml, fabric-plan.yml."""
+    if not cfg.onprem:
+        raise ConfigError("deepfleet:onprem: required to render an inventory")
+    onprem = cfg.onprem
+    gpu_hosts = {
+        h.name: {
+            "ansible_host": h.address,
+            "deepfleet_gpu_model": h.gpu_model,
+            "deepfleet_gpu_count": h.gpus,
+            "cuda_gpu_generations": [gpu_catalog.GPU_MODELS[h.gpu_model].generation],
+            "rdma_roce_interfaces": [{"name": n.netdev} for n in h.roce_nics],
+            "nccl_ib_hca": [n.hca for n in h.roce_nics],
+        }
+        for h in onprem.hosts
+    }
+    children: dict = {GPU_GROUP: {"hosts": gpu_hosts}}
+    files: dict[str, str] = {}
+    if cfg.edge:
+        children[EDGE_GROUP] = {
+            "hosts": {
+                d.name: {
+                    "ansible_host": d.address,
+                    "deepfleet_edge_device": d.device,
+                    "cuda_gpu_generations": [gpu_catalog.EDGE_DEVICES[d.device].generation],
+                }
+                for d in cfg.edge.devices
+            }
+        }
+        edge_path = str(PurePosixPath(cfg.model.local_path).parent / PurePosixPath(cfg.model.edge_name).name.lower())
+        files["group_vars/edge.yml"] = _dump(
+            {
+                **_model_vars(edge_path),
+                "deepfleet_model_id": cfg.model.edge_name,
+                "inference_runtime_config": serve_settings(cfg.model, edge=True),
+            }
+        )
+    files["hosts.yml"] = _dump({"all": {"vars": {"ansible_user": onprem.ssh_user}, "children": children}})
+    files["group_vars/all.yml"] = _dump(
+        {
+            "deepfleet_api_port": API_PORT,
+            "deepfleet_allowed_networks": list(cfg.networks.allowed),
+        }
+    )
+    f = onprem.fabric
+    files[f"group_vars/{GPU_GROUP}.yml"] = _dump(
+        {
+            **_model_vars(cfg.model.local_path),
+            "deepfleet_model_id": cfg.model.name,
+            "inference_runtime_config": serve_settings(cfg.model),
+            "rdma_roce_dscp": f.dscp,
+            "rdma_roce_priority": f.pfc_priority,
+            "rdma_roce_mtu": f.mtu,
+            "rdma_roce_validate_max_latency_us": f.max_latency_us,
+            "nccl_ib_gid_index": f.gid_index,
+        }
+    )
+    files["fabric-plan.yml"] = _dump(fabric_plan(onprem))
+    return files
+
+
+def write_inventory(cfg: StackConfig, directory: Path) -> list[Path]:
+    written = []
+    for rel, text in render_inventory(cfg).items():
+        path = directory / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        written.append(path)
+    return written
+
+
+class OnpremInventory(pulumi.ComponentResource):
+    """No cloud resources: the rendered files become stack outputs (`pulumi stack output inventory`)."""
+
+    def __init__(self, name: str, cfg: StackConfig, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("deepfleet:onprem:Inventory", name, None, opts)
+        self.files = render_inventory(cfg)
+        self.register_outputs({"files": self.files})
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m infra.onprem STACK DIR   (writes hosts.yml, group_vars/, fabric-plan.yml)")
+        return 2
+    try:
+        cfg = parse(read_stack_file(argv[0]))
+        for path in write_inventory(cfg, Path(argv[1])):
+            print(path)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
