@@ -7,8 +7,9 @@ Every branch is decided from the Python-side parameters, so the only host sync i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from deepfleet.engine.sampling_params import SamplingParams
 
@@ -17,8 +18,27 @@ from deepfleet.engine.sampling_params import SamplingParams
 class SamplingState:
     params: SamplingParams
     prompt_token_ids: list[int]
-    output_token_ids: list[int]
+    output_token_ids: list[int]  # append-only while the request runs (the engine appends each sampled token)
     generator: torch.Generator | None = None  # seeded per request (make_generator) when params.seed is set
+    # penalties need the token ids as arrays every step: convert the prompt once and the output incrementally
+    _prompt_array: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+    _output_array: np.ndarray = field(
+        default_factory=lambda: np.empty(0, np.int64), init=False, repr=False, compare=False
+    )
+
+    def prompt_array(self) -> np.ndarray:
+        if self._prompt_array is None:
+            self._prompt_array = np.asarray(self.prompt_token_ids, dtype=np.int64)
+        return self._prompt_array
+
+    def output_array(self) -> np.ndarray:
+        done, total = len(self._output_array), len(self.output_token_ids)
+        if total < done:  # the list was rewritten rather than appended to
+            self._output_array = np.asarray(self.output_token_ids, dtype=np.int64)
+        elif total > done:
+            tail = np.asarray(self.output_token_ids[done:], dtype=np.int64)
+            self._output_array = np.concatenate([self._output_array, tail])
+        return self._output_array
 
 
 @dataclass
@@ -40,14 +60,15 @@ def _row_tensor(values: list[float], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=like.dtype).to(like.device, non_blocking=True).unsqueeze(1)
 
 
-def _token_counts(token_lists: list[list[int]], vocab_size: int, like: torch.Tensor) -> torch.Tensor:
-    """[N, V] occurrence counts; rows are padded with an extra column V that is dropped afterwards."""
-    width = max(map(len, token_lists), default=0)
-    padded = [ids + [vocab_size] * (width - len(ids)) for ids in token_lists]
-    index = torch.tensor(padded, dtype=torch.long).to(like.device, non_blocking=True)
-    counts = torch.zeros(len(token_lists), vocab_size + 1, dtype=like.dtype, device=like.device)
-    counts.scatter_add_(1, index, torch.ones_like(index, dtype=like.dtype))
-    return counts[:, :vocab_size]
+def _token_counts(arrays: list[np.ndarray | None], vocab_size: int, like: torch.Tensor) -> torch.Tensor:
+    """[N, V] occurrence counts of each row's token ids (None: a row that needs none), built from one flat index
+    copied to the device in one transfer. Counts are small integers, so float atomics add them exactly."""
+    rows = [a + row * vocab_size for row, a in enumerate(arrays) if a is not None and len(a)]
+    counts = torch.zeros(len(arrays) * vocab_size, dtype=like.dtype, device=like.device)
+    if rows:
+        index = torch.from_numpy(np.concatenate(rows)).to(like.device, non_blocking=True)
+        counts.index_add_(0, index, torch.ones(1, dtype=like.dtype, device=like.device).expand(len(index)))
+    return counts.view(len(arrays), vocab_size)
 
 
 class Sampler:
@@ -90,46 +111,54 @@ class Sampler:
     def _apply_penalties(logits: torch.Tensor, seqs: list[SamplingState]) -> torch.Tensor:
         vocab_size = logits.shape[1]
         params = [s.params for s in seqs]
-        if any(p.repetition_penalty != 1.0 for p in params):
-            # only penalised rows pay for building their token lists
-            seen = _token_counts(
-                [s.prompt_token_ids + s.output_token_ids if s.params.repetition_penalty != 1.0 else [] for s in seqs],
-                vocab_size,
-                logits,
-            ) > 0
-            penalty = _row_tensor([p.repetition_penalty for p in params], logits)
-            penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-            logits = torch.where(seen, penalised, logits)
-        if any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params):
-            counts = _token_counts(
-                [s.output_token_ids if s.params.presence_penalty or s.params.frequency_penalty else [] for s in seqs],
-                vocab_size,
-                logits,
+        use_rep = [p.repetition_penalty != 1.0 for p in params]
+        use_pf = [p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params]
+        if not any(use_rep) and not any(use_pf):
+            return logits
+        # only penalised rows pay for their token ids
+        counts = _token_counts(
+            [s.output_array() if rep or pf else None for s, rep, pf in zip(seqs, use_rep, use_pf, strict=True)],
+            vocab_size,
+            logits,
+        )
+        if any(use_rep):
+            in_prompt = _token_counts(
+                [s.prompt_array() if rep else None for s, rep in zip(seqs, use_rep, strict=True)], vocab_size, logits
             )
+            seen = (in_prompt > 0) | (counts > 0)
+            penalty = _row_tensor([p.repetition_penalty for p in params], logits)
+            logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+        if any(use_pf):
             logits = logits - _row_tensor([p.frequency_penalty for p in params], logits) * counts
             logits = logits - _row_tensor([p.presence_penalty for p in params], logits) * (counts > 0)
         return logits
 
     @staticmethod
     def _apply_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-        use_top_k = any(p.top_k > 0 for p in params)
-        use_top_p = any(p.top_p < 1.0 for p in params)
-        if not (use_top_k or use_top_p):
+        """Find each row's smallest kept logit among its best candidates, then mask everything below it.
+        Candidates come from topk(max k) when every top-p row also has a top-k (far cheaper than sorting the
+        vocabulary), else from a full sort. Ties with the smallest kept logit are kept."""
+        filtered = [p.top_k > 0 or p.top_p < 1.0 for p in params]
+        if not any(filtered):
             return logits
         vocab_size = logits.shape[1]
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        if use_top_k:
-            k = torch.tensor([min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in params])
-            kth = sorted_logits.gather(1, (k - 1).to(logits.device, non_blocking=True).unsqueeze(1))
-            sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
-        if use_top_p:
-            sorted_probs = torch.softmax(sorted_logits, dim=-1)
-            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # the top token always has 0 before it
+        if any(p.top_p < 1.0 and p.top_k == 0 for p in params):
+            width = vocab_size
+            candidates = logits.sort(dim=-1, descending=True).values
+        else:
+            width = min(max(p.top_k for p in params), vocab_size)
+            candidates = logits.topk(width, dim=-1).values
+        k = _row_tensor([min(p.top_k, width) if p.top_k > 0 else width for p in params], logits)
+        removed = torch.arange(width, device=logits.device) >= k
+        if any(p.top_p < 1.0 for p in params):
+            probs = torch.softmax(candidates.masked_fill(removed, float("-inf")), dim=-1)
+            mass_before = probs.cumsum(dim=-1) - probs  # the best candidate always has 0 before it
             top_p = _row_tensor([p.top_p for p in params], logits)
             # rows with top_p == 1 are exempt: float cumsum can exceed 1 and would cut the tail
-            remove = (mass_before > top_p) & (top_p < 1.0)
-            sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-        return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+            removed |= (mass_before > top_p) & (top_p < 1.0)
+        threshold = candidates.masked_fill(removed, float("inf")).amin(dim=-1, keepdim=True)
+        threshold = threshold.masked_fill(~_row_tensor(filtered, logits).bool(), float("-inf"))
+        return logits.masked_fill(logits < threshold, float("-inf"))
 
     @staticmethod
     def _apply_min_p(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

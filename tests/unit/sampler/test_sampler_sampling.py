@@ -137,3 +137,31 @@ def test_mixed_batch_and_masked_vocabulary():
 def test_wrong_logits_shape_is_refused():
     with pytest.raises(ValueError, match="logits"):
         Sampler()(random_logits(2), [state()])
+
+
+def test_penalty_token_cache_follows_appends_and_rewrites():
+    logits = torch.zeros(1, 6)
+    seq = state(prompt=[4], presence_penalty=1.0, repetition_penalty=2.0)
+    for token in (1, 2, 1, 5):
+        seq.output_token_ids.append(token)
+        fresh = state(prompt=[4], output=seq.output_token_ids, presence_penalty=1.0, repetition_penalty=2.0)
+        assert torch.equal(Sampler._apply_penalties(logits, [seq]), Sampler._apply_penalties(logits, [fresh]))
+    seq.output_token_ids[:] = [3]  # e.g. a recomputed sequence: the cache must not keep stale ids
+    expected = torch.tensor([[0.0, 0.0, 0.0, -1.0, 0.0, 0.0]])
+    assert torch.equal(Sampler._apply_penalties(logits, [seq]), expected)
+
+
+@pytest.mark.parametrize("with_top_p_only_row", [False, True])  # topk candidates vs a full sort
+def test_top_k_top_p_masks_per_row(with_top_p_only_row):
+    probs = torch.tensor([0.5, 0.2, 0.18, 0.12])
+    params = [
+        SamplingParams(top_k=2),
+        SamplingParams(),  # unfiltered: must keep every token even when candidates come from topk(2)
+        SamplingParams(top_k=2, top_p=0.7),  # top-p on the renormalised top-k: 0.5/0.7 = 0.71 > 0.7 keeps one
+    ]
+    expected = [[True, True, False, False], [True] * 4, [True, False, False, False]]
+    if with_top_p_only_row:
+        params.append(SamplingParams(top_p=0.75))  # 0.5 + 0.2 < 0.75: the third is still needed
+        expected.append([True, True, True, False])
+    kept = Sampler._apply_top_k_top_p(probs.log().expand(len(params), 4), params).isfinite()
+    assert kept.tolist() == expected
