@@ -44,7 +44,7 @@ def _export(model: nn.Module, args: tuple, path: Path, inputs: list[str], output
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter is chatty about unrelated deprecations
         torch.onnx.export(model, args, str(path), input_names=inputs, output_names=outputs,
-                          dynamic_shapes=dynamic, dynamo=True, verbose=False)
+                          dynamic_shapes=dynamic, dynamo=True, external_data=False, verbose=False)
 
 
 def classifier_config(name: str = "classifier", features: int = 16, classes: int = 4, **settings) -> ModelConfig:
