@@ -68,6 +68,7 @@ class StopChecker:
         self.stop = [s for s in (stop or []) if s]
         self._longest = max(map(len, self.stop), default=0)
         self._searched_to = 0  # text before this index (minus a stop's length) holds no stop string
+        self.matched: str | None = None  # the stop string that ended the text (OpenAI's stop_reason)
 
     def check(self, text: str, finished: bool = False) -> tuple[bool, str]:
         """Given the cumulative output text, return (stopped, text safe to emit so far).
@@ -79,9 +80,10 @@ class StopChecker:
         if not self.stop:
             return False, text
         start = max(self._searched_to - self._longest + 1, 0)
-        hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
+        hits = [(i, s) for i, s in ((text.find(s, start), s) for s in self.stop) if i >= 0]
         if hits:
-            return True, text[: min(hits)]
+            position, self.matched = min(hits, key=lambda hit: hit[0])
+            return True, text[:position]
         self._searched_to = len(text)
         if finished:
             return False, text

@@ -108,7 +108,9 @@ def test_stop_checker_holds_back_only_possible_stop_prefixes():
     assert checker.check("result </ans") == (False, "result ")
     assert checker.check("result </ans x") == (False, "result </ans x")
     assert checker.check("result </ans x\n") == (False, "result </ans x")
+    assert checker.matched is None
     assert checker.check("result </ans x\n\nmore") == (True, "result </ans x")
+    assert checker.matched == "\n\n"
 
 
 def test_stop_checker_releases_the_tail_when_finished_and_passes_through_without_stops():
@@ -139,6 +141,7 @@ def test_streaming_never_emits_a_partial_stop_string(text, stops, cuts):
         if stopped:
             break
     assert emitted == expected and stopped == (first_hit is not None)
+    assert checker.matched is None if not stopped else text[len(emitted) :].startswith(checker.matched)
 
 
 def _bytes_to_unicode():
