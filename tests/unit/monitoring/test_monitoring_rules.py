@@ -260,3 +260,22 @@ def test_dashboard_threshold_lines_are_the_alert_thresholds(dashboard):
     assert panel_thresholds(dashboard, "DCGM_FI_DEV_GPU_TEMP") == {threshold("DeepfleetGPUTemperatureHigh")}
     assert panel_thresholds(dashboard, "queue_length") == {threshold("DeepfleetQueueBacklog")}
     assert panel_thresholds(dashboard, "errors:ratio_rate5m") == {threshold("DeepfleetErrorRateHigh")}
+
+
+def test_runtime_exports_every_metric_the_rules_and_dashboard_read(dashboard):
+    from dataclasses import fields
+
+    from deepfleet.server.metrics import LoadSnapshot, ServerMetrics
+    from prometheus_client import generate_latest
+
+    snapshot = LoadSnapshot(**{f.name: 0 for f in fields(LoadSnapshot)})
+    metrics = ServerMetrics(lambda: snapshot)
+    for endpoint in ("/v1/chat/completions", "/v1/completions"):  # labelled series appear once observed
+        metrics.request_done(endpoint, 200, 0.05)
+        metrics.ttft.labels(endpoint).observe(0.01)
+        metrics.tpot.labels(endpoint).observe(0.01)
+    exposed = {line.split("{")[0].split(" ")[0] for line in generate_latest(metrics.registry).decode().splitlines()}
+    text = " ".join(p.read_text() for p in RULE_FILES) + json.dumps(dashboard)
+    used = set(re.findall(r"\bdeepseek_[a-z_]+", text))
+    assert used, "rules read no runtime metric"
+    assert used <= exposed, f"rules/dashboard read metrics the runtime does not export: {sorted(used - exposed)}"
