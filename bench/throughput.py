@@ -3,6 +3,7 @@ Random-weight DeepSeek-R1-Distill-Qwen shapes, bf16, prompt 128 -> 128 new token
 Hugging Face transformers eager from the same run and the HBM floor. Results go to bench/RESULTS.md."""
 
 import argparse
+import traceback
 
 from deepfleet.engine.benchmark import SHAPES, run
 
@@ -15,4 +16,7 @@ if __name__ == "__main__":
     ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face transformers baseline")
     args = ap.parse_args()
     for shape in args.shape:
-        run(shape, args.num_requests, args.prompt_len, args.output_len, hf_baseline=not args.no_hf)
+        try:
+            run(shape, args.num_requests, args.prompt_len, args.output_len, hf_baseline=not args.no_hf)
+        except Exception:  # one failing shape should not hide the other's figures
+            traceback.print_exc()

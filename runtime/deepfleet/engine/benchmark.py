@@ -25,7 +25,7 @@ def write_shape_dir(shape: str, out: Path) -> Path:
     from deepfleet.models.tiny import CONFIGS, build_tokenizer
 
     cfg = {**CONFIGS["qwen2"], **SHAPES[shape], "max_position_embeddings": 4096, "torch_dtype": "bfloat16",
-           "rope_theta": 10000.0, "eos_token_id": -1, "bos_token_id": -1}
+           "rope_theta": 10000.0, "eos_token_id": None, "bos_token_id": None}
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg))
     build_tokenizer(544).save(str(out / "tokenizer.json"))

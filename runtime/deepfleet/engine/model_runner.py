@@ -37,6 +37,7 @@ class ModelRunner:
         self.use_graphs = device.type == "cuda" and not enforce_eager and getattr(self.model, "cuda_graph_safe", True)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graph_max_batch = 0  # set by init_graphs once max_num_seqs is known
 
     # ---- KV cache -------------------------------------------------------------------------------------------------
     def block_bytes(self) -> int:
