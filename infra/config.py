@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping
 from itertools import combinations
 from pathlib import Path
@@ -332,6 +333,9 @@ class StackConfig(Strict):
         return self
 
 
+_SUBKEY = re.compile(r"^([a-z_]+(?:\[\d+\])?(?:\.[a-z_]+(?:\[\d+\])?)*): ")
+
+
 def _key(loc: tuple[Any, ...]) -> str:
     key = NAMESPACE + ":"
     for i, part in enumerate(loc):
@@ -347,7 +351,12 @@ def parse(raw: Mapping[str, Any]) -> StackConfig:
         lines = []
         for err in e.errors():
             msg = "required key missing" if err["type"] == "missing" else err["msg"].removeprefix("Value error, ")
-            lines.append(f"{_key(err['loc'])}: {msg}")
+            key = _key(err["loc"])
+            # Cross-field checks start their message with the sub-key they blame: fold it into the key.
+            if sub := _SUBKEY.match(msg):
+                key += ("." if err["loc"] else "") + sub[1]
+                msg = msg[sub.end() :]
+            lines.append(f"{key}: {msg}")
         raise ConfigError("invalid stack config:\n  " + "\n  ".join(lines)) from None
 
 

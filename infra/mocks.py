@@ -69,9 +69,6 @@ def _computed(args: pulumi.runtime.MockResourceArgs) -> dict[str, Any]:
 
 
 class RecordingMocks(pulumi.runtime.Mocks):
-    def __init__(self) -> None:
-        self.registered: dict[str, pulumi.runtime.MockResourceArgs] = {}
-
     def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict[str, Any]]:
         return f"{args.name}-id", {**_computed(args), **args.inputs}
 
@@ -86,9 +83,9 @@ class RecordingMocks(pulumi.runtime.Mocks):
 class RecordingMonitor(MockMonitor):
     """MockMonitor that also keeps each registration's parent URN (MockResourceArgs has no parent)."""
 
-    def __init__(self, mocks: RecordingMocks) -> None:
+    def __init__(self, mocks: RecordingMocks, recorded: list[Recorded]) -> None:
         super().__init__(mocks)
-        self.recorded: list[Recorded] = []
+        self.recorded = recorded
 
     def RegisterResource(self, request):  # noqa: N802 (gRPC method name)
         response = super().RegisterResource(request)
@@ -108,16 +105,17 @@ def _plain(request) -> dict[str, Any]:
     return json.loads(json.dumps(rpc.deserialize_properties(request.object), default=str))
 
 
-def run(stack: str, raw_config: dict[str, Any] | None = None) -> Capture:
-    """Register the stack `stack` (config from Pulumi.<stack>.yaml unless given) under mocks."""
+def run(stack: str, raw_config: dict[str, Any] | None = None, capture: Capture | None = None) -> Capture:
+    """Register the stack `stack` (config from Pulumi.<stack>.yaml unless given) under mocks. Resources are
+    appended to `capture.resources` as they register, so a caller still sees them if the program raises."""
     from infra.__main__ import main  # the program itself; imported late so mocks are in place first
 
     raw = stack_config.read_stack_file(stack) if raw_config is None else raw_config
+    capture = Capture(stack) if capture is None else capture
     mocks = RecordingMocks()
-    monitor = RecordingMonitor(mocks)
+    monitor = RecordingMonitor(mocks, capture.resources)
     pulumi.runtime.set_mocks(mocks, project=stack_config.NAMESPACE, stack=stack, preview=False, monitor=monitor)
     pulumi.runtime.set_all_config({f"{stack_config.NAMESPACE}:{k}": json.dumps(v) for k, v in raw.items()})
-    capture = Capture(stack)
 
     @pulumi.runtime.test
     def program():
@@ -125,5 +123,4 @@ def run(stack: str, raw_config: dict[str, Any] | None = None) -> Capture:
         return pulumi.Output.from_input(outputs).apply(capture.outputs.update)
 
     program()
-    capture.resources = monitor.recorded
     return capture
