@@ -48,7 +48,8 @@ def _export(model: nn.Module, args: tuple, path: Path, inputs: list[str], output
 
 
 def classifier_config(name: str = "classifier", features: int = 16, classes: int = 4, **settings) -> ModelConfig:
-    return ModelConfig(name=name, backend="onnxruntime",
+    settings.setdefault("backend", "onnxruntime")
+    return ModelConfig(name=name,
                        inputs=[TensorSpec(name="x", datatype="FP32", dims=[features])],
                        outputs=[TensorSpec(name="logits", datatype="FP32", dims=[classes])], **settings)
 
