@@ -93,17 +93,17 @@ class Sampler:
             tokens = torch.where(is_greedy, greedy_tokens, sampled)
 
         chosen_logprobs = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
-        max_top = max((p.logprobs or 0 for p in params), default=0)
-        top = raw_logprobs.topk(max_top, dim=-1) if max_top else None
-
-        token_list, logprob_list = tokens.tolist(), chosen_logprobs.tolist()  # first call syncs; second is a copy
-        top_values, top_ids = (top.values.tolist(), top.indices.tolist()) if top is not None else ([], [])
+        token_list, logprob_list = tokens.tolist(), chosen_logprobs.tolist()  # first call syncs; later ones copy
+        top_values = top_ids = None
+        if any(p.logprobs is not None for p in params):
+            # [N, 0] when every row asked for logprobs=0: each row then gets an empty dict
+            top = raw_logprobs.topk(max(p.logprobs or 0 for p in params), dim=-1)
+            top_values, top_ids = top.values.tolist(), top.indices.tolist()
         out = []
         for row, p in enumerate(params):
             top_logprobs = None
-            if p.logprobs is not None:  # top is None when every row asked for logprobs=0 (no top-k computed)
-                top_logprobs = {} if top is None else dict(
-                    zip(top_ids[row][: p.logprobs], top_values[row][: p.logprobs], strict=True))
+            if p.logprobs is not None:
+                top_logprobs = dict(zip(top_ids[row][: p.logprobs], top_values[row][: p.logprobs], strict=True))
             out.append(SampledToken(token_list[row], logprob_list[row], top_logprobs))
         return out
 

@@ -60,3 +60,9 @@ def test_only_the_final_results_copy_synchronises():
     for filename, lineno in sync_lines:
         line = open(filename).read().splitlines()[lineno - 1]
         assert ".tolist()" in line, f"host sync at {filename}:{lineno}: {line.strip()}"
+
+
+def test_logprobs_zero_in_every_row_on_cuda():
+    seqs = [SamplingState(SamplingParams(logprobs=0), [1], []) for _ in range(4)]
+    out = Sampler()(logits_on("cuda"), seqs)
+    assert [t.top_logprobs for t in out] == [{}] * 4

@@ -106,8 +106,10 @@ def test_logprobs_are_log_softmax_of_raw_logits():
     assert out[1].top_logprobs == {}
 
 
-def test_no_logprobs_requested_gives_none():
+def test_no_logprobs_requested_gives_none_and_zero_gives_only_the_chosen_one():
     assert Sampler()(random_logits(1), [state()])[0].top_logprobs is None
+    out = Sampler()(random_logits(2), [state(logprobs=0), state(logprobs=0, temperature=0)])
+    assert [t.top_logprobs for t in out] == [{}, {}] and all(t.logprob <= 0 for t in out)
 
 
 def test_temperature_reshapes_the_distribution():
