@@ -89,16 +89,11 @@ def decrypt(
 ) -> None:
     """Decrypt ENC_DIR into OUT_DIR, authenticating every chunk, then verify the manifest if one was included.
     The cipher is read from the files' headers."""
-    from deepfleet.security.crypto import ENCRYPTED_SUFFIX, WeightCryptoError, decrypt_dir, load_key, read_cipher
-    from deepfleet.security.manifest import MANIFEST_NAME, ManifestError, verify_manifest
+    from deepfleet.security.crypto import WeightCryptoError, decrypt_model
+    from deepfleet.security.manifest import ManifestError
 
     try:
-        first = next(iter(sorted(enc_dir.rglob("*" + ENCRYPTED_SUFFIX))), None)
-        if first is None:
-            raise WeightCryptoError(f"{enc_dir}: no {ENCRYPTED_SUFFIX} files")
-        written = decrypt_dir(enc_dir, out_dir, load_key(read_cipher(first), key_file))
-        if (out_dir / MANIFEST_NAME).is_file():
-            verify_manifest(out_dir)
+        written = decrypt_model(enc_dir, out_dir, key_file)
     except (WeightCryptoError, ManifestError, OSError) as e:
         raise _fail(e) from None
     typer.echo(f"decrypted {len(written)} files into {out_dir}")

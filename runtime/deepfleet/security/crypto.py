@@ -21,6 +21,8 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherAlgorithm, algorithms, modes
 
+from deepfleet.security.manifest import MANIFEST_NAME, verify_manifest
+
 MAGIC = b"DFENC"
 FORMAT_VERSION = 1
 ENCRYPTED_SUFFIX = ".dfenc"
@@ -257,4 +259,17 @@ def decrypt_dir(enc_dir: str | Path, out_dir: str | Path, key: bytes) -> list[Pa
         rel = path.relative_to(enc_dir).as_posix()[: -len(ENCRYPTED_SUFFIX)]
         decrypt_file(path, out_dir / rel, key, name=rel)
         written.append(out_dir / rel)
+    return written
+
+
+def decrypt_model(enc_dir: str | Path, out_dir: str | Path, key_file: str | Path | None = None) -> list[Path]:
+    """Decrypt an encrypted model directory for loading: the cipher comes from the files' headers, the key from
+    key_file or $DEEPFLEET_WEIGHTS_KEY; a manifest encrypted along with the weights is then verified."""
+    enc_dir, out_dir = Path(enc_dir), Path(out_dir)
+    first = next(iter(sorted(enc_dir.rglob("*" + ENCRYPTED_SUFFIX))), None)
+    if first is None:
+        raise WeightCryptoError(f"{enc_dir}: no {ENCRYPTED_SUFFIX} files")
+    written = decrypt_dir(enc_dir, out_dir, load_key(read_cipher(first), key_file))
+    if (out_dir / MANIFEST_NAME).is_file():
+        verify_manifest(out_dir)
     return written

@@ -13,13 +13,14 @@ from deepfleet.security.crypto import (
     WeightCryptoError,
     decrypt_dir,
     decrypt_file,
+    decrypt_model,
     encrypt_dir,
     encrypt_file,
     generate_key,
     load_key,
     read_cipher,
 )
-from deepfleet.security.manifest import verify_manifest, write_manifest
+from deepfleet.security.manifest import ManifestError, verify_manifest, write_manifest
 
 CHUNK = 64
 RECORD = NONCE_SIZE + TAG_SIZE + CHUNK
@@ -177,3 +178,22 @@ def test_bad_keys_are_named(tmp_path, monkeypatch):
         load_key("aes-256-gcm")
     with pytest.raises(WeightCryptoError, match="cipher: unknown 'rot13'"):
         load_key("rot13")
+
+
+def test_decrypt_model_reads_cipher_and_env_key_and_checks_the_manifest(tmp_path, monkeypatch):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(os.urandom(500))
+    write_manifest(model)
+    key = generate_key("sm4-gcm")
+    encrypt_dir(model, tmp_path / "enc", key, "sm4-gcm", chunk_size=CHUNK)
+    monkeypatch.setenv(KEY_ENV, key.hex())
+    written = decrypt_model(tmp_path / "enc", tmp_path / "ok")
+    assert written == [tmp_path / "ok" / "deepfleet-manifest.json", tmp_path / "ok" / "model.safetensors"]
+    # weights changed after the manifest was written, then encrypted: the chunks authenticate, the manifest catches it
+    (model / "model.safetensors").write_bytes(os.urandom(500))
+    encrypt_dir(model, tmp_path / "enc2", key, "sm4-gcm")
+    with pytest.raises(ManifestError, match=r"model\.safetensors: sha256 mismatch"):
+        decrypt_model(tmp_path / "enc2", tmp_path / "stale")
+    with pytest.raises(WeightCryptoError, match=r"no \.dfenc files"):
+        decrypt_model(model, tmp_path / "x")  # a plaintext model directory
