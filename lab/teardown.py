@@ -1,0 +1,134 @@
+"""Undo what a State recorded, newest first. Each undo is idempotent (safe to run on something already gone)
+and touches only the recorded object: by name for kernel objects we created, by PID + start time for processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from lab import system
+from lab.config import LabError
+from lab.state import State
+
+
+def _ip_link_exists(name: str) -> bool:
+    return Path(f"/sys/class/net/{name}").exists()
+
+
+def undo_link(res: dict) -> None:  # bridge or veth (deleting the host end of a veth deletes its peer)
+    if _ip_link_exists(res["name"]):
+        system.run(["ip", "link", "del", res["name"]])
+
+
+def undo_netns(res: dict) -> None:
+    if Path("/run/netns", res["name"]).exists():
+        system.run(["ip", "netns", "del", res["name"]])
+
+
+def undo_run_netns_mount(res: dict) -> None:
+    """`ip netns add` turns /run/netns into a mount point the first time; undo that only if we caused it and
+    no other namespace lives there now."""
+    path = Path(res["path"])
+    if path.is_dir() and not any(path.iterdir()):
+        if os.path.ismount(path):
+            system.run(["umount", str(path)], check=False)
+        if res.get("created_dir") and not os.path.ismount(path):
+            path.rmdir()
+
+
+def undo_nft(res: dict) -> None:
+    if system.run(["nft", "list", "table", "inet", res["table"]], check=False).returncode == 0:
+        system.run(["nft", "delete", "table", "inet", res["table"]])
+
+
+def undo_process(res: dict) -> None:
+    system.terminate(res, timeout=res.get("grace", 10.0))
+
+
+def undo_cgroup(res: dict) -> None:
+    paths = [p for p in res["paths"] if Path(p).exists()]
+    if not paths:
+        return
+    if system.cgroup_pids(paths):
+        system.cgroup_kill(paths)
+        if not system.wait_gone(lambda: not system.cgroup_pids(paths), 10):
+            raise LabError(f"processes in {paths} survived SIGKILL: {sorted(system.cgroup_pids(paths))}")
+    system.cgroup_remove(paths)
+
+
+def undo_nspawn_runtime(res: dict) -> None:
+    """systemd-nspawn leaves /run/systemd/nspawn/{propagate,unix-export}/MACHINE behind: ours have unique names."""
+    for sub in ("propagate", "unix-export"):
+        p = Path("/run/systemd/nspawn", sub, res["machine"])
+        if p.is_dir() and not os.path.ismount(p):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def undo_mount(res: dict) -> None:
+    if res["path"] in _mounts():
+        system.run(["umount", res["path"]])
+
+
+def undo_path(res: dict) -> None:
+    p = Path(res["path"])
+    if p.is_dir() and not p.is_symlink():
+        # a host's root filesystem: make sure nothing is still mounted below it before deleting
+        mounts = [m for m in _mounts() if Path(m) == p or p in Path(m).parents]
+        if mounts:
+            raise LabError(f"refusing to delete {p}: still mounted below it: {mounts}")
+        shutil.rmtree(p)
+    elif p.exists() or p.is_symlink():
+        p.unlink()
+    if res.get("prune_empty_parent"):  # e.g. inventory/lab/NAME/ and inventory/lab/ once empty
+        stop = Path(res["prune_empty_parent"])
+        parent = p.parent
+        while parent == stop or stop in parent.parents:
+            if not parent.is_dir() or any(parent.iterdir()):
+                break
+            parent.rmdir()
+            parent = parent.parent
+
+
+def _mounts() -> list[str]:
+    return [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+
+
+UNDO = {
+    "bridge": undo_link,
+    "veth": undo_link,
+    "netns": undo_netns,
+    "run_netns_mount": undo_run_netns_mount,
+    "nft": undo_nft,
+    "process": undo_process,
+    "cgroup": undo_cgroup,
+    "nspawn_runtime": undo_nspawn_runtime,
+    "mount": undo_mount,
+    "path": undo_path,
+}
+
+
+def teardown(state: State, log=print) -> list[str]:
+    """Undo every recorded resource, newest first; keep going past errors and return them.
+    A resource leaves the record only once it is gone, so a failed teardown can be re-run."""
+    errors = []
+    for res in list(reversed(state.resources)):
+        try:
+            UNDO[res["kind"]](res)
+        except Exception as e:  # noqa: BLE001 - report and continue: the rest must still go
+            msg = e.message if isinstance(e, LabError) else f"{type(e).__name__}: {e}"
+            errors.append(f"{res['kind']} {_label(res)}: {msg}")
+            continue
+        state.resources.remove(res)
+        state.save()
+    if not errors:
+        sd = Path(state.state_dir)
+        state.path.unlink(missing_ok=True)
+        shutil.rmtree(sd, ignore_errors=True)
+    for e in errors:
+        log(f"  could not remove {e}")
+    return errors
+
+
+def _label(res: dict) -> str:
+    return str(res.get("name") or res.get("path") or res.get("table") or res.get("machine") or res.get("pid") or "")
