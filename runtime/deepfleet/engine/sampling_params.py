@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
 PENALTY_RANGE = 2.0  # presence/frequency penalties live in [-2, 2] (OpenAI)
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
 
 def _number(name: str, value: object) -> float:
@@ -57,8 +58,8 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -PENALTY_RANGE <= _number(name, getattr(self, name)) <= PENALTY_RANGE:
                 raise ValueError(f"{name}: must be in [-{PENALTY_RANGE}, {PENALTY_RANGE}], got {getattr(self, name)}")
-        if self.seed is not None:
-            _integer("seed", self.seed)
+        if self.seed is not None and not SEED_RANGE[0] <= _integer("seed", self.seed) <= SEED_RANGE[1]:
+            raise ValueError(f"seed: must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {self.seed}")
         if _integer("max_tokens", self.max_tokens) < 1:
             raise ValueError(f"max_tokens: must be >= 1, got {self.max_tokens}")
         if self.logprobs is not None and not 0 <= _integer("logprobs", self.logprobs) <= MAX_LOGPROBS:

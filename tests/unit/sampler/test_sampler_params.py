@@ -21,6 +21,7 @@ from deepfleet.engine.sampling_params import SamplingParams
         ("presence_penalty", 2.5),
         ("frequency_penalty", -2.01),
         ("seed", "42"),
+        ("seed", 2**64),
         ("max_tokens", 0),
         ("logprobs", -1),
         ("logprobs", 21),
@@ -40,6 +41,7 @@ def test_defaults_and_boundaries_are_accepted():
     assert not p.greedy
     edge = SamplingParams(temperature=0, top_p=1.0, min_p=1.0, presence_penalty=-2, frequency_penalty=2, logprobs=20)
     assert edge.greedy
+    assert SamplingParams(seed=-(2**63)).seed == -(2**63) and SamplingParams(seed=2**64 - 1).seed == 2**64 - 1
 
 
 def test_single_stop_string_is_normalised_to_a_list():
