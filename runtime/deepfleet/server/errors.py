@@ -63,9 +63,13 @@ def field_path(loc: tuple) -> str | None:
 
 def from_validation_error(exc: ValidationError) -> APIError:
     errors = exc.errors(include_url=False, include_input=False)
-    # Of a union's alternatives, the deepest error is the most telling ("content[0].type" over "content").
+    # Of a union's alternatives, the deepest error is the most telling ("content[0].type" over "content"), and
+    # a wrong value tells more than the unknown keys that come with it.
     top = errors[0]["loc"][:1]
-    first = max((e for e in errors if e["loc"][:1] == top), key=lambda e: len(field_path(tuple(e["loc"])) or ""))
+    first = max(
+        (e for e in errors if e["loc"][:1] == top),
+        key=lambda e: (sum(map(_is_field, e["loc"])), e["type"] != "extra_forbidden"),
+    )
     param = field_path(tuple(first["loc"]))
     msg = str(first["msg"]).removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
