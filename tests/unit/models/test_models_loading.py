@@ -1,0 +1,121 @@
+"""Loading Hugging Face model directories: sharded checkpoints, dtypes, and clear errors naming the file, field or
+tensor for unknown architectures, missing tensors, shape mismatches and inconsistent shard indexes. Also the
+tokenizer of the tiny models (round trip, special tokens, chat template) and the make-tiny-model CLI."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from deepfleet.cli import app
+from deepfleet.models.config import load_config
+from deepfleet.models.loader import load_model
+from deepfleet.models.tiny import make_tiny_model
+from deepfleet.models.tokenizer import Tokenizer
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("m") / "qwen2", "qwen2")
+
+
+def _copy(src, tmp_path):
+    dst = tmp_path / "model"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _load(path, dtype=torch.float32):
+    cfg = load_config(path)
+    return load_model(cfg, dtype, torch.device("cpu"), cfg.max_position_embeddings)
+
+
+def test_sharded_checkpoint_loads_the_same_weights(qwen2_dir, tmp_path):
+    d = _copy(qwen2_dir, tmp_path)
+    tensors = load_file(d / "model.safetensors")
+    (d / "model.safetensors").unlink()
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for fname, part in halves.items():
+        save_file({n: tensors[n] for n in part}, d / fname)
+    index = {"metadata": {}, "weight_map": {n: f for f, part in halves.items() for n in part}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    a, b = _load(qwen2_dir), _load(d)
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert na == nb and torch.equal(pa, pb)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_parameters_are_created_in_the_target_dtype(qwen2_dir, dtype):
+    model = _load(qwen2_dir, dtype)
+    assert {p.dtype for p in model.parameters()} == {dtype}
+
+
+def test_unknown_architecture_names_config_field(qwen2_dir, tmp_path):
+    d = _copy(qwen2_dir, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = ["MambaForCausalLM"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"config\.json: architectures=\['MambaForCausalLM'\]"):
+        load_config(d)
+
+
+def test_missing_tensor_is_reported(qwen2_dir, tmp_path):
+    d = _copy(qwen2_dir, tmp_path)
+    tensors = load_file(d / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_proj.weight"]
+    save_file(tensors, d / "model.safetensors")
+    with pytest.raises(ValueError, match=r"lacks 1 tensor.*layers\.1\.self_attn\.qkv_proj\.weight\[shard 1\]"):
+        _load(d)
+
+
+def test_shape_mismatch_names_file_and_tensor(qwen2_dir, tmp_path):
+    d = _copy(qwen2_dir, tmp_path)
+    tensors = load_file(d / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.weight"] = torch.zeros(7, 64)
+    save_file(tensors, d / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor model\.layers\.0\.mlp\.up_proj\.weight: shape"):
+        _load(d)
+
+
+def test_index_pointing_at_a_shard_without_the_tensor(qwen2_dir, tmp_path):
+    d = _copy(qwen2_dir, tmp_path)
+    names = list(load_file(d / "model.safetensors"))
+    index = {"weight_map": {**dict.fromkeys(names, "model.safetensors"), "model.extra.weight": "model.safetensors"}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"model\.safetensors: the index lists tensors the file lacks"):
+        _load(d)
+
+
+def test_corrupt_shard_is_reported(qwen2_dir, tmp_path):
+    d = _copy(qwen2_dir, tmp_path)
+    (d / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match=r"model\.safetensors: cannot read"):
+        _load(d)
+
+
+def test_tokenizer_round_trip_and_chat_template(qwen2_dir):
+    tok = Tokenizer(qwen2_dir)
+    text = "Hello world! Grüße, 你好 🙂 <think>reasoning</think> done"
+    ids = tok.encode(text)
+    assert ids[0] == tok.bos_token_id
+    assert tok.decode(ids) == text
+    assert tok.token_to_id("<｜end▁of▁sentence｜>") in tok.eos_token_ids
+    assert tok.bos_token_id in tok.all_special_ids and tok.token_to_id("<think>") not in tok.all_special_ids
+    prompt = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                                      {"role": "assistant", "content": "<think>x</think>Hello"},
+                                      {"role": "user", "content": "Again"}])
+    assert prompt == ("<｜begin▁of▁sentence｜>Be brief.<｜User｜>Hi<｜Assistant｜>Hello<｜end▁of▁sentence｜>"
+                      "<｜User｜>Again<｜Assistant｜><think>\n")
+
+
+def test_make_tiny_model_cli(tmp_path):
+    result = CliRunner().invoke(app, ["make-tiny-model", str(tmp_path / "ds"), "--arch", "deepseek_v3"])
+    assert result.exit_code == 0, result.output
+    assert load_config(tmp_path / "ds").arch == "deepseek_v3"
+    bad = CliRunner().invoke(app, ["make-tiny-model", str(tmp_path / "x"), "--arch", "gpt2"])
+    assert bad.exit_code == 2 and "arch" in bad.output
