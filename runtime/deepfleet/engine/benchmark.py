@@ -96,7 +96,22 @@ def bench_engine(model_dir: Path, prompt_len: int, output_len: int, num_requests
         return done / (time.perf_counter() - t)
 
     run(_prompts(4, prompt_len, vocab, seed=1), "warm")  # captures the small-batch graphs
+    run(_prompts(1, prompt_len, vocab, seed=1), "warm1")  # and batch 1's
+    # batch-1 breakdown: model step (input building + forward + logits, GPU synced) against the rest of the step
+    execute, in_execute = engine.runner.execute, [0.0]
+
+    def timed_execute(out):
+        t = time.perf_counter()
+        logits = execute(out)
+        torch.cuda.synchronize()
+        in_execute[0] += time.perf_counter() - t
+        return logits
+
+    engine.runner.execute = timed_execute
+    t_b1 = time.perf_counter()
     batch1 = run(_prompts(1, prompt_len, vocab, seed=2), "b1")
+    t_b1 = time.perf_counter() - t_b1
+    engine.runner.execute = execute
     run(_prompts(engine.scheduler.max_num_seqs, prompt_len, vocab, seed=3), "warm2")  # large-batch graphs
     offline = run(_prompts(num_requests, prompt_len, vocab, seed=4), "offline")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
@@ -104,7 +119,8 @@ def bench_engine(model_dir: Path, prompt_len: int, output_len: int, num_requests
         run(_prompts(min(256, num_requests), prompt_len, vocab, seed=5), "prof")
     profile = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
     stats = engine.stats()
-    res = dict(init_s=init_s, batch1=batch1, offline=offline, max_num_seqs=engine.scheduler.max_num_seqs,
+    res = dict(init_s=init_s, batch1=batch1, b1_model_ms=1e3 * in_execute[0] / output_len,
+               b1_step_ms=1e3 * t_b1 / output_len, offline=offline, max_num_seqs=engine.scheduler.max_num_seqs,
                kv_blocks=engine.block_manager.num_blocks, preemptions=stats.num_preemptions, profile=profile)
     engine = None  # drop the KV cache and weights before the next shape
     gc.collect()
@@ -131,6 +147,8 @@ def run(shape: str = "1.5b", num_requests: int = 2000, prompt_len: int = 128, ou
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s; weights {params * 2 / 1e9:.2f} GB; HBM floor {floor:.0f} tok/s")
     print(f"engine init {eng['init_s']:.1f} s, max_num_seqs {eng['max_num_seqs']}, KV blocks {eng['kv_blocks']}, "
           f"preemptions {eng['preemptions']}")
+    print(f"batch-1 per token: {eng['b1_step_ms']:.2f} ms per step, of which model step {eng['b1_model_ms']:.2f} ms "
+          f"(floor {1e3 / floor:.2f} ms)")
     print(f"{'metric':<34}{'deepfleet':>12}{'HF eager':>12}")
     print(f"{'batch-1 decode tok/s':<34}{eng['batch1']:>12.1f}{hf.get('batch1', float('nan')):>12.1f}"
           f"   ({100 * eng['batch1'] / floor:.0f}% of floor)")
