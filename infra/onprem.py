@@ -21,15 +21,24 @@ EDGE_GROUP = "edge"
 
 
 def _model_vars(local_path: str) -> dict:
+    path = PurePosixPath(local_path)
     return {
-        "inference_runtime_model_name": PurePosixPath(local_path).name,
+        "storage_tiers_hot_mount": str(path.parent),  # the hot tier holds the model directory
+        "inference_runtime_model_name": path.name,
         "inference_runtime_model_dir": local_path,
         "inference_runtime_model_source": "present",  # staged by the storage tier, not copied by the role
     }
 
 
+class _IndentedDumper(yaml.SafeDumper):
+    """Indents block sequences under their key, as yamllint's default config wants."""
+
+    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
+        super().increase_indent(flow, False)
+
+
 def _dump(data: dict) -> str:
-    return "---\n" + yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+    return "---\n" + yaml.dump(data, Dumper=_IndentedDumper, sort_keys=False, default_flow_style=False)
 
 
 def fabric_plan(onprem: Onprem) -> dict:
@@ -45,7 +54,6 @@ def fabric_plan(onprem: Onprem) -> dict:
         ],
         "mtu": f.mtu,
         "targets": {"max_inter_node_latency_us": f.max_latency_us},
-        "nccl": {"NCCL_IB_GID_INDEX": f.gid_index, "NCCL_IB_TC": f.dscp * 4},  # TC = DSCP << 2
         "hosts": {
             h.name: {"address": h.address, "nics": [{"netdev": n.netdev, "hca": n.hca} for n in h.roce_nics]}
             for h in onprem.hosts
@@ -61,8 +69,6 @@ def render_inventory(cfg: StackConfig) -> dict[str, str]:
     gpu_hosts = {
         h.name: {
             "ansible_host": h.address,
-            "deepfleet_gpu_model": h.gpu_model,
-            "deepfleet_gpu_count": h.gpus,
             "cuda_gpu_generations": [gpu_catalog.GPU_MODELS[h.gpu_model].generation],
             "rdma_roce_interfaces": [{"name": n.netdev} for n in h.roce_nics],
             "nccl_ib_hca": [n.hca for n in h.roce_nics],
@@ -76,7 +82,6 @@ def render_inventory(cfg: StackConfig) -> dict[str, str]:
             "hosts": {
                 d.name: {
                     "ansible_host": d.address,
-                    "deepfleet_edge_device": d.device,
                     "cuda_gpu_generations": [gpu_catalog.EDGE_DEVICES[d.device].generation],
                 }
                 for d in cfg.edge.devices
@@ -86,7 +91,6 @@ def render_inventory(cfg: StackConfig) -> dict[str, str]:
         files["group_vars/edge.yml"] = _dump(
             {
                 **_model_vars(edge_path),
-                "deepfleet_model_id": cfg.model.edge_name,
                 "inference_runtime_config": serve_settings(cfg.model, edge=True),
             }
         )
@@ -101,7 +105,7 @@ def render_inventory(cfg: StackConfig) -> dict[str, str]:
     files[f"group_vars/{GPU_GROUP}.yml"] = _dump(
         {
             **_model_vars(cfg.model.local_path),
-            "deepfleet_model_id": cfg.model.name,
+            "nvidia_driver_gpu_required": True,  # Pulumi declared GPUs here: a host without them is an error
             "inference_runtime_config": serve_settings(cfg.model),
             "rdma_roce_dscp": f.dscp,
             "rdma_roce_priority": f.pfc_priority,

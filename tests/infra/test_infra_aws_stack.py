@@ -129,7 +129,7 @@ def test_storage_tiers_and_the_model_weight_flow(aws_stack: Capture) -> None:
     flow = aws_stack.outputs["model_weight_flow"]
     assert flow["s3"] == "s3://deepfleet-models-0a1b2c/models/deepseek-r1-distill-qwen-32b/"
     assert flow["fsx"].endswith(":/models/deepseek-r1-distill-qwen-32b")
-    assert flow["nvme"] == "/mnt/nvme/models/deepseek-r1-distill-qwen-32b"
+    assert flow["nvme"] == "/models/deepseek-r1-distill-qwen-32b"
 
 
 def test_cold_tier_lifecycle_versioning_encryption_public_access(aws_stack: Capture) -> None:

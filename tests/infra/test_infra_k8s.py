@@ -102,7 +102,7 @@ def test_workload_requests_gpus_probes_and_spreads(aws_stack: Capture) -> None:
         "cp",
         "-a",
         "/fsx/models/deepseek-r1-distill-qwen-32b/.",
-        "/mnt/nvme/models/deepseek-r1-distill-qwen-32b",
+        "/models/deepseek-r1-distill-qwen-32b",
     ]
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["fsx"]["persistentVolumeClaim"]["claimName"] == "deepfleet-models-fsx"
@@ -120,7 +120,7 @@ def test_onprem_workload_reads_weights_from_the_host(onprem_stack: Capture) -> N
     pod = _one(onprem_stack, "Deployment", "deepfleet")["spec"]["template"]["spec"]
     assert "initContainers" not in pod or not pod["initContainers"]
     weights = next(v for v in pod["volumes"] if v["name"] == "weights")
-    assert weights["hostPath"]["path"] == "/var/lib/deepfleet/models/deepseek-r1-distill-qwen-32b"
+    assert weights["hostPath"]["path"] == "/models/deepseek-r1-distill-qwen-32b"
     ns = _one(onprem_stack, "Namespace", "deepfleet")
     assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
     assert not onprem_stack.of_type("aws:eks/cluster:Cluster")

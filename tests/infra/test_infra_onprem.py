@@ -1,0 +1,128 @@
+"""On-prem + edge: the stack config renders an inventory `ansible-inventory` accepts, with the roles' own
+variable names, the RoCE fabric plan, and the edge group's small-model profile."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from deepfleet.defaults import API_PORT
+
+from infra import onprem
+from infra.config import ROOT, ConfigError, parse, read_stack_file
+from infra.mocks import Capture
+
+ANSIBLE_INVENTORY = Path(sys.executable).parent / "ansible-inventory"
+ROLE_PREFIXES = {
+    "cuda_": "cuda",
+    "rdma_roce_": "rdma_roce",
+    "nccl_": "nccl",
+    "inference_runtime_": "inference_runtime",
+    "storage_tiers_": "storage_tiers",
+    "nvidia_driver_": "nvidia_driver",
+}
+
+
+def _inventory(stack: str, tmp_path: Path) -> dict:
+    onprem.write_inventory(parse(read_stack_file(stack)), tmp_path)
+    out = subprocess.run(
+        [str(ANSIBLE_INVENTORY), "-i", str(tmp_path / "hosts.yml"), "--list"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return json.loads(out.stdout)
+
+
+def test_ansible_inventory_accepts_the_rendered_inventory(tmp_path: Path) -> None:
+    inv = _inventory("hybrid", tmp_path)
+    assert inv["gpu_nodes"]["hosts"] == ["dgx-a100-01", "dgx-a100-02"]
+    assert inv["edge"]["hosts"] == ["jetson-01"]
+    dgx = inv["_meta"]["hostvars"]["dgx-a100-01"]
+    assert dgx["ansible_host"] == "10.20.0.11" and dgx["ansible_user"] == "deepfleet"
+    assert dgx["deepfleet_api_port"] == API_PORT
+    assert dgx["deepfleet_allowed_networks"] == ["10.20.0.0/24", "10.30.0.0/24", "10.40.0.0/16"]
+    assert dgx["cuda_gpu_generations"] == ["a100"]
+    assert dgx["rdma_roce_interfaces"] == [{"name": "ens1f0np0"}, {"name": "ens1f1np1"}]
+    assert dgx["nccl_ib_hca"] == ["mlx5_0", "mlx5_1"]
+    assert (dgx["rdma_roce_dscp"], dgx["rdma_roce_priority"], dgx["rdma_roce_mtu"]) == (26, 3, 9000)
+    assert dgx["rdma_roce_validate_max_latency_us"] == 50
+    assert dgx["inference_runtime_model_dir"] == "/models/deepseek-r1-distill-qwen-32b"
+    assert dgx["inference_runtime_config"]["queue_full_status"] == 503  # overflow spills to cloud via Envoy
+
+
+def test_edge_group_gets_the_small_model_profile(tmp_path: Path) -> None:
+    jetson = _inventory("onprem", tmp_path)["_meta"]["hostvars"]["jetson-02"]
+    assert jetson["cuda_gpu_generations"] == ["orin"]
+    assert "rdma_roce_interfaces" not in jetson and "nccl_ib_hca" not in jetson
+    assert jetson["inference_runtime_model_name"] == "deepseek-r1-distill-qwen-1.5b"
+    engine = jetson["inference_runtime_config"]["engine"]
+    assert engine["dtype"] == "float16" and engine["max_num_seqs"] == 4 and engine["max_model_len"] == 4096
+
+
+def _role_variables(role: str) -> set[str]:
+    names = set(yaml.safe_load((ROOT / "roles" / role / "defaults/main.yml").read_text()) or {})
+    specs = ROOT / "roles" / role / "meta/argument_specs.yml"
+    if specs.exists():
+        for entry in yaml.safe_load(specs.read_text())["argument_specs"].values():
+            names |= set(entry.get("options", {}))
+    return names
+
+
+def test_rendered_variables_are_the_roles_own() -> None:
+    files = onprem.render_inventory(parse(read_stack_file("hybrid")))
+    rendered: set[str] = set()
+    for rel, text in files.items():
+        data = yaml.safe_load(text)
+        if rel.startswith("group_vars/"):
+            rendered |= set(data)
+        elif rel == "hosts.yml":
+            for group in data["all"]["children"].values():
+                for host in group["hosts"].values():
+                    rendered |= set(host)
+    for name in sorted(rendered):
+        role = next((r for p, r in ROLE_PREFIXES.items() if name.startswith(p)), None)
+        if role:
+            assert name in _role_variables(role), f"{name} is not a variable of role {role}"
+        else:
+            assert name in {"ansible_host", "deepfleet_api_port", "deepfleet_allowed_networks"}, name
+    hardening = _role_variables("hardening")
+    assert "deepfleet_allowed_networks" in hardening
+
+
+def test_gpu_generations_are_known_to_the_cuda_role() -> None:
+    spec = importlib.util.spec_from_file_location("cuda_arch", ROOT / "roles/cuda/filter_plugins/cuda_arch.py")
+    cuda_arch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cuda_arch)
+    from infra import gpu_catalog
+
+    for model in [*gpu_catalog.GPU_MODELS.values(), *gpu_catalog.EDGE_DEVICES.values()]:
+        assert model.generation in cuda_arch.GENERATION_ARCH, model.name
+
+
+def test_fabric_plan_is_lossless_roce() -> None:
+    plan = onprem.fabric_plan(parse(read_stack_file("onprem")).onprem)
+    assert plan["lossless_class"] == {"dscp": 26, "pfc_priority": 3, "ecn": True}
+    assert plan["targets"]["max_inter_node_latency_us"] == 50
+    assert [n["hca"] for n in plan["hosts"]["dgx-a100-02"]["nics"]] == ["mlx5_0", "mlx5_1"]
+
+
+def test_inventory_is_a_stack_output(onprem_stack: Capture) -> None:
+    cfg = parse(read_stack_file("onprem"))
+    assert onprem_stack.outputs["inventory"] == onprem.render_inventory(cfg)
+    assert onprem_stack.outputs["fabric_plan"] == onprem.fabric_plan(cfg.onprem)
+
+
+def test_cli_writes_the_files_and_rejects_a_stack_without_onprem(tmp_path: Path, capsys) -> None:
+    assert onprem.main(["onprem", str(tmp_path)]) == 0
+    assert (tmp_path / "hosts.yml").is_file() and (tmp_path / "group_vars/gpu_nodes.yml").is_file()
+    assert onprem.main(["aws", str(tmp_path / "x")]) == 1
+    assert "deepfleet:onprem: required to render an inventory" in capsys.readouterr().err
+    with pytest.raises(ConfigError):
+        onprem.render_inventory(parse(read_stack_file("aws")))

@@ -1,0 +1,99 @@
+"""Hybrid routing: the generated Envoy config has cloud/on-prem/edge clusters, on-prem first with cloud as
+the next priority, least-request balancing, health checks, outlier detection, and a switchover bound."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+from deepfleet.defaults import API_PORT
+
+from infra import hybrid_routing as hr
+from infra.config import ConfigError, parse, read_stack_file
+from infra.mocks import Capture
+
+CLOUD = "deepfleet.deepfleet.svc.cluster.local"
+
+
+def _config(switchover_ms: int = 100) -> dict:
+    raw = copy.deepcopy(read_stack_file("hybrid"))
+    raw["routing"]["switchover_ms"] = switchover_ms
+    return hr.envoy_config(parse(raw), CLOUD)
+
+
+def _clusters(config: dict) -> dict:
+    return {c["name"]: c for c in config["static_resources"]["clusters"]}
+
+
+def _routes(config: dict) -> list:
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    return hcm["route_config"]["virtual_hosts"][0]["routes"]
+
+
+def test_sites_are_clusters_with_health_checks_and_outlier_detection() -> None:
+    clusters = _clusters(_config())
+    assert set(clusters) == {"onprem", "cloud", "edge", "hybrid"}
+    endpoints = {
+        name: [e["endpoint"]["address"]["socket_address"] for e in c["load_assignment"]["endpoints"][0]["lb_endpoints"]]
+        for name, c in clusters.items()
+        if name != "hybrid"
+    }
+    assert endpoints["onprem"] == [
+        {"address": "10.20.0.11", "port_value": API_PORT},
+        {"address": "10.20.0.12", "port_value": API_PORT},
+    ]
+    assert endpoints["cloud"] == [{"address": CLOUD, "port_value": API_PORT}]
+    assert endpoints["edge"] == [{"address": "10.30.0.21", "port_value": API_PORT}]
+    for name in ("onprem", "cloud", "edge"):
+        c = clusters[name]
+        assert c["lb_policy"] == "LEAST_REQUEST"
+        assert c["health_checks"][0]["http_health_check"]["path"] == "/readyz"
+        od = c["outlier_detection"]
+        assert od["consecutive_local_origin_failure"] == 1 and od["consecutive_gateway_failure"] == 2
+        assert od["max_ejection_percent"] == 100
+    assert clusters["cloud"]["type"] == "STRICT_DNS" and clusters["onprem"]["type"] == "STATIC"
+
+
+def test_onprem_serves_first_and_cloud_takes_retries_and_overflow() -> None:
+    config = _config()
+    aggregate = _clusters(config)["hybrid"]["cluster_type"]
+    assert aggregate["name"] == "envoy.clusters.aggregate"
+    assert aggregate["typed_config"]["clusters"] == ["onprem", "cloud"]  # priority order
+    routes = _routes(config)
+    assert routes[0]["route"]["cluster"] == "edge"
+    assert routes[0]["match"]["headers"][0]["name"] == hr.EDGE_HEADER
+    retry = routes[-1]["route"]["retry_policy"]
+    assert routes[-1]["route"]["cluster"] == "hybrid"
+    assert retry["retriable_status_codes"] == [503]  # saturated/draining runtime; never 429 (rate limit)
+    assert "connect-failure" in retry["retry_on"] and "reset" in retry["retry_on"]
+    assert retry["retry_priority"]["name"] == "envoy.retry_priorities.previous_priorities"
+
+
+@pytest.mark.parametrize("target", [100, 40, 400])
+def test_switchover_stays_within_the_target(target: int) -> None:
+    config = _config(target)
+    assert hr.switchover_budget_ms(config) <= target
+    assert hr.switchover_budget_ms(config) == target // 2 + target // 4
+
+
+def test_a_config_that_misses_the_target_is_refused(monkeypatch) -> None:
+    monkeypatch.setattr(
+        hr, "timings", lambda ms: {"onprem_connect_timeout_ms": ms, "retry_base_ms": 10, "retry_max_ms": 50}
+    )
+    with pytest.raises(ConfigError, match="deepfleet:routing.switchover_ms: failover takes up to 150.0 ms"):
+        _config(100)
+
+
+def test_exported_and_deployed_config_match(hybrid_stack: Capture) -> None:
+    exported = yaml.safe_load(hybrid_stack.outputs["envoy_config"])
+    assert exported == _config()
+    cm = hybrid_stack.one("kubernetes:core/v1:ConfigMap", "deepfleet-router-config").inputs
+    assert yaml.safe_load(cm["data"]["envoy.yaml"]) == exported
+    deployment = hybrid_stack.one("kubernetes:apps/v1:Deployment", "deepfleet-router-deployment").inputs
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == hr.ENVOY_IMAGE and container["args"] == ["--config-path", "/etc/envoy/envoy.yaml"]
+
+
+def test_route_timeout_is_the_runtime_deadline() -> None:
+    assert _routes(_config())[-1]["route"]["timeout"] == "600s"
