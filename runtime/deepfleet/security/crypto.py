@@ -21,6 +21,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherAlgorithm, algorithms, modes
 
+from deepfleet.security.files import map_files, regular_files
 from deepfleet.security.manifest import MANIFEST_NAME, verify_manifest
 
 MAGIC = b"DFENC"
@@ -98,9 +99,9 @@ def load_key(cipher: str, key_file: str | Path | None = None) -> bytes:
     if key_file is not None:
         source, raw = str(key_file), Path(key_file).read_bytes()
         if len(raw) != spec.key_size:
-            raw = _from_hex(source, raw.decode("ascii", errors="replace").strip())
+            raw = _from_hex(source, raw.decode("ascii", errors="replace").strip(), spec)
     elif os.environ.get(KEY_ENV):
-        source, raw = f"${KEY_ENV}", _from_hex(f"${KEY_ENV}", os.environ[KEY_ENV].strip())
+        source, raw = f"${KEY_ENV}", _from_hex(f"${KEY_ENV}", os.environ[KEY_ENV].strip(), spec)
     else:
         raise WeightCryptoError(f"key: none given (pass a key file or set {KEY_ENV} to the hex key)")
     if len(raw) != spec.key_size:
@@ -108,11 +109,13 @@ def load_key(cipher: str, key_file: str | Path | None = None) -> bytes:
     return raw
 
 
-def _from_hex(source: str, text: str) -> bytes:
+def _from_hex(source: str, text: str, spec: CipherSpec) -> bytes:
     try:
         return bytes.fromhex(text)
     except ValueError:
-        raise WeightCryptoError(f"{source}: neither a raw key of the right length nor hex text") from None
+        raise WeightCryptoError(
+            f"{source}: neither a raw {spec.key_size}-byte {spec.name} key nor hex text (is it the other cipher's key?)"
+        ) from None
 
 
 def _header(spec: CipherSpec, key: bytes, chunk_size: int) -> bytes:
@@ -222,10 +225,6 @@ def decrypt_file(src: str | Path, dst: str | Path, key: bytes, name: str) -> Non
                 record, index = following, index + 1
 
 
-def _files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file())
-
-
 def encrypt_dir(
     model_dir: str | Path, out_dir: str | Path, key: bytes, cipher: str, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> list[Path]:
@@ -235,13 +234,14 @@ def encrypt_dir(
         raise WeightCryptoError(f"{model_dir}: not a directory")
     if out_dir.resolve().is_relative_to(model_dir.resolve()):
         raise WeightCryptoError(f"{out_dir}: must not be inside the model directory {model_dir}")
-    written = []
-    for path in _files(model_dir):
+
+    def encrypt_one(path: Path) -> Path:
         rel = path.relative_to(model_dir).as_posix()
         dst = out_dir / (rel + ENCRYPTED_SUFFIX)
         encrypt_file(path, dst, key, cipher, name=rel, chunk_size=chunk_size)
-        written.append(dst)
-    return written
+        return dst
+
+    return map_files(encrypt_one, regular_files(model_dir))
 
 
 def decrypt_dir(enc_dir: str | Path, out_dir: str | Path, key: bytes) -> list[Path]:
@@ -250,16 +250,17 @@ def decrypt_dir(enc_dir: str | Path, out_dir: str | Path, key: bytes) -> list[Pa
     enc_dir, out_dir = Path(enc_dir), Path(out_dir)
     if not enc_dir.is_dir():
         raise WeightCryptoError(f"{enc_dir}: not a directory")
-    sources = _files(enc_dir)
+    sources = regular_files(enc_dir)
     for path in sources:
         if not path.name.endswith(ENCRYPTED_SUFFIX):
             raise WeightCryptoError(f"{path}: not an encrypted weight file (no {ENCRYPTED_SUFFIX} suffix)")
-    written = []
-    for path in sources:
+
+    def decrypt_one(path: Path) -> Path:
         rel = path.relative_to(enc_dir).as_posix()[: -len(ENCRYPTED_SUFFIX)]
         decrypt_file(path, out_dir / rel, key, name=rel)
-        written.append(out_dir / rel)
-    return written
+        return out_dir / rel
+
+    return map_files(decrypt_one, sources)
 
 
 def decrypt_model(enc_dir: str | Path, out_dir: str | Path, key_file: str | Path | None = None) -> list[Path]:

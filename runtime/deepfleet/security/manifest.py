@@ -7,6 +7,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from deepfleet.security.files import map_files, regular_files
+
 MANIFEST_NAME = "deepfleet-manifest.json"
 MANIFEST_VERSION = 1
 _READ_CHUNK = 8 << 20  # weight shards are GBs: hash them streaming
@@ -29,19 +31,19 @@ def sha256_file(path: Path) -> str:
 
 
 def _model_files(model_dir: Path) -> list[str]:
-    """Relative POSIX paths of every file under model_dir (symlinks followed, as in HF cache snapshots)."""
-    return sorted(
-        p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file() and p.name != MANIFEST_NAME
-    )
+    """Relative POSIX paths of every file under model_dir except the manifest."""
+    return [p.relative_to(model_dir).as_posix() for p in regular_files(model_dir) if p.name != MANIFEST_NAME]
 
 
 def write_manifest(model_dir: str | Path) -> Path:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: not a directory")
+    rels = _model_files(model_dir)
+    digests = map_files(sha256_file, [model_dir / rel for rel in rels])
     files = {
-        rel: {"sha256": sha256_file(model_dir / rel), "size": (model_dir / rel).stat().st_size}
-        for rel in _model_files(model_dir)
+        rel: {"sha256": digest, "size": (model_dir / rel).stat().st_size}
+        for rel, digest in zip(rels, digests, strict=True)
     }
     path = model_dir / MANIFEST_NAME
     path.write_text(json.dumps({"version": MANIFEST_VERSION, "files": files}, indent=2, sort_keys=True) + "\n")
@@ -82,8 +84,9 @@ def verify_manifest(model_dir: str | Path) -> None:
             to_hash.append(rel)
     if problems:
         raise ManifestError(model_dir, problems)
-    for rel in to_hash:
-        if sha256_file(model_dir / rel) != expected[rel]["sha256"]:
+    digests = map_files(sha256_file, [model_dir / rel for rel in to_hash])
+    for rel, digest in zip(to_hash, digests, strict=True):
+        if digest != expected[rel]["sha256"]:
             problems.append(f"{rel}: sha256 mismatch (file changed since the manifest was written)")
     if problems:
         raise ManifestError(model_dir, problems)

@@ -171,7 +171,7 @@ def test_bad_keys_are_named(tmp_path, monkeypatch):
     with pytest.raises(WeightCryptoError, match=f"none given.*{KEY_ENV}"):
         load_key("aes-256-gcm")
     (tmp_path / "short.key").write_bytes(b"\x00" * 16)
-    with pytest.raises(WeightCryptoError, match="short.key: neither a raw key"):
+    with pytest.raises(WeightCryptoError, match="short.key: neither a raw 32-byte aes-256-gcm key nor hex text"):
         load_key("aes-256-gcm", tmp_path / "short.key")
     monkeypatch.setenv(KEY_ENV, "00" * 16)
     with pytest.raises(WeightCryptoError, match=rf"\${KEY_ENV}: 16-byte key, aes-256-gcm needs 32"):
