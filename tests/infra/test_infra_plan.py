@@ -33,3 +33,25 @@ def test_plan_reports_a_bad_stack(capsys) -> None:
     assert plan.main(["nowhere"]) == 1
     assert "no stack file Pulumi.nowhere.yaml" in capsys.readouterr().err
     assert plan.main([]) == 2
+
+
+def test_pulumi_entry_point_runs_like_the_language_host() -> None:
+    """`pulumi up` executes the `main: infra/` directory with runpy.run_path(..., run_name="__main__")."""
+    import json
+    import runpy
+
+    import pulumi
+
+    from infra.config import NAMESPACE, read_stack_file
+    from infra.mocks import RecordingMocks, RecordingMonitor
+
+    recorded: list = []
+    mocks = RecordingMocks()
+    pulumi.runtime.set_mocks(
+        mocks, project=NAMESPACE, stack="onprem", preview=False, monitor=RecordingMonitor(mocks, recorded)
+    )
+    pulumi.runtime.set_all_config({f"{NAMESPACE}:{k}": json.dumps(v) for k, v in read_stack_file("onprem").items()})
+    pulumi.runtime.test(lambda: runpy.run_path(str(ROOT / "infra"), run_name="__main__"))()
+    names = {(r.type, r.name) for r in recorded}
+    assert ("kubernetes:apps/v1:Deployment", "deepfleet-deployment") in names
+    assert ("deepfleet:onprem:Inventory", "deepfleet-onprem") in names
