@@ -247,10 +247,16 @@ class HybridRouter(pulumi.ComponentResource):
                                     "readOnlyRootFilesystem": True,
                                     "capabilities": {"drop": ["ALL"]},
                                 },
-                                "volumeMounts": [{"name": "config", "mountPath": "/etc/envoy", "readOnly": True}],
+                                "volumeMounts": [
+                                    {"name": "config", "mountPath": "/etc/envoy", "readOnly": True},
+                                    {"name": "tmp", "mountPath": "/tmp"},  # read-only root: scratch space
+                                ],
                             }
                         ],
-                        "volumes": [{"name": "config", "configMap": {"name": "deepfleet-router"}}],
+                        "volumes": [
+                            {"name": "config", "configMap": {"name": "deepfleet-router"}},
+                            {"name": "tmp", "emptyDir": {}},
+                        ],
                     },
                 },
             },

@@ -185,12 +185,50 @@ def gpu_pods_set_limits(resources: Iterable[Resource]) -> list[Violation]:
     return out
 
 
+# AWS managed policies that grant (nearly) everything: never attached by this program.
+BROAD_MANAGED_POLICIES = ("AdministratorAccess", "PowerUserAccess", "IAMFullAccess", "AmazonS3FullAccess")
+
+
+def _wildcard_statements(policy: Any) -> list[dict]:
+    doc = json.loads(policy) if isinstance(policy, str) else policy
+    statements = doc.get("Statement", [])
+    statements = [statements] if isinstance(statements, dict) else statements
+    out = []
+    for s in statements:
+        actions = s.get("Action", [])
+        actions = [actions] if isinstance(actions, str) else actions
+        resources = s.get("Resource", [])
+        resources = [resources] if isinstance(resources, str) else resources
+        if s.get("Effect") == "Allow" and any(a == "*" or a.endswith(":*") for a in actions) and "*" in resources:
+            out.append(s)
+    return out
+
+
+def iam_least_privilege(resources: Iterable[Resource]) -> list[Violation]:
+    """No IAM policy allows every action of a service (`*`, `svc:*`) on every resource; no admin-level managed
+    policies attached. (KMS key policies are resource policies, not IAM: their account-root statement is AWS's
+    default and is not checked here.)"""
+    out = []
+    for r in resources:
+        if r.type in ("aws:iam/policy:Policy", "aws:iam/rolePolicy:RolePolicy") and _wildcard_statements(
+            r.inputs.get("policy", "{}")
+        ):
+            out.append(Violation("iam-least-privilege", r.name, "allows all actions of a service on all resources"))
+        elif (
+            r.type == "aws:iam/rolePolicyAttachment:RolePolicyAttachment"
+            and str(r.inputs.get("policyArn", "")).rsplit("/", 1)[-1] in BROAD_MANAGED_POLICIES
+        ):
+            out.append(Violation("iam-least-privilege", r.name, f"attaches {r.inputs['policyArn']}"))
+    return out
+
+
 POLICIES: dict[str, Callable[[Iterable[Resource]], list[Violation]]] = {
     "no-world-admin-ingress": no_world_admin_ingress,
     "imdsv2-required": imdsv2_required,
     "encryption-at-rest": encryption_at_rest,
     "no-public-buckets": no_public_buckets,
     "gpu-pods-set-limits": gpu_pods_set_limits,
+    "iam-least-privilege": iam_least_privilege,
 }
 
 

@@ -144,6 +144,49 @@ CASES = {
             ],
         ],
     ),
+    "iam-least-privilege": (
+        [
+            R(
+                "aws:iam/rolePolicy:RolePolicy",
+                inputs={
+                    "policy": json.dumps(
+                        {
+                            "Statement": [
+                                {"Effect": "Allow", "Action": ["s3:GetObject"], "Resource": "arn:aws:s3:::models/*"},
+                                {"Effect": "Allow", "Action": "ec2:DescribeInstances", "Resource": "*"},
+                            ]
+                        }
+                    )
+                },
+            ),
+            R(
+                "aws:iam/rolePolicyAttachment:RolePolicyAttachment",
+                inputs={"policyArn": "arn:aws:iam::aws:policy/AmazonEKSWorkerNodePolicy"},
+            ),
+        ],
+        [
+            [
+                R(
+                    "aws:iam/policy:Policy",
+                    inputs={"policy": json.dumps({"Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]})},
+                )
+            ],
+            [
+                R(
+                    "aws:iam/rolePolicy:RolePolicy",
+                    inputs={
+                        "policy": json.dumps({"Statement": {"Effect": "Allow", "Action": ["s3:*"], "Resource": ["*"]}})
+                    },
+                )
+            ],
+            [
+                R(
+                    "aws:iam/rolePolicyAttachment:RolePolicyAttachment",
+                    inputs={"policyArn": "arn:aws:iam::aws:policy/AdministratorAccess"},
+                )
+            ],
+        ],
+    ),
     "gpu-pods-set-limits": (
         [
             _gpu_deployment(
