@@ -31,14 +31,14 @@ Cidr = str
 
 
 def _network(value: str) -> ipaddress.IPv4Network:
-    return ipaddress.ip_network(value, strict=True)
+    return ipaddress.IPv4Network(value, strict=True)
 
 
 def _check_cidr(value: str) -> str:
     try:
         _network(value)
     except ValueError as e:
-        raise ValueError(f"not a CIDR network: {e}") from None
+        raise ValueError(f"not an IPv4 CIDR network: {e}") from None
     return value
 
 
@@ -50,10 +50,10 @@ class SizeRange(Strict):
     @model_validator(mode="after")
     def _ordered(self) -> SizeRange:
         if self.min_size > self.max_size:
-            raise ValueError(f"min_size ({self.min_size}) > max_size ({self.max_size})")
+            raise ValueError(f"min_size: {self.min_size} > max_size ({self.max_size})")
         desired = self.desired
         if not self.min_size <= desired <= self.max_size:
-            raise ValueError(f"desired_size ({desired}) outside min_size..max_size ({self.min_size}..{self.max_size})")
+            raise ValueError(f"desired_size: {desired} outside min_size..max_size ({self.min_size}..{self.max_size})")
         return self
 
     @property
@@ -168,7 +168,7 @@ class ColdTier(Strict):
     @model_validator(mode="after")
     def _ordered(self) -> ColdTier:
         if not self.infrequent_access_days < self.glacier_days < self.expire_days:
-            raise ValueError("need infrequent_access_days < glacier_days < expire_days")
+            raise ValueError("glacier_days: need infrequent_access_days < glacier_days < expire_days")
         return self
 
 
@@ -190,9 +190,11 @@ class Resources(Strict):
     @model_validator(mode="after")
     def _ordered(self) -> Resources:
         if self.cpu_request > self.cpu_limit:
-            raise ValueError(f"cpu_request ({self.cpu_request}) > cpu_limit ({self.cpu_limit})")
+            raise ValueError(f"cpu_request: {self.cpu_request} > cpu_limit ({self.cpu_limit})")
         if self.memory_request_gib > self.memory_limit_gib:
-            raise ValueError(f"memory_request_gib ({self.memory_request_gib}) > memory_limit_gib")
+            raise ValueError(
+                f"memory_request_gib: {self.memory_request_gib} > memory_limit_gib ({self.memory_limit_gib})"
+            )
         return self
 
 
@@ -215,7 +217,7 @@ class Autoscaling(Strict):
     @model_validator(mode="after")
     def _ordered(self) -> Autoscaling:
         if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+            raise ValueError(f"min_replicas: {self.min_replicas} > max_replicas ({self.max_replicas})")
         return self
 
 

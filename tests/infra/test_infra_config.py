@@ -35,7 +35,7 @@ BAD = {
     ),
     "count range min > max": (
         lambda r: r["aws"]["gpu_pools"][0].update(min_size=8, max_size=2, desired_size=None),
-        "deepfleet:aws.gpu_pools[0]: min_size (8) > max_size (2)",
+        "deepfleet:aws.gpu_pools[0].min_size: 8 > max_size (2)",
     ),
     "EFA on an EFA-incapable type": (
         lambda r: r["aws"]["gpu_pools"][0].update(instance_type="g5.2xlarge"),
@@ -80,6 +80,28 @@ def test_bad_config_fails_before_any_resource(case: str) -> None:
     with pytest.raises(ConfigError, match="invalid stack config"):
         run("hybrid", raw, capture)
     assert capture.resources == []
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda r: r["autoscaling"].update(min_replicas=12), "deepfleet:autoscaling.min_replicas: 12 > max_replicas"),
+        (lambda r: r["workload"]["resources"].update(cpu_request=64), "deepfleet:workload.resources.cpu_request: 64"),
+        (lambda r: r["storage"].update(cold={"glacier_days": 20}), "deepfleet:storage.cold.glacier_days: need"),
+        (lambda r: r["aws"].update(vpc_cidr="10.40.0.0/33"), "deepfleet:aws.vpc_cidr: not an IPv4 CIDR network"),
+        (lambda r: r["storage"]["fsx"].update(storage_capacity_gib=3000), "deepfleet:storage.fsx.storage_capacity_gib"),
+        (
+            lambda r: r["aws"]["gpu_pools"][0].update(availability_zone="us-east-1f"),
+            "deepfleet:aws.gpu_pools[0].availability_zone: us-east-1f not in availability_zones",
+        ),
+        (lambda r: r.pop("storage"), "deepfleet:storage: required when aws is set"),
+        (lambda r: r.pop("workload"), "deepfleet:routing: needs onprem hosts"),
+    ],
+)
+def test_cross_field_errors_name_the_key(edit, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse(_aws(edit))
+    assert message in str(err.value)
 
 
 def test_gpus_per_pod_must_fit_a_node() -> None:
