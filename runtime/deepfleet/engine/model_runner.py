@@ -15,6 +15,7 @@ from deepfleet.engine.scheduler import SchedulerOutput
 from deepfleet.engine.sequence import Sequence
 from deepfleet.models.attention import AttentionMetadata
 from deepfleet.models.config import ModelConfig
+from deepfleet.models.layers import use_fused_kernels
 from deepfleet.models.loader import load_model
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class ModelRunner:
         self.has_v_cache = self.v_dim is not None  # None: values are part of the cached keys (MLA)
         self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
         self.use_graphs = device.type == "cuda" and not enforce_eager and getattr(self.model, "cuda_graph_safe", True)
+        use_fused_kernels(device.type == "cuda" and not enforce_eager)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_max_batch = 0  # set by init_graphs once max_num_seqs is known

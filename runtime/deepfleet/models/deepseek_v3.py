@@ -22,7 +22,7 @@ from torch import nn
 from deepfleet.models.attention import AttentionMetadata, paged_attention
 from deepfleet.models.config import ModelConfig
 from deepfleet.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, _yarn_mscale, linear, silu_and_mul
-from deepfleet.models.qwen2 import _FUSED, Backbone, CausalLM
+from deepfleet.models.qwen2 import _FUSED, Backbone, CausalLM, decoder_layer_forward
 
 _EXPERT_SHARDS = {"gate_proj": ("w13", 0), "up_proj": ("w13", 1), "down_proj": ("w2", None)}
 
@@ -56,13 +56,13 @@ class MLAttention(nn.Module):
             scale *= _yarn_mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
         self.scale = scale
 
-    def forward(self, positions, x, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, rope, x, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
         q_nope, q_rope = q.view(t, self.num_heads, self.nope + self.rope).split([self.nope, self.rope], dim=-1)
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
         latent = self.kv_a_layernorm(latent)
-        q_rope, k_rope = self.rotary(positions, q_rope, k_rope.view(t, 1, self.rope))
+        q_rope, k_rope = self.rotary(rope, q_rope, k_rope.view(t, 1, self.rope))
         w_kv = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w_kv.split([self.nope, self.v_dim], dim=1)
         q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk)
@@ -157,9 +157,8 @@ class DecoderLayer(nn.Module):
         dense = idx < (cfg.get("first_k_dense_replace") or 0) or idx % (cfg.get("moe_layer_freq") or 1)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.require("intermediate_size")) if dense else MoE(cfg)
 
-    def forward(self, positions, x, kv_cache, meta):
-        x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, rope, x, residual, kv_cache, meta):
+        return decoder_layer_forward(self, rope, x, residual, kv_cache, meta)
 
 
 class DeepseekV3ForCausalLM(CausalLM):

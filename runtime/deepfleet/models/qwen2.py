@@ -29,7 +29,7 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.scale = self.head_dim**-0.5
 
-    def forward(self, positions, x, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, rope, x, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split(
             [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim],
@@ -38,7 +38,7 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        q, k = self.rotary(rope, q, k)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.head_dim)
         return self.o_proj(out.reshape(t, -1))
 
@@ -52,9 +52,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.require("intermediate_size"), bias=bool(cfg.get("mlp_bias", False)))
 
-    def forward(self, positions, x, kv_cache, meta):
-        x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, rope, x, residual, kv_cache, meta):
+        return decoder_layer_forward(self, rope, x, residual, kv_cache, meta)
+
+
+def decoder_layer_forward(layer, rope, x, residual, kv_cache, meta):
+    """Pre-norm block; the residual stream is carried separately so each add fuses into the following norm."""
+    if residual is None:
+        residual, x = x, layer.input_layernorm(x)
+    else:
+        x, residual = layer.input_layernorm(x, residual)
+    x = layer.self_attn(rope, x, kv_cache, meta)
+    x, residual = layer.post_attention_layernorm(x, residual)
+    return layer.mlp(x), residual
 
 
 class Backbone(nn.Module):
@@ -63,12 +73,15 @@ class Backbone(nn.Module):
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([layer_cls(cfg, i, rotary) for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.get("rms_norm_eps", 1e-6))
+        self.rotary = rotary
 
     def forward(self, input_ids, positions, kv_caches, meta):
         x = self.embed_tokens(input_ids)
+        rope = self.rotary.lookup(positions, x.dtype)
+        residual = None
         for layer, cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(positions, x, cache, meta)
-        return self.norm(x)
+            x, residual = layer(rope, x, residual, cache, meta)
+        return self.norm(x, residual)[0]
 
 
 class CausalLM(nn.Module):
