@@ -45,7 +45,7 @@ def test_roundtrip(tmp_path, cipher, size):
     data = os.urandom(size)
     enc, key = encrypted(tmp_path, cipher, data)
     assert read_cipher(enc) == cipher
-    assert data not in enc.read_bytes() or size == 0
+    assert size < 16 or data[:16] not in enc.read_bytes()  # (a 1-byte plaintext may appear by chance)
     decrypt_file(enc, tmp_path / "out", key, name="model.safetensors")
     assert (tmp_path / "out").read_bytes() == data
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o600
