@@ -14,6 +14,7 @@ from infra import helm
 from infra.config import Aws, Model, Networks, Storage
 from infra.gpu_capacity import GpuCapacity
 from infra.gpu_catalog import GPU_RESOURCE, GPU_TOLERATION
+from infra.storage import ROOT_DEVICE
 
 GPU_TAINT = {"key": GPU_RESOURCE, "value": "true", "effect": "NO_SCHEDULE"}
 ACCELERATOR_LABEL = "deepfleet.io/accelerator"  # "nvidia" on every GPU node
@@ -118,7 +119,7 @@ class EksCluster(pulumi.ComponentResource):
             metadata_options={"http_endpoint": "enabled", "http_tokens": "required", "http_put_response_hop_limit": 1},
             block_device_mappings=[
                 {
-                    "device_name": "/dev/xvda",
+                    "device_name": ROOT_DEVICE,
                     "ebs": {
                         "volume_type": "gp3",
                         "volume_size": 50,

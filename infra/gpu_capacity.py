@@ -12,8 +12,6 @@ import pulumi_aws as aws
 from infra.config import GpuPool, Model, Storage
 from infra.storage import warm_cache_block_device
 
-ROOT_VOLUME_GIB = 200
-
 
 def efa_interfaces(pool: GpuPool, security_group_ids: list[pulumi.Input[str]]) -> list[dict]:
     """One interface per network card. The first is the primary (device 0); the rest attach as device 1 on
@@ -95,19 +93,7 @@ class GpuCapacity(pulumi.ComponentResource):
                 # Hop limit 1: pods cannot reach the node role's credentials; they get their own (IRSA) if any.
                 "http_put_response_hop_limit": 1,
             },
-            block_device_mappings=[
-                {
-                    "device_name": "/dev/xvda",
-                    "ebs": {
-                        "volume_type": "gp3",
-                        "volume_size": ROOT_VOLUME_GIB,
-                        "encrypted": "true",
-                        "kms_key_id": kms_key_arn,
-                        "delete_on_termination": "true",
-                    },
-                },
-                warm_cache_block_device(storage, kms_key_arn),
-            ],
+            block_device_mappings=[warm_cache_block_device(storage, kms_key_arn)],
             network_interfaces=efa_interfaces(pool, security_groups),
             placement={"group_name": self.placement_group.name},
             user_data=base64.b64encode(node_user_data().encode()).decode(),

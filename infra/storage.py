@@ -4,8 +4,10 @@
   and the archive bucket (logs/, checkpoints/: Standard → Standard-IA → Glacier → expiry);
 - hot: FSx for Lustre linked to the model bucket's prefix (lazy-loads objects on first read, re-imports
   on change), mounted by every GPU pod read-only;
-- warm: the node's instance-store NVMe (RAID0 via nodeadm, the pods' emptyDir) plus a gp3 EBS volume; the
-  pod's `stage-weights` init container copies FSx → NVMe, and the runtime mmaps the weights from NVMe.
+- warm: the node's instance-store NVMe (RAID0 via nodeadm, the pods' emptyDir); the pod's `stage-weights` init
+  container copies FSx → NVMe, and the runtime mmaps the weights from NVMe. The GPU nodes' gp3 root volume
+  (size/IOPS/throughput from `storage.warm_cache`) holds the multi-GB CUDA images and is the emptyDir's home on
+  an instance type without instance store.
 Everything is encrypted with one customer-managed KMS key."""
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from infra.config import Model, Storage
 FSX_MOUNT = "/fsx"  # where the FSx file system appears inside the stage-weights init container
 FSX_MODELS_PATH = "/models"  # the FSx directory linked to s3://<model bucket>/models/
 LUSTRE_PORTS = ((988, 988), (1018, 1023))  # Lustre client/server traffic (FSx docs)
-WARM_CACHE_DEVICE = "/dev/xvdb"
+ROOT_DEVICE = "/dev/xvda"  # AL2023 EKS AMIs
 
 
 @dataclass(frozen=True)
@@ -217,9 +219,9 @@ class StorageTiers(pulumi.ComponentResource):
 
 
 def warm_cache_block_device(cfg: Storage, kms_key_arn: pulumi.Input[str]) -> dict:
-    """The gp3 EBS volume of the warm tier, for GPU launch templates (instance-store NVMe comes with the type)."""
+    """The GPU node's gp3 root volume, sized and provisioned as the warm tier's EBS part."""
     return {
-        "device_name": WARM_CACHE_DEVICE,
+        "device_name": ROOT_DEVICE,
         "ebs": {
             "volume_type": "gp3",
             "volume_size": cfg.warm_cache.ebs_volume_gib,

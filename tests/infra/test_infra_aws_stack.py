@@ -42,7 +42,7 @@ def test_launch_templates_require_imdsv2_encrypt_ebs_and_use_a_cluster_placement
     pg = aws_stack.one("aws:ec2/placementGroup:PlacementGroup", "deepfleet-p4d-pg")
     assert pg.inputs["strategy"] == "cluster"
     assert p4d["placement"]["groupName"] == "deepfleet-p4d-pg"
-    warm = next(d for d in p4d["blockDeviceMappings"] if d["deviceName"] == "/dev/xvdb")["ebs"]
+    warm = next(d for d in p4d["blockDeviceMappings"] if d["deviceName"] == "/dev/xvda")["ebs"]
     assert (warm["volumeType"], warm["volumeSize"], warm["iops"], warm["throughput"]) == ("gp3", 500, 16000, 1000)
     user_data = base64.b64decode(p4d["userData"]).decode()
     assert "strategy: RAID0" in user_data  # instance-store NVMe under the pods' emptyDir (warm tier)
