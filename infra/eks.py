@@ -12,7 +12,7 @@ import pulumi_kubernetes as k8s
 
 from infra import helm
 from infra.config import Aws, Model, Networks, Storage
-from infra.gpu_capacity import GpuCapacity
+from infra.gpu_capacity import IMDS_V2, GpuCapacity
 from infra.gpu_catalog import GPU_RESOURCE, GPU_TOLERATION
 from infra.storage import ROOT_DEVICE
 
@@ -116,7 +116,7 @@ class EksCluster(pulumi.ComponentResource):
 
         system_lt = aws.ec2.LaunchTemplate(
             f"{name}-system-lt",
-            metadata_options={"http_endpoint": "enabled", "http_tokens": "required", "http_put_response_hop_limit": 1},
+            metadata_options=IMDS_V2,
             block_device_mappings=[
                 {
                     "device_name": ROOT_DEVICE,

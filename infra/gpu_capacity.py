@@ -12,6 +12,9 @@ import pulumi_aws as aws
 from infra.config import GpuPool, Model, Storage
 from infra.storage import warm_cache_block_device
 
+# IMDSv2 only. Hop limit 1: pods cannot reach the node role's credentials (they get their own, if any).
+IMDS_V2 = {"http_endpoint": "enabled", "http_tokens": "required", "http_put_response_hop_limit": 1}
+
 
 def efa_interfaces(pool: GpuPool, security_group_ids: list[pulumi.Input[str]]) -> list[dict]:
     """One interface per network card. The first is the primary (device 0); the rest attach as device 1 on
@@ -87,12 +90,7 @@ class GpuCapacity(pulumi.ComponentResource):
             description=f"{pool.instance_type}: {pool.spec.gpus}x {pool.spec.gpu.name}, model {model.name}",
             instance_type=pool.instance_type,
             update_default_version=True,
-            metadata_options={
-                "http_endpoint": "enabled",
-                "http_tokens": "required",
-                # Hop limit 1: pods cannot reach the node role's credentials; they get their own (IRSA) if any.
-                "http_put_response_hop_limit": 1,
-            },
+            metadata_options=IMDS_V2,
             block_device_mappings=[warm_cache_block_device(storage, kms_key_arn)],
             network_interfaces=efa_interfaces(pool, security_groups),
             placement={"group_name": self.placement_group.name},
