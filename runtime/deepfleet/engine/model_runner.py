@@ -151,12 +151,15 @@ class ModelRunner:
 
     def _capture(self, key, ids, positions, meta: AttentionMetadata) -> None:
         static_in = [x.clone() for x in (ids, positions, meta.slot_mapping, meta.context_lens, meta.block_tables)]
-        s_meta = AttentionMetadata(num_decodes=key[0], slot_mapping=static_in[2], context_lens=static_in[3],
-                                   block_tables=static_in[4], block_size=self.block_size, prefills=[])
-        self.model(static_in[0], static_in[1], self.kv_caches, s_meta)  # warm-up outside capture
+
+        def static_meta() -> AttentionMetadata:  # fresh per use: metadata caches tensors built during a forward
+            return AttentionMetadata(num_decodes=key[0], slot_mapping=static_in[2], context_lens=static_in[3],
+                                     block_tables=static_in[4], block_size=self.block_size, prefills=[])
+
+        self.model(static_in[0], static_in[1], self.kv_caches, static_meta())  # warm-up (and compile) outside capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool):
-            hidden = self.model(static_in[0], static_in[1], self.kv_caches, s_meta)
+            hidden = self.model(static_in[0], static_in[1], self.kv_caches, static_meta())
         self.graphs[key] = (graph, (static_in, hidden))
         log.info("captured CUDA graph for decode batch %d, block-table width %d", *key)

@@ -27,6 +27,15 @@ class AttentionMetadata:
     block_size: int
     # prefill rows, host side: (query_len, context_len) per sequence, in batch order after the decodes
     prefills: list[tuple[int, int]]
+    _decode_mask: torch.Tensor | None = None  # built by the first layer, reused by the others
+
+    def decode_mask(self, width: int, device: torch.device) -> torch.Tensor:
+        """[n, 1, 1, width] True where a decode row's key position holds a token."""
+        if self._decode_mask is None or self._decode_mask.shape[-1] != width:
+            n = self.num_decodes
+            mask = torch.arange(width, device=device)[None, :] < self.context_lens[:n, None]
+            self._decode_mask = mask[:, None, None, :]
+        return self._decode_mask
 
 
 def write_kv(cache: torch.Tensor, new: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -45,11 +54,9 @@ def _decode(q, k_cache, v_cache, v_dim, meta: AttentionMetadata, scale: float) -
     group = q.shape[1] // kv_heads
     k = _gather(k_cache, meta.block_tables[:n])  # [n, L, Hkv, Dk]
     v = k[..., :v_dim] if v_cache is None else _gather(v_cache, meta.block_tables[:n])
-    L = k.shape[1]
-    mask = torch.arange(L, device=q.device)[None, :] < meta.context_lens[:n, None]  # [n, L]
     qg = q.view(n, kv_heads, group, q.shape[-1])  # the group's query heads act as the query "length"
     out = F.scaled_dot_product_attention(
-        qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None, :], scale=scale
+        qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=meta.decode_mask(k.shape[1], q.device), scale=scale
     )
     return out.reshape(n, q.shape[1], v_dim)
 
