@@ -104,3 +104,6 @@ def personalize(root: Path, *, hostname: str, hosts: dict[str, str], authorized_
     (ssh_dir / "authorized_keys").write_text(authorized_key)
     os.chmod(ssh_dir / "authorized_keys", 0o600)
     (root / "etc/apt/apt.conf.d/01deepfleet-lab-proxy").write_text(f'Acquire::http::Proxy "{apt_proxy}";\n')
+    # The package lists were dropped from the cached tree: mark them stale so that Ansible's
+    # `apt: update_cache: true, cache_valid_time: N` (which looks at this mtime) fetches them.
+    os.utime(root / "var/lib/apt/lists", (0, 0))

@@ -119,3 +119,16 @@ def test_make_tiny_model_cli(tmp_path):
     assert load_config(tmp_path / "ds").arch == "deepseek_v3"
     bad = CliRunner().invoke(app, ["make-tiny-model", str(tmp_path / "x"), "--arch", "gpt2"])
     assert bad.exit_code == 2 and "arch" in bad.output
+
+
+def test_checksum_mismatch_in_a_shard_is_caught_before_loading(qwen2_dir, tmp_path):
+    from deepfleet.security.manifest import ManifestError, write_manifest
+
+    d = _copy(qwen2_dir, tmp_path)
+    write_manifest(d)
+    _load(d)  # intact: loads
+    data = bytearray((d / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF  # same size, one weight byte flipped
+    (d / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match=r"model\.safetensors: sha256 mismatch"):
+        _load(d)
