@@ -152,3 +152,13 @@ def test_prometheus_rule_and_dashboard_come_from_monitoring_dir(any_stack: Captu
 def test_manifest_helper_fills_api_version_and_kind(aws_stack: Capture) -> None:
     ns = aws_stack.one("kubernetes:core/v1:Namespace", "deepfleet")
     assert manifest(ns)["apiVersion"] == "v1" and manifest(ns)["kind"] == "Namespace"
+
+
+def test_crd_schemas_reject_typos(aws_stack: Capture) -> None:
+    sm = json.loads(json.dumps(_one(aws_stack, "ServiceMonitor", "deepfleet")))
+    sm["spec"]["endpoints"][0]["intervall"] = "15s"
+    rule = json.loads(json.dumps(_one(aws_stack, "PrometheusRule", "deepfleet")))
+    del rule["spec"]["groups"][0]["rules"][0]["expr"]
+    for m in (sm, rule):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(m, json.loads((SCHEMAS / CRD_SCHEMAS[m["kind"]]).read_text()))
