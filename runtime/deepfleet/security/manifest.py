@@ -31,8 +31,8 @@ def sha256_file(path: Path) -> str:
 
 
 def _model_files(model_dir: Path) -> list[str]:
-    """Relative POSIX paths of every file under model_dir except the manifest."""
-    return [p.relative_to(model_dir).as_posix() for p in regular_files(model_dir) if p.name != MANIFEST_NAME]
+    """Relative POSIX paths of every file under model_dir except the manifest itself."""
+    return [rel for p in regular_files(model_dir) if (rel := p.relative_to(model_dir).as_posix()) != MANIFEST_NAME]
 
 
 def write_manifest(model_dir: str | Path) -> Path:

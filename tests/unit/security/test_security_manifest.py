@@ -13,6 +13,7 @@ def model_dir(tmp_path):
     (tmp_path / "model-00002-of-00002.safetensors").write_bytes(b"\x01" * 5000)
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "tokenizer.json").write_text("{}")
+    (tmp_path / "sub" / MANIFEST_NAME).write_text("{}")  # only the top-level manifest is exempt
     return tmp_path
 
 
@@ -24,6 +25,7 @@ def test_manifest_lists_every_file_sorted_with_size_and_sha256(model_dir):
         "config.json",
         "model-00001-of-00002.safetensors",
         "model-00002-of-00002.safetensors",
+        f"sub/{MANIFEST_NAME}",
         "sub/tokenizer.json",
     ]
     shard = model_dir / "model-00001-of-00002.safetensors"
