@@ -1,14 +1,14 @@
-"""Pulumi mock runs of the example stacks, once per test session (each run registers the whole program)."""
+"""Session fixtures for the infra tests: each example stack runs once under Pulumi's mocks."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from infra_capture import STACKS, stack_capture
 
-from infra.mocks import Capture, Recorded, run
+from infra.mocks import Capture
 
-STACKS = ("aws", "onprem", "hybrid")
 HERE = Path(__file__).parent
 
 
@@ -17,32 +17,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if HERE in item.path.parents:
             item.add_marker(pytest.mark.filterwarnings("ignore::DeprecationWarning"))
-
-
-_CACHE: dict[str, Capture] = {}
-
-
-def stack_capture(stack: str) -> Capture:
-    if stack not in _CACHE:
-        _CACHE[stack] = run(stack)
-    return _CACHE[stack]
-
-
-def manifest(r: Recorded) -> dict:
-    """A captured Kubernetes resource as the manifest the provider would apply."""
-    m = dict(r.inputs)
-    group_version = r.type.split(":")[1]
-    m.setdefault("apiVersion", group_version.removeprefix("core/"))
-    m.setdefault("kind", r.type.rsplit(":", 1)[1])
-    return m
-
-
-def k8s_manifests(capture: Capture) -> list[dict]:
-    return [
-        manifest(r)
-        for r in capture.resources
-        if r.custom and r.type.startswith("kubernetes:") and not r.type.startswith("kubernetes:helm.sh")
-    ]
 
 
 @pytest.fixture(scope="session", params=STACKS)

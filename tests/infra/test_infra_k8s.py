@@ -10,8 +10,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import k8s_manifests, manifest
 from deepfleet.server.metrics import LoadSnapshot, ServerMetrics
+from infra_capture import k8s_manifests, manifest
 from prometheus_client import generate_latest
 
 from infra import monitoring
