@@ -58,8 +58,8 @@ class _LoadCollector(Collector):
             p + "queue_length", "Requests waiting anywhere (admission queue + engine waiting)", s.queued + s.num_waiting
         )
         yield GaugeMetricFamily(p + "kv_cache_usage_ratio", "Share of KV-cache blocks in use (0..1)", s.kv_cache_usage)
-        yield CounterMetricFamily(p + "prefix_cache_queries", "Prompt blocks looked up", s.prefix_cache_queries)
-        yield CounterMetricFamily(p + "prefix_cache_hits", "Prompt blocks found cached", s.prefix_cache_hits)
+        yield CounterMetricFamily(p + "prefix_cache_queries", "Prompt tokens looked up", s.prefix_cache_queries)
+        yield CounterMetricFamily(p + "prefix_cache_hits", "Prompt tokens found cached", s.prefix_cache_hits)
         rate = s.prefix_cache_hits / s.prefix_cache_queries if s.prefix_cache_queries else 0.0
         yield GaugeMetricFamily(p + "prefix_cache_hit_rate", "Lifetime prefix-cache hit rate (0..1)", rate)
         yield CounterMetricFamily(p + "preemptions", "Sequences preempted for KV space", s.num_preemptions)
