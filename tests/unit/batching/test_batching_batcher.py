@@ -52,14 +52,14 @@ async def test_multi_row_requests_count_rows_towards_the_batch(fake_classifier):
 
 
 async def test_queued_request_past_its_deadline_gets_deadline_exceeded_and_never_runs(fake_classifier):
-    backend = fake_classifier(seconds=0.15)
+    backend = fake_classifier(seconds=0.4)
     b = await _batcher(backend, max_batch_size=1, max_queue_delay_ms=0)
     busy = asyncio.ensure_future(b.infer(_request(1)))
     await asyncio.sleep(0.02)  # the first request now occupies the only instance
     start = time.monotonic()
     with pytest.raises(DeadlineExceeded):
         await b.infer(_request(2), timeout_s=0.03)
-    assert time.monotonic() - start < 0.1  # answered at the deadline, not when the instance frees up
+    assert time.monotonic() - start < 0.3  # answered at the deadline, not when the instance frees up
     await busy
     await b.infer(_request(3))
     await b.stop()
