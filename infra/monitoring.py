@@ -12,7 +12,6 @@ smooth and rises with queueing delay. P99 stays the SLO signal of the alerts (re
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pulumi
 import pulumi_kubernetes as k8s
@@ -72,13 +71,16 @@ def adapter_rules() -> list[dict]:
     ]
 
 
-def rule_groups(directory: Path = MONITORING_DIR) -> list[dict]:
+def rule_groups() -> list[dict]:
     """Recording rules first (the alerts read their series), as the PrometheusRule's spec.groups."""
-    return [g for f in RULE_FILES for g in yaml.safe_load((directory / f).read_text())["groups"]]
+    return [g for f in RULE_FILES for g in yaml.safe_load((MONITORING_DIR / f).read_text())["groups"]]
 
 
-def dashboard_json(directory: Path = MONITORING_DIR) -> str:
-    return json.dumps(json.loads((directory / DASHBOARD_FILE).read_text()), indent=1)
+def dashboard_json() -> str:
+    """The dashboard file as-is; parsed once so a broken file fails here rather than in Grafana."""
+    text = (MONITORING_DIR / DASHBOARD_FILE).read_text()
+    json.loads(text)
+    return text
 
 
 class Monitoring(pulumi.ComponentResource):
