@@ -34,16 +34,16 @@ test-fast: deps venv ## unit tests (no lab): runtime, Pulumi mocks, monitoring r
 	$(PY) -m pytest -m "not lab" -q
 
 test-lab: deps venv ## lab end-to-end: bring up hosts, run site.yml twice, compliance, tear down
-	$(PY) -m pytest -m lab -q
+	$(PY) -m pytest -m lab -q -rs
 
 test: lint test-fast test-lab ## everything that runs on this machine (CI runs this)
 
-lab: deps venv ## bring up the local lab, configure it with playbooks/site.yml, run compliance
-	$(PY) -m lab up
+lab: deps venv ## bring up the local lab (HOSTS=N, default 2), configure it with playbooks/site.yml, run compliance
+	$(PY) -m lab up $(if $(HOSTS),--hosts $(HOSTS))
 	$(PY) -m lab converge
 
-lab-down: ## remove everything the lab made
-	@if [ -x $(PY) ]; then $(PY) -m lab down; else echo "no venv: nothing to tear down"; fi
+lab-down: ## remove everything the labs of this checkout made (the shared apt/rootfs cache stays)
+	@if [ -x $(PY) ]; then $(PY) -m lab down --all; else echo "no venv: nothing to tear down"; fi
 
 lab-status: ## show what the lab has up
 	$(PY) -m lab status

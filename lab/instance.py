@@ -22,7 +22,6 @@ from lab.config import (
     HOST_OFFSET,
     INVENTORY_ROOT,
     SSH_TIMEOUT_S,
-    STATE_ROOT,
     SUBNET_BASE,
     LabError,
     Names,
@@ -36,7 +35,7 @@ from lab.config import (
     validate_port,
 )
 from lab.inventory import SSH_OPTS, inventory_path, write_inventory
-from lab.state import Host, State, load, locked, state_dir
+from lab.state import Host, State, load, lock_path, locked, state_dir
 from lab.teardown import teardown
 
 HOSTLOOP = Path(__file__).with_name("hostloop.sh")
@@ -129,7 +128,7 @@ def _port_open(ip: str, port: int, timeout: float) -> bool:
 def up(name: str | None = None, hosts: int = 2, apt_port: int | None = None, log=print) -> State:
     name = name or default_name()
     preflight(name, hosts, apt_port)
-    with locked(STATE_ROOT / f".{name}.lock"):
+    with locked(lock_path(name)):
         existing = load(name)
         if existing is not None:
             if healthy(existing) and len(existing.hosts) == hosts and apt_port in (None, existing.apt_port):
@@ -284,7 +283,9 @@ def _start_host(state: State, host: Host, i: int) -> None:
     state.record("cgroup", paths=cg)
     cmd = ["systemd-nspawn", "--quiet", "--directory", host.root, "--machine", host.machine,
            f"--hostname={host.name}", "--boot", "--register=no", "--keep-unit", "--link-journal=no",
-           "--resolv-conf=off", "--console=read-only", f"--network-namespace-path=/run/netns/{host.netns}"]
+           "--resolv-conf=off", "--console=read-only", f"--network-namespace-path=/run/netns/{host.netns}",
+           # nftables (hardening role) needs it; it only reaches the host's own network namespace.
+           "--capability=CAP_NET_ADMIN"]
     log_file = Path(host.root).parent / "console.log"
     with open(log_file, "w") as out:
         proc = subprocess.Popen(["bash", str(HOSTLOOP), *cmd], stdin=subprocess.DEVNULL, stdout=out,
@@ -308,7 +309,7 @@ def _wait_ssh(state: State) -> None:
 # ---------------------------------------------------------------- down / status
 def down(name: str | None = None, log=print) -> bool:
     name = name or default_name()
-    with locked(STATE_ROOT / f".{name}.lock"):
+    with locked(lock_path(name)):
         state = load(name)
         if state is None:
             log(f"==> lab {name}: nothing recorded, nothing to remove")

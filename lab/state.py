@@ -10,7 +10,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lab.config import STATE_ROOT, Names
+from lab import config
+from lab.config import Names
 
 
 @dataclass
@@ -68,22 +69,26 @@ class State:
         return cls(**data)
 
     @classmethod
-    def new(cls, name: str, root: Path = STATE_ROOT) -> State:
-        state_dir = root / name
+    def new(cls, name: str) -> State:
+        state_dir = config.STATE_ROOT / name
         return cls(name=name, state_dir=str(state_dir), tag=Names.for_state_dir(state_dir).tag)
 
 
-def state_dir(name: str, root: Path = STATE_ROOT) -> Path:
-    return root / name
+def state_dir(name: str) -> Path:
+    return config.STATE_ROOT / name
 
 
-def load(name: str, root: Path = STATE_ROOT) -> State | None:
-    path = state_dir(name, root) / "state.json"
+def load(name: str) -> State | None:
+    path = state_dir(name) / "state.json"
     return State.load(path) if path.exists() else None
 
 
-def all_states(root: Path = STATE_ROOT) -> list[State]:
-    return [State.load(p) for p in sorted(root.glob("*/state.json"))]
+def all_states() -> list[State]:
+    return [State.load(p) for p in sorted(config.STATE_ROOT.glob("*/state.json"))]
+
+
+def lock_path(name: str) -> Path:
+    return config.STATE_ROOT / f".{name}.lock"
 
 
 @contextmanager

@@ -132,3 +132,32 @@ def teardown(state: State, log=print) -> list[str]:
 
 def _label(res: dict) -> str:
     return str(res.get("name") or res.get("path") or res.get("table") or res.get("machine") or res.get("pid") or "")
+
+
+def remaining(resources: list[dict]) -> list[str]:
+    """Which of these recorded objects still exist (used to prove a teardown complete)."""
+    left = []
+    for res in resources:
+        kind = res["kind"]
+        if kind in ("bridge", "veth"):
+            gone = not _ip_link_exists(res["name"])
+        elif kind == "netns":
+            gone = not Path("/run/netns", res["name"]).exists()
+        elif kind == "process":
+            gone = not system.alive(res)
+        elif kind == "cgroup":
+            gone = not any(Path(p).exists() for p in res["paths"])
+        elif kind == "mount":
+            gone = res["path"] not in _mounts()
+        elif kind == "nft":
+            gone = system.run(["nft", "list", "table", "inet", res["table"]], check=False).returncode != 0
+        elif kind == "nspawn_runtime":
+            gone = not any(Path("/run/systemd/nspawn", sub, res["machine"]).exists()
+                           for sub in ("propagate", "unix-export"))
+        elif kind == "path":
+            gone = not Path(res["path"]).exists()
+        else:  # run_netns_mount: shared with other labs by nature, undone only when unused
+            continue
+        if not gone:
+            left.append(f"{kind} {_label(res)}")
+    return left
