@@ -4,8 +4,8 @@ A worker forms a batch when it is free: it starts with the oldest queued request
 with the same shape key, until it holds the target number of rows or `max_queue_delay` has passed since
 the oldest request arrived (Triton's dynamic batcher rule). Formation and execution run in the worker
 threads, not on the event loop: under load the loop is busy parsing HTTP bodies, and a backend that
-waits for the loop to hand it the next batch sits idle (measured: one-at-a-time throughput fell 3× at
-100 clients when batches were formed on the loop).
+waits for the loop to hand it the next batch sits idle (seen in bench/batcher.py on a loaded 2-core box:
+with loop-side formation, one-at-a-time at 100 clients ran at a third of its 1-client rate).
 
 Requests carry an optional deadline: one that expires while queued or running is answered with
 DeadlineExceeded (HTTP 504) and is never executed late. A full queue rejects new work at once

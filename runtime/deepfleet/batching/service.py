@@ -14,7 +14,7 @@ from deepfleet.batching.backends import load_backend
 from deepfleet.batching.backends.base import Backend
 from deepfleet.batching.batcher import DynamicBatcher
 from deepfleet.batching.datatypes import NUMPY
-from deepfleet.batching.errors import InvalidInput, ModelNotFound
+from deepfleet.batching.errors import InvalidInput, ModelNotFound, ServiceUnavailable
 from deepfleet.batching.metrics import BatcherMetrics
 from deepfleet.batching.repository import ModelConfig, ModelEntry, load_repository
 from deepfleet.batching.shapes import prepare
@@ -78,7 +78,10 @@ class ModelService:
     def get(self, name: str) -> Model:
         model = self.models.get(name)
         if model is None:
-            raise ModelNotFound(f"model '{name}' not found (models: {sorted(self.models)})")
+            known = sorted(e.config.name for e in self._entries)
+            if name in known:
+                raise ServiceUnavailable(f"model '{name}' is not ready")
+            raise ModelNotFound(f"model '{name}' not found (models: {known})")
         return model
 
     async def infer(self, name: str, body: object) -> dict:
