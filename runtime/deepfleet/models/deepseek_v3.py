@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepfleet.models.attention import AttentionMetadata, paged_attention
+from deepfleet.models.base import FUSED_PROJECTIONS, Backbone, CausalLM, decoder_layer_forward
 from deepfleet.models.config import ModelConfig
 from deepfleet.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, _yarn_mscale, linear, silu_and_mul
-from deepfleet.models.qwen2 import _FUSED, Backbone, CausalLM, decoder_layer_forward
 
 _EXPERT_SHARDS = {"gate_proj": ("w13", 0), "up_proj": ("w13", 1), "down_proj": ("w2", None)}
 
@@ -162,7 +162,7 @@ class DecoderLayer(nn.Module):
 
 
 class DeepseekV3ForCausalLM(CausalLM):
-    fused_names = _FUSED
+    fused_names = FUSED_PROJECTIONS
     cuda_graph_safe = False  # expert dispatch sizes depend on the routing (host sync)
 
     def __init__(self, cfg: ModelConfig, max_positions: int):

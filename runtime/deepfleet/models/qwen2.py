@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from deepfleet.models.attention import AttentionMetadata, paged_attention
+from deepfleet.models.base import FUSED_PROJECTIONS, Backbone, CausalLM, decoder_layer_forward
 from deepfleet.models.config import ModelConfig
-from deepfleet.models.layers import Embedding, GatedMLP, RMSNorm, RotaryEmbedding, linear
+from deepfleet.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, linear
 
 # checkpoint projection name -> (fused module, shard index)
 _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -56,70 +57,8 @@ class DecoderLayer(nn.Module):
         return decoder_layer_forward(self, rope, x, residual, kv_cache, meta)
 
 
-def decoder_layer_forward(layer, rope, x, residual, kv_cache, meta):
-    """Pre-norm block; the residual stream is carried separately so each add fuses into the following norm."""
-    if residual is None:
-        residual, x = x, layer.input_layernorm(x)
-    else:
-        x, residual = layer.input_layernorm(x, residual)
-    x = layer.self_attn(rope, x, kv_cache, meta)
-    x, residual = layer.post_attention_layernorm(x, residual)
-    return layer.mlp(x), residual
-
-
-class Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_cls, rotary: RotaryEmbedding):
-        super().__init__()
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([layer_cls(cfg, i, rotary) for i in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.get("rms_norm_eps", 1e-6))
-        self.rotary = rotary
-
-    def forward(self, input_ids, positions, kv_caches, meta):
-        x = self.embed_tokens(input_ids)
-        rope = self.rotary.lookup(positions, x.dtype)
-        residual = None
-        for layer, cache in zip(self.layers, kv_caches, strict=True):
-            x, residual = layer(rope, x, residual, cache, meta)
-        return self.norm(x, residual)[0]
-
-
-class CausalLM(nn.Module):
-    """What the model runner sees: forward -> final hidden states, compute_logits, the KV-cache layout per layer
-    and the mapping from checkpoint tensor names to (parameter, shard)."""
-
-    fused_names: dict[str, tuple[str, int]] = {}
-
-    def __init__(self, cfg: ModelConfig, backbone: Backbone):
-        super().__init__()
-        self.cfg = cfg
-        self.model = backbone
-        self.tied = bool(cfg.get("tie_word_embeddings", False))
-        self.lm_head = None if self.tied else linear(cfg.hidden_size, cfg.vocab_size)
-
-    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_caches, meta)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.tied else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
-
-    def param_for(self, name: str) -> tuple[str, object] | None:
-        """Checkpoint tensor name -> (parameter name, shard) or None for tensors this model does not use."""
-        if "rotary_emb.inv_freq" in name:
-            return None
-        if self.tied and name == "lm_head.weight":
-            return None
-        parts = name.split(".")
-        for i, part in enumerate(parts):
-            if part in self.fused_names:
-                fused, shard = self.fused_names[part]
-                return ".".join([*parts[:i], fused, *parts[i + 1 :]]), shard
-        return name, None
-
-
 class Qwen2ForCausalLM(CausalLM):
-    fused_names = _FUSED
+    fused_names = FUSED_PROJECTIONS
 
     def __init__(self, cfg: ModelConfig, max_positions: int):
         head_dim = cfg.get("head_dim") or cfg.hidden_size // cfg.num_heads
