@@ -1,0 +1,203 @@
+"""HTTP load on the OpenAI server next to the offline engine, same model, same workload (GPU):
+
+    PYTHONPATH=runtime python3 bench/http_load.py --shape 1.5b --concurrency 1 16 64 256
+
+A server process (`serve-child`) builds the engine (random-weight DeepSeek-R1-Distill-Qwen shape, bf16, dummy
+weights) and first measures it *offline*: a closed loop keeping C requests in flight through `LLMEngine`
+directly. Then it serves that engine over HTTP (the real app: admission, async loop, SSE), and this process runs
+the same closed loop with C concurrent streaming clients. Both report requests/s, output tokens/s and TTFT
+P50/P99, so the HTTP + scheduling overhead is the difference. Results go to bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODEL_NAME = "bench"
+
+
+def _prompts(n: int, length: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)  # ids below the bench tokenizer's 544 so the server accepts them as token prompts
+    return [[rng.randrange(10, 540) for _ in range(length)] for _ in range(n)]
+
+
+def _pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def _summary(ttfts: list[float], tokens: int, elapsed: float, n: int) -> dict:
+    return {"req_s": n / elapsed, "tok_s": tokens / elapsed, "ttft_p50_ms": 1e3 * _pct(ttfts, 50),
+            "ttft_p99_ms": 1e3 * _pct(ttfts, 99)}
+
+
+# ---- server child: offline figures, then serve ---------------------------------------------------------------------
+
+
+def offline_closed_loop(engine, concurrency: int, n: int, prompt_len: int, output_len: int, seed: int) -> dict:
+    from deepfleet.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=output_len)
+    prompts = _prompts(n, prompt_len, seed)
+    added: dict[str, float] = {}
+    ttfts: list[float] = []
+    tokens, nxt = 0, 0
+    t0 = time.perf_counter()
+    while nxt < n or engine.has_unfinished_requests():
+        while nxt < n and len(added) < concurrency:
+            rid = f"off-{seed}-{nxt}"
+            engine.add_request(rid, prompts[nxt], params)
+            added[rid] = time.perf_counter()
+            nxt += 1
+        for out in engine.step():
+            start = added.get(out.request_id)
+            if start is not None and out.outputs[0].token_ids and start > 0:
+                ttfts.append(time.perf_counter() - start)
+                added[out.request_id] = -1.0  # first token seen
+            if out.finished:
+                tokens += len(out.outputs[0].token_ids)
+                added.pop(out.request_id, None)
+    return _summary(ttfts, tokens, time.perf_counter() - t0, n)
+
+
+def serve_child(args: argparse.Namespace) -> None:
+    import uvicorn
+    from deepfleet.engine.llm_engine import EngineConfig, LLMEngine
+    from deepfleet.server.app import create_app
+    from deepfleet.server.config import ServeSettings
+
+    def factory(settings: ServeSettings) -> LLMEngine:
+        # "tiny" is the CPU smoke test of this script; the GPU shapes use dummy (random, never read) weights
+        gpu = {} if args.shape == "tiny" else {"dtype": "bfloat16", "device": "cuda", "load_format": "dummy"}
+        engine = LLMEngine(EngineConfig(model=settings.model, max_model_len=args.prompt_len + args.output_len + 16,
+                                        **gpu))
+        offline_closed_loop(engine, max(args.concurrency), max(args.concurrency), args.prompt_len, args.output_len,
+                            seed=99)  # warm-up: compiles kernels, captures the CUDA graphs of every batch size
+        results = {c: offline_closed_loop(engine, c, _num_requests(c, args), args.prompt_len, args.output_len, c)
+                   for c in args.concurrency}
+        Path(args.offline_out).write_text(json.dumps(results))
+        return engine
+
+    settings = ServeSettings(model=args.model_dir, served_model_name=MODEL_NAME, host="127.0.0.1", port=args.port,
+                             max_concurrent=max(args.concurrency), max_queue=0, warmup_requests=2,
+                             log_level="warning")
+    uvicorn.run(create_app(settings, factory), host="127.0.0.1", port=args.port, log_level="warning")
+
+
+# ---- load generator --------------------------------------------------------------------------------------------
+
+
+async def http_closed_loop(url: str, concurrency: int, n: int, prompt_len: int, output_len: int, seed: int) -> dict:
+    import httpx
+
+    prompts = _prompts(n, prompt_len, seed)  # other seeds than the offline run's: no prefix-cache head start
+    queue = list(range(n))
+    ttfts: list[float] = []
+    tokens = 0
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        nonlocal tokens
+        while queue:
+            i = queue.pop()
+            body = {"model": MODEL_NAME, "prompt": prompts[i], "max_tokens": output_len, "temperature": 0,
+                    "ignore_eos": True, "stream": True, "logprobs": 0,
+                    "stream_options": {"include_usage": True}}
+            t = time.perf_counter()
+            first = True
+            async with client.stream("POST", "/v1/completions", json=body) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if first and line.startswith("data: "):
+                        ttfts.append(time.perf_counter() - t)  # an event is sent per step with new tokens
+                        first = False
+                    if line.startswith('data: {"id"') and '"choices":[]' in line:
+                        tokens += json.loads(line[6:])["usage"]["completion_tokens"]
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=600) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        return _summary(ttfts, tokens, time.perf_counter() - t0, n)
+
+
+def _num_requests(c: int, args: argparse.Namespace) -> int:
+    return max(args.min_requests, 4 * c)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", nargs="?", default="run", choices=["run", "serve-child"])
+    ap.add_argument("--shape", default="1.5b", help="1.5b or 7b (GPU), or tiny (CPU smoke test)")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
+    ap.add_argument("--min-requests", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--port", type=int, default=18000)
+    ap.add_argument("--model-dir")
+    ap.add_argument("--offline-out")
+    args = ap.parse_args()
+    if args.mode == "serve-child":
+        serve_child(args)
+        return
+
+    import httpx
+    from deepfleet.engine.benchmark import write_shape_dir
+    from deepfleet.models.tiny import make_tiny_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.shape == "tiny":
+            model_dir = make_tiny_model(Path(tmp) / "tiny", arch="qwen2")
+        else:
+            model_dir = write_shape_dir(args.shape, Path(tmp) / args.shape)
+        offline_out = Path(tmp) / "offline.json"
+        child = subprocess.Popen(
+            [sys.executable, __file__, "serve-child", "--model-dir", str(model_dir), "--offline-out",
+             str(offline_out), "--shape", args.shape, "--port", str(args.port), "--prompt-len", str(args.prompt_len),
+             "--output-len", str(args.output_len), "--min-requests", str(args.min_requests), "--concurrency",
+             *map(str, args.concurrency)], env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        url = f"http://127.0.0.1:{args.port}"
+        try:
+            t0 = time.monotonic()
+            while True:
+                if child.poll() is not None:
+                    raise SystemExit(f"server exited with {child.returncode}")
+                try:
+                    if httpx.get(url + "/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.5)
+            print(f"server ready after {time.monotonic() - t0:.0f} s (engine init + offline runs + warm-up)")
+            offline = {int(k): v for k, v in json.loads(offline_out.read_text()).items()}
+            online = {c: asyncio.run(http_closed_loop(url, c, _num_requests(c, args), args.prompt_len,
+                                                      args.output_len, 10_000 + c)) for c in args.concurrency}
+            metrics = httpx.get(url + "/metrics").text
+        finally:
+            child.terminate()
+            child.wait(60)
+
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"\n== {args.shape}, prompt {args.prompt_len} -> {args.output_len} tokens, {device} ==")
+    print(f"{'C':>4} {'req':>5} | {'offline req/s':>13} {'tok/s':>8} {'TTFT p50':>9} {'p99':>8} | "
+          f"{'HTTP req/s':>10} {'tok/s':>8} {'TTFT p50':>9} {'p99':>8} | {'HTTP/offline tok/s':>18}")
+    for c in args.concurrency:
+        o, h = offline[c], online[c]
+        print(f"{c:>4} {_num_requests(c, args):>5} | {o['req_s']:>13.2f} {o['tok_s']:>8.0f} "
+              f"{o['ttft_p50_ms']:>7.1f}ms {o['ttft_p99_ms']:>6.1f}ms | {h['req_s']:>10.2f} {h['tok_s']:>8.0f} "
+              f"{h['ttft_p50_ms']:>7.1f}ms {h['ttft_p99_ms']:>6.1f}ms | {h['tok_s'] / o['tok_s']:>17.0%}")
+    print("\n" + "\n".join(x for x in metrics.splitlines() if x.startswith(("deepseek_gpu", "deepseek_inference_pre"))))
+
+
+if __name__ == "__main__":
+    main()
