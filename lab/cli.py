@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 
 from lab.config import DEFAULT_HOSTS, MAX_HOSTS, MIN_HOSTS, LabError, default_name
 
@@ -41,8 +43,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _exit_on_sigterm(signum, _frame):
+    # SystemExit unwinds like Ctrl-C does: a half-made `up` is rolled back on the way out
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return _dispatch(args)
     except LabError as e:
@@ -53,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _dispatch(args) -> int:

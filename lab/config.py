@@ -160,6 +160,13 @@ def check_tools(which=shutil.which) -> None:
         raise LabError("missing dependency: " + ", ".join(missing), "run `make deps` (installs the lab's apt packages)")
 
 
+def check_kernel(filesystems: str | None = None) -> None:
+    text = Path("/proc/filesystems").read_text() if filesystems is None else filesystems
+    if "overlay" not in text.split():
+        raise LabError("the kernel has no overlay filesystem (the hosts boot from overlays of one cached tree)",
+                       "load it (`modprobe overlay`) or run on a kernel with CONFIG_OVERLAY_FS")
+
+
 def check_root(euid: int | None = None) -> None:
     if (os.geteuid() if euid is None else euid) != 0:
         raise LabError(

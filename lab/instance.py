@@ -25,6 +25,7 @@ from lab.config import (
     SUBNET_BASE,
     LabError,
     Names,
+    check_kernel,
     check_root,
     check_tools,
     default_name,
@@ -71,6 +72,7 @@ def preflight(name: str, hosts: int, apt_port: int | None) -> None:
     validate_hosts(hosts)
     check_root()
     check_tools()
+    check_kernel()
     validate_port(apt_port)
 
 

@@ -58,6 +58,12 @@ def test_missing_dependency_names_package_and_make_deps():
     assert "make deps" in e.value.fix
 
 
+def test_kernel_without_overlayfs():
+    with pytest.raises(LabError, match="no overlay filesystem"):
+        config.check_kernel("nodev\ttmpfs\n\text4\n")
+    config.check_kernel("nodev\ttmpfs\nnodev\toverlay\n")
+
+
 def test_not_root():
     with pytest.raises(LabError, match="needs root") as e:
         config.check_root(euid=1000)
