@@ -7,7 +7,7 @@ import pytest
 from deepfleet.batching.app import create_app
 from deepfleet.batching.service import ModelService
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 X = [float(i) for i in range(16)]
@@ -144,7 +144,7 @@ def mutated_requests(draw):
     return body
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None)
 @given(body=mutated_requests() | json_values)
 def test_fuzz_never_5xx_and_errors_are_json(client, body):
     r = client.post(INFER, content=json.dumps(body), headers={"content-type": "application/json"})
