@@ -146,6 +146,10 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt: {len(ids)} tokens, but the model's context (max_model_len) is "
                              f"{self.max_model_len} and at least one token must be generated")
+        need = math.ceil(min(len(ids) + params.max_tokens, self.max_model_len) / self.block_manager.block_size)
+        if need > self.block_manager.num_blocks:  # it could never run, even alone: refuse rather than wait forever
+            raise ValueError(f"prompt: {len(ids)} tokens + max_tokens {params.max_tokens} need {need} KV blocks, "
+                             f"but the cache holds {self.block_manager.num_blocks}")
         seq = Sequence(request_id, text, ids, params, priority=priority, deadline=deadline)
         if params.seed is not None:
             seq.sampling.generator = make_generator(params.seed, self.device)

@@ -27,14 +27,17 @@ def _prompts(n=6, seed=11):
 
 
 def test_preempted_requests_finish_with_the_same_output(tiny_models):
-    prompts = _prompts()
+    # half the prompts share a 32-token prefix: the tight pool also exercises prefix hits and cached-block eviction
+    shared = _prompts(1, seed=5)[0][:32]
+    prompts = [(shared if i % 2 else []) + p for i, p in enumerate(_prompts())]
     roomy = LLMEngine(EngineConfig(model=str(tiny_models["qwen2"]), device="cpu"))
-    tight = LLMEngine(EngineConfig(model=str(tiny_models["qwen2"]), device="cpu", num_kv_blocks=12))
+    tight = LLMEngine(EngineConfig(model=str(tiny_models["qwen2"]), device="cpu", num_kv_blocks=16))
     for engine in (roomy, tight):
         for i, p in enumerate(prompts):
             engine.add_request(str(i), p, GREEDY)
     want, got = _drain(roomy), _drain(tight)
     assert tight.stats().num_preemptions > 0
+    assert tight.stats().prefix_cache_hits > 0
     assert roomy.stats().num_preemptions == 0
     assert [got[k].outputs[0].token_ids for k in want] == [want[k].outputs[0].token_ids for k in want]
     assert tight.block_manager.num_free_blocks == tight.block_manager.num_blocks
@@ -53,6 +56,9 @@ def test_abort_timeout_and_bad_requests_leave_the_others_running(tiny_models):
         engine.add_request("bad-ids", [1, 10**6], GREEDY)
     with pytest.raises(ValueError, match="temperature"):
         engine.add_request("bad-params", "x", SamplingParams(temperature=-1))
+    small = LLMEngine(EngineConfig(model=str(tiny_models["llama"]), device="cpu", num_kv_blocks=4))
+    with pytest.raises(ValueError, match="need 5 KV blocks, but the cache holds 4"):
+        small.add_request("too-big", [1] * 60, SamplingParams(max_tokens=20))
     first = {o.request_id: o for o in engine.step()}
     assert first["late"].finished and first["late"].outputs[0].finish_reason == "timeout"
     engine.abort_request("abort-me")
