@@ -56,6 +56,11 @@ def load_config(model_dir: str | Path) -> ModelConfig:
         raise ValueError(
             f"{path}: architectures={archs!r} is not supported (supported: {', '.join(ARCHITECTURES)})"
         )
+    if raw.get("quantization_config"):
+        # e.g. DeepSeek-V3's FP8 block-scaled checkpoint: loading it as bf16 without its scales would be silently wrong
+        method = raw["quantization_config"].get("quant_method", "?")
+        raise ValueError(f"{path}: quantization_config (quant_method={method!r}) is not supported yet; "
+                         "use a bf16/fp16/fp32 checkpoint (e.g. DeepSeek's fp8_cast_bf16.py output)")
     eos = raw.get("eos_token_id")
     eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     cfg = ModelConfig(

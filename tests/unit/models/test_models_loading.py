@@ -64,6 +64,15 @@ def test_unknown_architecture_names_config_field(qwen2_dir, tmp_path):
         load_config(d)
 
 
+def test_quantized_checkpoint_is_refused_not_misread(qwen2_dir, tmp_path):
+    d = _copy(qwen2_dir, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"config\.json: quantization_config \(quant_method='fp8'\)"):
+        load_config(d)
+
+
 def test_missing_tensor_is_reported(qwen2_dir, tmp_path):
     d = _copy(qwen2_dir, tmp_path)
     tensors = load_file(d / "model.safetensors")
