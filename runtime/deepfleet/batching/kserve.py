@@ -2,6 +2,7 @@
 
     GET  /v2/health/live            GET /v2/health/ready          GET /v2
     GET  /v2/models/{name}          GET /v2/models/{name}/ready   POST /v2/models/{name}/infer
+    (and the same under /v2/models/{name}/versions/{version}/..., for the configured version only)
 
 Errors are `{"error": "<field>: <message>"}` with a 4xx status for anything the client got wrong (400
 bad body, 404 unknown model, 413 oversize body), 503 when a queue is full or a model is not ready, 504
@@ -66,9 +67,10 @@ def make_router(service: ModelService, max_body_bytes: int = DEFAULT_MAX_BODY_BY
         return _JSON({"ready": service.ready}, status_code=200 if service.ready else 503)
 
     @router.get("/models/{name}")
-    async def model_metadata(name: str) -> Response:
+    @router.get("/models/{name}/versions/{version}")
+    async def model_metadata(name: str, version: str | None = None) -> Response:
         try:
-            config = service.get(name).config
+            config = service.get(name, version).config
         except BatchingError as exc:
             return error_response(exc.status, exc.message)
         return _JSON({
@@ -79,17 +81,19 @@ def make_router(service: ModelService, max_body_bytes: int = DEFAULT_MAX_BODY_BY
         })
 
     @router.get("/models/{name}/ready")
-    async def model_ready(name: str) -> Response:
+    @router.get("/models/{name}/versions/{version}/ready")
+    async def model_ready(name: str, version: str | None = None) -> Response:
         try:
-            model = service.get(name)
+            model = service.get(name, version)
         except BatchingError as exc:
             return error_response(exc.status, exc.message)
         return _JSON({"name": name, "ready": model.ready}, status_code=200 if model.ready else 503)
 
     @router.post("/models/{name}/infer")
-    async def infer(name: str, request: Request) -> Response:
+    @router.post("/models/{name}/versions/{version}/infer")
+    async def infer(name: str, request: Request, version: str | None = None) -> Response:
         try:
-            service.get(name)  # unknown model: 404 before reading the body
+            service.get(name, version)  # unknown model or version: 404 before reading the body
             body = await read_json(request, max_body_bytes)
             return _JSON(await service.infer(name, body))
         except BatchingError as exc:

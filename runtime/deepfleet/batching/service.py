@@ -75,13 +75,16 @@ class ModelService:
     def ready(self) -> bool:
         return bool(self.models) and all(m.ready for m in self.models.values())
 
-    def get(self, name: str) -> Model:
+    def get(self, name: str, version: str | None = None) -> Model:
+        """The loaded model `name` (at `version`, when given): 404 if unknown, 503 if not loaded yet."""
+        entry = next((e for e in self._entries if e.config.name == name), None)
+        if entry is None:
+            raise ModelNotFound(f"model '{name}' not found (models: {sorted(e.config.name for e in self._entries)})")
+        if version is not None and version != entry.config.version:
+            raise ModelNotFound(f"model '{name}' has no version '{version}' (versions: ['{entry.config.version}'])")
         model = self.models.get(name)
         if model is None:
-            known = sorted(e.config.name for e in self._entries)
-            if name in known:
-                raise ServiceUnavailable(f"model '{name}' is not ready")
-            raise ModelNotFound(f"model '{name}' not found (models: {known})")
+            raise ServiceUnavailable(f"model '{name}' is not ready")
         return model
 
     async def infer(self, name: str, body: object) -> dict:

@@ -152,3 +152,11 @@ def test_fuzz_never_5xx_and_errors_are_json(client, body):
     if r.status_code != 200:
         assert isinstance(r.json()["error"], str) and r.json()["error"]
     assert client.get("/v2/health/live").status_code == 200
+
+
+def test_versioned_routes_accept_only_the_configured_version(client):
+    assert client.post("/v2/models/classifier/versions/1/infer", json=VALID).status_code == 200
+    assert client.get("/v2/models/classifier/versions/1/ready").json()["ready"] is True
+    r = client.post("/v2/models/classifier/versions/7/infer", json=VALID)
+    assert r.status_code == 404 and "no version '7'" in r.json()["error"]
+    assert client.get("/v2/models/classifier/versions/7").status_code == 404
