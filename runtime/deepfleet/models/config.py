@@ -82,6 +82,10 @@ def load_config(model_dir: str | Path) -> ModelConfig:
     cfg.num_heads = int(cfg.require("num_attention_heads"))
     cfg.num_kv_heads = int(raw.get("num_key_value_heads") or cfg.num_heads)
     cfg.max_position_embeddings = int(cfg.require("max_position_embeddings"))
+    if raw.get("hidden_act", "silu") not in ("silu", "swish"):
+        raise ValueError(f"{path}: hidden_act={raw['hidden_act']!r} is not supported (silu)")
+    if raw.get("use_sliding_window"):
+        raise ValueError(f"{path}: use_sliding_window=true is not supported (full attention only)")
     if cfg.num_heads % cfg.num_kv_heads:
         raise ValueError(f"{path}: num_attention_heads must be a multiple of num_key_value_heads")
     return cfg
