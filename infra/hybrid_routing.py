@@ -81,7 +81,7 @@ def _cluster(name: str, endpoints: list[tuple[str, int]], connect_timeout_ms: in
             "split_external_local_origin_errors": True,
             "consecutive_local_origin_failure": 1,  # refused/timed-out connect: eject at once
             "consecutive_gateway_failure": 2,  # 502/503/504 incl. upstream timeouts: the slow or stuck host
-            "consecutive_5xx": 5,
+            # consecutive_5xx stays at Envoy's default (5).
             "interval": "1s",
             "base_ejection_time": "10s",
             "max_ejection_percent": 100,  # a whole site may go: the aggregate then moves to the next priority

@@ -4,6 +4,8 @@ the next priority, least-request balancing, health checks, outlier detection, an
 from __future__ import annotations
 
 import copy
+import importlib
+import warnings
 
 import pytest
 import yaml
@@ -29,6 +31,43 @@ def _clusters(config: dict) -> dict:
 def _routes(config: dict) -> list:
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     return hcm["route_config"]["virtual_hosts"][0]["routes"]
+
+
+def _type_urls(node) -> set[str]:
+    if isinstance(node, dict):
+        return {node.get("@type", "")} - {""} | {u for v in node.values() for u in _type_urls(v)}
+    if isinstance(node, list):
+        return {u for v in node for u in _type_urls(v)}
+    return set()
+
+
+def envoy_bootstrap(config: dict):
+    """Parse the config against Envoy's v3 data-plane API (unknown fields are errors), typed configs included."""
+    modules = ["envoy.config.bootstrap.v3"]
+    modules += [url.removeprefix("type.googleapis.com/").rsplit(".", 1)[0] for url in _type_urls(config)]
+    with warnings.catch_warnings():  # envoy_data_plane's generated code uses validators pydantic deprecates
+        warnings.simplefilter("ignore", DeprecationWarning)
+        bootstrap = [importlib.import_module(f"envoy_data_plane.{m}") for m in modules][0]
+    return bootstrap.Bootstrap.from_dict(config)
+
+
+def test_config_parses_against_the_envoy_v3_api() -> None:
+    bootstrap = envoy_bootstrap(_config())
+    hcm = bootstrap.static_resources.listeners[0].filter_chains[0].filters[0].typed_config.unpack()
+    retry = hcm.route_config.virtual_hosts[0].routes[-1].route.retry_policy
+    assert retry.retry_priority.typed_config.unpack().update_frequency == 1
+    assert retry.retry_back_off.max_interval.total_seconds() == 0.025
+    aggregate = bootstrap.static_resources.clusters[2].cluster_type.typed_config.unpack()
+    assert list(aggregate.clusters) == ["onprem", "cloud"]
+    onprem = bootstrap.static_resources.clusters[0]
+    assert onprem.connect_timeout.total_seconds() == 0.05 and onprem.lb_policy.name == "LEAST_REQUEST"
+
+
+def test_the_api_check_catches_a_typo() -> None:
+    config = _config()
+    config["static_resources"]["clusters"][0]["outlier_detection"]["consecutive_gateway_failures"] = 2
+    with pytest.raises(KeyError, match="consecutive_gateway_failures"):
+        envoy_bootstrap(config)
 
 
 def test_sites_are_clusters_with_health_checks_and_outlier_detection() -> None:
