@@ -162,3 +162,48 @@ def test_crd_schemas_reject_typos(aws_stack: Capture) -> None:
     for m in (sm, rule):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(m, json.loads((SCHEMAS / CRD_SCHEMAS[m["kind"]]).read_text()))
+
+
+RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+
+
+def _restricted_violations(pod: dict) -> list[str]:
+    """The Pod Security Standard `restricted` checks the API server would enforce on these pods."""
+    out = [f"volume {v['name']}" for v in pod.get("volumes", []) if not set(v) - {"name"} <= RESTRICTED_VOLUMES]
+    pod_sc = pod.get("securityContext", {})
+    for c in [*pod.get("initContainers", []), *pod["containers"]]:
+        sc = c.get("securityContext", {})
+        if sc.get("allowPrivilegeEscalation") is not False:
+            out.append(f"{c['name']}: allowPrivilegeEscalation")
+        if sc.get("capabilities", {}).get("drop") != ["ALL"]:
+            out.append(f"{c['name']}: capabilities")
+        if not (sc.get("runAsNonRoot") or pod_sc.get("runAsNonRoot")):
+            out.append(f"{c['name']}: runAsNonRoot")
+        if (sc.get("seccompProfile") or pod_sc.get("seccompProfile", {})).get("type") != "RuntimeDefault":
+            out.append(f"{c['name']}: seccompProfile")
+    return out
+
+
+def test_pods_in_restricted_namespaces_meet_the_restricted_standard(any_stack: Capture) -> None:
+    manifests = k8s_manifests(any_stack)
+    restricted = {
+        m["metadata"]["name"]
+        for m in manifests
+        if m["kind"] == "Namespace"
+        and m["metadata"].get("labels", {}).get("pod-security.kubernetes.io/enforce") == "restricted"
+    }
+    pods = [m for m in manifests if m["kind"] == "Deployment" and m["metadata"]["namespace"] in restricted]
+    assert pods or any_stack.stack == "onprem"  # on-prem mounts host weights: privileged, restricted only warns
+    for m in pods:
+        assert _restricted_violations(m["spec"]["template"]["spec"]) == [], m["metadata"]["name"]
+    hostpath = {"name": "w", "hostPath": {"path": "/models"}}
+    assert _restricted_violations({"volumes": [hostpath], "containers": []}) == ["volume w"]
