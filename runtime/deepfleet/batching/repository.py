@@ -122,7 +122,9 @@ def _error_text(exc: ValidationError) -> str:
     return "; ".join(".".join(str(p) for p in e["loc"]) + ": " + e["msg"] for e in exc.errors())
 
 
-def load_model(directory: Path) -> ModelEntry:
+def read_config(directory: Path) -> ModelConfig:
+    """A model directory's config.yaml, validated (the model file need not exist yet)."""
+    directory = Path(directory)
     path = directory / CONFIG_FILE
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -137,9 +139,13 @@ def load_model(directory: Path) -> ModelEntry:
         raise ConfigError(f"{path}: {_error_text(exc)}") from exc
     if config.name != directory.name:
         raise ConfigError(f"{path}: name '{config.name}' must equal the directory name '{directory.name}'")
-    entry = ModelEntry(config=config, directory=directory)
+    return config
+
+
+def load_model(directory: Path) -> ModelEntry:
+    entry = ModelEntry(config=read_config(directory), directory=Path(directory))
     if not entry.model_path.is_file():
-        raise ConfigError(f"{path}: model file {entry.model_path} not found")
+        raise ConfigError(f"{Path(directory) / CONFIG_FILE}: model file {entry.model_path} not found")
     return entry
 
 

@@ -1,4 +1,4 @@
-"""`deepfleet serve-models` (KServe v2 server for a model repository) and `deepfleet example-models`."""
+"""`deepfleet serve-models` (KServe v2 server for a model repository), `build-trt-engine`, `example-models`."""
 
 from pathlib import Path
 from typing import Annotated
@@ -27,6 +27,26 @@ def register(app: typer.Typer) -> None:
         except ConfigError as exc:
             raise typer.BadParameter(exc.message, param_hint="REPOSITORY") from None
         uvicorn.run(app, host=host, port=port, log_level="warning")
+
+    @app.command("build-trt-engine")
+    def build_trt_engine(
+        model_dir: Annotated[Path, typer.Argument(help="Model directory whose config.yaml gives names and dims.")],
+        onnx: Annotated[Path, typer.Option(help="ONNX export of the model (torch.onnx.export).")] = Path("model.onnx"),
+        plan: Annotated[Path, typer.Option(help="Engine file to write.")] = Path("model.plan"),
+        fp16: Annotated[bool, typer.Option(help="Allow FP16 kernels.")] = True,
+    ) -> None:
+        """Compile an ONNX model into a TensorRT engine (needs the tensorrt package: GPU hosts only). Relative
+        --onnx/--plan paths are inside MODEL_DIR; the optimization profile comes from its config."""
+        from deepfleet.batching.backends.tensorrt import build_engine
+        from deepfleet.batching.errors import BatchingError
+        from deepfleet.batching.repository import read_config
+
+        try:
+            written = build_engine(model_dir / onnx, model_dir / plan, read_config(model_dir), fp16=fp16)
+        except BatchingError as exc:
+            typer.echo(f"error: {exc.message}", err=True)
+            raise typer.Exit(1) from None
+        typer.echo(f"wrote {written}")
 
     @app.command("example-models")
     def example_models(

@@ -213,3 +213,19 @@ def test_without_tensorrt_installed_the_backend_says_what_is_missing(tmp_path, m
     (tmp_path / "model.plan").write_bytes(PLAN)
     with pytest.raises(BackendUnavailable, match="needs the NVIDIA tensorrt package"):
         load_backend(ModelEntry(config=_config(), directory=tmp_path))
+
+
+def test_build_trt_engine_command(tmp_path, monkeypatch):
+    from deepfleet.batching.repository import write_config
+    from deepfleet.cli import app
+    from typer.testing import CliRunner
+
+    write_config(tmp_path / "trt", _config())
+    (tmp_path / "trt" / "model.onnx").write_bytes(b"ONNX...")
+    monkeypatch.setitem(sys.modules, "tensorrt", FAKE_TRT)
+    result = CliRunner().invoke(app, ["build-trt-engine", str(tmp_path / "trt")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "trt" / "model.plan").read_bytes() == PLAN
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    result = CliRunner().invoke(app, ["build-trt-engine", str(tmp_path / "trt")])
+    assert result.exit_code == 1 and "needs the NVIDIA tensorrt package" in result.output
