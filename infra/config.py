@@ -10,7 +10,9 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any, Literal
 
+import pulumi
 import yaml
+from pulumi.runtime import config as runtime_config
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from infra import gpu_catalog
@@ -380,8 +382,11 @@ def read_stack_file(stack: str) -> dict[str, Any]:
 
 def from_pulumi() -> StackConfig:
     """The running stack's config, as `pulumi up` (or the mocks) provide it."""
-    import pulumi
-
     cfg = pulumi.Config(NAMESPACE)
     raw = {name: cfg.get_object(name) for name in StackConfig.model_fields}
+    # pulumi.Config reads keys by name only; list the stack's keys too so a misspelled top-level key fails.
+    keys = set(runtime_config.CONFIG.get()) | set(runtime_config.get_config_env())
+    unknown = sorted(k for k in keys if k.startswith(NAMESPACE + ":") and k.split(":", 1)[1] not in raw)
+    if unknown:
+        raise ConfigError("invalid stack config:\n  " + "\n  ".join(f"{k}: unknown key" for k in unknown))
     return parse({k: v for k, v in raw.items() if v is not None})

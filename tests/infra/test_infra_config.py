@@ -104,6 +104,14 @@ def test_cross_field_errors_name_the_key(edit, message: str) -> None:
     assert message in str(err.value)
 
 
+def test_program_rejects_an_unknown_top_level_key() -> None:
+    raw = _aws(lambda r: r.update(autoscalling={"min_replicas": 3}))
+    capture = Capture("bad")
+    with pytest.raises(ConfigError, match="deepfleet:autoscalling: unknown key"):
+        run("hybrid", raw, capture)
+    assert capture.resources == []
+
+
 def test_gpus_per_pod_must_fit_a_node() -> None:
     raw = _aws(lambda r: r["workload"]["resources"].update(gpus=16))
     with pytest.raises(ConfigError, match=r"deepfleet:workload.resources.gpus: .*less than or equal to 8"):
