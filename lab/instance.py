@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -21,6 +22,7 @@ from lab.config import (
     GLOBAL_LOCK,
     HOST_OFFSET,
     INVENTORY_ROOT,
+    MAX_HOSTS,
     SSH_TIMEOUT_S,
     SUBNET_BASE,
     LabError,
@@ -79,14 +81,14 @@ def preflight(name: str, hosts: int, apt_port: int | None) -> None:
 def foreign_objects(names: Names, n: int) -> list[str]:
     """Kernel objects carrying this instance's tag that no state records: a lab whose state file was lost."""
     found = []
-    if Path(f"/sys/class/net/{names.bridge}").exists():
+    if system.link_exists(names.bridge):
         found.append(f"bridge {names.bridge}")
     for i in range(1, n + 1):
-        if Path(f"/sys/class/net/{names.veth(i)}").exists():
+        if system.link_exists(names.veth(i)):
             found.append(f"veth {names.veth(i)}")
-        if Path("/run/netns", names.netns(i)).exists():
+        if system.netns_exists(names.netns(i)):
             found.append(f"netns {names.netns(i)}")
-    if system.run(["nft", "list", "table", "inet", names.nft_table], check=False).returncode == 0:
+    if system.nft_table_exists(names.nft_table):
         found.append(f"nft table inet {names.nft_table}")
     return found
 
@@ -113,7 +115,7 @@ def healthy(state: State) -> bool:
     for res in state.resources:
         if res["kind"] == "process" and not system.alive(res):
             return False
-        if res["kind"] in ("bridge", "veth") and not Path(f"/sys/class/net/{res['name']}").exists():
+        if res["kind"] in ("bridge", "veth") and not system.link_exists(res["name"]):
             return False
     return all(_port_open(h.ip, 22, 1.0) for h in state.hosts)
 
@@ -142,7 +144,7 @@ def up(name: str | None = None, hosts: int = 2, apt_port: int | None = None, log
                 raise LabError(f"could not remove the leftovers of lab {name}",
                                f"see above, then `python -m lab down --name {name}`")
         names = Names.for_state_dir(state_dir(name))
-        foreign = foreign_objects(names, 8)
+        foreign = foreign_objects(names, MAX_HOSTS)
         if foreign:
             raise LabError(
                 f"{', '.join(foreign)} exist(s) but lab/.state/{name} records none of it (its state was lost?)",
@@ -340,8 +342,6 @@ def describe(state: State) -> dict:
 
 def purge_cache(log=print) -> None:
     """Delete the shared cache (apt downloads, root filesystem): the next `up` is a cold one."""
-    import shutil  # noqa: PLC0415
-
     if CACHE_ROOT.exists():
         check_root()
         shutil.rmtree(CACHE_ROOT)

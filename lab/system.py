@@ -23,6 +23,23 @@ def run(cmd: list[str], *, check: bool = True, input: str | None = None, env: di
     return cp
 
 
+# ---------------------------------------------------------------- kernel objects, by name
+def link_exists(name: str) -> bool:
+    return Path("/sys/class/net", name).exists()
+
+
+def netns_exists(name: str) -> bool:
+    return Path("/run/netns", name).exists()
+
+
+def nft_table_exists(table: str) -> bool:
+    return run(["nft", "list", "table", "inet", table], check=False).returncode == 0
+
+
+def mounts() -> list[str]:
+    return [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+
+
 # ---------------------------------------------------------------- processes
 def starttime(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), None if it is gone."""

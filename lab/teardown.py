@@ -12,17 +12,13 @@ from lab.config import LabError
 from lab.state import State
 
 
-def _ip_link_exists(name: str) -> bool:
-    return Path(f"/sys/class/net/{name}").exists()
-
-
 def undo_link(res: dict) -> None:  # bridge or veth (deleting the host end of a veth deletes its peer)
-    if _ip_link_exists(res["name"]):
+    if system.link_exists(res["name"]):
         system.run(["ip", "link", "del", res["name"]])
 
 
 def undo_netns(res: dict) -> None:
-    if Path("/run/netns", res["name"]).exists():
+    if system.netns_exists(res["name"]):
         system.run(["ip", "netns", "del", res["name"]])
 
 
@@ -38,7 +34,7 @@ def undo_run_netns_mount(res: dict) -> None:
 
 
 def undo_nft(res: dict) -> None:
-    if system.run(["nft", "list", "table", "inet", res["table"]], check=False).returncode == 0:
+    if system.nft_table_exists(res["table"]):
         system.run(["nft", "delete", "table", "inet", res["table"]])
 
 
@@ -66,7 +62,7 @@ def undo_nspawn_runtime(res: dict) -> None:
 
 
 def undo_mount(res: dict) -> None:
-    if res["path"] in _mounts():
+    if res["path"] in system.mounts():
         system.run(["umount", res["path"]])
 
 
@@ -74,7 +70,7 @@ def undo_path(res: dict) -> None:
     p = Path(res["path"])
     if p.is_dir() and not p.is_symlink():
         # a host's root filesystem: make sure nothing is still mounted below it before deleting
-        mounts = [m for m in _mounts() if Path(m) == p or p in Path(m).parents]
+        mounts = [m for m in system.mounts() if Path(m) == p or p in Path(m).parents]
         if mounts:
             raise LabError(f"refusing to delete {p}: still mounted below it: {mounts}")
         shutil.rmtree(p)
@@ -88,10 +84,6 @@ def undo_path(res: dict) -> None:
                 break
             parent.rmdir()
             parent = parent.parent
-
-
-def _mounts() -> list[str]:
-    return [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
 
 
 UNDO = {
@@ -140,17 +132,17 @@ def remaining(resources: list[dict]) -> list[str]:
     for res in resources:
         kind = res["kind"]
         if kind in ("bridge", "veth"):
-            gone = not _ip_link_exists(res["name"])
+            gone = not system.link_exists(res["name"])
         elif kind == "netns":
-            gone = not Path("/run/netns", res["name"]).exists()
+            gone = not system.netns_exists(res["name"])
         elif kind == "process":
             gone = not system.alive(res)
         elif kind == "cgroup":
             gone = not any(Path(p).exists() for p in res["paths"])
         elif kind == "mount":
-            gone = res["path"] not in _mounts()
+            gone = res["path"] not in system.mounts()
         elif kind == "nft":
-            gone = system.run(["nft", "list", "table", "inet", res["table"]], check=False).returncode != 0
+            gone = not system.nft_table_exists(res["table"])
         elif kind == "nspawn_runtime":
             gone = not any(Path("/run/systemd/nspawn", sub, res["machine"]).exists()
                            for sub in ("propagate", "unix-export"))
