@@ -14,7 +14,8 @@ from lab import instance, teardown
 from lab.config import REPO
 from lab.state import load
 
-pytestmark = pytest.mark.lab
+# The first test also pays for the session fixture: a cold root filesystem build and the first converge.
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(2400)]
 
 # Units allowed to fail inside an nspawn container, each with the reason. Keep empty unless justified.
 CONTAINER_EXPECTED_FAILURES: dict[str, str] = {}
