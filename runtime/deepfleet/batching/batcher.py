@@ -109,6 +109,7 @@ class DynamicBatcher:
                 )
             self._queue.append(pending)
             self._queued_rows += prepared.rows
+            self._metrics.queued_rows.labels(name).set(self._queued_rows)
             # Wake a worker only when that can change its decision: the first request (a delay window
             # opens) or enough rows for a full batch. Waking it on every arrival makes the worker and
             # the event loop trade the GIL per request, which costs more than the batching saves.
