@@ -4,6 +4,8 @@ tokenizer of the tiny models (round trip, special tokens, chat template) and the
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -141,3 +143,36 @@ def test_checksum_mismatch_in_a_shard_is_caught_before_loading(qwen2_dir, tmp_pa
     (d / "model.safetensors").write_bytes(bytes(data))
     with pytest.raises(ManifestError, match=r"model\.safetensors: sha256 mismatch"):
         _load(d)
+
+
+_MEASURE = """
+import sys, torch
+from safetensors.torch import load_file
+from deepfleet.models.config import load_config
+from deepfleet.models.loader import load_model
+
+def rss_anon():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("RssAnon:"))
+
+path, naive = sys.argv[1], sys.argv[2] == "naive"
+cfg = load_config(path)
+before = rss_anon()
+held = {k: v.clone() for k, v in load_file(path + "/model.safetensors").items()} if naive else None
+model = load_model(cfg, torch.float32, torch.device("cpu"), 512)
+print(rss_anon() - before)
+"""
+
+
+@pytest.mark.parametrize("mode", ["engine", "naive"])
+def test_loading_needs_no_second_copy_of_the_weights(tmp_path, mode):
+    """Anonymous memory grown by loading, in a fresh process: the parameters plus at most one tensor in flight.
+    The "naive" run holds a full extra copy, checking that the measurement can see one."""
+    d = make_tiny_model(tmp_path / "m", "qwen2", hidden_size=512, intermediate_size=1536, num_attention_heads=8,
+                        num_key_value_heads=4, num_hidden_layers=4)
+    weight_bytes = (d / "model.safetensors").stat().st_size
+    out = subprocess.run([sys.executable, "-c", _MEASURE, str(d), mode], capture_output=True, text=True, check=True)
+    grown = int(out.stdout.split()[-1]) / weight_bytes
+    if mode == "engine":
+        assert grown < 1.3, grown
+    else:
+        assert grown > 1.8, grown
