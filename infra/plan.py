@@ -18,7 +18,8 @@ def tree_lines(capture: Capture) -> list[str]:
     lines: list[str] = []
 
     def walk(parent: str | None, depth: int) -> None:
-        for r in children.get(parent, []):
+        # Components first, then by type and name: registration order is async, this is stable for diffs.
+        for r in sorted(children.get(parent, []), key=lambda r: (r.custom, r.type, r.name)):
             lines.append(f"{'  ' * depth}{'+' if r.custom else '*'} {r.type}  {r.name}")
             walk(r.urn, depth + 1)
 
