@@ -6,6 +6,7 @@ ValueError naming the problem and never reaches the batch, so other requests kee
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import time
@@ -108,6 +109,7 @@ class LLMEngine:
         self._aborted: list[Sequence] = []  # reported (finish_reason "abort") by the next step
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        gc.freeze()  # start-up objects (weights' wrappers, tokenizer) leave the collector's scans: shorter GC pauses
         log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_num_seqs %d", self.model_name,
                  device, dtype, num_blocks, config.block_size, max_num_seqs)
 
@@ -213,20 +215,26 @@ class LLMEngine:
         if seq.logprobs is not None:
             seq.logprobs.append({"token_id": tok.token_id, "logprob": tok.logprob, "top_logprobs": tok.top_logprobs})
         params = seq.params
-        seq.detokenizer.append(tok.token_id)
+        delta = seq.detokenizer.append(tok.token_id)
         if tok.token_id in (params.stop_token_ids or ()):
             return self._finish_text(seq, "stop", tok.token_id)
         if not params.ignore_eos and tok.token_id in self.tokenizer.eos_token_ids:
             return self._finish_text(seq, "stop", None)
-        stopped, seq.text = seq.stop_checker.check(seq.detokenizer.text)
-        if stopped:
-            matched = next(s for s in params.stop if seq.detokenizer.text.startswith(seq.text + s))
-            return self._finish(seq, "stop", matched)
+        if params.stop:
+            stopped, seq.text = seq.stop_checker.check(seq.detokenizer.text)
+            if stopped:
+                matched = next(s for s in params.stop if seq.detokenizer.text.startswith(seq.text + s))
+                return self._finish(seq, "stop", matched)
+        else:  # no stop strings: extend the text instead of re-joining it every step
+            seq.text += delta
         if len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             self._finish_text(seq, "length", None)
 
     def _finish_text(self, seq: Sequence, reason: str, stop_reason: str | int | None) -> None:
-        seq.detokenizer.flush()
+        tail = seq.detokenizer.flush()
+        if not seq.params.stop:
+            seq.text += tail
+            return self._finish(seq, reason, stop_reason)
         stopped, seq.text = seq.stop_checker.check(seq.detokenizer.text, finished=True)
         if stopped:  # the flushed tail completed a stop string
             reason, stop_reason = "stop", next(s for s in seq.params.stop
