@@ -6,7 +6,6 @@ ValueError naming the problem and never reaches the batch, so other requests kee
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import time
@@ -109,7 +108,6 @@ class LLMEngine:
         self._aborted: list[Sequence] = []  # reported (finish_reason "abort") by the next step
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
-        gc.freeze()  # start-up objects (weights' wrappers, tokenizer) leave the collector's scans: shorter GC pauses
         log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_num_seqs %d", self.model_name,
                  device, dtype, num_blocks, config.block_size, max_num_seqs)
 
