@@ -1,11 +1,12 @@
 """The dynamic batcher: a queue in front of one backend, drained by one worker thread per instance.
 
 A worker forms a batch when it is free: it starts with the oldest queued request and takes later requests
-with the same shape key, until it holds the target number of rows or `max_queue_delay` has passed since
-the oldest request arrived (Triton's dynamic batcher rule). Formation and execution run in the worker
-threads, not on the event loop: under load the loop is busy parsing HTTP bodies, and a backend that
-waits for the loop to hand it the next batch sits idle (seen in bench/batcher.py on a loaded 2-core box:
-with loop-side formation, one-at-a-time at 100 clients ran at a third of its 1-client rate).
+with the same shape key, until it holds the target number of rows, the next such request does not fit, or
+`max_queue_delay` has passed since the oldest request arrived (Triton's dynamic batcher rule).
+Formation and execution run in the worker threads, not on the event loop: under load the loop is busy
+parsing HTTP bodies, and a backend that waits for the loop to hand it the next batch sits idle (seen in
+bench/batcher.py on a loaded 2-core box: with loop-side formation, one-at-a-time at 100 clients ran at a
+third of its 1-client rate).
 
 Requests carry an optional deadline: one that expires while queued or running is answered with
 DeadlineExceeded (HTTP 504) and is never executed late. A full queue rejects new work at once
@@ -146,15 +147,20 @@ class DynamicBatcher:
                 kept.append(p)
         self._queue = kept
 
-    def _select(self, head: _Pending, target: int) -> tuple[list[_Pending], int]:
-        batch, rows = [head], head.prepared.rows
+    def _select(self, head: _Pending, target: int) -> tuple[list[_Pending], int, bool]:
+        """Requests batchable with `head` in arrival order, their rows, and whether one was left out for
+        lack of room (the batch is then as full as it will get: waiting longer would only delay it)."""
+        batch, rows, overflow = [head], head.prepared.rows, False
         for p in self._queue:
             if rows >= target:
                 break
-            if p is not head and p.prepared.key == head.prepared.key and rows + p.prepared.rows <= target:
-                batch.append(p)
-                rows += p.prepared.rows
-        return batch, rows
+            if p is not head and p.prepared.key == head.prepared.key:
+                if rows + p.prepared.rows <= target:
+                    batch.append(p)
+                    rows += p.prepared.rows
+                else:
+                    overflow = True
+        return batch, rows, overflow
 
     def _next_batch(self) -> list[_Pending] | None:
         """Block until a batch is due (full, or its oldest request waited max_queue_delay); None on stop."""
@@ -173,8 +179,8 @@ class DynamicBatcher:
                 head = self._queue[0]
                 close_at = head.enqueued + self._delay_s
                 target = self.target_batch_size
-                batch, rows = self._select(head, target)
-                if rows >= target or now >= close_at:
+                batch, rows, overflow = self._select(head, target)
+                if rows >= target or overflow or now >= close_at:
                     break
                 self._cond.wait(close_at - now)
             taken = set(map(id, batch))
