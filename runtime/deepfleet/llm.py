@@ -30,8 +30,13 @@ class LLM:
         if len(params_list) != len(prompts):
             raise ValueError(f"sampling_params: {len(params_list)} given for {len(prompts)} prompts")
         ids = [f"offline-{next(self._ids)}" for _ in prompts]
-        for rid, prompt, p in zip(ids, prompts, params_list, strict=True):
-            self.engine.add_request(rid, prompt, p)
+        try:
+            for rid, prompt, p in zip(ids, prompts, params_list, strict=True):
+                self.engine.add_request(rid, prompt, p)
+        except ValueError:
+            for rid in ids:  # all or nothing: drop the prompts already queued
+                self.engine.abort_request(rid)
+            raise
         done: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():

@@ -98,5 +98,8 @@ def test_offline_llm_api(tiny_models):
     assert outs[0].prompt_token_ids == tok.encode("Hello world")
     chat = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(temperature=0, max_tokens=3))
     assert tok.decode(chat[0].prompt_token_ids, skip_special_tokens=False).endswith("<｜Assistant｜><think>\n")
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate(["fine", [3] * 600], SamplingParams(max_tokens=2))
+    assert not llm.engine.has_unfinished_requests()
     with pytest.raises(ValueError, match="dtype"):
         LLM(model=str(tiny_models["qwen2"]), dtype="int3")
