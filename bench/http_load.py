@@ -80,8 +80,8 @@ def serve_child(args: argparse.Namespace) -> None:
         gpu = {} if args.shape == "tiny" else {"dtype": "bfloat16", "device": "cuda", "load_format": "dummy"}
         engine = LLMEngine(EngineConfig(model=settings.model, max_model_len=args.prompt_len + args.output_len + 16,
                                         **gpu))
-        offline_closed_loop(engine, max(args.concurrency), max(args.concurrency), args.prompt_len, args.output_len,
-                            seed=99)  # warm-up: compiles kernels, captures the CUDA graphs of every batch size
+        for c in args.concurrency:  # warm-up at every level: kernels compiled, CUDA graphs of these batch sizes
+            offline_closed_loop(engine, c, c, args.prompt_len, args.output_len, seed=99 + c)
         results = {c: offline_closed_loop(engine, c, _num_requests(c, args), args.prompt_len, args.output_len, c)
                    for c in args.concurrency}
         Path(args.offline_out).write_text(json.dumps(results))
@@ -90,7 +90,8 @@ def serve_child(args: argparse.Namespace) -> None:
     settings = ServeSettings(model=args.model_dir, served_model_name=MODEL_NAME, host="127.0.0.1", port=args.port,
                              max_concurrent=max(args.concurrency), max_queue=0, warmup_requests=2,
                              log_level="warning")
-    uvicorn.run(create_app(settings, factory), host="127.0.0.1", port=args.port, log_level="warning")
+    uvicorn.run(create_app(settings, factory), host="127.0.0.1", port=args.port, log_level="warning",
+                timeout_keep_alive=settings.keep_alive_s)
 
 
 # ---- load generator --------------------------------------------------------------------------------------------
@@ -102,31 +103,39 @@ async def http_closed_loop(url: str, concurrency: int, n: int, prompt_len: int, 
     prompts = _prompts(n, prompt_len, seed)  # other seeds than the offline run's: no prefix-cache head start
     queue = list(range(n))
     ttfts: list[float] = []
-    tokens = 0
+    tokens, errors = 0, []
+
+    async def one_request(client: httpx.AsyncClient, i: int) -> None:
+        nonlocal tokens
+        body = {"model": MODEL_NAME, "prompt": prompts[i], "max_tokens": output_len, "temperature": 0,
+                "ignore_eos": True, "stream": True, "logprobs": 0, "stream_options": {"include_usage": True}}
+        t = time.perf_counter()
+        first = True
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if first and line.startswith("data: "):
+                    ttfts.append(time.perf_counter() - t)  # an event is sent per step with new tokens
+                    first = False
+                if line.startswith('data: {"id"') and '"choices":[]' in line:
+                    tokens += json.loads(line[6:])["usage"]["completion_tokens"]
 
     async def client_loop(client: httpx.AsyncClient) -> None:
-        nonlocal tokens
         while queue:
-            i = queue.pop()
-            body = {"model": MODEL_NAME, "prompt": prompts[i], "max_tokens": output_len, "temperature": 0,
-                    "ignore_eos": True, "stream": True, "logprobs": 0,
-                    "stream_options": {"include_usage": True}}
-            t = time.perf_counter()
-            first = True
-            async with client.stream("POST", "/v1/completions", json=body) as r:
-                r.raise_for_status()
-                async for line in r.aiter_lines():
-                    if first and line.startswith("data: "):
-                        ttfts.append(time.perf_counter() - t)  # an event is sent per step with new tokens
-                        first = False
-                    if line.startswith('data: {"id"') and '"choices":[]' in line:
-                        tokens += json.loads(line[6:])["usage"]["completion_tokens"]
+            try:
+                await one_request(client, queue.pop())
+            except httpx.HTTPError as exc:  # counted and reported, not fatal: the other clients go on
+                errors.append(repr(exc))
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=600) as client:
         t0 = time.perf_counter()
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
-        return _summary(ttfts, tokens, time.perf_counter() - t0, n)
+        result = _summary(ttfts, tokens, time.perf_counter() - t0, n - len(errors))
+    result["errors"] = len(errors)
+    if errors:
+        print(f"C={concurrency}: {len(errors)} failed requests, e.g. {errors[0]}")
+    return result
 
 
 def _num_requests(c: int, args: argparse.Namespace) -> int:
@@ -178,25 +187,33 @@ def main() -> None:
                 time.sleep(0.5)
             print(f"server ready after {time.monotonic() - t0:.0f} s (engine init + offline runs + warm-up)")
             offline = {int(k): v for k, v in json.loads(offline_out.read_text()).items()}
-            online = {c: asyncio.run(http_closed_loop(url, c, _num_requests(c, args), args.prompt_len,
-                                                      args.output_len, 10_000 + c)) for c in args.concurrency}
+            _print_header(args)
+            for c in args.concurrency:  # each row as soon as it is measured: a cut-short run keeps what it has
+                online = asyncio.run(http_closed_loop(url, c, _num_requests(c, args), args.prompt_len,
+                                                      args.output_len, 10_000 + c))
+                _print_row(c, _num_requests(c, args), offline[c], online)
             metrics = httpx.get(url + "/metrics").text
+            wanted = ("deepseek_gpu", "deepseek_inference_pre")
+            print("\n".join(x for x in metrics.splitlines() if x.startswith(wanted)))
         finally:
             child.terminate()
             child.wait(60)
 
+
+def _print_header(args: argparse.Namespace) -> None:
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"\n== {args.shape}, prompt {args.prompt_len} -> {args.output_len} tokens, {device} ==")
     print(f"{'C':>4} {'req':>5} | {'offline req/s':>13} {'tok/s':>8} {'TTFT p50':>9} {'p99':>8} | "
-          f"{'HTTP req/s':>10} {'tok/s':>8} {'TTFT p50':>9} {'p99':>8} | {'HTTP/offline tok/s':>18}")
-    for c in args.concurrency:
-        o, h = offline[c], online[c]
-        print(f"{c:>4} {_num_requests(c, args):>5} | {o['req_s']:>13.2f} {o['tok_s']:>8.0f} "
-              f"{o['ttft_p50_ms']:>7.1f}ms {o['ttft_p99_ms']:>6.1f}ms | {h['req_s']:>10.2f} {h['tok_s']:>8.0f} "
-              f"{h['ttft_p50_ms']:>7.1f}ms {h['ttft_p99_ms']:>6.1f}ms | {h['tok_s'] / o['tok_s']:>17.0%}")
-    print("\n" + "\n".join(x for x in metrics.splitlines() if x.startswith(("deepseek_gpu", "deepseek_inference_pre"))))
+          f"{'HTTP req/s':>10} {'tok/s':>8} {'TTFT p50':>9} {'p99':>8} {'errors':>6} | {'HTTP/offline tok/s':>18}")
+
+
+def _print_row(c: int, n: int, o: dict, h: dict) -> None:
+    def fig(r: dict) -> str:
+        return f"{r['req_s']:>10.2f} {r['tok_s']:>8.0f} {r['ttft_p50_ms']:>7.1f}ms {r['ttft_p99_ms']:>6.1f}ms"
+
+    print(f"{c:>4} {n:>5} | {'':>3}{fig(o)} | {fig(h)} {h['errors']:>6} | {h['tok_s'] / o['tok_s']:>17.0%}", flush=True)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,9 @@ class ServeSettings(BaseModel):
     request_timeout_s: float = Field(
         600.0, gt=0, description="Deadline from arrival: queue wait plus generation (finish_reason 'timeout')."
     )
+    keep_alive_s: float = Field(
+        75.0, gt=0, description="Idle keep-alive time of client connections; keep it above the load balancer's."
+    )
     shutdown_grace_s: float = Field(
         defaults.SHUTDOWN_GRACE_S, ge=0, description="On SIGTERM: how long in-flight requests may take to finish."
     )

@@ -37,6 +37,9 @@ def run(settings: ServeSettings) -> int:
         log_level=settings.log_level,
         access_log=settings.log_level == "debug",  # one line per request is too much at production rates
         timeout_graceful_shutdown=settings.shutdown_grace_s,
+        # uvicorn's 5 s default races with clients and load balancers reusing an idle connection (reset
+        # mid-request); proxies keep theirs for 60 s, so the server must keep its own longer.
+        timeout_keep_alive=settings.keep_alive_s,
         lifespan="on",
     )
     server = _DrainingServer(config, state)

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 from deepfleet.server.errors import APIError, bad_request, from_validation_error
 from pydantic import BaseModel, ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 M = TypeVar("M", bound=BaseModel)
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -28,10 +28,13 @@ async def read_json(request: Request, max_bytes: int) -> Any:
     if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
         raise _too_large(max_bytes) if declared.isdigit() else bad_request("invalid Content-Length header")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise _too_large(max_bytes)
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_bytes:
+                raise _too_large(max_bytes)
+    except ClientDisconnect:  # gone before sending the whole body: nobody to answer
+        raise APIError(499, "client closed the connection while sending the body", code="client_closed") from None
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
