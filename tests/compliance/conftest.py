@@ -35,3 +35,34 @@ def common(host) -> dict:
 @pytest.fixture
 def in_container(host) -> bool:
     return host.run("systemd-detect-virt --container").rc == 0
+
+
+# ---- GPU-aware selection (nvidia_driver, cuda, nccl, container_runtime checks)
+# GPU checks run where the host has an NVIDIA GPU; on a host without one they skip with the reason,
+# unless the inventory declares it a GPU host (nvidia_driver_gpu_required), where a missing GPU fails.
+GPU_SCAN = (
+    "for d in /sys/bus/pci/devices/*; do [ \"$(cat $d/vendor)\" = 0x10de ] || continue; "
+    "case \"$(cat $d/class)\" in 0x0300*|0x0302*) cat $d/device;; esac; done"
+)
+
+
+@pytest.fixture
+def gpu_device_ids(host) -> list[str]:
+    """PCI device ids of the host's NVIDIA GPUs, found the way the nvidia_driver role finds them."""
+    return host.check_output(GPU_SCAN).split()
+
+
+@pytest.fixture
+def gpu_host(host, gpu_device_ids) -> int:
+    """Number of GPUs; skips the test on a host without GPU that is not declared to have one."""
+    if not gpu_device_ids:
+        if role_vars(host, "nvidia_driver")["nvidia_driver_gpu_required"]:
+            pytest.fail("nvidia_driver_gpu_required is true but the host has no NVIDIA GPU on its PCI bus")
+        pytest.skip("no NVIDIA GPU on this host (GPU-only check)")
+    return len(gpu_device_ids)
+
+
+@pytest.fixture
+def role_settings(host):
+    """role_settings('nccl'): that role's defaults overridden by this host's inventory variables."""
+    return lambda role: role_vars(host, role)
