@@ -14,7 +14,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,6 +124,7 @@ class AsyncEngine:
         self._routes: dict[str, tuple[RequestStream, int]] = {}  # loop thread only
         self._stats = _Stats()
         self.dead: BaseException | None = None
+        self.on_death: Callable[[], None] | None = None  # called on the event loop once the loop thread died
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -217,6 +218,8 @@ class AsyncEngine:
             self.dead = exc
         finally:
             self._shutdown()
+            if self.dead is not None and self.on_death is not None:
+                self._call(self.on_death)
 
     def _apply_commands(self) -> None:
         with self._lock:

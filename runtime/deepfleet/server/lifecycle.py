@@ -2,16 +2,19 @@
 
 On SIGTERM (or SIGINT): /readyz turns 503 and new requests get 503 at once (`draining`), uvicorn closes the
 listening socket, requests already accepted run to completion for up to `shutdown_grace_s`, then the engine
-loop stops and the process exits. A model that fails to load ends the process with status 1.
+loop stops and the process exits. A model that fails to load, or an engine loop that dies, ends the process
+with status 1.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 import uvicorn
-from deepfleet.server.app import create_app
+from deepfleet.server.app import build_engine, create_app
 from deepfleet.server.config import ServeSettings
 from deepfleet.server.state import ServerState
 
@@ -26,9 +29,10 @@ class _DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def run(settings: ServeSettings) -> int:
+def run(settings: ServeSettings, engine_factory: Callable[[ServeSettings], Any] = build_engine) -> int:
+    """Serve until SIGTERM/SIGINT (status 0) or a fatal engine error (status 1)."""
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
+    app = create_app(settings, engine_factory)
     state: ServerState = app.state.server
     config = uvicorn.Config(
         app,
@@ -49,4 +53,4 @@ def run(settings: ServeSettings) -> int:
 
     state.on_fatal = fatal
     server.run()
-    return 1 if state.phase == "failed" else 0
+    return 0 if state.alive else 1

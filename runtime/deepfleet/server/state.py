@@ -79,7 +79,9 @@ class ServerState:
         self.phase = "loading"
         self.error: str | None = None
         self.draining = False
-        self.on_fatal: Callable[[], None] | None = None  # set by the process runner: exit when loading fails
+        # Set by the process runner: exit (status 1) when loading fails or the engine dies, so systemd or the
+        # kubelet restarts the server instead of leaving a process that can only answer 503.
+        self.on_fatal: Callable[[], None] | None = None
         self.metrics = ServerMetrics(self._snapshot, nvml_collector())
 
     def _snapshot(self) -> LoadSnapshot:
@@ -120,6 +122,7 @@ class ServerState:
             self.token_text = TokenText(engine.tokenizer)
             self.max_model_len = engine.max_model_len
             self.engine = AsyncEngine(engine, s.max_concurrent, s.max_queue)
+            self.engine.on_death = self._fatal
             self.engine.start()
             log.info("model %s loaded in %.1f s", self.model_name, time.monotonic() - t0)
             self.phase = "warming_up"
@@ -131,8 +134,11 @@ class ServerState:
         except Exception as exc:
             log.exception("model %s failed to load", self.model_name)
             self.phase, self.error = "failed", f"{type(exc).__name__}: {exc}"
-            if self.on_fatal is not None:
-                self.on_fatal()
+            self._fatal()
+
+    def _fatal(self) -> None:
+        if self.on_fatal is not None:
+            self.on_fatal()
 
     async def _warmup_once(self) -> None:
         """One short generation through the same path as requests (compiles kernels, fills caches)."""

@@ -4,11 +4,13 @@ the engine advances, so they use GatedFakeEngine (server_fakes.py); the rest of 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 
 import httpx
 import pytest
+from deepfleet.server.lifecycle import run
 from server_fakes import GatedFakeEngine
 from server_helpers import MODEL_NAME, live_server, settings_for
 
@@ -152,3 +154,38 @@ def test_load_failure_reports_failed(tiny_model):
     with live_server(settings_for(tiny_model), broken) as server:
         r = httpx.get(server.url + "/healthz")
         assert r.status_code == 503 and "config.json missing" in r.json()["error"]
+
+
+def _run_in_thread(settings, factory) -> tuple[threading.Thread, dict]:
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(code=run(settings, factory)), daemon=True)
+    thread.start()
+    return thread, result
+
+
+def test_process_exits_1_when_the_engine_dies_after_ready(tiny_model):
+    engine = GatedFakeEngine()
+    engine.gate.set()
+    settings = settings_for(tiny_model, warmup_requests=1)
+    thread, result = _run_in_thread(settings, lambda _s: engine)
+    url = f"http://127.0.0.1:{settings.port}"
+    end = time.monotonic() + 20
+    while True:
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(url + "/readyz").status_code == 200:
+                break
+        assert time.monotonic() < end, "not ready"
+        time.sleep(0.05)
+    engine.fail = True
+    assert httpx.post(url + "/v1/completions", json=BODY, timeout=30).status_code == 503
+    thread.join(20)
+    assert result == {"code": 1}
+
+
+def test_process_exits_1_when_loading_fails(tiny_model):
+    def broken(_settings):
+        raise FileNotFoundError("config.json missing")
+
+    thread, result = _run_in_thread(settings_for(tiny_model), broken)
+    thread.join(20)
+    assert result == {"code": 1}
