@@ -36,18 +36,6 @@ class DeadlineExceeded(Exception):
     """The request's deadline passed before it finished."""
 
 
-@dataclass
-class _Stats:
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    num_preemptions: int = 0
-    prompt_tokens_total: int = 0
-    generation_tokens_total: int = 0
-
-
 class RequestStream:
     """Event-loop side of one HTTP request: `n` engine requests (one per choice) and their latest outputs."""
 
@@ -122,7 +110,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stop = False
         self._routes: dict[str, tuple[RequestStream, int]] = {}  # loop thread only
-        self._stats = _Stats()
+        self._stats: Any = None  # the engine's latest EngineStats (a fresh object per call: safe to share)
         self.dead: BaseException | None = None
         self.on_death: Callable[[], None] | None = None  # called on the event loop once the loop thread died
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -168,19 +156,10 @@ class AsyncEngine:
 
     def snapshot(self, ready: bool) -> LoadSnapshot:
         s = self._stats
-        return LoadSnapshot(
-            admitted=self.admission.active,
-            queued=self.admission.queued,
-            num_running=s.num_running,
-            num_waiting=s.num_waiting,
-            kv_cache_usage=s.kv_cache_usage,
-            prefix_cache_queries=s.prefix_cache_queries,
-            prefix_cache_hits=s.prefix_cache_hits,
-            num_preemptions=s.num_preemptions,
-            prompt_tokens_total=s.prompt_tokens_total,
-            generation_tokens_total=s.generation_tokens_total,
-            ready=ready,
-        )
+        engine = (0, 0, 0.0, 0, 0, 0, 0, 0) if s is None else (
+            s.num_running, s.num_waiting, s.kv_cache_usage, s.prefix_cache_queries, s.prefix_cache_hits,
+            s.num_preemptions, s.prompt_tokens_total, s.generation_tokens_total)
+        return LoadSnapshot(self.admission.active, self.admission.queued, *engine, ready=ready)
 
     async def stop(self) -> None:
         """Abort whatever is left and stop the loop thread."""
@@ -262,17 +241,7 @@ class AsyncEngine:
             self._call(self._dispatch, batch)
 
     def _refresh_stats(self) -> None:
-        s = self.engine.stats()
-        self._stats = _Stats(
-            num_running=s.num_running,
-            num_waiting=s.num_waiting,
-            kv_cache_usage=s.kv_cache_usage,
-            prefix_cache_queries=s.prefix_cache_queries,
-            prefix_cache_hits=s.prefix_cache_hits,
-            num_preemptions=s.num_preemptions,
-            prompt_tokens_total=s.prompt_tokens_total,
-            generation_tokens_total=s.generation_tokens_total,
-        )
+        self._stats = self.engine.stats()
 
     def _shutdown(self) -> None:
         """Loop thread is leaving: abort what the engine still holds and fail every open stream."""
