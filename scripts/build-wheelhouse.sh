@@ -47,5 +47,7 @@ mkdir -p "$OUT"
 find "$OUT" -maxdepth 1 -name '*.whl' -delete
 mv "$tmp"/*.whl "$OUT"/
 rmdir "$tmp"
+# One archive for the hosts: one transfer instead of one per wheel (the wheels are compressed already).
+tar -cf "$OUT/wheelhouse.tar" -C "$OUT" $(cd "$OUT" && ls ./*.whl)
 echo "$want" > "$OUT/.inputs"
-echo "==> $OUT: $(find "$OUT" -name '*.whl' | wc -l) wheels, $(du -sh "$OUT" | cut -f1)"
+echo "==> $OUT: $(find "$OUT" -name '*.whl' | wc -l) wheels, archive $(du -h "$OUT/wheelhouse.tar" | cut -f1)"

@@ -1,0 +1,96 @@
+"""What roles/inference_runtime does on the runtime hosts: the runtime installed from the wheelhouse into a
+virtual environment, the model on the hot tier, the configuration, and a hardened, running, ready service."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+
+@pytest.fixture
+def rt(host, role_settings) -> dict:
+    if "gpu_nodes" not in host.ansible.get_variables()["group_names"]:
+        pytest.skip("not a runtime host (group gpu_nodes)")
+    return role_settings("inference_runtime")
+
+
+def unit_properties(host, *names: str) -> dict[str, str]:
+    out = host.check_output("systemctl show deepfleet-runtime -p %s", ",".join(names))
+    return dict(line.split("=", 1) for line in out.splitlines())
+
+
+def test_runtime_installed_in_its_build_venv(host, rt):
+    current = host.file(f"{rt['inference_runtime_home']}/current")
+    assert current.is_symlink
+    assert current.linked_to.startswith(f"{rt['inference_runtime_home']}/venvs/")
+    version = host.check_output(f"{current.path}/bin/deepfleet --version")
+    assert version.startswith("deepfleet ")
+    # Installed from this build's wheels, copied from the controller (no registry on the host).
+    build = current.linked_to.rsplit("/", 1)[1]
+    wheels = host.check_output(f"ls {rt['inference_runtime_home']}/wheelhouse/{build}")
+    assert "deepfleet_runtime-" in wheels and "torch-" in wheels
+
+
+def test_model_on_the_hot_tier(host, rt):
+    model = host.file(rt["inference_runtime_model_dir"])
+    assert model.is_directory and model.user == "root" and model.group == rt["inference_runtime_group"]
+    assert model.mode == 0o750
+    config = host.file(f"{model.path}/config.json")
+    assert config.is_file and config.mode == 0o640
+    assert json.loads(config.content_string)["model_type"]
+
+
+def test_config_file_from_variables(host, rt):
+    f = host.file(rt["inference_runtime_config_file"])
+    assert f.is_file and f.user == "root" and f.group == rt["inference_runtime_group"] and f.mode == 0o640
+    assert (yaml.safe_load(f.content_string) or {}) == rt["inference_runtime_config"]
+
+
+def test_service_hardened(host, rt):
+    props = unit_properties(
+        host,
+        "User",
+        "Group",
+        "NoNewPrivileges",
+        "ProtectSystem",
+        "ProtectHome",
+        "PrivateTmp",
+        "LimitNOFILE",
+        "Restart",
+        "CapabilityBoundingSet",
+        "ReadOnlyPaths",
+    )
+    assert props["User"] == rt["inference_runtime_user"]
+    assert props["Group"] == rt["inference_runtime_group"]
+    assert props["NoNewPrivileges"] == "yes"
+    assert props["ProtectSystem"] == "strict"
+    assert props["ProtectHome"] == "yes"
+    assert props["PrivateTmp"] == "yes"
+    assert props["LimitNOFILE"] == str(rt["inference_runtime_limit_nofile"])
+    assert props["Restart"] == "on-failure"
+    assert props["CapabilityBoundingSet"] == ""
+    assert rt["inference_runtime_model_dir"] in props["ReadOnlyPaths"]
+
+
+def test_service_enabled_running_as_service_user(host, rt):
+    service = host.service("deepfleet-runtime")
+    assert service.is_enabled and service.is_running
+    pid = unit_properties(host, "MainPID")["MainPID"]
+    assert host.check_output("ps -o user= -p %s", pid) == rt["inference_runtime_user"]
+
+
+def test_service_cannot_write_the_system(host, rt):
+    # ProtectSystem=strict seen from inside the service's mount namespace.
+    pid = unit_properties(host, "MainPID")["MainPID"]
+    mounts = host.check_output("cat /proc/%s/mountinfo", pid)
+    usr = [line for line in mounts.splitlines() if line.split()[4] == "/usr"]
+    assert usr and all(" ro," in f" {line.split()[5]}," for line in usr), usr
+
+
+def test_ready_and_serving_metrics(host, rt):
+    port = host.ansible.get_variables()["deepfleet_api_port"]
+    assert host.run("curl -fsS -o /dev/null http://127.0.0.1:%s/readyz", port).rc == 0
+    metrics = host.check_output("curl -fsS http://127.0.0.1:%s/metrics", port)
+    assert "deepseek_inference_latency_seconds_bucket" in metrics or "deepseek_inference_requests" in metrics

@@ -1,0 +1,59 @@
+"""What roles/loadbalancer does: HAProxy with the configured balancing, /readyz health checks on every
+runtime host, retries on another host, the runtime API socket, and requests answered through it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.fixture
+def lb(host, role_settings) -> dict:
+    if "loadbalancers" not in host.ansible.get_variables()["group_names"]:
+        pytest.skip("not a load balancer (group loadbalancers)")
+    return {**role_settings("loadbalancer"), **host.ansible.get_variables()}
+
+
+def admin(host, lb, command: str) -> str:
+    return host.check_output(f"echo '{command}' | socat stdio unix-connect:{lb['deepfleet_lb_admin_socket']}")
+
+
+def test_haproxy_installed_valid_running(host, lb):
+    assert host.package("haproxy").is_installed
+    assert host.run("haproxy -c -f /etc/haproxy/haproxy.cfg").rc == 0
+    service = host.service("haproxy")
+    assert service.is_enabled and service.is_running
+
+
+def test_balancing_and_health_checks(host, lb):
+    cfg = host.file("/etc/haproxy/haproxy.cfg").content_string
+    if lb["loadbalancer_balance"] == "consistent_hash":
+        assert f"balance {lb['loadbalancer_hash_key']}" in cfg and "hash-type consistent" in cfg
+    else:
+        assert f"balance {lb['loadbalancer_balance']}" in cfg
+    assert "http-check send meth GET uri /readyz" in cfg
+    assert "http-check expect status 200" in cfg
+    assert "option redispatch" in cfg and f"retries {lb['loadbalancer_retries']}" in cfg
+
+
+def test_every_runtime_host_is_up_in_the_backend(host, lb):
+    stat = admin(host, lb, "show stat").splitlines()
+    rows = [r.split(",") for r in stat if r.startswith(lb["deepfleet_lb_backend"] + ",")]
+    servers = {r[1]: r[17] for r in rows if r[1] not in ("BACKEND", "FRONTEND")}
+    runtime_hosts = lb["groups"][lb["loadbalancer_backend_group"]]
+    assert sorted(servers) == sorted(runtime_hosts)
+    assert all(status == "UP" for status in servers.values()), servers
+
+
+def test_request_through_the_load_balancer(host, lb):
+    out = host.check_output("curl -fsS http://127.0.0.1:%s/v1/models", lb["loadbalancer_port"])
+    assert json.loads(out)["data"], out
+
+
+def test_tls_frontend_when_enabled(host, lb):
+    if not lb["loadbalancer_tls"]:
+        pytest.skip("loadbalancer_tls is false")
+    res = host.run("curl -fsSk --tlsv1.3 https://127.0.0.1:%s/v1/models", lb["loadbalancer_tls_port"])
+    assert res.rc == 0, res.stderr
+    assert host.run("curl -fsSk --tls-max 1.2 https://127.0.0.1:%s/v1/models", lb["loadbalancer_tls_port"]).rc != 0
