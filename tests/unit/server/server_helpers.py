@@ -43,7 +43,7 @@ class LiveServer:
     def state(self):
         return self.app.state.server
 
-    def start(self, wait_ready: bool = True, timeout: float = 60) -> LiveServer:
+    def start(self, wait_ready: bool = True, timeout: float = 120) -> LiveServer:
         self.thread.start()
         end = time.monotonic() + timeout
         while time.monotonic() < end:

@@ -16,7 +16,8 @@ import httpx
 import pytest
 from server_helpers import MODEL_NAME, free_port
 
-STREAMS, BLOCKING, MAX_TOKENS, GRACE_S = 24, 8, 48, 20
+# long enough that every request is still generating when SIGTERM arrives, even on a slow CI machine
+STREAMS, BLOCKING, MAX_TOKENS, GRACE_S = 24, 8, 160, 60
 
 
 @pytest.fixture
