@@ -154,6 +154,14 @@ REQUIRED_TOOLS = {
 }
 
 
+def ensure_sbin_on_path() -> None:
+    """debootstrap, ip and nft live in sbin directories that a non-login shell's PATH may lack."""
+    parts = os.environ.get("PATH", "").split(os.pathsep)
+    missing = [d for d in ("/usr/local/sbin", "/usr/sbin", "/sbin") if d not in parts]
+    if missing:
+        os.environ["PATH"] = os.pathsep.join([*parts, *missing])
+
+
 def check_tools(which=shutil.which) -> None:
     missing = [f"{cmd} (package {pkg})" for cmd, pkg in REQUIRED_TOOLS.items() if which(cmd) is None]
     if missing:

@@ -31,6 +31,7 @@ from lab.config import (
     check_root,
     check_tools,
     default_name,
+    ensure_sbin_on_path,
     host_name,
     pick_port,
     validate_hosts,
@@ -70,6 +71,7 @@ def ssh(state: State, host: Host, command: str, timeout: float = 120) -> subproc
 
 # ---------------------------------------------------------------- checks before creating anything
 def preflight(name: str, hosts: int, apt_port: int | None) -> None:
+    ensure_sbin_on_path()
     validate_name(name)
     validate_hosts(hosts)
     check_root()
@@ -319,6 +321,7 @@ def down(name: str | None = None, log=print) -> bool:
             log(f"==> lab {name}: nothing recorded, nothing to remove")
             return True
         check_root()
+        ensure_sbin_on_path()
         t0 = time.monotonic()
         errors = teardown(state, log)
         if errors:
