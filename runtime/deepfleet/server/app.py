@@ -10,8 +10,10 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from deepfleet import __version__
+from deepfleet.server import protocol
 from deepfleet.server.config import ServeSettings
 from deepfleet.server.errors import APIError
+from deepfleet.server.openai_api import REF_TEMPLATE
 from deepfleet.server.openai_api import router as openai_router
 from deepfleet.server.state import ServerState
 from fastapi import FastAPI, Request
@@ -50,6 +52,18 @@ def create_app(settings: ServeSettings, engine_factory: Callable[[ServeSettings]
                   description="OpenAI-compatible inference for DeepSeek-family models.")
     app.state.server = state
     app.include_router(openai_router)
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = default_openapi()
+            schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+            for model in (protocol.ChatCompletionRequest, protocol.CompletionRequest):
+                schemas.update(model.model_json_schema(ref_template=REF_TEMPLATE).get("$defs", {}))
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     @app.get("/healthz", summary="Liveness: the process and its engine loop are alive")
     async def healthz() -> JSONResponse:

@@ -398,12 +398,25 @@ class _EngineStreamResponse(StreamingResponse):
             self._on_close()
 
 
-@router.post(CHAT, summary="Chat completion (OpenAI)", response_model=p.ChatCompletion)
+REF_TEMPLATE = "#/components/schemas/{model}"
+
+
+def _body_doc(model: type) -> dict[str, Any]:
+    """The request body in the OpenAPI document (the routes parse bodies themselves, for their error messages);
+    app.openapi() adds the nested models' schemas to components."""
+    schema = model.model_json_schema(ref_template=REF_TEMPLATE)
+    schema.pop("$defs", None)
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+@router.post(CHAT, summary="Chat completion (OpenAI)", response_model=p.ChatCompletion,
+             openapi_extra=_body_doc(p.ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
     return await _serve(request, CHAT, p.ChatCompletionRequest, _prepare_chat, _chat_json, _chat_stream)
 
 
-@router.post(COMPLETIONS, summary="Text completion (OpenAI)", response_model=p.Completion)
+@router.post(COMPLETIONS, summary="Text completion (OpenAI)", response_model=p.Completion,
+             openapi_extra=_body_doc(p.CompletionRequest))
 async def completions(request: Request) -> Response:
     return await _serve(request, COMPLETIONS, p.CompletionRequest, _prepare_completion, _completion_json,
                         _completion_stream)

@@ -1,5 +1,6 @@
-"""Schema-driven fuzzing (hypothesis): request bodies are generated from the endpoints' own JSON schemas, each
-field either schema-shaped (bounds and just past them) or arbitrary JSON, plus unknown keys and raw bytes.
+"""Schema-driven fuzzing (hypothesis): request bodies are generated from the server's OpenAPI document
+(schema-shaped values, bounds and just past them), then mutated (a field replaced by arbitrary JSON, an unknown
+key, a field dropped); raw bytes too.
 The real server (real engine, tiny model) must answer every one with a non-5xx, OpenAI-shaped errors on 4xx,
 and stay alive."""
 
@@ -10,7 +11,8 @@ from typing import Any
 
 import httpx
 import pytest
-from deepfleet.server.protocol import ChatCompletionRequest, CompletionRequest
+from deepfleet.server.app import create_app
+from deepfleet.server.config import ServeSettings
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_helpers import MODEL_NAME, live_server, settings_for
@@ -61,11 +63,16 @@ def from_schema(schema: dict, defs: dict, depth: int = 0) -> st.SearchStrategy[A
     return JSON
 
 
-def bodies(model: type) -> st.SearchStrategy[dict]:
-    """The required fields and up to four optional ones, all schema-shaped; then at most one mutation: a field
-    replaced by arbitrary JSON, an unknown key added, or a field dropped."""
-    schema = model.model_json_schema()
-    defs = schema.get("$defs", {})
+# The OpenAPI document the server publishes at /openapi.json (built without loading an engine).
+OPENAPI = create_app(ServeSettings(model="unused"), lambda _settings: None).openapi()
+
+
+def bodies(path: str) -> st.SearchStrategy[dict]:
+    """For the request body of `path` in the OpenAPI document: the required fields and up to four optional ones,
+    all schema-shaped; then at most one mutation: a field replaced by arbitrary JSON, an unknown key added, or a
+    field dropped."""
+    schema = OPENAPI["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    defs = OPENAPI["components"]["schemas"]
     props = {k: from_schema(v, defs) for k, v in schema["properties"].items()}
     props["model"] = st.just(MODEL_NAME) | st.text(max_size=6)
     required = schema["required"]
@@ -113,13 +120,13 @@ FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=[HealthChe
 
 
 @FUZZ
-@given(body=bodies(ChatCompletionRequest))
+@given(body=bodies("/v1/chat/completions"))
 def test_fuzz_chat_completions(fuzz_server, body):
     check(fuzz_server.post("/v1/chat/completions", content=json.dumps(body)))
 
 
 @FUZZ
-@given(body=bodies(CompletionRequest))
+@given(body=bodies("/v1/completions"))
 def test_fuzz_completions(fuzz_server, body):
     check(fuzz_server.post("/v1/completions", content=json.dumps(body)))
 
@@ -128,6 +135,10 @@ def test_fuzz_completions(fuzz_server, body):
 @given(raw=st.binary(max_size=64) | JSON.map(lambda v: json.dumps(v).encode()))
 def test_fuzz_raw_bodies(fuzz_server, raw):
     check(fuzz_server.post("/v1/chat/completions", content=raw))
+
+
+def test_the_fuzzed_schema_is_the_served_openapi_document(fuzz_server):
+    assert fuzz_server.get("/openapi.json").json() == json.loads(json.dumps(OPENAPI))
 
 
 def test_alive_after_fuzzing_and_some_bodies_were_valid(fuzz_server):
