@@ -9,6 +9,11 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from deepfleet import __version__
 from deepfleet.server import protocol
 from deepfleet.server.config import ServeSettings
@@ -16,10 +21,6 @@ from deepfleet.server.errors import APIError
 from deepfleet.server.openai_api import REF_TEMPLATE
 from deepfleet.server.openai_api import router as openai_router
 from deepfleet.server.state import ServerState
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from deepfleet import defaults
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from deepfleet import defaults
 
 ENV_PREFIX = "DEEPFLEET_"
 

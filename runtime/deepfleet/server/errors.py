@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import re
 
-from deepfleet.server.protocol import ErrorDetail, ErrorResponse
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+
+from deepfleet.server.protocol import ErrorDetail, ErrorResponse
 
 _FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w.\[\]]*): (.+)$", re.S)
 

@@ -14,6 +14,7 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
+
 from deepfleet.server.app import build_engine, create_app
 from deepfleet.server.config import ServeSettings
 from deepfleet.server.state import ServerState

@@ -8,6 +8,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
+from jinja2.exceptions import TemplateError
+
 from deepfleet.engine.sampling_params import SamplingParams
 from deepfleet.server import protocol as p
 from deepfleet.server import render
@@ -17,9 +21,6 @@ from deepfleet.server.errors import APIError, bad_request, from_value_error, ove
 from deepfleet.server.reasoning import ReasoningParser, prompt_opens_reasoning
 from deepfleet.server.request_body import parse_as, read_json
 from deepfleet.server.state import RequestRecord, ServerState
-from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
-from jinja2.exceptions import TemplateError
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from deepfleet.engine.sampling_params import MAX_LOGPROBS
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from deepfleet.engine.sampling_params import MAX_LOGPROBS
 
 MAX_STOP_SEQUENCES = 16
 MAX_PRIORITY = 1_000_000  # |priority| bound: keeps the scheduler's keys small and sane

@@ -7,9 +7,10 @@ import json
 import re
 from typing import Any, TypeVar
 
-from deepfleet.server.errors import APIError, bad_request, from_validation_error
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect, Request
+
+from deepfleet.server.errors import APIError, bad_request, from_validation_error
 
 M = TypeVar("M", bound=BaseModel)
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")

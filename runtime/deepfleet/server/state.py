@@ -9,13 +9,14 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from starlette.requests import Request
+
 from deepfleet.engine.sampling_params import SamplingParams
 from deepfleet.server.async_engine import AsyncEngine
 from deepfleet.server.config import ServeSettings
 from deepfleet.server.errors import APIError, overloaded
 from deepfleet.server.metrics import LoadSnapshot, ServerMetrics, nvml_collector
 from deepfleet.server.render import TokenText
-from starlette.requests import Request
 
 log = logging.getLogger(__name__)
 
