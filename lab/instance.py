@@ -200,7 +200,7 @@ def _create(state: State, n: int, apt_port: int | None, log) -> None:
                     root=str(sd / "hosts" / hn / "root"))
         state.hosts.append(host)
         host_dir = Path(host.root).parent
-        for sub in ("upper", "work", "root"):
+        for sub in ("upper", "work", "root", "containers"):
             (host_dir / sub).mkdir(parents=True)
         state.record("path", path=str(host_dir))
         system.run(["mount", "-t", "overlay", "overlay", "-o", rootfs.overlay_options(base, host_dir), host.root])
@@ -291,7 +291,9 @@ def _start_host(state: State, host: Host, i: int) -> None:
            f"--hostname={host.name}", "--boot", "--register=no", "--keep-unit", "--link-journal=no",
            "--resolv-conf=off", "--console=read-only", f"--network-namespace-path=/run/netns/{host.netns}",
            # nftables (hardening role) needs it; it only reaches the host's own network namespace.
-           "--capability=CAP_NET_ADMIN"]
+           "--capability=CAP_NET_ADMIN",
+           # a container engine's overlay storage cannot sit on the overlay root: give it a plain directory
+           f"--bind={Path(host.root).parent / 'containers'}:/var/lib/containers"]
     log_file = Path(host.root).parent / "console.log"
     with open(log_file, "w") as out:
         proc = subprocess.Popen(["bash", str(HOSTLOOP), *cmd], stdin=subprocess.DEVNULL, stdout=out,
