@@ -4,16 +4,39 @@ virtual environment, the model on the hot tier, the configuration, and a hardene
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import jinja2
 import pytest
 import yaml
+
+SHARED_VARS = Path(__file__).resolve().parents[2] / "playbooks" / "group_vars" / "all" / "deepfleet.yml"
+
+
+def rendered(settings: dict, host) -> dict:
+    """Role defaults may reference each other ("/models/{{ inference_runtime_model_name }}"): render them
+    with the shared playbook variables and the host's inventory, as Ansible does."""
+    context = {**yaml.safe_load(SHARED_VARS.read_text()), **host.ansible.get_variables(), **settings}
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+
+    def render(value):
+        if not (isinstance(value, str) and "{{" in value):
+            return value
+        try:
+            return env.from_string(value).render(context)
+        except jinja2.TemplateError:  # controller-side paths (role_path | dirname): not checked on hosts
+            return value
+
+    for _ in range(5):  # nested references resolve in a few passes
+        context = {k: render(v) for k, v in context.items()}
+    return context
 
 
 @pytest.fixture
 def rt(host, role_settings) -> dict:
     if "gpu_nodes" not in host.ansible.get_variables()["group_names"]:
         pytest.skip("not a runtime host (group gpu_nodes)")
-    return role_settings("inference_runtime")
+    return rendered(role_settings("inference_runtime"), host)
 
 
 def unit_properties(host, *names: str) -> dict[str, str]:
@@ -84,13 +107,16 @@ def test_service_enabled_running_as_service_user(host, rt):
 def test_service_cannot_write_the_system(host, rt):
     # ProtectSystem=strict seen from inside the service's mount namespace.
     pid = unit_properties(host, "MainPID")["MainPID"]
-    mounts = host.check_output("cat /proc/%s/mountinfo", pid)
-    usr = [line for line in mounts.splitlines() if line.split()[4] == "/usr"]
-    assert usr and all(" ro," in f" {line.split()[5]}," for line in usr), usr
+    mounts = [line.split() for line in host.check_output("cat /proc/%s/mountinfo", pid).splitlines()]
+    for path in ("/", "/usr", "/etc"):
+        # the innermost mount covering `path` decides
+        covering = [m for m in mounts if path == m[4] or path.startswith(m[4].rstrip("/") + "/")]
+        innermost = max(covering, key=lambda m: len(m[4]))
+        assert "ro" in innermost[5].split(","), (path, innermost)
 
 
 def test_ready_and_serving_metrics(host, rt):
-    port = host.ansible.get_variables()["deepfleet_api_port"]
+    port = str(rt["deepfleet_api_port"])
     assert host.run("curl -fsS -o /dev/null http://127.0.0.1:%s/readyz", port).rc == 0
     metrics = host.check_output("curl -fsS http://127.0.0.1:%s/metrics", port)
     assert "deepseek_inference_latency_seconds_bucket" in metrics or "deepseek_inference_requests" in metrics

@@ -4,15 +4,39 @@ runtime host, retries on another host, the runtime API socket, and requests answ
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import jinja2
 import pytest
+import yaml
+
+SHARED_VARS = Path(__file__).resolve().parents[2] / "playbooks" / "group_vars" / "all" / "deepfleet.yml"
+
+
+def rendered(settings: dict, host) -> dict:
+    """Role defaults may reference each other ("/models/{{ inference_runtime_model_name }}"): render them
+    with the shared playbook variables and the host's inventory, as Ansible does."""
+    context = {**yaml.safe_load(SHARED_VARS.read_text()), **host.ansible.get_variables(), **settings}
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+
+    def render(value):
+        if not (isinstance(value, str) and "{{" in value):
+            return value
+        try:
+            return env.from_string(value).render(context)
+        except jinja2.TemplateError:  # controller-side paths (role_path | dirname): not checked on hosts
+            return value
+
+    for _ in range(5):  # nested references resolve in a few passes
+        context = {k: render(v) for k, v in context.items()}
+    return context
 
 
 @pytest.fixture
 def lb(host, role_settings) -> dict:
     if "loadbalancers" not in host.ansible.get_variables()["group_names"]:
         pytest.skip("not a load balancer (group loadbalancers)")
-    return {**role_settings("loadbalancer"), **host.ansible.get_variables()}
+    return rendered(role_settings("loadbalancer"), host)
 
 
 def admin(host, lb, command: str) -> str:
@@ -47,13 +71,13 @@ def test_every_runtime_host_is_up_in_the_backend(host, lb):
 
 
 def test_request_through_the_load_balancer(host, lb):
-    out = host.check_output("curl -fsS http://127.0.0.1:%s/v1/models", lb["loadbalancer_port"])
+    out = host.check_output("curl -fsS http://127.0.0.1:%s/v1/models", str(lb["loadbalancer_port"]))
     assert json.loads(out)["data"], out
 
 
 def test_tls_frontend_when_enabled(host, lb):
     if not lb["loadbalancer_tls"]:
         pytest.skip("loadbalancer_tls is false")
-    res = host.run("curl -fsSk --tlsv1.3 https://127.0.0.1:%s/v1/models", lb["loadbalancer_tls_port"])
+    res = host.run("curl -fsSk --tlsv1.3 https://127.0.0.1:%s/v1/models", str(lb["loadbalancer_tls_port"]))
     assert res.rc == 0, res.stderr
-    assert host.run("curl -fsSk --tls-max 1.2 https://127.0.0.1:%s/v1/models", lb["loadbalancer_tls_port"]).rc != 0
+    assert host.run("curl -fsSk --tls-max 1.2 https://127.0.0.1:%s/v1/models", str(lb["loadbalancer_tls_port"])).rc != 0

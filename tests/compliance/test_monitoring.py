@@ -8,14 +8,38 @@ import hashlib
 import json
 from pathlib import Path
 
+import jinja2
 import pytest
+import yaml
 
 MONITORING = Path(__file__).resolve().parents[2] / "monitoring"
 
 
+SHARED_VARS = Path(__file__).resolve().parents[2] / "playbooks" / "group_vars" / "all" / "deepfleet.yml"
+
+
+def rendered(settings: dict, host) -> dict:
+    """Role defaults may reference each other ("/models/{{ inference_runtime_model_name }}"): render them
+    with the shared playbook variables and the host's inventory, as Ansible does."""
+    context = {**yaml.safe_load(SHARED_VARS.read_text()), **host.ansible.get_variables(), **settings}
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+
+    def render(value):
+        if not (isinstance(value, str) and "{{" in value):
+            return value
+        try:
+            return env.from_string(value).render(context)
+        except jinja2.TemplateError:  # controller-side paths (role_path | dirname): not checked on hosts
+            return value
+
+    for _ in range(5):  # nested references resolve in a few passes
+        context = {k: render(v) for k, v in context.items()}
+    return context
+
+
 @pytest.fixture
 def mon(host, role_settings) -> dict:
-    return {**role_settings("monitoring"), **host.ansible.get_variables()}
+    return rendered(role_settings("monitoring"), host)
 
 
 @pytest.fixture
@@ -28,14 +52,14 @@ def server(mon) -> dict:
 def test_node_exporter_everywhere(host, mon):
     service = host.service("prometheus-node-exporter")
     assert service.is_enabled and service.is_running
-    metrics = host.check_output("curl -fsS http://127.0.0.1:%s/metrics", mon["monitoring_node_exporter_port"])
+    metrics = host.check_output("curl -fsS http://127.0.0.1:%s/metrics", str(mon["monitoring_node_exporter_port"]))
     assert "node_cpu_seconds_total" in metrics
 
 
 def test_dcgm_exporter_on_gpu_hosts(host, mon, gpu_host):
     service = host.service("dcgm-exporter")
     assert service.is_enabled and service.is_running
-    metrics = host.check_output("curl -fsS http://127.0.0.1:%s/metrics", mon["monitoring_dcgm_exporter_port"])
+    metrics = host.check_output("curl -fsS http://127.0.0.1:%s/metrics", str(mon["monitoring_dcgm_exporter_port"]))
     assert "DCGM_FI_DEV_GPU_UTIL" in metrics
 
 
@@ -55,7 +79,7 @@ def test_rules_are_the_repository_files(host, server):
 
 def api(host, server, path: str) -> dict:
     return json.loads(
-        host.check_output("curl -fsS 'http://127.0.0.1:%s%s'", server["monitoring_prometheus_port"], path)
+        host.check_output("curl -fsS 'http://127.0.0.1:%s%s'", str(server["monitoring_prometheus_port"]), path)
     )
 
 
