@@ -29,7 +29,7 @@ def test_engine_works(host, cr):
 def test_storage_driver_fits_the_filesystem(host, cr):
     if cr["container_runtime_engine"] != "podman":
         pytest.skip("podman-specific")
-    fs = host.check_output("findmnt --noheadings --output FSTYPE --target /var/lib")
+    fs = host.check_output("findmnt --noheadings --output FSTYPE --target /var/lib/containers")
     driver = host.check_output("podman info --format '{{.Store.GraphDriverName}}'")
     assert driver == ("vfs" if fs == "overlay" else "overlay")
 
