@@ -111,3 +111,9 @@ def test_bad_input_fails_before_any_change(tmp_path, role, tasks_from, extra, na
     assert res.returncode != 0, out
     assert named in out, out
     assert "changed=0" in out, out
+
+
+def test_runtime_runs_as_the_common_service_user():
+    common = yaml.safe_load((REPO / "roles/common/defaults/main.yml").read_text())
+    runtime = yaml.safe_load((REPO / "roles/inference_runtime/defaults/main.yml").read_text())
+    assert runtime["inference_runtime_user"] == common["common_service_user"]
