@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from deepfleet.batching.examples import classifier_config, export_classifier
 from deepfleet.batching.repository import write_config
 from deepfleet.defaults import BATCHER_MAX_BATCH_SIZE, BATCHER_MAX_QUEUE_DELAY_MS

@@ -71,6 +71,7 @@ def offline_closed_loop(engine, concurrency: int, n: int, prompt_len: int, outpu
 
 def serve_child(args: argparse.Namespace) -> None:
     import uvicorn
+
     from deepfleet.engine.llm_engine import EngineConfig, LLMEngine
     from deepfleet.server.app import create_app
     from deepfleet.server.config import ServeSettings
@@ -159,6 +160,7 @@ def main() -> None:
         return
 
     import httpx
+
     from deepfleet.engine.benchmark import write_shape_dir
     from deepfleet.models.tiny import make_tiny_model
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 import pulumi
 import pulumi_kubernetes as k8s
 import yaml
+
 from deepfleet.defaults import API_PORT
 from deepfleet.server.config import ServeSettings
-
 from infra.config import ConfigError, StackConfig
 
 ENVOY_IMAGE = "envoyproxy/envoy:v1.32.3"

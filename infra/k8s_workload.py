@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import pulumi
 import pulumi_kubernetes as k8s
-from deepfleet.defaults import API_PORT, SHUTDOWN_GRACE_S
 
+from deepfleet.defaults import API_PORT, SHUTDOWN_GRACE_S
 from infra import monitoring
 from infra.config import Autoscaling, Model, Networks, Workload
 from infra.gpu_catalog import GPU_RESOURCE, GPU_TOLERATION

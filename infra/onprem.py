@@ -10,8 +10,8 @@ from pathlib import Path, PurePosixPath
 
 import pulumi
 import yaml
-from deepfleet.defaults import API_PORT
 
+from deepfleet.defaults import API_PORT
 from infra import gpu_catalog
 from infra.config import ConfigError, Onprem, StackConfig, parse, read_stack_file
 from infra.runtime_settings import serve_settings

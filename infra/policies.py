@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from deepfleet.defaults import API_PORT
-
 from infra.gpu_catalog import GPU_RESOURCE
 
 ADMIN_PORTS = (22, 443, 6443, API_PORT)  # SSH, the Kubernetes API, the inference API

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from deepfleet.server.config import ServeSettings
-
 from infra.config import Model
 
 # Edge (Jetson): a handful of concurrent sequences in memory shared by CPU and GPU.

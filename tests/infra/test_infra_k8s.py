@@ -10,10 +10,10 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from deepfleet.server.metrics import LoadSnapshot, ServerMetrics
 from infra_capture import k8s_manifests, manifest
 from prometheus_client import generate_latest
 
+from deepfleet.server.metrics import LoadSnapshot, ServerMetrics
 from infra import monitoring
 from infra.config import ROOT
 from infra.mocks import Capture

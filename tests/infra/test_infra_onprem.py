@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from deepfleet.defaults import API_PORT
 
+from deepfleet.defaults import API_PORT
 from infra import onprem
 from infra.config import ROOT, ConfigError, parse, read_stack_file
 from infra.mocks import Capture

@@ -9,8 +9,8 @@ import warnings
 
 import pytest
 import yaml
-from deepfleet.defaults import API_PORT
 
+from deepfleet.defaults import API_PORT
 from infra import hybrid_routing as hr
 from infra.config import ConfigError, parse, read_stack_file
 from infra.mocks import Capture

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from deepfleet import defaults
 from deepfleet.engine.block_manager import BlockManager
 from deepfleet.engine.detokenizer import IncrementalDetokenizer, StopChecker

@@ -9,6 +9,7 @@ import logging
 import math
 
 import torch
+
 from deepfleet import defaults
 from deepfleet.engine.sampling_params import SamplingParams
 from deepfleet.engine.scheduler import SchedulerOutput

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
 from deepfleet.engine.sampling_params import SamplingParams
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from deepfleet.batching.examples import classifier_config, embedder_config, write_example_repository
 from deepfleet.batching.repository import write_config
 

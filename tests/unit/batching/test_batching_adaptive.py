@@ -1,4 +1,5 @@
 import pytest
+
 from deepfleet.batching.adaptive import AdaptiveBatchSize, LoadMeter
 
 

@@ -3,6 +3,7 @@ import time
 
 import numpy as np
 import pytest
+
 from deepfleet.batching.batcher import DynamicBatcher
 from deepfleet.batching.errors import DeadlineExceeded, ServiceUnavailable
 from deepfleet.batching.examples import classifier_config

@@ -2,10 +2,11 @@
 
 import httpx
 import pytest
+from typer.testing import CliRunner
+
 from deepfleet.batching.app import create_app
 from deepfleet.batching.service import ModelService
 from deepfleet.cli import app
-from typer.testing import CliRunner
 
 
 def test_commands_are_registered():

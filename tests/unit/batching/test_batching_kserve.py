@@ -4,11 +4,12 @@ metadata and health, and the bad-input contract: 4xx with a JSON error naming th
 import json
 
 import pytest
-from deepfleet.batching.app import create_app
-from deepfleet.batching.service import ModelService
 from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from deepfleet.batching.app import create_app
+from deepfleet.batching.service import ModelService
 
 X = [float(i) for i in range(16)]
 VALID = {"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": X}]}

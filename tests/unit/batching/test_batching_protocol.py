@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from deepfleet.batching.errors import InvalidInput
 from deepfleet.batching.examples import classifier_config
 from deepfleet.batching.protocol import decode_tensor, parse_request, timeout_seconds

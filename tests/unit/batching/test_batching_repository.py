@@ -1,5 +1,6 @@
 import pytest
 import yaml
+
 from deepfleet.batching.errors import ConfigError
 from deepfleet.batching.repository import load_model, load_repository
 from deepfleet.defaults import BATCHER_MAX_BATCH_SIZE, BATCHER_MAX_QUEUE_DELAY_MS

@@ -12,6 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import uvicorn
+
 from deepfleet.batching.app import create_app
 from deepfleet.batching.examples import classifier_config
 from deepfleet.batching.repository import ModelEntry

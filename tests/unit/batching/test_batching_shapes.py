@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+
 from deepfleet.batching.errors import InvalidInput
 from deepfleet.batching.examples import classifier_config, embedder_config
 from deepfleet.batching.shapes import assemble, prepare, split

@@ -8,13 +8,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
+
 from deepfleet.batching.app import create_app
 from deepfleet.batching.backends import load_backend
 from deepfleet.batching.backends.tensorrt import WORKSPACE_BYTES, TensorRTBackend, build_engine, profile_shapes
 from deepfleet.batching.errors import BackendUnavailable, ConfigError
 from deepfleet.batching.repository import DynamicDim, ModelConfig, ModelEntry, TensorSpec
 from deepfleet.batching.service import ModelService
-from fastapi.testclient import TestClient
 
 PLAN = b"FAKE-PLAN-v1"
 W = np.arange(12, dtype=np.float32).reshape(4, 3) / 10
@@ -216,9 +217,10 @@ def test_without_tensorrt_installed_the_backend_says_what_is_missing(tmp_path, m
 
 
 def test_build_trt_engine_command(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
     from deepfleet.batching.repository import write_config
     from deepfleet.cli import app
-    from typer.testing import CliRunner
 
     write_config(tmp_path / "trt", _config())
     (tmp_path / "trt" / "model.onnx").write_bytes(b"ONNX...")

@@ -5,11 +5,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from fastapi.testclient import TestClient
+
 from deepfleet.batching.app import create_app
 from deepfleet.batching.examples import MLPClassifier, classifier_config
 from deepfleet.batching.repository import write_config
 from deepfleet.batching.service import ModelService
-from fastapi.testclient import TestClient
 
 
 def _save(model, path):

@@ -3,6 +3,7 @@ the logits each request was sampled from."""
 
 import pytest
 import torch
+
 from deepfleet.engine.sampler import Sampler
 from deepfleet.models.tiny import ARCHS, make_tiny_model
 

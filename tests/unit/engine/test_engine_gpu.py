@@ -3,6 +3,7 @@ rounding, with CUDA graphs on (Qwen2/Llama) and chunked prefill and batching in 
 
 import pytest
 import torch
+
 from deepfleet.engine.llm_engine import EngineConfig, LLMEngine
 from deepfleet.engine.sampling_params import SamplingParams
 

@@ -4,6 +4,7 @@ prefix-cache hits. Reference: HF forward over the full sequence at every step (n
 
 import pytest
 import torch
+
 from deepfleet.engine.llm_engine import EngineConfig, LLMEngine
 from deepfleet.engine.sampling_params import SamplingParams
 

@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+
 from deepfleet import LLM, SamplingParams
 from deepfleet.engine.llm_engine import EngineConfig, LLMEngine
 

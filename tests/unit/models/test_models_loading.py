@@ -9,13 +9,14 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
 from deepfleet.cli import app
 from deepfleet.models.config import load_config
 from deepfleet.models.loader import load_model
 from deepfleet.models.tiny import make_tiny_model
 from deepfleet.models.tokenizer import Tokenizer
-from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 torch.set_num_threads(1)
 

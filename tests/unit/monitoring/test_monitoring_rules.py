@@ -265,8 +265,9 @@ def test_dashboard_threshold_lines_are_the_alert_thresholds(dashboard):
 def test_runtime_exports_every_metric_the_rules_and_dashboard_read(dashboard):
     from dataclasses import fields
 
-    from deepfleet.server.metrics import LoadSnapshot, ServerMetrics
     from prometheus_client import generate_latest
+
+    from deepfleet.server.metrics import LoadSnapshot, ServerMetrics
 
     snapshot = LoadSnapshot(**{f.name: 0 for f in fields(LoadSnapshot)})
     metrics = ServerMetrics(lambda: snapshot)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from deepfleet import defaults
 
 REPO = Path(__file__).resolve().parents[3]

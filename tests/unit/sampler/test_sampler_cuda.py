@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+
 from deepfleet.engine.sampler import Sampler, SamplingState, make_generator
 from deepfleet.engine.sampling_params import SamplingParams
 

@@ -3,12 +3,13 @@
 import random
 
 import pytest
-from deepfleet.engine.detokenizer import IncrementalDetokenizer, StopChecker
-from deepfleet.models.tokenizer import Tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from deepfleet.engine.detokenizer import IncrementalDetokenizer, StopChecker
+from deepfleet.models.tokenizer import Tokenizer
 
 CORPUS = [
     "日本語のテキスト café naïve 🙂 emoji 🙂🙂 and plain English words.",

@@ -1,6 +1,7 @@
 """SamplingParams refuses bad values with an error that names the field."""
 
 import pytest
+
 from deepfleet.engine.sampling_params import SamplingParams
 
 

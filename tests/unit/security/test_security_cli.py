@@ -2,9 +2,10 @@
 
 import stat
 
+from typer.testing import CliRunner
+
 from deepfleet.cli import app
 from deepfleet.security.crypto import KEY_ENV
-from typer.testing import CliRunner
 
 runner = CliRunner()
 

@@ -4,6 +4,7 @@ import os
 import stat
 
 import pytest
+
 from deepfleet.security.crypto import (
     CIPHERS,
     HEADER_SIZE,

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from deepfleet.security.manifest import MANIFEST_NAME, ManifestError, sha256_file, verify_manifest, write_manifest
 
 

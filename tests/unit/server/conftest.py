@@ -7,8 +7,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from deepfleet.models.tiny import make_tiny_model
 from server_helpers import LiveServer, live_server, settings_for
+
+from deepfleet.models.tiny import make_tiny_model
 
 
 @pytest.fixture(scope="session")

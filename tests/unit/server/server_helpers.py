@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import uvicorn
+
 from deepfleet.server.app import build_engine, create_app
 from deepfleet.server.config import ServeSettings
 

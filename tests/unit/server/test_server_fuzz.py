@@ -11,11 +11,12 @@ from typing import Any
 
 import httpx
 import pytest
-from deepfleet.server.app import create_app
-from deepfleet.server.config import ServeSettings
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_helpers import MODEL_NAME, live_server, settings_for
+
+from deepfleet.server.app import create_app
+from deepfleet.server.config import ServeSettings
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),

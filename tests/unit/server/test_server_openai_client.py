@@ -5,8 +5,9 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from deepfleet.server.reasoning import split_reasoning
 from server_helpers import MODEL_NAME
+
+from deepfleet.server.reasoning import split_reasoning
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about GPUs."}]
 

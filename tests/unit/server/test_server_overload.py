@@ -10,9 +10,10 @@ import time
 
 import httpx
 import pytest
-from deepfleet.server.lifecycle import run
 from server_fakes import GatedFakeEngine
 from server_helpers import MODEL_NAME, live_server, settings_for
+
+from deepfleet.server.lifecycle import run
 
 BODY = {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 3}
 

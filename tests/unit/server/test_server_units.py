@@ -9,16 +9,17 @@ import types
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from prometheus_client import generate_latest
+from typer.testing import CliRunner
+
 from deepfleet.cli import app as cli_app
 from deepfleet.server.admission import Admission, QueueFull
 from deepfleet.server.config import EngineSettings, ServeSettings, SettingsError, load_settings, parse_assignment
 from deepfleet.server.errors import field_path
 from deepfleet.server.metrics import LoadSnapshot, ServerMetrics, nvml_collector
 from deepfleet.server.reasoning import ReasoningParser, split_reasoning
-from hypothesis import given
-from hypothesis import strategies as st
-from prometheus_client import generate_latest
-from typer.testing import CliRunner
 
 README = Path(__file__).parents[3] / "runtime" / "README.md"
 
