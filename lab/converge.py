@@ -59,9 +59,11 @@ def run_site(state: State, *extra: str, playbook: Path = SITE, log=print) -> tup
 def run_compliance(inventory: str, *extra: str, log=print) -> tuple[int, str, float]:
     t0 = time.monotonic()
     rc, out = stream([sys.executable, "-m", "pytest", "tests/compliance", "--hosts=ansible://all",
-                      f"--ansible-inventory={inventory}", "-q", "-p", "no:cacheprovider", *extra], log=log)
-    last = next((ln for ln in reversed(out.strip().splitlines()) if ln.strip()), "")
-    return rc, last.strip("= "), time.monotonic() - t0
+                      f"--ansible-inventory={inventory}", "-q", "-rf", "-p", "no:cacheprovider", *extra], log=log)
+    lines = out.strip().splitlines()
+    last = next((ln for ln in reversed(lines) if ln.strip()), "").strip("= ")
+    failed = [ln.split(" - ")[0] for ln in lines if ln.startswith("FAILED ")]
+    return rc, "\n".join([last, *failed]), time.monotonic() - t0
 
 
 def site_roles(site: Path = SITE) -> list[str]:
@@ -100,7 +102,10 @@ def converge(name: str | None = None, log=print) -> int:
         log(f"  configured  {line}")
     log(f"  site.yml    {'ok' if rc_site == 0 else f'FAILED (exit {rc_site})'}: "
         + " ".join(f"{k}={v}" for k, v in totals.items()) + f" across {len(recap)} hosts in {t_site:.0f} s")
-    log(f"  compliance  {'passed' if rc_comp == 0 else 'FAILED'}: {comp_line} ({t_comp:.0f} s)")
+    comp_head, *comp_failed = comp_line.splitlines() or [""]
+    log(f"  compliance  {'passed' if rc_comp == 0 else 'FAILED'}: {comp_head} ({t_comp:.0f} s)")
+    for line in comp_failed:
+        log(f"              {line}")
     log(f"  inventory   {state.inventory}")
     log(f"  next        ssh -i {state.key} root@{state.hosts[0].ip}   |   make lab-status   |   make test   "
         "|   make lab-down")
