@@ -5,6 +5,11 @@ from pathlib import Path
 
 import pytest
 
+# ansible-core replaces sys.intern with a patch object when imported (the role tests import it); torch's dynamo
+# registers a polyfill for sys.intern when it is first imported and refuses a non-function. Importing dynamo
+# first keeps both working in one pytest process.
+import torch._dynamo  # noqa: F401,E402  isort: skip
+
 COMPLIANCE_DIR = Path(__file__).parent / "compliance"
 
 
