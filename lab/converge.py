@@ -49,6 +49,19 @@ def parse_recap(output: str) -> dict[str, dict[str, int]]:
     return recap
 
 
+def changed_tasks(output: str) -> list[str]:
+    """'TASK name: host' for every task result reported as changed in an ansible-playbook output."""
+    out, task = [], ""
+    for line in output.splitlines():
+        m = re.match(r"^TASK \[(.*)\]", line)
+        if m:
+            task = m[1]
+        m = re.match(r"^changed: \[([^\]]+)\]", line)
+        if m:
+            out.append(f"{task}: {m[1]}")
+    return out
+
+
 def run_site(state: State, *extra: str, playbook: Path = SITE, log=print) -> tuple[int, dict, float]:
     """ansible-playbook against the lab: (exit code, PLAY RECAP per host, seconds)."""
     t0 = time.monotonic()

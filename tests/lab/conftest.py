@@ -28,6 +28,7 @@ class Lab:
     state: State
     playbook: Path
     timings: dict[str, float] = field(default_factory=dict)
+    last_output: str = ""  # of the latest site() run
 
     @property
     def name(self) -> str:
@@ -54,7 +55,10 @@ class Lab:
 
     def site(self, *extra: str) -> tuple[int, dict[str, dict[str, int]], float]:
         """Run the converge playbook again: (rc, PLAY RECAP per host, seconds)."""
-        return run_site(self.state, *extra, playbook=self.playbook, log=lambda _line: None)
+        lines: list[str] = []
+        result = run_site(self.state, *extra, playbook=self.playbook, log=lines.append)
+        self.last_output = "\n".join(lines)
+        return result
 
     def compliance(self, *extra: str) -> tuple[int, str, float]:
         return run_compliance(self.inventory, *extra, log=lambda _line: None)

@@ -12,6 +12,7 @@ import pytest
 
 from lab import instance, teardown
 from lab.config import REPO
+from lab.converge import changed_tasks
 from lab.state import load
 
 # The first test also pays for the session fixture: a cold root filesystem build and the first converge.
@@ -43,7 +44,7 @@ def test_second_converge_changes_nothing(lab):
     assert rc == 0
     assert set(recap) == {h.name for h in lab.hosts}
     changed = {h: c["changed"] for h, c in recap.items() if c["changed"] or c["failed"] or c["unreachable"]}
-    assert not changed, f"{lab.playbook.name} is not idempotent: {recap}"
+    assert not changed, f"{lab.playbook.name} is not idempotent: {changed_tasks(lab.last_output)} {recap}"
 
 
 def test_compliance_suite_passes(lab):
