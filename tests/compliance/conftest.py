@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jinja2
 import pytest
 import yaml
 
@@ -66,3 +67,30 @@ def gpu_host(host, gpu_device_ids) -> int:
 def role_settings(host):
     """role_settings('nccl'): that role's defaults overridden by this host's inventory variables."""
     return lambda role: role_vars(host, role)
+
+SHARED_VARS = Path(__file__).resolve().parents[2] / "playbooks" / "group_vars" / "all" / "deepfleet.yml"
+
+
+def rendered(settings: dict, host) -> dict:
+    """Role defaults may reference each other ("/models/{{ inference_runtime_model_name }}"): render them
+    with the shared playbook variables and the host's inventory, as Ansible does."""
+    context = {**yaml.safe_load(SHARED_VARS.read_text()), **host.ansible.get_variables(), **settings}
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+
+    def render(value):
+        if not (isinstance(value, str) and "{{" in value):
+            return value
+        try:
+            return env.from_string(value).render(context)
+        except jinja2.TemplateError:  # controller-side paths (role_path | dirname): not checked on hosts
+            return value
+
+    for _ in range(5):  # nested references resolve in a few passes
+        context = {k: render(v) for k, v in context.items()}
+    return context
+
+
+@pytest.fixture
+def rendered_settings(host):
+    """rendered_settings('loadbalancer'): role_settings with the Jinja references between defaults resolved."""
+    return lambda role: rendered(role_vars(host, role), host)

@@ -4,39 +4,16 @@ virtual environment, the model on the hot tier, the configuration, and a hardene
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import jinja2
 import pytest
 import yaml
 
-SHARED_VARS = Path(__file__).resolve().parents[2] / "playbooks" / "group_vars" / "all" / "deepfleet.yml"
-
-
-def rendered(settings: dict, host) -> dict:
-    """Role defaults may reference each other ("/models/{{ inference_runtime_model_name }}"): render them
-    with the shared playbook variables and the host's inventory, as Ansible does."""
-    context = {**yaml.safe_load(SHARED_VARS.read_text()), **host.ansible.get_variables(), **settings}
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
-
-    def render(value):
-        if not (isinstance(value, str) and "{{" in value):
-            return value
-        try:
-            return env.from_string(value).render(context)
-        except jinja2.TemplateError:  # controller-side paths (role_path | dirname): not checked on hosts
-            return value
-
-    for _ in range(5):  # nested references resolve in a few passes
-        context = {k: render(v) for k, v in context.items()}
-    return context
-
 
 @pytest.fixture
-def rt(host, role_settings) -> dict:
+def rt(host, rendered_settings) -> dict:
     if "gpu_nodes" not in host.ansible.get_variables()["group_names"]:
         pytest.skip("not a runtime host (group gpu_nodes)")
-    return rendered(role_settings("inference_runtime"), host)
+    return rendered_settings("inference_runtime")
 
 
 def unit_properties(host, *names: str) -> dict[str, str]:
