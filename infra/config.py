@@ -8,12 +8,12 @@ import re
 from collections.abc import Mapping
 from itertools import combinations
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pulumi
 import yaml
 from pulumi.runtime import config as runtime_config
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from infra import gpu_catalog
 
@@ -225,6 +225,9 @@ class Autoscaling(Strict):
 
 class Networks(Strict):
     allowed: list[Cidr] = Field(min_length=1)  # who may reach the API and SSH; never 0.0.0.0/0
+    # Who may reach the load balancers' client ports (Ansible: hardening_client_networks). Each entry is checked
+    # on its own, so an error names its index. Without it: StackConfig.client_networks (the declared networks).
+    clients: list[Annotated[Cidr, AfterValidator(_check_cidr)]] | None = Field(default=None, min_length=1)
 
     @field_validator("allowed")
     @classmethod
@@ -328,13 +331,28 @@ class StackConfig(Strict):
                 raise ValueError(f"workload.resources.gpus: {self.workload.resources.gpus} > {per_node} GPUs per node")
         if self.routing and not (self.onprem and self.workload):
             raise ValueError("routing: needs onprem hosts (served first) and a workload (the cluster it runs in)")
-        networks = [("aws.vpc_cidr", self.aws.vpc_cidr)] if self.aws else []
-        networks += [("onprem.network_cidr", self.onprem.network_cidr)] if self.onprem else []
-        networks += [("edge.network_cidr", self.edge.network_cidr)] if self.edge else []
-        for (key_a, a), (key_b, b) in combinations(networks, 2):
+        for (key_a, a), (key_b, b) in combinations(self.site_networks, 2):
             if _network(a).overlaps(_network(b)):
                 raise ValueError(f"{key_b}: {b} overlaps {key_a} {a} (hybrid routing needs disjoint networks)")
         return self
+
+    @property
+    def site_networks(self) -> list[tuple[str, Cidr]]:
+        """(key, CIDR) of the networks the stack's own sites live in: cloud VPC, on-prem hosts, edge devices."""
+        networks = [("aws.vpc_cidr", self.aws.vpc_cidr)] if self.aws else []
+        networks += [("onprem.network_cidr", self.onprem.network_cidr)] if self.onprem else []
+        networks += [("edge.network_cidr", self.edge.network_cidr)] if self.edge else []
+        return networks
+
+    @property
+    def client_networks(self) -> list[Cidr]:
+        """Who may reach the load balancers' client ports: `networks.clients` where declared, else the networks
+        the stack declares anyway (networks.allowed, then its sites' networks), without duplicates. Never the
+        world by default: 0.0.0.0/0 gets there only written out in `networks.clients`."""
+        if self.networks.clients is not None:
+            return list(self.networks.clients)
+        declared = [*self.networks.allowed, *(cidr for _, cidr in self.site_networks)]
+        return list(dict.fromkeys(declared))
 
 
 _SUBKEY = re.compile(r"^([a-z_]+(?:\[\d+\])?(?:\.[a-z_]+(?:\[\d+\])?)*): ")

@@ -17,6 +17,8 @@ from infra.config import ConfigError, Onprem, StackConfig, parse, read_stack_fil
 from infra.runtime_settings import serve_settings
 
 GPU_GROUP = "gpu_nodes"  # the group playbooks/gpu.yml and the nccl role target
+# Jetson devices: playbooks/runtime.yml serves the small model there; playbooks/gpu.yml leaves their driver and
+# CUDA to JetPack (the nvidia_driver and cuda roles refuse hosts of this group).
 EDGE_GROUP = "edge"
 
 
@@ -99,6 +101,8 @@ def render_inventory(cfg: StackConfig) -> dict[str, str]:
         {
             "deepfleet_api_port": API_PORT,
             "deepfleet_allowed_networks": list(cfg.networks.allowed),
+            # The load balancers' client ports (roles/hardening): the role's default is the whole world.
+            "hardening_client_networks": cfg.client_networks,
         }
     )
     f = onprem.fabric

@@ -1,8 +1,10 @@
 """On-prem + edge: the stack config renders an inventory `ansible-inventory` accepts, with the roles' own
-variable names, the RoCE fabric plan, and the edge group's small-model profile."""
+variable names, the RoCE fabric plan, the networks of the hardening role, and the edge group's small-model
+profile."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import subprocess
@@ -15,7 +17,8 @@ import yaml
 from deepfleet.defaults import API_PORT
 from infra import onprem
 from infra.config import ROOT, ConfigError, parse, read_stack_file
-from infra.mocks import Capture
+from infra.mocks import Capture, run
+from infra.runtime_settings import serve_settings
 
 ANSIBLE_INVENTORY = Path(sys.executable).parent / "ansible-inventory"
 ROLE_PREFIXES = {
@@ -25,6 +28,7 @@ ROLE_PREFIXES = {
     "inference_runtime_": "inference_runtime",
     "storage_tiers_": "storage_tiers",
     "nvidia_driver_": "nvidia_driver",
+    "hardening_": "hardening",
 }
 
 
@@ -126,3 +130,68 @@ def test_cli_writes_the_files_and_rejects_a_stack_without_onprem(tmp_path: Path,
     assert "deepfleet:onprem: required to render an inventory" in capsys.readouterr().err
     with pytest.raises(ConfigError):
         onprem.render_inventory(parse(read_stack_file("aws")))
+
+
+def _onprem(edit) -> dict:
+    raw = copy.deepcopy(read_stack_file("onprem"))
+    edit(raw)
+    return raw
+
+
+def _rendered(capture: Capture, rel: str) -> dict:
+    return yaml.safe_load(capture.outputs["inventory"][rel])
+
+
+def test_client_networks_are_rendered_from_the_stack_config() -> None:
+    clients = ["10.20.0.0/24", "172.16.8.0/22"]
+    capture = run("onprem", _onprem(lambda r: r["networks"].update(clients=clients)))
+    rendered = _rendered(capture, "group_vars/all.yml")
+    assert rendered["hardening_client_networks"] == clients
+    assert rendered["deepfleet_allowed_networks"] == ["10.20.0.0/24", "10.30.0.0/24", "192.168.10.0/24"]
+
+
+def test_client_networks_default_to_the_declared_networks_never_the_world(onprem_stack: Capture) -> None:
+    # The hardening role's own default is ["0.0.0.0/0", "::/0"]: a stack without networks.clients must not get it.
+    rendered = _rendered(onprem_stack, "group_vars/all.yml")
+    # networks.allowed, then onprem.network_cidr and edge.network_cidr (already in allowed: listed once).
+    assert rendered["hardening_client_networks"] == ["10.20.0.0/24", "10.30.0.0/24", "192.168.10.0/24"]
+    hybrid = parse(read_stack_file("hybrid"))
+    assert hybrid.client_networks == ["10.20.0.0/24", "10.30.0.0/24", "10.40.0.0/16"]
+    without_edge = parse(_onprem(lambda r: (r.pop("edge"), r["networks"].update(allowed=["192.168.10.0/24"]))))
+    assert without_edge.client_networks == ["192.168.10.0/24", "10.20.0.0/24"]
+
+
+@pytest.mark.parametrize(
+    ("clients", "message"),
+    [
+        (["10.20.0.0/24", "10.0.0.300/24"], "deepfleet:networks.clients[1]: not an IPv4 CIDR network"),
+        (["10.20.0.5/24"], "deepfleet:networks.clients[0]: not an IPv4 CIDR network: 10.20.0.5/24 has host bits"),
+        ([], "deepfleet:networks.clients: List should have at least 1 item"),
+        ("10.0.0.0/8", "deepfleet:networks.clients: Input should be a valid list"),
+    ],
+)
+def test_bad_client_network_fails_naming_the_key(clients, message: str) -> None:
+    capture = Capture("bad")
+    with pytest.raises(ConfigError) as err:
+        run("onprem", _onprem(lambda r: r["networks"].update(clients=clients)), capture)
+    assert message in str(err.value)
+    assert capture.resources == []  # stopped in config validation, nothing registered
+
+
+def test_edge_group_carries_the_devices_and_the_small_model() -> None:
+    raw = _onprem(lambda r: r["model"].update(edge_max_model_len=2048))
+    capture = run("onprem", raw)
+    cfg = parse(raw)
+    hosts = _rendered(capture, "hosts.yml")["all"]["children"]
+    assert {name: h["ansible_host"] for name, h in hosts[onprem.EDGE_GROUP]["hosts"].items()} == {
+        d.name: d.address for d in cfg.edge.devices
+    }
+    assert not set(hosts[onprem.EDGE_GROUP]["hosts"]) & set(hosts[onprem.GPU_GROUP]["hosts"])
+    edge = _rendered(capture, f"group_vars/{onprem.EDGE_GROUP}.yml")
+    assert edge["inference_runtime_config"] == serve_settings(cfg.model, edge=True)  # one definition, reused
+    assert edge["inference_runtime_config"]["engine"]["max_model_len"] == 2048
+    assert edge["inference_runtime_config"]["served_model_name"] == cfg.model.edge_name
+    assert edge["inference_runtime_model_dir"] == "/models/deepseek-r1-distill-qwen-1.5b"
+    gpu = _rendered(capture, f"group_vars/{onprem.GPU_GROUP}.yml")
+    assert gpu["inference_runtime_config"]["served_model_name"] == cfg.model.name
+    assert "max_model_len" not in gpu["inference_runtime_config"]["engine"]
