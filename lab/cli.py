@@ -101,6 +101,9 @@ def _dispatch(args) -> int:
             print(f"lab {lab['name']}: {lab['status']}  subnet {lab['subnet']}  apt proxy {lab['apt_proxy']}")
             for h in lab["hosts"]:
                 print(f"  {h['name']:6} {h['ip']:13} ssh {'up' if h['ssh'] else 'DOWN'}")
+                for d in h["disks"]:
+                    print(f"         {d['tier']:4} tier {d['device']:11} {d['size_mib']} MiB sparse "
+                          f"{'' if d['attached'] else '(DETACHED) '}{d['file']}")
             print(f"  inventory {lab['inventory']}")
         return 0
     raise AssertionError(args.cmd)

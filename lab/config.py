@@ -31,6 +31,9 @@ SUBNET_BASE = "10.77"  # each instance takes a free 10.77.X.0/24
 HOST_OFFSET = 10  # lab-1 is .11
 APT_PORT_RANGE = range(3142, 3242)
 SSH_TIMEOUT_S = 90
+# Every lab host gets one sparse file-backed loop device per storage tier (lab/disks.py); mkfs.xfs needs
+# >= 300 MiB. One device per tier: several would make an md RAID0, and this kernel may have no md driver.
+TIER_SIZES_MIB = {"hot": 512, "warm": 320, "cold": 320}
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 IFNAMSIZ = 15  # Linux interface names: at most 15 characters
 
@@ -151,6 +154,7 @@ REQUIRED_TOOLS = {
     "nft": "nftables",
     "ssh": "openssh-client",
     "ssh-keygen": "openssh-client",
+    "losetup": "mount",
 }
 
 

@@ -16,7 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from lab import rootfs, system
+from lab import disks, rootfs, system
 from lab.config import (
     CACHE_ROOT,
     GLOBAL_LOCK,
@@ -77,6 +77,7 @@ def preflight(name: str, hosts: int, apt_port: int | None) -> None:
     check_root()
     check_tools()
     check_kernel()
+    disks.check_loop_support()
     validate_port(apt_port)
 
 
@@ -119,6 +120,8 @@ def healthy(state: State) -> bool:
             return False
         if res["kind"] in ("bridge", "veth") and not system.link_exists(res["name"]):
             return False
+        if res["kind"] == "loop" and not disks.attached(res):
+            return False
     return all(_port_open(h.ip, 22, 1.0) for h in state.hosts)
 
 
@@ -147,10 +150,12 @@ def up(name: str | None = None, hosts: int = 2, apt_port: int | None = None, log
                                f"see above, then `python -m lab down --name {name}`")
         names = Names.for_state_dir(state_dir(name))
         foreign = foreign_objects(names, MAX_HOSTS)
+        foreign += [f"loop device {d}" for d in disks.attached_under(state_dir(name))]
         if foreign:
             raise LabError(
                 f"{', '.join(foreign)} exist(s) but lab/.state/{name} records none of it (its state was lost?)",
-                "remove them by hand (ip link del / ip netns del / nft delete table) or use another --name",
+                "remove them by hand (ip link del / ip netns del / nft delete table / losetup -d) or use another "
+                "--name",
             )
         state = State.new(name)
         t0 = time.monotonic()
@@ -208,9 +213,13 @@ def _create(state: State, n: int, apt_port: int | None, log) -> None:
         rootfs.personalize(Path(host.root), hostname=hn, hosts=addrs, authorized_key=authorized,
                            apt_proxy=state.apt_proxy)
         _network(state, host, i, net.prefixlen)
+        # before the host starts: `down` then stops the container (releasing its mounts) before detaching
+        disks.attach(state, host, host_dir / "disks", log)
         _start_host(state, host, i)
 
     _wait_ssh(state)
+    for host in state.hosts:
+        disks.make_nodes(state, host, ssh)
     write_inventory(state)
     state.record("path", path=str(inventory_path(state.name)), prune_empty_parent=str(INVENTORY_ROOT))
     state.status = "up"
@@ -341,7 +350,10 @@ def describe(state: State) -> dict:
         "subnet": state.subnet,
         "apt_proxy": state.apt_proxy,
         "inventory": str(inventory_path(state.name)),
-        "hosts": [{"name": h.name, "ip": h.ip, "ssh": _port_open(h.ip, 22, 0.5)} for h in state.hosts],
+        "hosts": [{"name": h.name, "ip": h.ip, "ssh": _port_open(h.ip, 22, 0.5),
+                   "disks": [{"tier": r["tier"], "device": r["device"], "file": r["file"], "size_mib": r["size_mib"],
+                              "attached": disks.attached(r)} for r in disks.host_loops(state, h.name)]}
+                  for h in state.hosts],
     }
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from lab.config import INVENTORY_ROOT, default_name
+from lab.disks import tier_devices
 
 SSH_OPTS = "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"
 
@@ -16,8 +17,16 @@ def inventory_path(name: str) -> Path:
     return INVENTORY_ROOT / "hosts.yml" if name == default_name() else INVENTORY_ROOT / name / "hosts.yml"
 
 
+def host_vars(state, host) -> dict:
+    """ansible_host, and the host's loop devices as its storage tiers (one device per tier)."""
+    out = {"ansible_host": host.ip}
+    for tier, devices in tier_devices(state, host.name).items():
+        out[f"storage_tiers_{tier}_devices"] = devices
+    return out
+
+
 def render(state) -> dict:
-    hosts = {h.name: {"ansible_host": h.ip} for h in state.hosts}
+    hosts = {h.name: host_vars(state, h) for h in state.hosts}
     first = state.hosts[0].name
     return {
         "all": {

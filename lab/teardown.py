@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from lab import system
+from lab import disks, system
 from lab.config import LabError
 from lab.state import State
 
@@ -97,6 +97,7 @@ UNDO = {
     "nspawn_runtime": undo_nspawn_runtime,
     "mount": undo_mount,
     "path": undo_path,
+    "loop": disks.undo_loop,
 }
 
 
@@ -123,6 +124,8 @@ def teardown(state: State, log=print) -> list[str]:
 
 
 def _label(res: dict) -> str:
+    if res["kind"] == "loop":
+        return f"{res.get('device') or '(not attached)'} ({res['file']})"
     return str(res.get("name") or res.get("path") or res.get("table") or res.get("machine") or res.get("pid") or "")
 
 
@@ -148,6 +151,8 @@ def remaining(resources: list[dict]) -> list[str]:
                            for sub in ("propagate", "unix-export"))
         elif kind == "path":
             gone = not Path(res["path"]).exists()
+        elif kind == "loop":
+            gone = not disks.backed_by(res["file"])
         else:  # run_netns_mount: shared with other labs by nature, undone only when unused
             continue
         if not gone:

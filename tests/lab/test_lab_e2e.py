@@ -10,13 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from lab import instance, teardown
+from lab import disks, instance, teardown
 from lab.config import REPO
 from lab.converge import changed_tasks
 from lab.state import load
 
 # The first test also pays for the session fixture: a cold root filesystem build and the first converge.
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(2400)]
+
+MODEL_DIR = "/models/tiny-qwen2"
 
 # Units allowed to fail inside an nspawn container, each with the reason. Add one only with a real reason.
 CONTAINER_EXPECTED_FAILURES: dict[str, str] = {
@@ -51,6 +53,23 @@ def test_compliance_suite_passes(lab):
     rc, summary, seconds = lab.compliance()
     lab.timings["compliance"] = seconds
     assert rc == 0, summary
+
+
+def test_storage_tiers_are_xfs_on_the_lab_loop_devices(lab):
+    """`lab up` gives every host a loop device per tier, the inventory declares them, site.yml builds XFS tiers
+    on them, the model lands on the hot tier, and the compliance storage checks run (none skipped)."""
+    mounts = {"hot": "/models", "warm": "/cache", "cold": "/logs"}
+    for host in lab.hosts:
+        devices = disks.tier_devices(lab.state, host.name)
+        assert set(devices) == set(mounts), f"{host.name}: {devices}"
+        for tier, [dev] in devices.items():
+            found = lab.ssh(host, f"findmnt -no SOURCE,FSTYPE,OPTIONS {mounts[tier]}").stdout.split()
+            assert found[:2] == [dev, "xfs"] and "noatime" in found[2].split(","), (host.name, tier, found)
+        # inference_runtime_model_dir (roles/inference_runtime defaults): /models/<model name>
+        model = lab.ssh(host, f"findmnt -no TARGET --target {MODEL_DIR} && test -f {MODEL_DIR}/config.json")
+        assert model.returncode == 0 and model.stdout.strip() == "/models", (host.name, model.stdout, model.stderr)
+    rc, summary, _ = lab.compliance("-k", "test_declared_tiers_are_mounted_xfs", "-rs")
+    assert rc == 0 and f"{len(lab.hosts)} passed" in summary and "skipped" not in summary, summary
 
 
 def test_hosts_have_only_the_lab_route(lab):
@@ -99,10 +118,14 @@ def test_down_removes_everything_it_recorded(lab):
     assert state.subnet != lab.state.subnet and state.apt_port != lab.state.apt_port
     recorded = list(state.resources)
     kinds = {r["kind"] for r in recorded}
-    assert {"bridge", "veth", "netns", "process", "mount", "cgroup", "nft", "path"} <= kinds
+    assert {"bridge", "veth", "netns", "process", "mount", "cgroup", "nft", "path", "loop"} <= kinds
+    images = [r["file"] for r in recorded if r["kind"] == "loop"]
+    assert len(images) == 3 and all(disks.backed_by(f) for f in images), images
     assert instance.down("pytest-down")
-    # processes (by PID + start time) and their cgroups, mounts, netns, veths, bridge, nft table, files
+    # processes (by PID + start time) and their cgroups, mounts, netns, veths, bridge, nft table, loop devices,
+    # files
     assert teardown.remaining(recorded) == []
+    assert not any(disks.backed_by(f) or Path(f).exists() for f in images), "a loop device or its file is left"
     assert not Path(state.state_dir).exists()
     assert lab.ssh(lab.hosts[0], "true").returncode == 0, "taking down one lab must not touch another"
 

@@ -1,7 +1,9 @@
 """Lab checks of the GPU/fabric/storage/hardening roles beyond one converge:
 - wrong variables fail at the validation step, naming the variable, with nothing changed on the host;
 - storage_tiers on real block devices: loop devices made on the controller and handed to a lab host
-  (the device node is created inside the container; the role itself only sees block devices)."""
+  (the device node is created inside the container; the role itself only sees block devices). Every lab host
+  already has its own tiers on /models, /cache, /logs (lab/disks.py, built by site.yml); this test builds a
+  second set beside them on other mount points, so the lab's tiers -- and the model on the hot one -- stay."""
 
 from __future__ import annotations
 
@@ -50,6 +52,9 @@ def test_bad_input_fails_early_naming_the_variable(lab, playbook, extra, message
 
 # ---------------------------------------------------------------- storage tiers on loop devices
 TIER_SIZE = "320M"  # mkfs.xfs needs >= 300 MiB
+# Not the lab's own tier mount points (/models, /cache, /logs): those hold the converged runtime's model.
+TEST_MOUNTS = {"hot": "/looptest/hot", "warm": "/looptest/warm", "cold": "/looptest/cold"}
+TEST_UNITS = ["looptest-hot.mount", "looptest-warm.mount", "looptest-cold.mount"]
 
 
 @pytest.fixture
@@ -71,9 +76,8 @@ def loop_devices(lab, tmp_path):
             assert made.returncode == 0, made.stderr
         yield host, devices
     finally:
-        units = " ".join(["models.mount", "cache.mount", "logs.mount"])
-        lab.ssh(host, f"systemctl disable --now {units} 2>/dev/null; "
-                      f"rm -f /etc/systemd/system/{{models,cache,logs}}.mount; systemctl daemon-reload; "
+        lab.ssh(host, f"systemctl disable --now {' '.join(TEST_UNITS)} 2>/dev/null; "
+                      f"rm -f {' '.join('/etc/systemd/system/' + u for u in TEST_UNITS)}; systemctl daemon-reload; "
                       f"rm -f {' '.join(devices)}")
         for dev in devices:
             subprocess.run(["losetup", "-d", dev], check=False)
@@ -92,6 +96,7 @@ def test_storage_tiers_on_loop_devices(lab, loop_devices, tmp_path):
     host, (hot, warm, cold) = loop_devices
     inv = _overlay_inventory(lab, tmp_path, host.name, {
         "storage_tiers_hot_devices": [hot], "storage_tiers_warm_devices": [warm], "storage_tiers_cold_devices": [cold],
+        **{f"storage_tiers_{tier}_mount": mount for tier, mount in TEST_MOUNTS.items()},
     })
     args = ["-i", str(inv), "--limit", host.name, "playbooks/storage.yml"]
     rc, out = lab.ansible(*args)
@@ -101,7 +106,7 @@ def test_storage_tiers_on_loop_devices(lab, loop_devices, tmp_path):
     rc, out = lab.ansible(*args, "--check", "--diff")
     assert rc == 0 and _recap(out)[host.name]["changed"] == 0, out[-3000:]
 
-    for mount, dev in (("/models", hot), ("/cache", warm), ("/logs", cold)):
+    for mount, dev in ((TEST_MOUNTS["hot"], hot), (TEST_MOUNTS["warm"], warm), (TEST_MOUNTS["cold"], cold)):
         found = lab.ssh(host, f"findmnt -no SOURCE,FSTYPE,OPTIONS {mount}").stdout.split()
         assert found[:2] == [dev, "xfs"] and "noatime" in found[2].split(","), (mount, found)
     # the compliance checks of the role, against the same declaration
@@ -113,9 +118,11 @@ def test_storage_tiers_on_loop_devices(lab, loop_devices, tmp_path):
     )
     assert cp.returncode == 0 and " skipped" not in cp.stdout.splitlines()[-1], cp.stdout[-3000:]
 
-    # restore the host's declared (empty) tiers: log rotation back to its default archive
+    # restore the host's declared tiers: log rotation back to the archive on the lab's cold tier
     rc, out = lab.ansible("--limit", host.name, "playbooks/storage.yml")
     assert rc == 0, out[-3000:]
+    for mount in ("/models", "/cache", "/logs"):  # the lab's own tiers were left alone
+        assert lab.ssh(host, f"findmnt -no FSTYPE {mount}").stdout.strip() == "xfs", mount
 
 
 def test_raid_tier_needs_md_and_says_so(lab, loop_devices, tmp_path):
