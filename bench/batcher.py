@@ -126,13 +126,14 @@ def window_means(before: dict, after: dict) -> dict:
 
 
 class Served:
-    def __init__(self, repo: Path):
-        self.repo, self.port = repo, free_port()
+    def __init__(self, repo: Path, cpus: set[int] | None):
+        self.repo, self.port, self.cpus = repo, free_port(), cpus
 
     def __enter__(self):
         cli = [sys.executable, "-c", "from deepfleet.cli import main; main()"]  # works without the console script
+        pin = (lambda: os.sched_setaffinity(0, self.cpus)) if self.cpus else None
         self.proc = subprocess.Popen([*cli, "serve-models", str(self.repo), "--port", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=pin)
         deadline = time.time() + 60
         while True:
             try:
@@ -168,7 +169,7 @@ def run(args) -> list[dict]:
                                            **settings)
                 write_config(repo / "classifier", config)
                 shutil.copy(model_file, repo / "classifier" / "model.onnx")
-                with Served(repo) as srv:
+                with Served(repo, args.server_cpus) as srv:
                     path = "/v2/models/classifier/infer"
                     asyncio.run(drive(srv.port, path, body, args.clients, args.warmup, 10**9))
                     for clients in (args.clients, 1):
@@ -204,6 +205,10 @@ def table(rows: list[dict], clients: int) -> str:
     return "\n".join(out)
 
 
+def _cpus(text: str) -> set[int]:
+    return {int(c) for c in text.split(",")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["small", "wide"])
@@ -213,10 +218,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (same for all)")
     parser.add_argument("--out", type=Path, default=Path("bench/.out/batcher.json"))
+    parser.add_argument("--server-cpus", type=_cpus, help="pin the server to these cores, e.g. 0,1")
+    parser.add_argument("--client-cpus", type=_cpus, help="pin the load generator to these cores, e.g. 2,3 "
+                        "(clients are other machines in production: keep them off the server's cores)")
     args = parser.parse_args()
+    if args.client_cpus:
+        os.sched_setaffinity(0, args.client_cpus)
     rows = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "defaults": {
+    meta = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "server_cpus": sorted(args.server_cpus or []),
+            "client_cpus": sorted(args.client_cpus or []), "defaults": {
         "max_batch_size": BATCHER_MAX_BATCH_SIZE, "max_queue_delay_ms": BATCHER_MAX_QUEUE_DELAY_MS}}
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(table(rows, args.clients))

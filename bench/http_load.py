@@ -5,7 +5,8 @@
 A server process (`serve-child`) builds the engine (random-weight DeepSeek-R1-Distill-Qwen shape, bf16, dummy
 weights) and first measures it *offline*: a closed loop keeping C requests in flight through `LLMEngine`
 directly. Then it serves that engine over HTTP (the real app: admission, async loop, SSE), and this process runs
-the same closed loop with C concurrent streaming clients. Both report requests/s, output tokens/s and TTFT
+the same closed loop with C concurrent streaming clients, spread over `--client-processes` processes so the
+load generator is not what is measured. Both report requests/s, output tokens/s and TTFT
 P50/P99, so the HTTP + scheduling overhead is the difference. Results go to bench/RESULTS.md.
 """
 
@@ -98,11 +99,12 @@ def serve_child(args: argparse.Namespace) -> None:
 # ---- load generator --------------------------------------------------------------------------------------------
 
 
-async def http_closed_loop(url: str, concurrency: int, n: int, prompt_len: int, output_len: int, seed: int) -> dict:
+async def _client_share(url: str, indices: list[int], concurrency: int, prompts: list[list[int]],
+                        output_len: int) -> dict:
+    """One load-generator process: `concurrency` streaming clients working through `indices`."""
     import httpx
 
-    prompts = _prompts(n, prompt_len, seed)  # other seeds than the offline run's: no prefix-cache head start
-    queue = list(range(n))
+    queue = list(indices)
     ttfts: list[float] = []
     tokens, errors = 0, []
 
@@ -110,13 +112,13 @@ async def http_closed_loop(url: str, concurrency: int, n: int, prompt_len: int, 
         nonlocal tokens
         body = {"model": MODEL_NAME, "prompt": prompts[i], "max_tokens": output_len, "temperature": 0,
                 "ignore_eos": True, "stream": True, "logprobs": 0, "stream_options": {"include_usage": True}}
-        t = time.perf_counter()
+        t = time.monotonic()
         first = True
         async with client.stream("POST", "/v1/completions", json=body) as r:
             r.raise_for_status()
             async for line in r.aiter_lines():
                 if first and line.startswith("data: "):
-                    ttfts.append(time.perf_counter() - t)  # an event is sent per step with new tokens
+                    ttfts.append(time.monotonic() - t)  # an event is sent per step with new tokens
                     first = False
                 if line.startswith('data: {"id"') and '"choices":[]' in line:
                     tokens += json.loads(line[6:])["usage"]["completion_tokens"]
@@ -130,9 +132,31 @@ async def http_closed_loop(url: str, concurrency: int, n: int, prompt_len: int, 
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=600) as client:
-        t0 = time.perf_counter()
+        start = time.monotonic()
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
-        result = _summary(ttfts, tokens, time.perf_counter() - t0, n - len(errors))
+    return {"ttfts": ttfts, "tokens": tokens, "errors": errors, "start": start, "end": time.monotonic()}
+
+
+def _run_share(args: tuple) -> dict:
+    return asyncio.run(_client_share(*args))
+
+
+def http_closed_loop(url: str, concurrency: int, n: int, prompt_len: int, output_len: int, seed: int,
+                     processes: int) -> dict:
+    """C streaming clients spread over several processes: one Python process parsing SSE tops out at a few
+    thousand events/s, which would measure the load generator instead of the server."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    prompts = _prompts(n, prompt_len, seed)  # other seeds than the offline run's: no prefix-cache head start
+    workers = max(1, min(processes, concurrency))
+    shares = [(url, list(range(w, n, workers)), concurrency // workers + (w < concurrency % workers), prompts,
+               output_len) for w in range(workers)]
+    with ProcessPoolExecutor(workers) as pool:
+        parts = list(pool.map(_run_share, shares))
+    errors = [e for part in parts for e in part["errors"]]
+    elapsed = max(part["end"] for part in parts) - min(part["start"] for part in parts)
+    result = _summary([t for part in parts for t in part["ttfts"]], sum(part["tokens"] for part in parts), elapsed,
+                      n - len(errors))
     result["errors"] = len(errors)
     if errors:
         print(f"C={concurrency}: {len(errors)} failed requests, e.g. {errors[0]}")
@@ -152,6 +176,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--port", type=int, default=18000)
+    ap.add_argument("--client-processes", type=int, default=8, help="load-generator processes (clients spread "
+                    "evenly); keep them on cores the server does not need")
     ap.add_argument("--model-dir")
     ap.add_argument("--offline-out")
     args = ap.parse_args()
@@ -191,8 +217,8 @@ def main() -> None:
             offline = {int(k): v for k, v in json.loads(offline_out.read_text()).items()}
             _print_header(args)
             for c in args.concurrency:  # each row as soon as it is measured: a cut-short run keeps what it has
-                online = asyncio.run(http_closed_loop(url, c, _num_requests(c, args), args.prompt_len,
-                                                      args.output_len, 10_000 + c))
+                online = http_closed_loop(url, c, _num_requests(c, args), args.prompt_len, args.output_len,
+                                          10_000 + c, args.client_processes)
                 _print_row(c, _num_requests(c, args), offline[c], online)
             metrics = httpx.get(url + "/metrics").text
             wanted = ("deepseek_gpu", "deepseek_inference_pre")

@@ -116,16 +116,32 @@ class ModelRunner:
     # ---- execution ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> torch.Tensor | None:
-        """Run one step. Returns logits [num sampled sequences, vocab] (float32), or None if none is sampled."""
-        is_decode = all(n == 1 for _, n in out.scheduled)
-        if self.use_graphs and is_decode and len(out.scheduled) <= self.graph_max_batch:
-            hidden, rows = self._run_graph(out)
+        """Run one step. Returns logits [num sampled sequences, vocab] (float32), or None if none is sampled.
+
+        A step that mixes decodes with prefill chunks runs as two passes when the decodes can replay a CUDA graph:
+        under online load nearly every step admits some new prompt, and one eager pass over hundreds of decode rows
+        costs far more launches than a graph replay plus a small eager prefill pass. CPU takes the same split (no
+        graphs there) so the tests cover it."""
+        num_decodes = sum(1 for _, n in out.scheduled if n == 1)  # decodes come first
+        graphable = self.use_graphs and 0 < num_decodes <= self.graph_max_batch
+        if num_decodes in (0, len(out.scheduled)) or not (graphable or self.device.type == "cpu"):
+            hidden, rows = self._forward(out)
+            sampled = [hidden[rows] if len(rows) != hidden.shape[0] else hidden] if rows else []
         else:
-            ids, positions, meta, rows = self._prepare(out)
-            hidden = self.model(ids, positions, self.kv_caches, meta)
-        if not rows:
+            sampled = []
+            for part in (out.scheduled[:num_decodes], out.scheduled[num_decodes:]):
+                hidden, rows = self._forward(SchedulerOutput(scheduled=part))
+                sampled += [hidden[rows]] if rows else []
+        if not sampled:
             return None
-        return self.model.compute_logits(hidden[rows] if len(rows) != hidden.shape[0] else hidden)
+        return self.model.compute_logits(sampled[0] if len(sampled) == 1 else torch.cat(sampled))
+
+    def _forward(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
+        """Hidden states of one pass and the rows to sample: pure-decode batches replay a CUDA graph."""
+        if self.use_graphs and len(out.scheduled) <= self.graph_max_batch and all(n == 1 for _, n in out.scheduled):
+            return self._run_graph(out)
+        ids, positions, meta, rows = self._prepare(out)
+        return self.model(ids, positions, self.kv_caches, meta), rows
 
     # ---- CUDA graphs ----------------------------------------------------------------------------------------------
     def init_graphs(self, max_batch: int) -> None:
