@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import random
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 MODEL_NAME = "bench"
 
@@ -70,30 +72,33 @@ def offline_closed_loop(engine, concurrency: int, n: int, prompt_len: int, outpu
     return _summary(ttfts, tokens, time.perf_counter() - t0, n)
 
 
+def bench_engine(args: argparse.Namespace, settings: Any) -> Any:
+    """The server's engine factory (module-level: it runs in the engine process): builds the engine, measures it
+    offline, and hands it to the server."""
+    from deepfleet.engine.llm_engine import EngineConfig, LLMEngine
+
+    # "tiny" is the CPU smoke test of this script; the GPU shapes use dummy (random, never read) weights
+    gpu = {} if args.shape == "tiny" else {"dtype": "bfloat16", "device": "cuda", "load_format": "dummy"}
+    engine = LLMEngine(EngineConfig(model=settings.model, max_model_len=args.prompt_len + args.output_len + 16, **gpu))
+    for c in args.concurrency:  # warm-up at every level: kernels compiled, CUDA graphs of these batch sizes
+        offline_closed_loop(engine, c, c, args.prompt_len, args.output_len, seed=99 + c)
+    results = {c: offline_closed_loop(engine, c, _num_requests(c, args), args.prompt_len, args.output_len, c)
+               for c in args.concurrency}
+    Path(args.offline_out).write_text(json.dumps(results))
+    return engine
+
+
 def serve_child(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from deepfleet.engine.llm_engine import EngineConfig, LLMEngine
     from deepfleet.server.app import create_app
     from deepfleet.server.config import ServeSettings
 
-    def factory(settings: ServeSettings) -> LLMEngine:
-        # "tiny" is the CPU smoke test of this script; the GPU shapes use dummy (random, never read) weights
-        gpu = {} if args.shape == "tiny" else {"dtype": "bfloat16", "device": "cuda", "load_format": "dummy"}
-        engine = LLMEngine(EngineConfig(model=settings.model, max_model_len=args.prompt_len + args.output_len + 16,
-                                        **gpu))
-        for c in args.concurrency:  # warm-up at every level: kernels compiled, CUDA graphs of these batch sizes
-            offline_closed_loop(engine, c, c, args.prompt_len, args.output_len, seed=99 + c)
-        results = {c: offline_closed_loop(engine, c, _num_requests(c, args), args.prompt_len, args.output_len, c)
-                   for c in args.concurrency}
-        Path(args.offline_out).write_text(json.dumps(results))
-        return engine
-
     settings = ServeSettings(model=args.model_dir, served_model_name=MODEL_NAME, host="127.0.0.1", port=args.port,
                              max_concurrent=max(args.concurrency), max_queue=0, warmup_requests=2,
-                             log_level="warning")
-    uvicorn.run(create_app(settings, factory), host="127.0.0.1", port=args.port, log_level="warning",
-                timeout_keep_alive=settings.keep_alive_s)
+                             log_level="warning", engine_process=not args.engine_thread)
+    uvicorn.run(create_app(settings, functools.partial(bench_engine, args)), host="127.0.0.1", port=args.port,
+                log_level="warning", timeout_keep_alive=settings.keep_alive_s)
 
 
 # ---- load generator --------------------------------------------------------------------------------------------
@@ -178,6 +183,8 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=18000)
     ap.add_argument("--client-processes", type=int, default=8, help="load-generator processes (clients spread "
                     "evenly); keep them on cores the server does not need")
+    ap.add_argument("--engine-thread", action="store_true", help="run the server's engine in a thread of the server "
+                    "process (engine_process: false), the baseline of the default engine process")
     ap.add_argument("--model-dir")
     ap.add_argument("--offline-out")
     args = ap.parse_args()
@@ -199,8 +206,9 @@ def main() -> None:
         child = subprocess.Popen(
             [sys.executable, __file__, "serve-child", "--model-dir", str(model_dir), "--offline-out",
              str(offline_out), "--shape", args.shape, "--port", str(args.port), "--prompt-len", str(args.prompt_len),
-             "--output-len", str(args.output_len), "--min-requests", str(args.min_requests), "--concurrency",
-             *map(str, args.concurrency)], env={**os.environ, "PYTHONUNBUFFERED": "1"})
+             "--output-len", str(args.output_len), "--min-requests", str(args.min_requests),
+             *(["--engine-thread"] if args.engine_thread else []), "--concurrency", *map(str, args.concurrency)],
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
         url = f"http://127.0.0.1:{args.port}"
         try:
             t0 = time.monotonic()
@@ -232,7 +240,8 @@ def _print_header(args: argparse.Namespace) -> None:
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"\n== {args.shape}, prompt {args.prompt_len} -> {args.output_len} tokens, {device} ==")
+    where = "a thread of the server" if args.engine_thread else "its own process"
+    print(f"\n== {args.shape}, prompt {args.prompt_len} -> {args.output_len} tokens, {device}, engine in {where} ==")
     print(f"{'C':>4} {'req':>5} | {'offline req/s':>13} {'tok/s':>8} {'TTFT p50':>9} {'p99':>8} | "
           f"{'HTTP req/s':>10} {'tok/s':>8} {'TTFT p50':>9} {'p99':>8} {'errors':>6} | {'HTTP/offline tok/s':>18}")
 

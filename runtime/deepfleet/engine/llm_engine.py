@@ -18,6 +18,7 @@ from deepfleet import defaults
 from deepfleet.engine.block_manager import BlockManager
 from deepfleet.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from deepfleet.engine.model_runner import ModelRunner
+from deepfleet.engine.outputs import CompletionOutput, EngineStats, RequestOutput
 from deepfleet.engine.sampler import Sampler, make_generator
 from deepfleet.engine.sampling_params import SamplingParams
 from deepfleet.engine.scheduler import Scheduler
@@ -42,38 +43,6 @@ class EngineConfig:
     max_model_len: int | None = None  # None: config.json max_position_embeddings
     enforce_eager: bool = False  # True: no CUDA graphs
     load_format: str = "auto"  # "dummy": random weights, for benchmarks of real shapes
-
-
-@dataclass
-class CompletionOutput:
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None  # "stop" | "length" | "abort" | "timeout"
-    logprobs: list[dict] | None = None  # per token: {"token_id", "logprob", "top_logprobs": {id: lp}}
-    stop_reason: str | int | None = None
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-    finished: bool
-    num_cached_tokens: int = 0
-
-
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    prefix_cache_queries: int
-    prefix_cache_hits: int  # cumulative tokens
-    num_preemptions: int
-    prompt_tokens_total: int
-    generation_tokens_total: int
 
 
 def _check_positive(name: str, value: int | None) -> None:

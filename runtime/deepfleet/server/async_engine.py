@@ -1,10 +1,11 @@
-"""The asyncio face of the synchronous `LLMEngine`.
+"""The asyncio face of the engine.
 
-One loop thread owns the engine (it is single-threaded): it applies queued add/abort commands, calls
-`engine.step()`, and hands each step's outputs to the event loop in one `call_soon_threadsafe` batch. Each HTTP
-request gets a `RequestStream` holding only the *latest* cumulative output per choice, so a slow reader costs
-no memory and never stalls the engine. Admission (bounded, by priority) happens before the engine sees a
-request; closing a stream early aborts it in the engine, which frees its KV blocks.
+The engine itself runs elsewhere — in a child process of its own (`engine_process.ProcessDriver`, the default) or
+in a thread of this process (`engine_loop.ThreadDriver`) — and reports each step's outputs as one event, handed
+to the event loop with one `call_soon_threadsafe`. Each HTTP request gets a `RequestStream` holding only the
+*latest* cumulative output per choice, so a slow reader costs no memory and never stalls the engine. Admission
+(bounded, by priority) happens before the engine sees a request; closing a stream early aborts it in the engine,
+which frees its KV blocks.
 """
 
 from __future__ import annotations
@@ -12,13 +13,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from deepfleet.server.admission import Admission
+from deepfleet.server.engine_loop import Abort, Accepted, Add, Died, Refused, Stepped
 from deepfleet.server.metrics import LoadSnapshot
 
 log = logging.getLogger(__name__)
@@ -97,42 +97,22 @@ class RequestStream:
                 timer.cancel()
 
 
-@dataclass
-class _Add:
-    stream: RequestStream
-    prompts: list[Any]  # per choice: prompt text or token ids
-    params: list[Any]  # per choice: SamplingParams
-    priority: int
-    deadline: float | None
-
-
-@dataclass
-class _Abort:
-    engine_ids: list[str] = field(default_factory=list)
-
-
 class AsyncEngine:
-    def __init__(self, engine: Any, max_concurrent: int, max_queue: int) -> None:
-        self.engine = engine
+    def __init__(self, driver: Any, max_concurrent: int, max_queue: int) -> None:
+        """`driver`: ProcessDriver or ThreadDriver (start(report), send(command), stop())."""
+        self.driver = driver
         self.admission = Admission(max_concurrent, max_queue)
         self._ids = itertools.count()
-        self._commands: list[_Add | _Abort] = []
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = False
-        self._routes: dict[str, tuple[RequestStream, int]] = {}  # loop thread only
-        self._stats: Any = None  # the engine's latest EngineStats (a fresh object per call: safe to share)
+        self._pending: dict[str, RequestStream] = {}  # request id -> stream the engine has not accepted yet
+        self._routes: dict[str, tuple[RequestStream, int]] = {}  # engine id -> (stream, choice index)
+        self._stats: Any = None  # the engine's latest EngineStats (a fresh object per step: safe to share)
         self.dead: BaseException | None = None
-        self.on_death: Callable[[], None] | None = None  # called on the event loop once the loop thread died
+        self.on_death: Callable[[], None] | None = None  # called once the engine died
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-
-    # ---- event-loop side --------------------------------------------------------------------------------
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="deepfleet-engine", daemon=True)
-        self._thread.start()
+        self.driver.start(self._report)
 
     async def submit(
         self, prompts: list[Any], params: list[Any], *, priority: int, deadline: float | None, queue_timeout: float
@@ -143,13 +123,17 @@ class AsyncEngine:
             raise EngineDead(str(self.dead))
         await self.admission.acquire(priority, queue_timeout)
         stream = RequestStream(f"req-{next(self._ids)}", len(prompts))
+        self._pending[stream.request_id] = stream
+        self._routes.update((engine_id, (stream, i)) for i, engine_id in enumerate(stream.engine_ids))
         try:
-            self._send(_Add(stream, prompts, params, priority, deadline))
+            self.driver.send(Add(stream.request_id, stream.engine_ids, prompts, params, priority, deadline))
             await stream.accepted
         except BaseException:
             # Cancelled (client gone) or refused: the abort follows the add, so nothing stays in the engine.
             stream.closed = True
-            self._send(_Abort(list(stream.engine_ids)))
+            self._forget(stream)
+            if self.dead is None:
+                self.driver.send(Abort(list(stream.engine_ids)))
             self.admission.release()
             raise
         return stream
@@ -161,8 +145,9 @@ class AsyncEngine:
         stream.closed = True
         if not stream.finished:
             stream._fail(StreamAborted())
+            self._forget(stream)
             if self.dead is None:
-                self._send(_Abort(list(stream.engine_ids)))
+                self.driver.send(Abort(list(stream.engine_ids)))
         self.admission.release()
 
     def snapshot(self, ready: bool) -> LoadSnapshot:
@@ -173,104 +158,54 @@ class AsyncEngine:
         return LoadSnapshot(self.admission.active, self.admission.queued, *engine, ready=ready)
 
     async def stop(self) -> None:
-        """Abort whatever is left and stop the loop thread."""
-        self._stop = True
-        self._wake.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+        """Stop the engine (it aborts whatever is left) and fail the streams still open."""
+        await asyncio.to_thread(self.driver.stop)
+        await asyncio.sleep(0)  # let the events the engine reported on its way out arrive first
+        self._fail_all(EngineDead("server shutting down"))
 
-    def _send(self, command: _Add | _Abort) -> None:
-        with self._lock:
-            self._commands.append(command)
-        self._wake.set()
+    def _forget(self, stream: RequestStream) -> None:
+        self._pending.pop(stream.request_id, None)
+        for engine_id in stream.engine_ids:
+            self._routes.pop(engine_id, None)
 
-    def _dispatch(self, batch: list[tuple[RequestStream, int, Any]]) -> None:
-        for stream, index, output in batch:
-            if not stream.closed:
-                stream._deliver(index, output)
-
-    # ---- loop thread --------------------------------------------------------------------------------------
-
-    def _run(self) -> None:
-        try:
-            while not self._stop:
-                self._apply_commands()
-                if not self.engine.has_unfinished_requests():
-                    self._refresh_stats()
-                    self._wake.wait()
-                    self._wake.clear()
-                    continue
-                outputs = self.engine.step()
-                self._refresh_stats()
-                self._publish(outputs)
-        except BaseException as exc:  # a broken engine must not leave clients hanging
-            log.exception("engine loop died")
-            self.dead = exc
-        finally:
-            self._shutdown()
-            if self.dead is not None and self.on_death is not None:
-                self._call(self.on_death)
-
-    def _apply_commands(self) -> None:
-        with self._lock:
-            commands, self._commands = self._commands, []
-        for command in commands:
-            if isinstance(command, _Abort):
-                self._abort(command.engine_ids)
-            else:
-                self._add(command)
-
-    def _add(self, c: _Add) -> None:
-        added: list[str] = []
-        try:
-            for i, (prompt, params) in enumerate(zip(c.prompts, c.params, strict=True)):
-                engine_id = c.stream.engine_ids[i]
-                self.engine.add_request(engine_id, prompt, params, priority=c.priority, deadline=c.deadline)
-                self._routes[engine_id] = (c.stream, i)
-                added.append(engine_id)
-        except ValueError as exc:
-            self._abort(added)
-            self._call(c.stream._fail, exc)
-            return
-        self._call(lambda: c.stream.accepted.done() or c.stream.accepted.set_result(None))
-
-    def _abort(self, engine_ids: list[str]) -> None:
-        for engine_id in engine_ids:
-            if self._routes.pop(engine_id, None) is not None:
-                self.engine.abort_request(engine_id)
-
-    def _publish(self, outputs: list[Any]) -> None:
-        batch = []
-        for output in outputs:
-            route = self._routes.get(output.request_id)
-            if route is None:  # aborted meanwhile
-                continue
-            if output.finished:
-                del self._routes[output.request_id]
-            batch.append((route[0], route[1], output))
-        if batch:
-            self._call(self._dispatch, batch)
-
-    def _refresh_stats(self) -> None:
-        self._stats = self.engine.stats()
-
-    def _shutdown(self) -> None:
-        """Loop thread is leaving: abort what the engine still holds and fail every open stream."""
-        with self._lock:
-            pending, self._commands = self._commands, []
-        reason = EngineDead(f"engine stopped: {self.dead}" if self.dead else "server shutting down")
-        streams = {route[0] for route in self._routes.values()}
-        streams.update(c.stream for c in pending if isinstance(c, _Add))
-        if self.dead is None:
-            self._abort(list(self._routes))
-            self._refresh_stats()
+    def _fail_all(self, reason: BaseException) -> None:
+        streams = {route[0] for route in self._routes.values()} | set(self._pending.values())
         self._routes.clear()
+        self._pending.clear()
         for stream in streams:
-            self._call(stream._fail, reason)
+            stream._fail(reason)
 
-    def _call(self, fn: Any, *args: Any) -> None:
-        assert self._loop is not None
+    def _report(self, event: Any) -> None:
+        """Called by the driver (in its thread) with each engine event."""
         try:
-            self._loop.call_soon_threadsafe(fn, *args)
+            self._loop.call_soon_threadsafe(self._handle, event)
         except RuntimeError:  # event loop already closed at interpreter shutdown
             pass
+
+    def _handle(self, event: Any) -> None:
+        if isinstance(event, Stepped):
+            self._stats = event.stats
+            for output in event.outputs:
+                route = self._routes.get(output.request_id)
+                if route is None:  # aborted meanwhile
+                    continue
+                if output.finished:
+                    del self._routes[output.request_id]
+                stream, index = route
+                if not stream.closed:
+                    stream._deliver(index, output)
+        elif isinstance(event, Accepted):
+            stream = self._pending.pop(event.request_id, None)
+            if stream is not None and not stream.accepted.done():
+                stream.accepted.set_result(None)
+        elif isinstance(event, Refused):
+            stream = self._pending.pop(event.request_id, None)
+            if stream is not None:
+                self._forget(stream)
+                stream._fail(ValueError(event.message))
+        elif isinstance(event, Died) and self.dead is None:
+            log.error("engine died: %s", event.message)
+            self.dead = EngineDead(event.message)
+            self._fail_all(EngineDead(f"engine stopped: {event.message}"))
+            if self.on_death is not None:
+                self.on_death()

@@ -69,6 +69,10 @@ class ServeSettings(BaseModel):
     shutdown_grace_s: float = Field(
         defaults.SHUTDOWN_GRACE_S, ge=0, description="On SIGTERM: how long in-flight requests may take to finish."
     )
+    engine_process: bool = Field(
+        True, description="Run the engine in a child process of its own, so the HTTP event loop never waits for its "
+        "Python work; false: in a thread of the server process (same results, lower throughput under load).",
+    )
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above).")
     max_n: int = Field(16, ge=1, description="Largest `n` (choices per request).")
     reasoning_parser: Literal["deepseek_r1", "none"] = Field(

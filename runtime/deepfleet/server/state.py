@@ -14,6 +14,8 @@ from starlette.requests import Request
 from deepfleet.engine.sampling_params import SamplingParams
 from deepfleet.server.async_engine import AsyncEngine
 from deepfleet.server.config import ServeSettings
+from deepfleet.server.engine_loop import ThreadDriver
+from deepfleet.server.engine_process import ProcessDriver
 from deepfleet.server.errors import APIError, overloaded
 from deepfleet.server.metrics import LoadSnapshot, ServerMetrics, nvml_collector
 from deepfleet.server.render import TokenText
@@ -118,11 +120,14 @@ class ServerState:
         s = self.settings
         try:
             t0 = time.monotonic()
-            engine = await asyncio.to_thread(self._engine_factory, s)
-            self.tokenizer = engine.tokenizer
-            self.token_text = TokenText(engine.tokenizer)
-            self.max_model_len = engine.max_model_len
-            self.engine = AsyncEngine(engine, s.max_concurrent, s.max_queue)
+            if s.engine_process:
+                driver = await asyncio.to_thread(ProcessDriver.launch, self._engine_factory, s)
+            else:
+                driver = ThreadDriver(await asyncio.to_thread(self._engine_factory, s))
+            self.tokenizer = driver.tokenizer
+            self.token_text = TokenText(driver.tokenizer)
+            self.max_model_len = driver.max_model_len
+            self.engine = AsyncEngine(driver, s.max_concurrent, s.max_queue)
             self.engine.on_death = self._fatal
             self.engine.start()
             log.info("model %s loaded in %.1f s", self.model_name, time.monotonic() - t0)

@@ -8,7 +8,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from deepfleet.engine.llm_engine import CompletionOutput, EngineStats, RequestOutput
+from deepfleet.engine.outputs import CompletionOutput, EngineStats, RequestOutput
 
 
 class FakeTokenizer:

@@ -19,7 +19,9 @@ BODY = {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 3}
 
 
 def _serve(tiny_model, engine: GatedFakeEngine, **settings):
-    return live_server(settings_for(tiny_model, warmup_requests=0, **settings), lambda _s: engine)
+    # fakes live in this process (the tests reach into them): the engine runs in a thread of the server
+    return live_server(settings_for(tiny_model, warmup_requests=0, engine_process=False, **settings),
+                       lambda _s: engine)
 
 
 async def _wait_for(predicate, timeout: float = 10) -> None:
@@ -109,7 +111,8 @@ def test_not_ready_until_loaded_and_warm(tiny_model):
         loaded.wait(10)
         return engine
 
-    with live_server(settings_for(tiny_model, warmup_requests=2), slow_factory, wait_ready=False) as server:
+    settings = settings_for(tiny_model, warmup_requests=2, engine_process=False)
+    with live_server(settings, slow_factory, wait_ready=False) as server:
         assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
         r = httpx.get(server.url + "/readyz")
         assert r.status_code == 503 and r.json() == {"status": "loading"}
@@ -152,7 +155,7 @@ def test_load_failure_reports_failed(tiny_model):
     def broken(_settings):
         raise FileNotFoundError("config.json missing")
 
-    with live_server(settings_for(tiny_model), broken) as server:
+    with live_server(settings_for(tiny_model, engine_process=False), broken) as server:
         r = httpx.get(server.url + "/healthz")
         assert r.status_code == 503 and "config.json missing" in r.json()["error"]
 
@@ -167,7 +170,7 @@ def _run_in_thread(settings, factory) -> tuple[threading.Thread, dict]:
 def test_process_exits_1_when_the_engine_dies_after_ready(tiny_model):
     engine = GatedFakeEngine()
     engine.gate.set()
-    settings = settings_for(tiny_model, warmup_requests=1)
+    settings = settings_for(tiny_model, warmup_requests=1, engine_process=False)
     thread, result = _run_in_thread(settings, lambda _s: engine)
     url = f"http://127.0.0.1:{settings.port}"
     end = time.monotonic() + 20
@@ -187,6 +190,6 @@ def test_process_exits_1_when_loading_fails(tiny_model):
     def broken(_settings):
         raise FileNotFoundError("config.json missing")
 
-    thread, result = _run_in_thread(settings_for(tiny_model), broken)
+    thread, result = _run_in_thread(settings_for(tiny_model, engine_process=False), broken)
     thread.join(20)
     assert result == {"code": 1}

@@ -1,0 +1,38 @@
+"""What the engine reports: per-request outputs (cumulative) and engine-wide stats. Plain data without torch, so
+the server process can receive them from the engine process without loading torch itself."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # "stop" | "length" | "abort" | "timeout"
+    logprobs: list[dict] | None = None  # per token: {"token_id", "logprob", "top_logprobs": {id: lp}}
+    stop_reason: str | int | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int  # cumulative tokens
+    num_preemptions: int
+    prompt_tokens_total: int
+    generation_tokens_total: int

@@ -1,0 +1,235 @@
+"""The engine in a child process of its own (the split vLLM's V1 engine core makes): the HTTP event loop and the
+engine's Python work (scheduling, sampling, detokenizing, kernel launches) no longer take turns on one GIL, which
+at a few hundred streams held the engine to about half its offline throughput (bench/RESULTS.md).
+
+Commands go down a multiprocessing queue (its feeder thread pickles, so the event loop never blocks on a full
+pipe); events come up a pipe read by one thread here. Outputs cross as deltas: the engine's RequestOutput is
+cumulative (the whole text and token list every step), this side appends the deltas to its own copy.
+
+The child ignores SIGINT/SIGTERM (systemd and terminals signal the whole group): the server drains, then stops
+it. It exits when the server process is gone, and the server exits (status 1) when the child dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from deepfleet.engine.outputs import CompletionOutput, RequestOutput
+from deepfleet.server.engine_loop import Abort, Add, Died, Stepped, describe, run_engine_loop
+
+log = logging.getLogger(__name__)
+
+_PARENT_CHECK_S = 1.0  # how often an idle child looks whether the server process is still there
+_STOP_TIMEOUT_S = 30.0
+
+
+@dataclass
+class _Loaded:
+    tokenizer: Any
+    max_model_len: int
+
+
+@dataclass
+class _Delta:
+    """What one engine request gained in a step (the engine's RequestOutput, minus what was sent before)."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict] | None
+    finish_reason: str | None
+    stop_reason: str | int | None
+    finished: bool
+    num_cached_tokens: int
+
+
+@dataclass
+class _Sent:
+    chars: int = 0
+    tokens: int = 0
+    logprobs: int = 0
+
+
+class _DeltaEncoder:
+    """Child side: cumulative outputs -> deltas."""
+
+    def __init__(self) -> None:
+        self._sent: dict[str, _Sent] = {}
+        self._ended: list[str] = []  # aborted since the last report: the server side drops its copies
+
+    def forget(self, engine_ids: list[str]) -> None:
+        self._ended.extend(e for e in engine_ids if self._sent.pop(e, None) is not None)
+
+    def encode(self, outputs: list[Any]) -> list[_Delta]:
+        deltas = [_Delta(e, "", [], None, "abort", None, True, 0) for e in self._ended]
+        self._ended = []
+        for out in outputs:
+            c = out.outputs[0]
+            s = (self._sent.pop(out.request_id, None) if out.finished else self._sent.get(out.request_id)) or _Sent()
+            if not out.finished:
+                self._sent[out.request_id] = s
+            deltas.append(_Delta(out.request_id, c.text[s.chars:], c.token_ids[s.tokens:],
+                                 None if c.logprobs is None else c.logprobs[s.logprobs:], c.finish_reason,
+                                 c.stop_reason, out.finished, out.num_cached_tokens))
+            s.chars, s.tokens, s.logprobs = len(c.text), len(c.token_ids), len(c.logprobs or ())
+        return deltas
+
+
+class _DeltaDecoder:
+    """Server side (the reader thread only): deltas -> cumulative RequestOutput objects, as the engine in a thread
+    would give them."""
+
+    def __init__(self) -> None:
+        self._outputs: dict[str, Any] = {}
+
+    def decode(self, deltas: list[_Delta]) -> list[Any]:
+        outputs = []
+        for d in deltas:
+            out = self._outputs.pop(d.request_id, None) if d.finished else self._outputs.get(d.request_id)
+            if out is None:
+                out = RequestOutput(d.request_id, None, [], [CompletionOutput(0, "", [], None, None)], False)
+                if not d.finished:
+                    self._outputs[d.request_id] = out
+            c = out.outputs[0]
+            c.text += d.text
+            c.token_ids.extend(d.token_ids)
+            if d.logprobs is not None:
+                c.logprobs = c.logprobs if c.logprobs is not None else []
+                c.logprobs.extend(d.logprobs)
+            c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
+            out.finished, out.num_cached_tokens = d.finished, d.num_cached_tokens
+            outputs.append(out)
+        return outputs
+
+
+_STOP = "stop"
+
+
+def _child_main(factory: Callable[[Any], Any], settings: Any, commands: Any, events: Any) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
+    parent = os.getppid()
+    try:
+        engine = factory(settings)
+    except BaseException as exc:
+        log.exception("engine failed to load")
+        events.send(Died(describe(exc)))
+        return
+    events.send(_Loaded(engine.tokenizer, engine.max_model_len))
+    encoder = _DeltaEncoder()
+
+    def receive(block: bool) -> list | None:
+        got = []
+        while True:
+            try:
+                item = commands.get(timeout=_PARENT_CHECK_S) if block and not got else commands.get_nowait()
+            except queue.Empty:
+                if got or not block:
+                    return got
+                if os.getppid() != parent:  # the server process is gone (killed): nobody to serve
+                    return None
+                continue
+            if item == _STOP:
+                return None
+            if isinstance(item, Abort):
+                encoder.forget(item.engine_ids)
+            got.append(item)
+
+    def report(event: Any) -> None:
+        if isinstance(event, Stepped):
+            event = Stepped(encoder.encode(event.outputs), event.stats)
+        events.send(event)
+
+    try:
+        run_engine_loop(engine, receive, report)
+    except (BrokenPipeError, EOFError):  # the server process is gone: nobody to report to
+        return
+    except BaseException as exc:
+        log.exception("engine loop died")
+        events.send(Died(describe(exc)))
+        os._exit(1)  # no interpreter clean-up: a broken CUDA context can hang it
+
+
+class ProcessDriver:
+    """Server side of the engine process: start it (loads the model), send commands, report its events."""
+
+    def __init__(self, process: Any, commands: Any, events: Any, loaded: _Loaded) -> None:
+        self._process = process
+        self._commands = commands
+        self._events = events
+        self.tokenizer = loaded.tokenizer
+        self.max_model_len = loaded.max_model_len
+        self._decoder = _DeltaDecoder()
+        self._stopping = False
+        self._reader: threading.Thread | None = None
+
+    @classmethod
+    def launch(cls, factory: Callable[[Any], Any], settings: Any) -> ProcessDriver:
+        """Blocking: spawn the engine process and wait until its model is loaded. `factory` must be picklable
+        (a module-level function). Raises RuntimeError with the child's reason when loading fails."""
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA or threads
+        commands = ctx.Queue()
+        events, child_events = ctx.Pipe(duplex=False)
+        process = ctx.Process(target=_child_main, args=(factory, settings, commands, child_events),
+                              name="deepfleet-engine", daemon=True)
+        process.start()
+        child_events.close()
+        try:
+            first = events.recv()
+        except EOFError:
+            process.join()
+            raise RuntimeError(f"engine process exited with status {process.exitcode} while loading") from None
+        if isinstance(first, Died):
+            process.join()
+            raise RuntimeError(first.message)
+        return cls(process, commands, events, first)
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def start(self, report: Callable[[Any], None]) -> None:
+        """`report` is called in the reader thread with every event."""
+
+        def read() -> None:
+            while True:
+                try:
+                    event = self._events.recv()
+                except (EOFError, OSError):
+                    if not self._stopping:
+                        self._process.join(5)
+                        report(Died(f"engine process exited with status {self._process.exitcode}"))
+                    return
+                if isinstance(event, Stepped):
+                    event = Stepped(self._decoder.decode(event.outputs), event.stats)
+                report(event)
+
+        self._reader = threading.Thread(target=read, name="deepfleet-engine-events", daemon=True)
+        self._reader.start()
+
+    def send(self, command: Add | Abort) -> None:
+        self._commands.put(command)
+
+    def stop(self) -> None:
+        """Blocking: the child aborts what is left, reports, and exits (killed if it does not in time)."""
+        self._stopping = True
+        if self._process.is_alive():
+            self._commands.put(_STOP)
+        self._process.join(_STOP_TIMEOUT_S)
+        if self._process.is_alive():
+            log.warning("engine process did not stop in %.0f s: killed", _STOP_TIMEOUT_S)
+            self._process.kill()
+            self._process.join()
+        if self._reader is not None:
+            self._reader.join(_STOP_TIMEOUT_S)
+        self._commands.cancel_join_thread()  # a command the stopped child never read must not block our exit
