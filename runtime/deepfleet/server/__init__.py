@@ -1,1 +1,1 @@
-"""The OpenAI-compatible HTTP server (`deepfleet serve`): FastAPI app, async engine loop, admission, metrics."""
+"""The OpenAI-compatible HTTP server (`deepfleet serve`): FastAPI app, engine process, admission, metrics."""

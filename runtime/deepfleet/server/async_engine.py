@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 class EngineDead(RuntimeError):
-    """The engine loop stopped (a step raised, or the server shut down)."""
+    """The engine stopped (a step raised, its process died, or the server shut down)."""
 
 
 class StreamAborted(Exception):

@@ -2,8 +2,7 @@
 
 On SIGTERM (or SIGINT): /readyz turns 503 and new requests get 503 at once (`draining`), uvicorn closes the
 listening socket, requests already accepted run to completion for up to `shutdown_grace_s`, then the engine
-loop stops and the process exits. A model that fails to load, or an engine loop that dies, ends the process
-with status 1.
+stops and the process exits. A model that fails to load, or an engine that dies, ends the process with status 1.
 """
 
 from __future__ import annotations
