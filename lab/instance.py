@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -277,7 +276,7 @@ def _start_apt_proxy(state: State) -> None:
 def _network(state: State, host: Host, i: int, prefixlen: int) -> None:
     names = state.names
     run_netns = Path("/run/netns")
-    if not os.path.ismount(run_netns):  # `ip netns add` will make it a mount point: record that as ours
+    if not system.is_mount(run_netns):  # `ip netns add` will make it a mount point: record that as ours
         state.record("run_netns_mount", path=str(run_netns), created_dir=not run_netns.exists())
     system.run(["ip", "netns", "add", host.netns])
     state.record("netns", name=host.netns)

@@ -40,6 +40,12 @@ def mounts() -> list[str]:
     return [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
 
 
+def is_mount(path: Path) -> bool:
+    """From the mount table: os.path.ismount compares devices and misses a bind mount within one file system
+    (`ip netns add` bind-mounts /run/netns onto itself, and /run is not always a tmpfs)."""
+    return str(path) in mounts()
+
+
 # ---------------------------------------------------------------- processes
 def starttime(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), None if it is gone."""

@@ -3,7 +3,6 @@ and touches only the recorded object: by name for kernel objects we created, by 
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -27,9 +26,9 @@ def undo_run_netns_mount(res: dict) -> None:
     no other namespace lives there now."""
     path = Path(res["path"])
     if path.is_dir() and not any(path.iterdir()):
-        if os.path.ismount(path):
+        if system.is_mount(path):
             system.run(["umount", str(path)], check=False)
-        if res.get("created_dir") and not os.path.ismount(path):
+        if res.get("created_dir") and not system.is_mount(path):
             path.rmdir()
 
 
@@ -57,7 +56,7 @@ def undo_nspawn_runtime(res: dict) -> None:
     """systemd-nspawn leaves /run/systemd/nspawn/{propagate,unix-export}/MACHINE behind: ours have unique names."""
     for sub in ("propagate", "unix-export"):
         p = Path("/run/systemd/nspawn", sub, res["machine"])
-        if p.is_dir() and not os.path.ismount(p):
+        if p.is_dir() and not system.is_mount(p):
             shutil.rmtree(p, ignore_errors=True)
 
 
