@@ -73,13 +73,13 @@ class _DeltaEncoder:
         self._ended = []
         for out in outputs:
             c = out.outputs[0]
-            s = (self._sent.pop(out.request_id, None) if out.finished else self._sent.get(out.request_id)) or _Sent()
-            if not out.finished:
-                self._sent[out.request_id] = s
+            s = self._sent.setdefault(out.request_id, _Sent())
             deltas.append(_Delta(out.request_id, c.text[s.chars:], c.token_ids[s.tokens:],
                                  None if c.logprobs is None else c.logprobs[s.logprobs:], c.finish_reason,
                                  c.stop_reason, out.finished, out.num_cached_tokens))
             s.chars, s.tokens, s.logprobs = len(c.text), len(c.token_ids), len(c.logprobs or ())
+            if out.finished:
+                del self._sent[out.request_id]
         return deltas
 
 
@@ -93,11 +93,12 @@ class _DeltaDecoder:
     def decode(self, deltas: list[_Delta]) -> list[Any]:
         outputs = []
         for d in deltas:
-            out = self._outputs.pop(d.request_id, None) if d.finished else self._outputs.get(d.request_id)
+            out = self._outputs.get(d.request_id)
             if out is None:
-                out = RequestOutput(d.request_id, None, [], [CompletionOutput(0, "", [], None, None)], False)
-                if not d.finished:
-                    self._outputs[d.request_id] = out
+                out = self._outputs[d.request_id] = RequestOutput(
+                    d.request_id, None, [], [CompletionOutput(0, "", [], None, None)], False)
+            if d.finished:
+                del self._outputs[d.request_id]
             c = out.outputs[0]
             c.text += d.text
             c.token_ids.extend(d.token_ids)
