@@ -91,9 +91,20 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> p.U
     )
 
 
+# Characters str.splitlines() breaks lines at that JSON may carry raw inside strings (the others, \n \r \v \f
+# \x1c-\x1e, are control characters JSON always escapes). Clients that split an SSE stream that way (httpx's
+# aiter_lines) would cut an event in two, so they are written as JSON escapes: the same string, one line.
+_LINE_SEPARATORS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def sse_data(json_text: str) -> str:
+    """One SSE event carrying `json_text` on a single line whatever line splitting the client uses."""
+    return f"data: {json_text.translate(_LINE_SEPARATORS)}\n\n"
+
+
 def sse(model: Any) -> str:
     # null fields are left out: OpenAI clients read absent and null alike, and chunks stay small
-    return f"data: {model.model_dump_json(exclude_none=True)}\n\n"
+    return sse_data(model.model_dump_json(exclude_none=True))
 
 
 SSE_DONE = "data: [DONE]\n\n"

@@ -77,3 +77,26 @@ class GatedFakeEngine:
 
     def stats(self) -> EngineStats:
         return EngineStats(len(self.requests), 0, 0.1 * len(self.requests), 0, 0, 0, 0, 0)
+
+
+class ScriptedEngine(GatedFakeEngine):
+    """Answers every request with `script`, one character per step (token id = the character's code point), then
+    stops: for exact output text (odd Unicode, tool-call markup) through the real server path."""
+
+    def __init__(self, script: str) -> None:
+        super().__init__()
+        self.script = script
+        self.gate.set()
+
+    def step(self) -> list[RequestOutput]:
+        outputs = []
+        for rid, r in list(self.requests.items()):
+            r.generated += 1
+            done = r.generated >= min(len(self.script), r.max_tokens)
+            if done:
+                del self.requests[rid]
+            text = self.script[: r.generated]
+            reason = None if not done else ("stop" if r.generated == len(self.script) else "length")
+            completion = CompletionOutput(0, text, [ord(c) for c in text], reason)
+            outputs.append(RequestOutput(rid, None, r.prompt, [completion], done))
+        return outputs
