@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from deepfleet import defaults
+from deepfleet.engine import memory
 from deepfleet.engine.block_manager import BlockManager
 from deepfleet.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from deepfleet.engine.model_runner import ModelRunner
@@ -86,8 +87,7 @@ class LLMEngine:
         if self.device.type == "cuda":
             blocks = config.num_kv_blocks or self.runner.profile_num_blocks(
                 config.max_num_batched_tokens, config.gpu_memory_utilization)
-            seqs = config.max_num_seqs or max(1, min(defaults.MAX_NUM_SEQS_GPU_CAP,
-                                                     blocks * config.block_size // defaults.GPU_TOKENS_PER_SEQ))
+            seqs = config.max_num_seqs or memory.default_max_num_seqs(blocks, config.block_size)
             return blocks, seqs
         seqs = config.max_num_seqs or defaults.MAX_NUM_SEQS_CPU
         cap = max(per_seq, defaults.CPU_KV_CACHE_BYTES // self.runner.block_bytes())

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from deepfleet import defaults
+from deepfleet.engine import memory
 from deepfleet.engine.sampling_params import SamplingParams
 from deepfleet.engine.scheduler import SchedulerOutput
 from deepfleet.engine.sequence import Sequence
@@ -44,8 +44,8 @@ class ModelRunner:
 
     # ---- KV cache -------------------------------------------------------------------------------------------------
     def block_bytes(self) -> int:
-        per_token = self.kv_heads * (self.k_dim + (self.v_dim if self.has_v_cache else 0))
-        return self.cfg.num_layers * self.block_size * per_token * torch.finfo(self.dtype).bits // 8
+        return memory.kv_block_bytes((self.kv_heads, self.k_dim, self.v_dim), self.cfg.num_layers, self.block_size,
+                                     torch.finfo(self.dtype).bits // 8)
 
     def profile_num_blocks(self, max_num_batched_tokens: int, memory_utilization: float) -> int:
         """GPU: run the largest prefill once to measure activation memory; the rest of the budget holds KV blocks."""
@@ -62,8 +62,8 @@ class ModelRunner:
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
         used_elsewhere = total - free - torch.cuda.memory_allocated()  # other processes, CUDA context
-        budget = total * memory_utilization - used_elsewhere - peak - defaults.GPU_MEMORY_RESERVE_BYTES
-        blocks = int(budget // self.block_bytes())
+        budget = memory.kv_budget_bytes(total, memory_utilization, used_elsewhere, peak)
+        blocks = memory.num_kv_blocks(budget, self.block_bytes())
         if blocks < self.max_blocks_per_seq:
             raise RuntimeError(f"not enough GPU memory for one {self.max_model_len}-token sequence "
                                f"({blocks} KV blocks fit); lower max_model_len or raise gpu_memory_utilization")
