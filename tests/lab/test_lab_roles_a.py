@@ -32,15 +32,17 @@ def _recap(out: str) -> dict[str, dict[str, int]]:
         ("playbooks/storage.yml", {"storage_tiers_hot_devices": ["/dev/nvme9n1"]},
          "storage_tiers_hot_devices: /dev/nvme9n1 does not exist"),
         ("playbooks/gpu.yml", {"nvidia_driver_branch": "999"},
-         "value of nvidia_driver_branch must be one of: 470, 535, 550, 570, got: 999"),
+         "value of nvidia_driver_branch must be one of: 470, 535, 550, 570, 575, 580, got: 999"),
         ("playbooks/gpu.yml", {"cuda_version": "12.4"}, "cuda_version=12.4 needs"),
+        ("playbooks/gpu.yml", {"nvidia_driver_branch": "570", "cuda_version": "13.0"}, "cuda_version=13.0 needs"),
         ("playbooks/hardening.yml", {"deepfleet_allowed_networks": ["10.77.0.300/24"]},
          "deepfleet_allowed_networks: '10.77.0.300/24' is not a valid CIDR network"),
         ("playbooks/hardening.yml", {"deepfleet_allowed_networks": "10.77.0.0/24"},
          "deepfleet_allowed_networks must be a list"),
         ("playbooks/fabric.yml", {"rdma_roce_dscp": 99}, "rdma_roce_dscp=99"),
     ],
-    ids=["missing-nvme", "driver-branch", "cuda-vs-driver", "bad-cidr", "cidr-not-a-list", "dscp-range"],
+    ids=["missing-nvme", "driver-branch", "cuda-vs-driver", "cuda13-vs-570", "bad-cidr", "cidr-not-a-list",
+         "dscp-range"],
 )
 def test_bad_input_fails_early_naming_the_variable(lab, playbook, extra, message):
     rc, out = lab.ansible(playbook, "-e", json.dumps(extra))

@@ -15,6 +15,8 @@ GENERATION_ARCH = {
     "l40s": "8.9",
     "h100": "9.0",
     "h200": "9.0",
+    "b200": "10.0",
+    "rtx5090": "12.0",
 }
 
 # PCI device-id ranges of NVIDIA chip families (inclusive) -> compute capability. The first match wins:
@@ -26,6 +28,8 @@ DEVICE_ID_RANGES = [
     (0x2300, 0x233F, "9.0"),  # GH100: H100, H200, H800
     (0x2200, 0x25FF, "8.6"),  # GA10x: A10, A40, RTX 30
     (0x2680, 0x28FF, "8.9"),  # AD10x: RTX 4090, L4, L40(S)
+    (0x2900, 0x29FF, "10.0"),  # GB100: B200
+    (0x2B00, 0x2FFF, "12.0"),  # GB20x: RTX 50
 ]
 
 
@@ -60,13 +64,16 @@ def cuda_arch_list(generations, device_ids, fallback):
     return ";".join(sorted(archs, key=_arch_key))
 
 
-def cuda_archs_supported(arch_list: str, max_arch: str) -> bool:
-    """True when every arch of 'X.Y;...' is at most the newest arch the CUDA release compiles for."""
-    return all(_arch_key(a) <= _arch_key(max_arch) for a in arch_list.split(";") if a)
+def cuda_archs_supported(arch_list: str, max_arch: str, min_arch: str = "0.0") -> bool:
+    """True when every arch of 'X.Y;...' lies between the oldest and the newest arch the CUDA release
+    compiles for."""
+    return all(_arch_key(min_arch) <= _arch_key(a) <= _arch_key(max_arch) for a in arch_list.split(";") if a)
 
 
 def cuda_driver_ok(driver_branch, min_driver) -> bool:
     """A CUDA release runs on driver branches >= its minimum branch."""
+    if not str(driver_branch).isdigit():
+        raise ValueError(f"nvidia_driver_branch (cuda_driver_branch): {driver_branch!r} is not a driver branch number")
     return int(driver_branch) >= int(min_driver)
 
 

@@ -211,7 +211,35 @@ def test_cuda_arch_list_rejects_unknown_generation_naming_the_variable():
 def test_cuda_arch_and_driver_rules():
     assert cuda.cuda_archs_supported("8.0;9.0", "9.0")
     assert not cuda.cuda_archs_supported("8.0;10.0", "9.0")
+    assert cuda.cuda_archs_supported("9.0;10.0;12.0", "12.1", "7.5")
+    assert not cuda.cuda_archs_supported("7.0;9.0", "12.1", "7.5")  # V100 on CUDA 13
     assert cuda.cuda_driver_ok("535", 520) and not cuda.cuda_driver_ok("535", 550)
+
+
+# NVIDIA's CUDA release notes (Table 3, minimum driver for toolkit and compute capabilities), typed here.
+CUDA_RELEASES = {
+    "11.8": (520, "3.5", "9.0"),
+    "12.2": (535, "5.0", "9.0"),
+    "12.4": (550, "5.0", "9.0"),
+    "12.8": (570, "5.0", "12.0"),
+    "13.0": (580, "7.5", "12.1"),
+}
+
+
+def test_cuda_matrix_holds_the_published_driver_and_arch_bounds():
+    matrix = _defaults("cuda")["cuda_matrix"]
+    assert {v: (e["min_driver"], e["min_arch"], e["max_arch"]) for v, e in matrix.items()} == CUDA_RELEASES
+
+
+def test_driver_branches_reach_580():
+    branches = _specs("nvidia_driver")["main"]["options"]["nvidia_driver_branch"]["choices"]
+    assert branches == ["470", "535", "550", "570", "575", "580"]
+
+
+@pytest.mark.parametrize(("device_id", "arch"), [("0x2335", "9.0"), ("0x2330", "9.0"), ("0x2901", "10.0"),
+                                                 ("0x2b85", "12.0")])
+def test_h200_and_blackwell_pci_ids(device_id, arch):
+    assert cuda.device_id_arch(device_id) == arch
 
 
 def test_cuda_matrix_is_consistent_with_driver_and_nccl():
