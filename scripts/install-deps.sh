@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# System packages the controller needs: lab (debootstrap, nspawn, apt proxy, netns tools),
+# System packages the controller needs: lab (debootstrap, nspawn, apt proxy, netns tools), rclone (weights tests),
 # promtool for the monitoring rule tests. Idempotent; needs root.
 set -euo pipefail
 PKGS=(debootstrap systemd-container apt-cacher-ng iproute2 nftables prometheus openssh-client rsync
-      python3-venv util-linux procps)
+      python3-venv util-linux procps rclone)
 if [ "$(id -u)" -ne 0 ]; then
   echo "error: installing system packages needs root (run as root, e.g. sudo make ...)" >&2
   exit 1

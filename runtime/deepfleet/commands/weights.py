@@ -9,7 +9,10 @@ import typer
 
 from deepfleet.security.crypto import CIPHERS, KEY_ENV
 
-weights_app = typer.Typer(help="Weight integrity (SHA256 manifests) and encryption at rest.", no_args_is_help=True)
+weights_app = typer.Typer(
+    help="Weight integrity (SHA256 manifests), encryption at rest, and moving weights between object stores and hosts.",
+    no_args_is_help=True,
+)
 
 _CIPHER_HELP = f"one of: {', '.join(CIPHERS)}"
 _KEY_HELP = f"file holding the key (raw bytes or hex); without it the hex key is read from ${KEY_ENV}"
@@ -97,6 +100,79 @@ def decrypt(
     except (WeightCryptoError, ManifestError, OSError) as e:
         raise _fail(e) from None
     typer.echo(f"decrypted {len(written)} files into {out_dir}")
+
+
+_RCLONE_CONFIG_HELP = "rclone config file naming the remotes (credentials inside, mode 0600)"
+
+
+def _rclone(config: Path | None, transfers: int, bwlimit: str | None):
+    from deepfleet.store.rclone import Rclone
+
+    return Rclone(config=config, transfers=transfers, bwlimit=bwlimit)
+
+
+@weights_app.command("fetch")
+def fetch(
+    origin: Annotated[str, typer.Argument(help="rclone path of the model in the object store, e.g. "
+                                               "store:deepfleet-models/tiny-qwen2 (revisions are folders below)")],
+    model_dir: Annotated[Path, typer.Argument(help="the model's local folder, e.g. /models/tiny-qwen2")],
+    revision: Annotated[str, typer.Option("--revision", help="revision folder to fetch")],
+    cache: Annotated[str | None, typer.Option("--cache", help="site cache URL (rclone serve http of "
+                                                              "<cache>/<model>/<revision>), tried first")] = None,
+    rclone_config: Annotated[Path | None, typer.Option("--rclone-config", help=_RCLONE_CONFIG_HELP)] = None,
+    transfers: Annotated[int, typer.Option("--transfers", min=1, help="files transferred in parallel")] = 8,
+    bwlimit: Annotated[str | None, typer.Option("--bwlimit", help="rclone bandwidth limit, e.g. 200M")] = None,
+    keep: Annotated[int, typer.Option("--keep", min=1, help="revisions kept (the served one always stays)")] = 2,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON (for automation)")] = False,
+) -> None:
+    """Fetch REVISION into MODEL_DIR/REVISION: free space checked first, transfer resumable, SHA256 manifest
+    verified before the folder appears; older revisions pruned. MODEL_DIR/current is left for the restart to flip."""
+    import dataclasses
+    import json
+
+    from deepfleet.store.fetch import FetchError
+    from deepfleet.store.fetch import fetch as fetch_revision
+
+    try:
+        result = fetch_revision(_rclone(rclone_config, transfers, bwlimit), origin, model_dir, revision, cache=cache,
+                                keep=keep, log=(lambda m: typer.echo(m, err=True)) if as_json else typer.echo)
+    except (FetchError, OSError) as e:
+        raise _fail(e) from None
+    if as_json:
+        typer.echo(json.dumps({**dataclasses.asdict(result), "changed": result.changed}))
+    else:
+        pruned = f"; pruned {', '.join(result.pruned)}" if result.pruned else ""
+        typer.echo(f"{result.path}: {result.source}{pruned}")
+
+
+@weights_app.command("sync")
+def sync(
+    src: Annotated[str, typer.Argument(help="rclone path of the source prefix, e.g. s3:deepfleet-models/")],
+    dst: Annotated[str, typer.Argument(help="rclone path of the copy, e.g. oss:deepfleet-models/")],
+    rclone_config: Annotated[Path | None, typer.Option("--rclone-config", help=_RCLONE_CONFIG_HELP)] = None,
+    transfers: Annotated[int, typer.Option("--transfers", min=1, help="files transferred in parallel")] = 8,
+    bwlimit: Annotated[str | None, typer.Option("--bwlimit", help="rclone bandwidth limit, e.g. 200M")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+) -> None:
+    """Make DST equal to SRC, comparing checksums (changed objects copied, objects gone from SRC deleted), and
+    report what was copied and deleted."""
+    import dataclasses
+    import json
+
+    from deepfleet.store.rclone import RcloneError
+
+    try:
+        report = _rclone(rclone_config, transfers, bwlimit).mirror(src, dst, checksum=True)
+    except RcloneError as e:
+        raise _fail(e) from None
+    if as_json:
+        typer.echo(json.dumps(dataclasses.asdict(report)))
+        return
+    for obj in report.copied:
+        typer.echo(f"copied  {obj}")
+    for obj in report.deleted:
+        typer.echo(f"deleted {obj}")
+    typer.echo(f"{src} -> {dst}: {len(report.copied)} copied, {len(report.deleted)} deleted")
 
 
 def register(app: typer.Typer) -> None:
