@@ -5,6 +5,7 @@ block-table width) bucket, which removes the per-kernel launch cost that dominat
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 
@@ -24,6 +25,11 @@ log = logging.getLogger(__name__)
 
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def _graph_inputs(ids, positions, meta: AttentionMetadata) -> tuple[torch.Tensor, ...]:
+    """The device inputs a captured decode graph reads, in the order static_meta() maps them."""
+    return ids, positions, meta.slot_mapping, meta.context_lens, meta.block_tables, meta.query_start_loc
 
 
 class ModelRunner:
@@ -97,7 +103,9 @@ class ModelRunner:
                 prefills.append((n, start + n))
             if start + n == seq.num_tokens:
                 sample_rows.append(len(ids) - 1)
+        query_lens = [n for _, n in out.scheduled]
         for _ in range((pad_to or 0) - len(ids)):  # CUDA-graph padding rows: harmless writes to the scratch block
+            query_lens.append(1)
             ids.append(0)
             positions.append(0)
             slots.append(self.scratch_block * bs)
@@ -108,9 +116,11 @@ class ModelRunner:
         def t(x, dtype):
             return torch.tensor(x, dtype=dtype).to(dev, non_blocking=True)
 
+        query_start_loc = list(itertools.accumulate(query_lens, initial=0))
         meta = AttentionMetadata(num_decodes=num_decodes,
                                  slot_mapping=t(slots, torch.long), context_lens=t(ctx_lens, torch.int32),
-                                 block_tables=t(tables, torch.int32), block_size=bs, prefills=prefills)
+                                 block_tables=t(tables, torch.int32), block_size=bs, prefills=prefills,
+                                 query_start_loc=t(query_start_loc, torch.int32), max_query_len=max(query_lens))
         return t(ids, torch.long), t(positions, torch.long), meta, sample_rows
 
     # ---- execution ------------------------------------------------------------------------------------------------
@@ -160,18 +170,18 @@ class ModelRunner:
             self._capture(key, ids, positions, meta)
         graph, static = self.graphs[key]
         inputs, hidden = static
-        for dst, src in zip(inputs, (ids, positions, meta.slot_mapping, meta.context_lens, meta.block_tables),
-                            strict=True):
+        for dst, src in zip(inputs, _graph_inputs(ids, positions, meta), strict=True):
             dst.copy_(src, non_blocking=True)
         graph.replay()
         return hidden[:n], rows
 
     def _capture(self, key, ids, positions, meta: AttentionMetadata) -> None:
-        static_in = [x.clone() for x in (ids, positions, meta.slot_mapping, meta.context_lens, meta.block_tables)]
+        static_in = [x.clone() for x in _graph_inputs(ids, positions, meta)]
 
         def static_meta() -> AttentionMetadata:  # fresh per use: metadata caches tensors built during a forward
             return AttentionMetadata(num_decodes=key[0], slot_mapping=static_in[2], context_lens=static_in[3],
-                                     block_tables=static_in[4], block_size=self.block_size, prefills=[])
+                                     block_tables=static_in[4], block_size=self.block_size, prefills=[],
+                                     query_start_loc=static_in[5], max_query_len=1)
 
         self.model(static_in[0], static_in[1], self.kv_caches, static_meta())  # warm-up (and compile) outside capture
         torch.cuda.synchronize()

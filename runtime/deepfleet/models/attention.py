@@ -34,6 +34,8 @@ class AttentionMetadata:
     block_size: int
     # prefill rows, host side: (query_len, context_len) per sequence, in batch order after the decodes
     prefills: list[tuple[int, int]]
+    query_start_loc: torch.Tensor  # [B + 1] int32 on device: first query row of each sequence, then T
+    max_query_len: int  # host side: the longest query of the step (1 = pure decode)
     _decode_mask: torch.Tensor | None = None  # built by the first layer, reused by the others
 
     def decode_mask(self, width: int, device: torch.device) -> torch.Tensor:
