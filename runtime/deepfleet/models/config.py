@@ -50,6 +50,14 @@ def load_config(model_dir: str | Path) -> ModelConfig:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
+    return parse_config(raw, Path(model_dir))
+
+
+def parse_config(raw: dict[str, Any], model_dir: Path) -> ModelConfig:
+    """A config.json's contents -> ModelConfig; errors name `model_dir/config.json` and the field."""
+    path = model_dir / "config.json"
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     archs = raw.get("architectures") or []
     known = [ARCHITECTURES[a] for a in archs if a in ARCHITECTURES]
     if not known:
@@ -64,7 +72,7 @@ def load_config(model_dir: str | Path) -> ModelConfig:
     eos = raw.get("eos_token_id")
     eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     cfg = ModelConfig(
-        path=Path(model_dir),
+        path=model_dir,
         arch=known[0],
         vocab_size=0,
         hidden_size=0,

@@ -112,20 +112,24 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
             p.data.normal_(0.0, 0.02, generator=gen)
 
 
+def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int) -> nn.Module:
+    """The model with uninitialised parameters in `dtype` on `device` (the "meta" device: shapes only, no memory)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            return model_class(cfg)(cfg, max_positions)
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int,
                load_format: str = "auto") -> nn.Module:
     if load_format not in ("auto", "dummy"):
         raise ValueError(f"load_format: {load_format!r} is not supported (auto, dummy)")
     if load_format == "auto":
         verify_manifest_if_present(cfg.path)
-    cls = model_class(cfg)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with device:
-            model = cls(cfg, max_positions)
-    finally:
-        torch.set_default_dtype(previous)
+    model = build_model(cfg, dtype, device, max_positions)
     if load_format == "dummy":
         init_dummy_weights(model)
     else:
