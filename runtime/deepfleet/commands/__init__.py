@@ -1,5 +1,5 @@
 """Subcommand groups of the `deepfleet` CLI, one module per area, each exposing `register(app)`."""
 
-from deepfleet.commands import batching, engine, plan, serve, weights
+from deepfleet.commands import batching, doctor, engine, plan, serve, weights
 
-AREAS = (engine, serve, batching, weights, plan)
+AREAS = (engine, serve, batching, weights, plan, doctor)
