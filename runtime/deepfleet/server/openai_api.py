@@ -83,17 +83,34 @@ def _max_tokens(state: ServerState, requested: int | None, prompt_len: int, prom
     return requested
 
 
-def _sampling(body: p.ChatCompletionRequest | p.CompletionRequest, max_tokens: int, logprobs: int | None,
-              rename: dict[str, str]) -> list[SamplingParams]:
+def _defaulted(state: ServerState, body: p.ChatCompletionRequest | p.CompletionRequest, field: str) -> Any:
+    """The request's value, or the model's generation_config.json default when the request left it out."""
+    if field not in body.model_fields_set and field in state.generation_defaults:
+        return state.generation_defaults[field]
+    return getattr(body, field)
+
+
+def _requested_max_tokens(state: ServerState, body: p.ChatCompletionRequest | p.CompletionRequest,
+                          prompt_len: int) -> int | None:
+    requested = body.requested_max_tokens()
+    explicit = {"max_tokens", "max_completion_tokens"} & body.model_fields_set
+    if not explicit and "max_tokens" in state.generation_defaults:
+        # a model default never makes a request fail: it is cut to the room left
+        return max(1, min(state.generation_defaults["max_tokens"], state.max_model_len - prompt_len))
+    return requested
+
+
+def _sampling(state: ServerState, body: p.ChatCompletionRequest | p.CompletionRequest, max_tokens: int,
+              logprobs: int | None, rename: dict[str, str]) -> list[SamplingParams]:
     try:
         return [
             SamplingParams(
                 n=1,
-                temperature=body.temperature,
-                top_p=body.top_p,
-                top_k=body.top_k,
-                min_p=body.min_p,
-                repetition_penalty=body.repetition_penalty,
+                temperature=_defaulted(state, body, "temperature"),
+                top_p=_defaulted(state, body, "top_p"),
+                top_k=_defaulted(state, body, "top_k"),
+                min_p=_defaulted(state, body, "min_p"),
+                repetition_penalty=_defaulted(state, body, "repetition_penalty"),
                 presence_penalty=body.presence_penalty,
                 frequency_penalty=body.frequency_penalty,
                 # n choices are n engine requests; distinct, reproducible seeds keep them from being copies.
@@ -131,8 +148,8 @@ def _prepare_chat(state: ServerState, request: Request, body: p.ChatCompletionRe
                           param="messages") from None
     # The template writes BOS itself (as transformers' apply_chat_template(tokenize=True)).
     prompt_ids = state.tokenizer.encode(prompt, add_special_tokens=False)
-    max_tokens = _max_tokens(state, body.requested_max_tokens(), len(prompt_ids), "messages")
-    params = _sampling(body, max_tokens, body.requested_logprobs(), {"logprobs": "top_logprobs"})
+    max_tokens = _max_tokens(state, _requested_max_tokens(state, body, len(prompt_ids)), len(prompt_ids), "messages")
+    params = _sampling(state, body, max_tokens, body.requested_logprobs(), {"logprobs": "top_logprobs"})
     starts_open = prompt_opens_reasoning(prompt) if state.settings.reasoning_parser == "deepseek_r1" else None
     return _Job(CHAT, body, prompt_ids, params, _priority(request, body), starts_open)
 
@@ -146,8 +163,8 @@ def _prepare_completion(state: ServerState, request: Request, body: p.Completion
         if any(t >= vocab for t in body.prompt):
             raise bad_request(f"prompt: token ids must be below the vocabulary size {vocab}", param="prompt")
         prompt_ids = list(body.prompt)
-    max_tokens = _max_tokens(state, body.requested_max_tokens(), len(prompt_ids), "prompt")
-    params = _sampling(body, max_tokens, body.requested_logprobs(), {})
+    max_tokens = _max_tokens(state, _requested_max_tokens(state, body, len(prompt_ids)), len(prompt_ids), "prompt")
+    params = _sampling(state, body, max_tokens, body.requested_logprobs(), {})
     return _Job(COMPLETIONS, body, prompt_ids, params, _priority(request, body), None)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from starlette.requests import Request
 
 from deepfleet.engine.sampling_params import SamplingParams
+from deepfleet.models.generation_config import generation_defaults
 from deepfleet.server.async_engine import AsyncEngine
 from deepfleet.server.config import ServeSettings
 from deepfleet.server.engine_loop import ThreadDriver
@@ -79,6 +80,7 @@ class ServerState:
         self.tokenizer: Any = None
         self.token_text: TokenText | None = None
         self.max_model_len = 0
+        self.generation_defaults: dict[str, Any] = {}  # request field -> the model's default (generation_config)
         self.phase = "loading"
         self.error: str | None = None
         self.draining = False
@@ -120,6 +122,8 @@ class ServerState:
         s = self.settings
         try:
             t0 = time.monotonic()
+            if s.generation_config == "auto":
+                self.generation_defaults = generation_defaults(s.model)
             if s.engine_process:
                 driver = await asyncio.to_thread(ProcessDriver.launch, self._engine_factory, s)
             else:
