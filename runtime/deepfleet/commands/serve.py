@@ -29,6 +29,30 @@ def register(app: typer.Typer) -> None:
             str | None, typer.Option(help="Model id clients send (setting: served_model_name).")
         ] = None,
         max_concurrent: Annotated[int | None, typer.Option(help="Admission slots (setting: max_concurrent).")] = None,
+        generation_config: Annotated[
+            str | None, typer.Option(help="auto: the model's generation_config.json defaults; vllm: the API's.")
+        ] = None,
+        # vLLM's flag names, same meaning (settings engine.*)
+        dtype: Annotated[str | None, typer.Option(help="auto, bfloat16, float16, float32 (engine.dtype).")] = None,
+        max_model_len: Annotated[
+            int | None, typer.Option(help="Longest prompt + output (engine.max_model_len).")
+        ] = None,
+        gpu_memory_utilization: Annotated[
+            float | None, typer.Option(help="Share of GPU memory to use (engine.gpu_memory_utilization).")
+        ] = None,
+        max_num_seqs: Annotated[int | None, typer.Option(help="Sequences per step (engine.max_num_seqs).")] = None,
+        max_num_batched_tokens: Annotated[
+            int | None, typer.Option(help="Token budget per step (engine.max_num_batched_tokens).")
+        ] = None,
+        block_size: Annotated[int | None, typer.Option(help="Tokens per KV block (engine.block_size).")] = None,
+        enable_prefix_caching: Annotated[
+            bool | None, typer.Option("--enable-prefix-caching/--no-enable-prefix-caching",
+                                      help="Reuse KV of shared prefixes (engine.enable_prefix_caching).")
+        ] = None,
+        enforce_eager: Annotated[
+            bool | None, typer.Option("--enforce-eager", help="No CUDA graphs (engine.enforce_eager).")
+        ] = None,
+        device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N (engine.device).")] = None,
         set_: Annotated[
             list[str] | None, typer.Option("--set", help="Any setting, e.g. --set engine.max_num_seqs=64 (repeat).")
         ] = None,
@@ -43,8 +67,16 @@ def register(app: typer.Typer) -> None:
             for item in set_ or []:
                 overrides = merge(overrides, parse_assignment(item))
             flags = {"host": host, "port": port, "served_model_name": served_model_name,
-                     "max_concurrent": max_concurrent}
+                     "max_concurrent": max_concurrent, "generation_config": generation_config}
+            engine_flags = {"dtype": dtype, "max_model_len": max_model_len,
+                            "gpu_memory_utilization": gpu_memory_utilization, "max_num_seqs": max_num_seqs,
+                            "max_num_batched_tokens": max_num_batched_tokens, "block_size": block_size,
+                            "enable_prefix_caching": enable_prefix_caching, "enforce_eager": enforce_eager,
+                            "device": device}
             overrides.update({k: v for k, v in flags.items() if v is not None})
+            engine = {k: v for k, v in engine_flags.items() if v is not None}
+            if engine:
+                overrides["engine"] = {**overrides.get("engine", {}), **engine}
             overrides["model"] = str(model_dir)
             settings = load_settings(config, overrides)
         except SettingsError as exc:

@@ -1,0 +1,42 @@
+"""CLI habits of users coming from vLLM: `python -m deepfleet`, and vLLM's `serve` flag names with their meaning."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from deepfleet.cli import app
+
+
+def test_python_dash_m_deepfleet_runs_the_cli():
+    r = subprocess.run([sys.executable, "-m", "deepfleet", "--version"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("deepfleet "), r.stderr
+
+
+def test_vllm_flag_names_map_to_the_same_settings(tmp_path):
+    r = CliRunner().invoke(app, [
+        "serve", str(tmp_path), "--print-config", "--served-model-name", "r1", "--dtype", "bfloat16",
+        "--max-model-len", "4096", "--gpu-memory-utilization", "0.85", "--max-num-seqs", "48",
+        "--max-num-batched-tokens", "2048", "--block-size", "32", "--no-enable-prefix-caching", "--enforce-eager",
+        "--device", "cpu", "--generation-config", "vllm", "--set", "engine.num_kv_blocks=99"])
+    assert r.exit_code == 0, r.output
+    settings = json.loads(r.output)
+    assert settings["served_model_name"] == "r1" and settings["generation_config"] == "vllm"
+    assert settings["engine"] == {"dtype": "bfloat16", "device": "cpu", "max_num_seqs": 48,
+                                  "max_num_batched_tokens": 2048, "block_size": 32, "num_kv_blocks": 99,
+                                  "gpu_memory_utilization": 0.85, "enable_prefix_caching": False,
+                                  "max_model_len": 4096, "enforce_eager": True}
+
+
+def test_flags_left_out_leave_the_engine_defaults(tmp_path):
+    r = CliRunner().invoke(app, ["serve", str(tmp_path), "--print-config"])
+    assert r.exit_code == 0, r.output
+    assert set(json.loads(r.output)["engine"].values()) == {None}
+
+
+def test_bad_flag_value_names_the_setting(tmp_path):
+    r = CliRunner().invoke(app, ["serve", str(tmp_path), "--print-config", "--gpu-memory-utilization", "1.5"])
+    assert r.exit_code == 2 and "engine.gpu_memory_utilization" in r.output
