@@ -40,6 +40,9 @@ def render(state) -> dict:
                 "deepfleet_lab_name": state.name,
                 "deepfleet_allowed_networks": [state.subnet],
                 "deepfleet_apt_proxy": state.apt_proxy,
+                # Lab hosts are containers without GPUs, stated here: the compliance GPU checks skip on them
+                # because the inventory says so, and a GPU host's inventory sets true (a missing GPU fails).
+                "nvidia_driver_gpu_required": False,
             },
             "children": {
                 "gpu_nodes": {"hosts": hosts},

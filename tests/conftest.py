@@ -13,6 +13,15 @@ import torch._dynamo  # noqa: F401,E402  isort: skip
 COMPLIANCE_DIR = Path(__file__).parent / "compliance"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("compliance", "compliance suite (tests/compliance)")
+    group.addoption("--inventory-host", default=None,
+                    help="with a local:// or ssh:// target and --ansible-inventory: the inventory host whose "
+                         "variables apply (default: the ssh target's name, or this machine's host name)")
+    group.addoption("--require-gpu", action="store_true", default=False,
+                    help="GPU checks fail instead of skipping on a host without an NVIDIA GPU")
+
+
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config):
     if COMPLIANCE_DIR in (collection_path, *collection_path.parents) and not config.getoption("hosts", None):
         return True

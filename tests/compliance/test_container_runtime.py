@@ -4,8 +4,12 @@ arguments (--cpus, --memory, GPUs); on GPU hosts the NVIDIA Container Toolkit's 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
+import yaml
+
+ROLE_VARS = Path(__file__).resolve().parents[2] / "roles" / "container_runtime" / "vars" / "main.yml"
 
 
 @pytest.fixture
@@ -70,3 +74,10 @@ def test_gpu_cdi_spec(host, gpu_host):
     devices = host.check_output("nvidia-ctk cdi list")
     assert "nvidia.com/gpu=all" in devices
     assert sum(1 for d in devices.splitlines() if re.fullmatch(r"nvidia\.com/gpu=\d+", d.strip())) == gpu_host
+
+
+def test_gpu_smoke_line_pattern_counts_the_gpus_of_real_nvidia_smi(host, gpu_host):
+    """The pattern the CDI smoke test counts GPUs with, applied to this host's own `nvidia-smi -L`."""
+    pattern = yaml.safe_load(ROLE_VARS.read_text())["container_runtime_smoke_gpu_line"]
+    lines = host.check_output("nvidia-smi -L").splitlines()
+    assert sum(1 for line in lines if re.match(pattern, line)) == gpu_host, lines

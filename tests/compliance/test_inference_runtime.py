@@ -10,8 +10,8 @@ import yaml
 
 
 @pytest.fixture
-def rt(host, rendered_settings) -> dict:
-    if "gpu_nodes" not in host.ansible.get_variables()["group_names"]:
+def rt(inventory, rendered_settings) -> dict:
+    if "gpu_nodes" not in inventory["group_names"]:
         pytest.skip("not a runtime host (group gpu_nodes)")
     return rendered_settings("inference_runtime")
 

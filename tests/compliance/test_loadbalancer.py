@@ -9,8 +9,8 @@ import pytest
 
 
 @pytest.fixture
-def lb(host, rendered_settings) -> dict:
-    if "loadbalancers" not in host.ansible.get_variables()["group_names"]:
+def lb(inventory, rendered_settings) -> dict:
+    if "loadbalancers" not in inventory["group_names"]:
         pytest.skip("not a load balancer (group loadbalancers)")
     return rendered_settings("loadbalancer")
 

@@ -3,20 +3,7 @@ the cluster size; on GPU hosts the NCCL library and the nccl-tests binaries."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-ROLES = Path(__file__).resolve().parents[2] / "roles"
-
-
-def _plugin(role: str, module: str):
-    path = ROLES / role / "filter_plugins" / f"{module}.py"
-    spec = importlib.util.spec_from_file_location(f"compliance_{module}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture
@@ -26,21 +13,22 @@ def nccl_conf(host) -> dict[str, str]:
     return dict(line.split("=", 1) for line in f.content_string.splitlines() if line and not line.startswith("#"))
 
 
-def _cluster_nodes(host, nccl: dict) -> int:
+def _cluster_nodes(inventory: dict, nccl: dict) -> int:
     configured = nccl["nccl_cluster_nodes"]
     if isinstance(configured, int):
         return configured
-    return len(host.ansible.get_variables()["groups"].get("gpu_nodes", [])) or 1
+    return len(inventory["groups"].get("gpu_nodes", [])) or 1
 
 
-def test_nccl_algorithm_follows_the_cluster_size_rule(host, role_settings, nccl_conf):
+def test_nccl_algorithm_follows_the_cluster_size_rule(inventory, role_settings, nccl_conf):
     nccl = role_settings("nccl")
     if nccl["nccl_algo"] == "nccl_default":
         assert "NCCL_ALGO" not in nccl_conf
         return
     expected = nccl["nccl_algo"]
     if expected == "auto":
-        expected = _plugin("nccl", "nccl_rules").nccl_algo(_cluster_nodes(host, nccl), nccl["nccl_tree_min_nodes"])
+        # the documented rule: Ring below nccl_tree_min_nodes nodes, Tree from there on
+        expected = "Tree" if _cluster_nodes(inventory, nccl) >= int(nccl["nccl_tree_min_nodes"]) else "Ring"
     assert nccl_conf["NCCL_ALGO"] == expected
 
 
@@ -56,7 +44,7 @@ def test_nccl_transport_settings(role_settings, nccl_conf):
     assert nccl_conf["NCCL_IB_HCA"] == ",".join(nccl["nccl_ib_hca"])
     tc = nccl["nccl_ib_tc"]
     if not isinstance(tc, int):  # the default derives from the RoCE class
-        tc = _plugin("rdma_roce", "perftest").roce_traffic_class(roce["rdma_roce_dscp"])
+        tc = int(roce["rdma_roce_dscp"]) * 4 + 2  # DSCP in the upper six bits of the ToS byte, ECT(0) set
     assert int(nccl_conf["NCCL_IB_TC"]) == tc
     gid = nccl["nccl_ib_gid_index"]
     assert int(nccl_conf["NCCL_IB_GID_INDEX"]) == (gid if isinstance(gid, int) else roce["rdma_roce_gid_index"])

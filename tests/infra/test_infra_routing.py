@@ -109,11 +109,19 @@ def test_onprem_serves_first_and_cloud_takes_retries_and_overflow() -> None:
     assert retry["retry_priority"]["name"] == "envoy.retry_priorities.previous_priorities"
 
 
-@pytest.mark.parametrize("target", [100, 40, 400])
+# Worked out by hand from the README's rule (connect timeout half the target, longest retry back-off a
+# quarter): target -> (on-prem connect_timeout, retry max_interval, worst case = their sum in ms).
+SWITCHOVER = {100: ("0.050s", "0.025s", 75), 40: ("0.020s", "0.010s", 30), 400: ("0.200s", "0.100s", 300)}
+
+
+@pytest.mark.parametrize("target", sorted(SWITCHOVER))
 def test_switchover_stays_within_the_target(target: int) -> None:
+    connect_timeout, max_interval, worst_ms = SWITCHOVER[target]
     config = _config(target)
-    assert hr.switchover_budget_ms(config) <= target
-    assert hr.switchover_budget_ms(config) == target // 2 + target // 4
+    retry = _routes(config)[-1]["route"]["retry_policy"]
+    assert _clusters(config)["onprem"]["connect_timeout"] == connect_timeout
+    assert retry["retry_back_off"]["max_interval"] == max_interval
+    assert hr.switchover_budget_ms(config) == worst_ms <= target
 
 
 def test_a_config_that_misses_the_target_is_refused(monkeypatch) -> None:

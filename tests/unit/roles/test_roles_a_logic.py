@@ -237,7 +237,7 @@ def test_driver_branches_reach_580():
 
 
 @pytest.mark.parametrize(("device_id", "arch"), [("0x2335", "9.0"), ("0x2330", "9.0"), ("0x2901", "10.0"),
-                                                 ("0x2b85", "12.0")])
+                                                 ("0x2b85", "12.0"), ("0x2342", "9.0")])
 def test_h200_and_blackwell_pci_ids(device_id, arch):
     assert cuda.device_id_arch(device_id) == arch
 
