@@ -25,6 +25,7 @@ class Placement:
     tp: int
     weights_per_gpu: int
     activation_per_gpu: int
+    profile_peak_per_gpu: int  # what the engine's start-up profile should measure: weights + prefill + its KV
     kv_budget_per_gpu: int
     kv_bytes_per_token_per_gpu: int
     num_kv_blocks: int
@@ -71,7 +72,7 @@ def place(fp: Footprint, g: GPU, tp: int, context: int, memory_utilization: floa
                f"{g.memory_bytes / 2**30:.1f} GiB")
     else:
         why = f"KV for one {context}-token sequence needs {per_seq} blocks, {blocks} fit"
-    return Placement(gpu=g.key, tp=tp, weights_per_gpu=weights, activation_per_gpu=act,
+    return Placement(gpu=g.key, tp=tp, weights_per_gpu=weights, activation_per_gpu=act, profile_peak_per_gpu=peak,
                      kv_budget_per_gpu=max(0, int(budget)), kv_bytes_per_token_per_gpu=per_token, num_kv_blocks=blocks,
                      kv_tokens=blocks * block_size, max_seqs=seqs,
                      engine_max_num_seqs=memory.default_max_num_seqs(blocks, block_size) if blocks else 0,
