@@ -50,6 +50,7 @@ def main() -> None:
         engine_blocks = engine.block_manager.num_blocks
         context = engine.max_model_len
         cfg, _ = model_config(raw, model_dir)
+    memory.kv_budget_bytes = engine_budget  # the planner below calls it too: keep `seen` the engine's
     fp = footprint(args.preset, cfg, "bfloat16")
     measured_gpu = hardware.GPU("measured", torch.cuda.get_device_name(), int(seen["total"]), 8, "")
     rows = {}
