@@ -4,7 +4,8 @@ Names follow the source documents (`deepseek_inference_latency_seconds`, `deepse
 and the recording/alert rules in monitoring/rules/. The latency histogram and the request counter carry the
 same labels (endpoint, status) and see the same requests, so the documents' PromQL
 `rate(deepseek_inference_latency_seconds_sum[5m]) / rate(deepseek_inference_requests_total[5m])` is the mean
-latency series by series. runtime/README.md documents every metric.
+latency series by series. vLLM's names are views of the same instruments (vllm_metrics.py). runtime/README.md
+documents every metric.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from deepfleet.server.vllm_metrics import VllmView
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +110,8 @@ def nvml_collector() -> _NvmlCollector | None:
 class ServerMetrics:
     """Per-request instruments; the load gauges are read from `snapshot` at scrape time."""
 
-    def __init__(self, snapshot: Callable[[], LoadSnapshot], gpu: Collector | None = None) -> None:
+    def __init__(self, snapshot: Callable[[], LoadSnapshot], gpu: Collector | None = None,
+                 model_name: str = "") -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -131,6 +135,9 @@ class ServerMetrics:
             ["endpoint"], buckets=TTFT_BUCKETS, registry=r,
         )
         r.register(_LoadCollector(snapshot))
+        views = {"ttft": (self.ttft, TTFT_BUCKETS), "tpot": (self.tpot, TPOT_BUCKETS),
+                 "queue_time": (self.queue_time, TTFT_BUCKETS), "latency": (self.latency, LATENCY_BUCKETS)}
+        r.register(VllmView(model_name, snapshot, views))
         if gpu is not None:
             r.register(gpu)
 

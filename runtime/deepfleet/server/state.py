@@ -87,7 +87,7 @@ class ServerState:
         # Set by the process runner: exit (status 1) when loading fails or the engine dies, so systemd or the
         # kubelet restarts the server instead of leaving a process that can only answer 503.
         self.on_fatal: Callable[[], None] | None = None
-        self.metrics = ServerMetrics(self._snapshot, nvml_collector())
+        self.metrics = ServerMetrics(self._snapshot, nvml_collector(), self.model_name)
 
     def _snapshot(self) -> LoadSnapshot:
         if self.engine is None:

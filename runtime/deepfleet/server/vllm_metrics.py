@@ -1,0 +1,81 @@
+"""vLLM's metric names, so vLLM's Grafana dashboard, the production stack's router and KEDA/HPA recipes read this
+server unchanged. They are views, computed at scrape time from the same instruments and the same engine snapshot
+as the `deepseek_*` metrics: every observation is recorded once, and both names always agree. Labelled
+`model_name` (the served model id) as vLLM's are; runtime/README.md has the mapping."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+P = "vllm:"
+
+
+def _merged(histogram: Histogram, bounds: tuple[float, ...],
+            keep: Callable[[dict[str, str]], bool]) -> tuple[list[tuple[str, float]], float]:
+    """One histogram's label sets that pass `keep`, summed into one (buckets add up across label sets); all
+    zero, with the same bounds, before the first observation."""
+    buckets = {floatToGoString(b): 0.0 for b in (*bounds, float("inf"))}
+    total = 0.0
+    for family in histogram.collect():
+        for s in family.samples:
+            if not keep(s.labels):
+                continue
+            if s.name.endswith("_bucket"):
+                buckets[s.labels["le"]] = buckets.get(s.labels["le"], 0.0) + s.value
+            elif s.name.endswith("_sum"):
+                total += s.value
+    return sorted(buckets.items(), key=lambda b: float(b[0])), total
+
+
+class VllmView(Collector):
+    def __init__(self, model_name: str, snapshot: Callable[[], Any],
+                 histograms: dict[str, tuple[Histogram, tuple[float, ...]]]) -> None:
+        """`histograms`: ttft, tpot, queue_time, latency of ServerMetrics, each with its bucket bounds."""
+        self._model = [model_name]
+        self._snapshot = snapshot
+        self._h = histograms
+
+    def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(P + name, doc, labels=["model_name"])
+        family.add_metric(self._model, value)
+        return family
+
+    def _counter(self, name: str, doc: str, value: float) -> CounterMetricFamily:
+        family = CounterMetricFamily(P + name, doc, labels=["model_name"])
+        family.add_metric(self._model, value)
+        return family
+
+    def _histogram(self, name: str, doc: str, source: str,
+                   keep: Callable[[dict[str, str]], bool] = lambda _labels: True) -> HistogramMetricFamily:
+        buckets, total = _merged(*self._h[source], keep)
+        family = HistogramMetricFamily(P + name, doc, labels=["model_name"])
+        family.add_metric(self._model, buckets, total)
+        return family
+
+    def collect(self) -> Iterator[Any]:
+        s = self._snapshot()
+        yield self._gauge("num_requests_running", "Requests the engine is running", s.num_running)
+        # vLLM has no admission queue in front of its scheduler: waiting there is waiting here
+        yield self._gauge("num_requests_waiting", "Requests waiting (admission queue + engine scheduler)",
+                          s.queued + s.num_waiting)
+        yield self._gauge("gpu_cache_usage_perc", "KV-cache usage (0..1; vLLM V0 name)", s.kv_cache_usage)
+        yield self._gauge("kv_cache_usage_perc", "KV-cache usage (0..1)", s.kv_cache_usage)
+        yield self._counter("prompt_tokens", "Prompt tokens processed", s.prompt_tokens_total)
+        yield self._counter("generation_tokens", "Tokens generated", s.generation_tokens_total)
+        yield self._counter("num_preemptions", "Sequences preempted", s.num_preemptions)
+        yield self._counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                            s.prefix_cache_queries)
+        yield self._counter("prefix_cache_hits", "Prompt tokens found in the prefix cache", s.prefix_cache_hits)
+        yield self._histogram("time_to_first_token_seconds", "Time to first token", "ttft")
+        yield self._histogram("request_time_per_output_token_seconds", "Mean time per output token, per request",
+                              "tpot")
+        yield self._histogram("request_queue_time_seconds", "Time waiting before the engine took the request",
+                              "queue_time")
+        yield self._histogram("e2e_request_latency_seconds", "End-to-end latency of requests answered 200",
+                              "latency", lambda labels: labels.get("status") == "200")
