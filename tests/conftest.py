@@ -1,9 +1,16 @@
 """Repository-wide test wiring: GPU tests skip without a GPU; the compliance suite only runs when a
 target inventory is given (`--hosts=...`), because testinfra would otherwise check this very machine."""
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU the Triton kernels run under Triton's interpreter on CPU tensors. Triton reads TRITON_INTERPRET
+# when triton.language is first imported (torch._dynamo below imports it), so it is set here, before anything else.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # ansible-core replaces sys.intern with a patch object when imported (the role tests import it); torch's dynamo
 # registers a polyfill for sys.intern when it is first imported and refuses a non-function. Importing dynamo

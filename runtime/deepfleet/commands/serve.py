@@ -53,6 +53,9 @@ def register(app: typer.Typer) -> None:
             bool | None, typer.Option("--enforce-eager", help="No CUDA graphs (engine.enforce_eager).")
         ] = None,
         device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N (engine.device).")] = None,
+        quantization: Annotated[
+            str | None, typer.Option(help="fp8: quantize weights to block FP8 on load (engine.quantization).")
+        ] = None,
         set_: Annotated[
             list[str] | None, typer.Option("--set", help="Any setting, e.g. --set engine.max_num_seqs=64 (repeat).")
         ] = None,
@@ -72,7 +75,7 @@ def register(app: typer.Typer) -> None:
                             "gpu_memory_utilization": gpu_memory_utilization, "max_num_seqs": max_num_seqs,
                             "max_num_batched_tokens": max_num_batched_tokens, "block_size": block_size,
                             "enable_prefix_caching": enable_prefix_caching, "enforce_eager": enforce_eager,
-                            "device": device}
+                            "device": device, "quantization": quantization}
             overrides.update({k: v for k, v in flags.items() if v is not None})
             engine = {k: v for k, v in engine_flags.items() if v is not None}
             if engine:

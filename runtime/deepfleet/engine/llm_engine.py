@@ -44,6 +44,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: config.json max_position_embeddings
     enforce_eager: bool = False  # True: no CUDA graphs
     load_format: str = "auto"  # "dummy": random weights, for benchmarks of real shapes
+    quantization: str | None = None  # "fp8": block-FP8 weights quantized on load; None: as the checkpoint is
 
 
 def _check_positive(name: str, value: int | None) -> None:
@@ -67,7 +68,7 @@ class LLMEngine:
         self.tokenizer = Tokenizer(config.model, generation_eos_ids=model_cfg.eos_token_ids)
         self.device = device
         self.runner = ModelRunner(model_cfg, dtype, device, self.max_model_len, config.block_size,
-                                  config.enforce_eager, config.load_format)
+                                  config.enforce_eager, config.load_format, config.quantization)
         num_blocks, max_num_seqs = self._size_cache(config)
         self.runner.allocate_kv_cache(num_blocks)
         if device.type == "cuda":

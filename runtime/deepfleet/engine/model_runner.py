@@ -34,11 +34,11 @@ def _graph_inputs(ids, positions, meta: AttentionMetadata) -> tuple[torch.Tensor
 
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_model_len: int,
-                 block_size: int, enforce_eager: bool, load_format: str = "auto"):
+                 block_size: int, enforce_eager: bool, load_format: str = "auto", quantization: str | None = None):
         self.cfg, self.dtype, self.device = cfg, dtype, device
         self.block_size, self.max_model_len = block_size, max_model_len
         self.model = load_model(cfg, dtype, device, max_positions=max(max_model_len, cfg.max_position_embeddings),
-                                load_format=load_format)
+                                load_format=load_format, quantization=quantization)
         self.kv_heads, self.k_dim, self.v_dim = self.model.kv_cache_layout()
         self.has_v_cache = self.v_dim is not None  # None: values are part of the cached keys (MLA)
         self.max_blocks_per_seq = math.ceil(max_model_len / block_size)

@@ -54,7 +54,7 @@ class CausalLM(nn.Module):
         self.cfg = cfg
         self.model = backbone
         self.tied = bool(cfg.get("tie_word_embeddings", False))
-        self.lm_head = None if self.tied else linear(cfg.hidden_size, cfg.vocab_size)
+        self.lm_head = None if self.tied else linear(cfg.hidden_size, cfg.vocab_size, quantize=False)
 
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, meta)

@@ -9,6 +9,9 @@ from typing import Any
 
 import torch
 
+from deepfleet.quant.spec import QuantSpec
+from deepfleet.quant.spec import resolve as resolve_quantization
+
 # config.json `architectures` entry -> deepfleet model family
 ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
@@ -32,6 +35,7 @@ class ModelConfig:
     torch_dtype: str
     eos_token_ids: list[int]
     raw: dict[str, Any] = field(repr=False)
+    quantization: QuantSpec | None = None  # the checkpoint's own (quantization_config); engine.quantization may add
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.raw.get(key, default)
@@ -64,11 +68,7 @@ def parse_config(raw: dict[str, Any], model_dir: Path) -> ModelConfig:
         raise ValueError(
             f"{path}: architectures={archs!r} is not supported (supported: {', '.join(ARCHITECTURES)})"
         )
-    if raw.get("quantization_config"):
-        # e.g. DeepSeek-V3's FP8 block-scaled checkpoint: loading it as bf16 without its scales would be silently wrong
-        method = raw["quantization_config"].get("quant_method", "?")
-        raise ValueError(f"{path}: quantization_config (quant_method={method!r}) is not supported yet; "
-                         "use a bf16/fp16/fp32 checkpoint (e.g. DeepSeek's fp8_cast_bf16.py output)")
+    quantization = resolve_quantization(raw, path, None)  # a bad quantization_config fails here, before loading
     eos = raw.get("eos_token_id")
     eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     cfg = ModelConfig(
@@ -83,6 +83,7 @@ def parse_config(raw: dict[str, Any], model_dir: Path) -> ModelConfig:
         torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
         eos_token_ids=eos_ids,
         raw=raw,
+        quantization=quantization,
     )
     cfg.vocab_size = int(cfg.require("vocab_size"))
     cfg.hidden_size = int(cfg.require("hidden_size"))

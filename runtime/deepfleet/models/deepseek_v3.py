@@ -11,7 +11,10 @@ long prefills but needs no second code path.
 Routing follows the Hugging Face transformers implementation, which matches the official inference code:
 sigmoid scores, a correction bias used only to choose experts, groups ranked by the sum of their two best biased
 scores, top-k inside the `topk_group` best groups, weights from the unbiased scores normalised
-(`norm_topk_prob`) and multiplied by `routed_scaling_factor`."""
+(`norm_topk_prob`) and multiplied by `routed_scaling_factor`. Routing is device tensor ops only; on CUDA the routed
+experts run in deepfleet.kernels.fused_moe (sort by expert and grouped GEMMs on the device), so nothing in a
+decode step waits for the host and the model is captured in CUDA graphs. Under FP8 (the published checkpoints)
+every projection is block-FP8 except the router, the embeddings and lm_head, as DeepSeek ships them."""
 
 from __future__ import annotations
 
@@ -19,10 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepfleet import quant
 from deepfleet.models.attention import AttentionMetadata, paged_attention
 from deepfleet.models.base import FUSED_PROJECTIONS, Backbone, CausalLM, decoder_layer_forward
 from deepfleet.models.config import ModelConfig
 from deepfleet.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, _yarn_mscale, linear, silu_and_mul
+from deepfleet.quant import fp8
 
 _EXPERT_SHARDS = {"gate_proj": ("w13", 0), "up_proj": ("w13", 1), "down_proj": ("w2", None)}
 
@@ -56,6 +61,18 @@ class MLAttention(nn.Module):
             scale *= _yarn_mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
         self.scale = scale
 
+    def process_weights_after_loading(self, dtype: torch.dtype) -> None:
+        """The absorbed form multiplies by kv_b_proj's per-head blocks, not through the layer: keep them as one
+        [heads, nope + v, kv_lora] tensor in the compute dtype (a view when not quantized; dequantized once when
+        FP8, then the FP8 copy is dropped: 32 MiB per layer at V3's size)."""
+        if hasattr(self.kv_b_proj, "dequantized"):
+            w_kv = self.kv_b_proj.dequantized(dtype)
+            del self.kv_b_proj
+        else:
+            w_kv = self.kv_b_proj.weight
+        self.register_buffer("w_kv", w_kv.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank),
+                             persistent=False)
+
     def forward(self, rope, x, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
@@ -63,8 +80,7 @@ class MLAttention(nn.Module):
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
         latent = self.kv_a_layernorm(latent)
         q_rope, k_rope = self.rotary(rope, q_rope, k_rope.view(t, 1, self.rope))
-        w_kv = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
-        w_uk, w_uv = w_kv.split([self.nope, self.v_dim], dim=1)
+        w_uk, w_uv = self.w_kv.split([self.nope, self.v_dim], dim=1)
         q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk)
         query = torch.cat([q_latent, q_rope], dim=-1)
         key = torch.cat([latent.view(t, 1, self.kv_lora_rank), k_rope], dim=-1)
@@ -73,37 +89,79 @@ class MLAttention(nn.Module):
         return self.o_proj(out.reshape(t, self.num_heads * self.v_dim))
 
 
+def experts_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
+                      topk_weights: torch.Tensor) -> torch.Tensor:
+    """Plain PyTorch, one expert at a time (w13/w2 in the compute dtype): the CPU path and the fused kernel's
+    reference. `tolist()` makes it sync with the host, which costs nothing on CPU."""
+    out = torch.zeros_like(x)
+    for expert in torch.unique(topk_ids).tolist():
+        token_idx, slot = torch.where(topk_ids == expert)
+        h = silu_and_mul(F.linear(x[token_idx], w13[expert]))
+        h = F.linear(h, w2[expert]) * topk_weights[token_idx, slot, None].to(x.dtype)
+        out.index_add_(0, token_idx, h)
+    return out
+
+
 class Experts(nn.Module):
-    """Routed experts stacked as [E, 2I, H] (gate|up) and [E, H, I] (down): one tensor per kind, ready for grouped
-    GEMM or expert-parallel sharding later; each checkpoint tensor loads into its expert's slice."""
+    """Routed experts stacked as [E, 2I, H] (gate|up) and [E, H, I] (down): one tensor per kind, for the grouped
+    GEMM of deepfleet.kernels.fused_moe (CUDA) or the per-expert reference (CPU). Under an FP8 quantization the
+    stacks are FP8 with block scales [E, 2I/128, H/128] and [E, H/128, I/128]; each checkpoint tensor (weight or
+    weight_scale_inv) loads into its expert's slice."""
 
     def __init__(self, num_experts: int, hidden: int, inner: int):
         super().__init__()
         self.num_experts, self.inner = num_experts, inner
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * inner, hidden), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, inner), requires_grad=False)
-        for p, shards in ((self.w13, (0, 1)), (self.w2, (None,))):
+        spec = quant.current()
+        self.block = spec.block if spec else None
+        self.from_checkpoint = bool(spec and spec.from_checkpoint)
+        dtype = fp8.FP8 if spec else None
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * inner, hidden, dtype=dtype), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, inner, dtype=dtype), requires_grad=False)
+        self.w13_scale_inv = self.w2_scale_inv = None
+        if spec:
+            self.w13_scale_inv = nn.Parameter(torch.empty(num_experts, *fp8.scale_shape(2 * inner, hidden, spec.block),
+                                                          dtype=torch.float32), requires_grad=False)
+            self.w2_scale_inv = nn.Parameter(torch.empty(num_experts, *fp8.scale_shape(hidden, inner, spec.block),
+                                                         dtype=torch.float32), requires_grad=False)
+        for p, shards in ((self.w13, (0, 1)), (self.w2, (None,)), (self.w13_scale_inv, (0, 1)),
+                          (self.w2_scale_inv, (None,))):
+            if p is None:
+                continue
             p.weight_loader = self._load
-            p.expected_shards = [(e, s) for e in range(num_experts) for s in shards]
+            p.raw_checkpoint_tensor = spec is not None
+            computed_scale = p.dtype == torch.float32 and not self.from_checkpoint
+            p.expected_shards = [] if computed_scale else [(e, s) for e in range(num_experts) for s in shards]
 
     def _load(self, param: nn.Parameter, tensor: torch.Tensor, shard) -> None:
         expert, half = shard
         if not 0 <= expert < self.num_experts:
             raise ValueError(f"expert index {expert} out of range (n_routed_experts={self.num_experts})")
-        target = param.data[expert] if half is None else param.data[expert].narrow(0, half * self.inner, self.inner)
-        if tuple(tensor.shape) != tuple(target.shape):
-            raise ValueError(f"shape {tuple(tensor.shape)} does not match the expected {tuple(target.shape)}")
-        target.copy_(tensor)
+        first_stack = param is self.w13 or param is self.w13_scale_inv
+        weight = self.w13 if first_stack else self.w2
+        row0 = 0 if half is None else half * self.inner
+        rows = weight.data[expert] if half is None else weight.data[expert].narrow(0, row0, self.inner)
+        if self.block is None:
+            if tuple(tensor.shape) != tuple(rows.shape):
+                raise ValueError(f"shape {tuple(tensor.shape)} does not match the expected {tuple(rows.shape)}")
+            rows.copy_(tensor)
+            return
+        is_scale = param.dtype == torch.float32
+        if is_scale and not self.from_checkpoint:
+            raise ValueError("the checkpoint has FP8 scales but no quantization_config")
+        scale = (self.w13_scale_inv if first_stack else self.w2_scale_inv).data[expert]
+        fp8.load_rows(rows, scale, tensor, row0, is_scale, self.block, self.from_checkpoint)
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(x)
-        # token-major loop over the experts that received tokens (a grouped-GEMM kernel would replace this)
-        for expert in torch.unique(topk_ids).tolist():
-            token_idx, slot = torch.where(topk_ids == expert)
-            h = silu_and_mul(F.linear(x[token_idx], self.w13[expert]))
-            h = F.linear(h, self.w2[expert]) * topk_weights[token_idx, slot, None].to(x.dtype)
-            out.index_add_(0, token_idx, h)
-        return out
+        if x.is_cuda:
+            from deepfleet.kernels.fused_moe import fused_experts
+
+            return fused_experts(x, self.w13, self.w2, topk_ids, topk_weights, self.w13_scale_inv,
+                                 self.w2_scale_inv, self.block)
+        w13, w2 = self.w13, self.w2
+        if self.block is not None:
+            w13 = fp8.dequantize(w13, self.w13_scale_inv, self.block, x.dtype)
+            w2 = fp8.dequantize(w2, self.w2_scale_inv, self.block, x.dtype)
+        return experts_reference(x, w13, w2, topk_ids, topk_weights)
 
 
 class MoE(nn.Module):
@@ -163,7 +221,7 @@ class DecoderLayer(nn.Module):
 
 class DeepseekV3ForCausalLM(CausalLM):
     fused_names = FUSED_PROJECTIONS
-    cuda_graph_safe = False  # expert dispatch sizes depend on the routing (host sync)
+    cuda_graph_safe = True  # routing and the fused MoE stay on the device (no host sync)
 
     def __init__(self, cfg: ModelConfig, max_positions: int):
         rope_dim = cfg.require("qk_rope_head_dim")
@@ -182,7 +240,9 @@ class DeepseekV3ForCausalLM(CausalLM):
             return None  # multi-token-prediction layers (model.layers.61 in V3) are not used for decoding
         if "experts" in parts:
             i = parts.index("experts")
-            if i + 2 < len(parts) and parts[i + 1].isdigit() and parts[i + 2] in _EXPERT_SHARDS:
+            if i + 3 < len(parts) and parts[i + 1].isdigit() and parts[i + 2] in _EXPERT_SHARDS:
                 stacked, half = _EXPERT_SHARDS[parts[i + 2]]
-                return ".".join([*parts[: i + 1], stacked]), (int(parts[i + 1]), half)
+                suffix = {"weight": "", "weight_scale_inv": "_scale_inv"}.get(parts[i + 3])
+                if suffix is not None:
+                    return ".".join([*parts[: i + 1], stacked + suffix]), (int(parts[i + 1]), half)
         return super().param_for(name)

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepfleet import quant
+
 # On CUDA the small element-wise steps (RMSNorm with its residual add, RoPE, SiLU·mul) are compiled into one fused
 # kernel each: at small batch a decode step is otherwise dominated by ~50 tiny kernels per layer (measured on H100).
 # The model runner turns this on for CUDA unless enforce_eager; CPU (and the parity tests) run the plain code.
@@ -83,8 +85,12 @@ class Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-def linear(in_features: int, out_features: int | list[int], bias: bool = False) -> nn.Module:
-    """The one place linear layers are made: swap in quantized / parallel variants here."""
+def linear(in_features: int, out_features: int | list[int], bias: bool = False, quantize: bool = True) -> nn.Module:
+    """The one place linear layers are made: swap in quantized / parallel variants here. `quantize=False` keeps a
+    layer in the compute dtype under a quantized model (lm_head, as the FP8 checkpoints publish it)."""
+    spec = quant.current() if quantize else None
+    if spec is not None:
+        return spec.linear(in_features, out_features, bias)
     return Linear(in_features, out_features, bias)
 
 

@@ -17,6 +17,10 @@ from torch import nn
 
 from deepfleet.models.config import ModelConfig
 from deepfleet.models.layers import default_weight_loader
+from deepfleet.quant import building
+from deepfleet.quant.fp8 import FP8
+from deepfleet.quant.spec import QuantSpec, check_device
+from deepfleet.quant.spec import resolve as resolve_quantization
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +90,13 @@ def load_weights(model: nn.Module, model_dir: Path, device: torch.device) -> Non
                 tensor = f.get_tensor(name)
                 try:
                     loader = getattr(param, "weight_loader", default_weight_loader)
-                    loader(param, tensor.to(param.dtype), shard)
+                    if getattr(param, "raw_checkpoint_tensor", False):  # quantized layers read (or quantize) it
+                        loader(param, tensor, shard)
+                    elif tensor.dtype == FP8:  # casting it would drop its block scales: a silently wrong model
+                        raise ValueError(f"FP8 tensor for {pname}, which is not quantized here (config.json has "
+                                         "no fp8 quantization_config, or this layer is never FP8)")
+                    else:
+                        loader(param, tensor.to(param.dtype), shard)
                 except ValueError as e:
                     raise ValueError(f"{path}: tensor {name}: {e}") from e
                 loaded.add((pname, shard))
@@ -101,10 +111,16 @@ def load_weights(model: nn.Module, model_dir: Path, device: torch.device) -> Non
 
 
 def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
-    """Random weights in place (benchmarks of real shapes without multi-GB files, like vLLM's load_format=dummy)."""
+    """Random weights in place (benchmarks of real shapes without multi-GB files, like vLLM's load_format=dummy).
+    FP8 weights get values of unit spread and block scales of 0.02: the same dequantized spread as the others."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name, p in model.named_parameters():
-        if name.endswith("norm.weight"):
+        if p.dtype == FP8:
+            for row in p.data.view(-1, p.shape[-1]).split(4096):  # bounded float32 scratch for huge expert stacks
+                row.copy_(torch.randn(row.shape, device=row.device, generator=gen).clamp(-8, 8))
+        elif name.endswith("_scale_inv"):
+            p.data.fill_(0.02)
+        elif name.endswith("norm.weight"):
             p.data.fill_(1.0)
         elif p.dim() == 1:
             p.data.zero_()
@@ -112,26 +128,34 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
             p.data.normal_(0.0, 0.02, generator=gen)
 
 
-def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int) -> nn.Module:
-    """The model with uninitialised parameters in `dtype` on `device` (the "meta" device: shapes only, no memory)."""
+def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int,
+                quantization: QuantSpec | None = None) -> nn.Module:
+    """The model with uninitialised parameters in `dtype` on `device` (the "meta" device: shapes only, no memory);
+    under `quantization` its projections are FP8 layers (default: the checkpoint's own quantization_config)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with device:
+        with device, building(quantization or cfg.quantization):
             return model_class(cfg)(cfg, max_positions)
     finally:
         torch.set_default_dtype(previous)
 
 
 def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int,
-               load_format: str = "auto") -> nn.Module:
+               load_format: str = "auto", quantization: str | None = None) -> nn.Module:
+    """`quantization`: engine.quantization ("fp8" quantizes a bf16 checkpoint on load; None: as the checkpoint)."""
     if load_format not in ("auto", "dummy"):
         raise ValueError(f"load_format: {load_format!r} is not supported (auto, dummy)")
+    spec = resolve_quantization(cfg.raw, cfg.path / "config.json", quantization)
+    check_device(spec, device)
     if load_format == "auto":
         verify_manifest_if_present(cfg.path)
-    model = build_model(cfg, dtype, device, max_positions)
+    model = build_model(cfg, dtype, device, max_positions, spec)
     if load_format == "dummy":
         init_dummy_weights(model)
     else:
         load_weights(model, cfg.path, device)
+    for module in list(model.modules()):  # derived weights (e.g. MLA's absorbed projections), once loaded
+        if hasattr(module, "process_weights_after_loading"):
+            module.process_weights_after_loading(dtype)
     return model.eval()

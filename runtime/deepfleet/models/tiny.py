@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from deepfleet.quant.fp8 import SCALE_SUFFIX, quantize
+
 ARCHS = ("qwen2", "llama", "deepseek_v3")
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
@@ -117,6 +119,46 @@ CONFIGS = {
 }
 
 
+# DeepSeek-V3's published FP8 layout at tiny size: every dimension a multiple of the 128×128 scale block except
+# kv_a_proj_with_mqa's rows (kv_lora + rope = 160: a partial last block, like V3's 576)
+FP8_DEEPSEEK_V3 = {
+    "hidden_size": 256,
+    "intermediate_size": 256,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "q_lora_rank": 128,
+    "kv_lora_rank": 128,
+    "qk_nope_head_dim": 32,
+    "qk_rope_head_dim": 32,
+    "v_head_dim": 32,
+    "moe_intermediate_size": 128,
+}
+FP8_QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                           "weight_block_size": [128, 128]}
+
+
+def _fp8_quantized(name: str) -> bool:
+    """Which tensors DeepSeek's FP8 release stores in FP8: the attention and MLP/expert projections (not the
+    router `mlp.gate`, the embeddings, lm_head or the norms)."""
+    return name.endswith(("_proj.weight", "_proj_with_mqa.weight"))
+
+
+def _write_checkpoint(out: Path, tensors: dict[str, torch.Tensor], shards: int) -> None:
+    if shards == 1:
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    names = sorted(tensors)
+    weight_map = {}
+    for i in range(shards):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = names[i::shards]
+        save_file({n: tensors[n] for n in part}, str(out / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, fname))
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+             "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
 def build_tokenizer(vocab_size: int):
     """Byte-level BPE trained on a small embedded corpus: any text round-trips through encode/decode."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -197,13 +239,20 @@ def _random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> t
     return torch.randn(shape, generator=gen) * (1.0 / shape[-1] ** 0.5)
 
 
-def make_tiny_model(out_dir: str | Path, arch: str, seed: int = 0, **overrides) -> Path:
-    """Write a random-weight `arch` model to `out_dir`; `overrides` replace config.json fields."""
+def make_tiny_model(out_dir: str | Path, arch: str, seed: int = 0, fp8: bool = False, shards: int = 1,
+                    **overrides) -> Path:
+    """Write a random-weight `arch` model to `out_dir`; `overrides` replace config.json fields. `fp8` (deepseek_v3):
+    DeepSeek's published block-FP8 format (FP8 projections with `weight_scale_inv`, `quantization_config`) at the
+    dimensions of FP8_DEEPSEEK_V3. `shards` > 1 splits the weights over files with a model.safetensors.index.json."""
     if arch not in CONFIGS:
         raise ValueError(f"arch: unknown {arch!r} (choose one of {', '.join(ARCHS)})")
+    if fp8 and arch != "deepseek_v3":
+        raise ValueError(f"fp8: the published block-FP8 format is DeepSeek-V3's, not {arch!r}'s")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = {**CONFIGS[arch], **overrides}
+    cfg = {**CONFIGS[arch], **(FP8_DEEPSEEK_V3 if fp8 else {}), **overrides}
+    if fp8:
+        cfg["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
     tok = build_tokenizer(min(cfg["vocab_size"], CONFIGS[arch]["vocab_size"]))
     if tok.get_vocab_size() > cfg["vocab_size"]:
         raise ValueError(f"vocab_size: {cfg['vocab_size']} is smaller than the tokenizer's {tok.get_vocab_size()}")
@@ -212,7 +261,11 @@ def make_tiny_model(out_dir: str | Path, arch: str, seed: int = 0, **overrides) 
 
     gen = torch.Generator().manual_seed(seed)
     tensors = {n: _random_tensor(n, s, gen).contiguous() for n, s in _hf_tensor_shapes(cfg, arch).items()}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if fp8:
+        block = tuple(FP8_QUANTIZATION_CONFIG["weight_block_size"])
+        for name in [n for n in tensors if _fp8_quantized(n)]:
+            tensors[name], tensors[name + SCALE_SUFFIX] = quantize(tensors[name], block)
+    _write_checkpoint(out, tensors, shards)
     tok.save(str(out / "tokenizer.json"))
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     tok_cfg = {

@@ -40,6 +40,9 @@ class EngineSettings(BaseModel):
     enable_prefix_caching: bool | None = Field(None, description="Reuse KV blocks of shared prompt prefixes.")
     max_model_len: int | None = Field(None, ge=1, description="Longest prompt + output; unset = the model's.")
     enforce_eager: bool | None = Field(None, description="Disable CUDA graphs.")
+    quantization: Literal["fp8"] | None = Field(
+        None, description="fp8: quantize a bf16 checkpoint's weights to block FP8 on load; unset = as published."
+    )
 
     def engine_kwargs(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if v is not None}

@@ -67,13 +67,13 @@ def test_unknown_architecture_names_config_field(qwen2_dir, tmp_path):
         load_config(d)
 
 
-def test_quantized_checkpoint_is_refused_not_misread(qwen2_dir, tmp_path):
+def test_fp8_config_over_unquantized_weights_is_refused_not_misread(qwen2_dir, tmp_path):
     d = _copy(qwen2_dir, tmp_path)
     cfg = json.loads((d / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"config\.json: quantization_config \(quant_method='fp8'\)"):
-        load_config(d)
+    with pytest.raises(ValueError, match=r"tensor model\.layers\.0\.mlp\.down_proj\.weight: dtype torch\.float32"):
+        _load(d)
 
 
 def test_missing_tensor_is_reported(qwen2_dir, tmp_path):
