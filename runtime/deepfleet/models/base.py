@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from deepfleet.distributed.layers import VocabParallelEmbedding
 from deepfleet.models.attention import AttentionMetadata
 from deepfleet.models.config import ModelConfig
-from deepfleet.models.layers import Embedding, RMSNorm, RotaryEmbedding, linear
+from deepfleet.models.layers import RMSNorm, RotaryEmbedding
 
 # checkpoint projection name -> (fused module, shard index)
 FUSED_PROJECTIONS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -29,7 +30,7 @@ def decoder_layer_forward(layer, rope, x, residual, kv_cache, meta):
 class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_cls, rotary: RotaryEmbedding):
         super().__init__()
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([layer_cls(cfg, i, rotary) for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.get("rms_norm_eps", 1e-6))
         self.rotary = rotary
@@ -54,14 +55,13 @@ class CausalLM(nn.Module):
         self.cfg = cfg
         self.model = backbone
         self.tied = bool(cfg.get("tie_word_embeddings", False))
-        self.lm_head = None if self.tied else linear(cfg.hidden_size, cfg.vocab_size, quantize=False)
+        self.lm_head = None if self.tied else VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
 
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.tied else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        return (self.model.embed_tokens if self.tied else self.lm_head).logits(hidden)
 
     def param_for(self, name: str) -> tuple[str, object] | None:
         """Checkpoint tensor name -> (parameter name, shard) or None for tensors this model does not use."""

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepfleet import quant
+from deepfleet.distributed import parallel_state as ps
+from deepfleet.distributed.layers import expert_inner_split, local_heads, shard_experts
 from deepfleet.models.attention import AttentionMetadata, paged_attention
 from deepfleet.models.base import FUSED_PROJECTIONS, Backbone, CausalLM, decoder_layer_forward
 from deepfleet.models.config import ModelConfig
@@ -36,24 +38,25 @@ class MLAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding):
         super().__init__()
         h = cfg.hidden_size
-        self.num_heads = cfg.num_heads
+        self.num_heads = local_heads(cfg.num_heads)  # this rank's heads; the latent cache is replicated
         self.q_lora_rank = cfg.get("q_lora_rank")
         self.kv_lora_rank = cfg.require("kv_lora_rank")
         self.nope, self.rope = cfg.require("qk_nope_head_dim"), cfg.require("qk_rope_head_dim")
         self.v_dim = cfg.require("v_head_dim")
         bias = bool(cfg.get("attention_bias", False))
         eps = cfg.get("rms_norm_eps", 1e-6)
-        q_out = self.num_heads * (self.nope + self.rope)
+        q_out, qk = cfg.num_heads * (self.nope + self.rope), self.nope + self.rope
         if self.q_lora_rank:
             self.q_a_proj = linear(h, self.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps)
-            self.q_b_proj = linear(self.q_lora_rank, q_out)
+            self.q_b_proj = linear(self.q_lora_rank, q_out, parallel="column", unit=qk)
         else:
-            self.q_proj = linear(h, q_out)
+            self.q_proj = linear(h, q_out, parallel="column", unit=qk)
         self.kv_a_proj_with_mqa = linear(h, self.kv_lora_rank + self.rope, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps)
-        self.kv_b_proj = linear(self.kv_lora_rank, self.num_heads * (self.nope + self.v_dim))
-        self.o_proj = linear(self.num_heads * self.v_dim, h, bias=bias)
+        self.kv_b_proj = linear(self.kv_lora_rank, cfg.num_heads * (self.nope + self.v_dim), parallel="column",
+                                unit=self.nope + self.v_dim)
+        self.o_proj = linear(cfg.num_heads * self.v_dim, h, bias=bias, parallel="row")
         self.rotary = rotary
         scale = (self.nope + self.rope) ** -0.5
         scaling = cfg.get("rope_scaling") or {}
@@ -106,23 +109,29 @@ class Experts(nn.Module):
     """Routed experts stacked as [E, 2I, H] (gate|up) and [E, H, I] (down): one tensor per kind, for the grouped
     GEMM of deepfleet.kernels.fused_moe (CUDA) or the per-expert reference (CPU). Under an FP8 quantization the
     stacks are FP8 with block scales [E, 2I/128, H/128] and [E, H/128, I/128]; each checkpoint tensor (weight or
-    weight_scale_inv) loads into its expert's slice."""
+    weight_scale_inv) loads into its expert's slice. Under tensor parallelism every rank holds every expert's slice
+    of I; under expert parallelism a rank holds E / size whole experts (see distributed/layers.py)."""
 
     def __init__(self, num_experts: int, hidden: int, inner: int):
         super().__init__()
-        self.num_experts, self.inner = num_experts, inner
+        self.num_experts = num_experts
+        self.first, held = shard_experts(num_experts)
+        self.inner_start, self.inner = expert_inner_split(inner)
         spec = quant.current()
+        if spec and (held, self.inner) != (num_experts, inner):
+            raise ValueError("engine.tensor_parallel_size > 1 with FP8 experts is not supported yet")
         self.block = spec.block if spec else None
         self.from_checkpoint = bool(spec and spec.from_checkpoint)
         dtype = fp8.FP8 if spec else None
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * inner, hidden, dtype=dtype), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, inner, dtype=dtype), requires_grad=False)
+        self.w13 = nn.Parameter(torch.empty(held, 2 * self.inner, hidden, dtype=dtype), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(held, hidden, self.inner, dtype=dtype), requires_grad=False)
         self.w13_scale_inv = self.w2_scale_inv = None
         if spec:
-            self.w13_scale_inv = nn.Parameter(torch.empty(num_experts, *fp8.scale_shape(2 * inner, hidden, spec.block),
+            self.w13_scale_inv = nn.Parameter(torch.empty(held, *fp8.scale_shape(2 * inner, hidden, spec.block),
                                                           dtype=torch.float32), requires_grad=False)
-            self.w2_scale_inv = nn.Parameter(torch.empty(num_experts, *fp8.scale_shape(hidden, inner, spec.block),
+            self.w2_scale_inv = nn.Parameter(torch.empty(held, *fp8.scale_shape(hidden, inner, spec.block),
                                                          dtype=torch.float32), requires_grad=False)
+        mine = range(self.first, self.first + held)
         for p, shards in ((self.w13, (0, 1)), (self.w2, (None,)), (self.w13_scale_inv, (0, 1)),
                           (self.w2_scale_inv, (None,))):
             if p is None:
@@ -130,7 +139,18 @@ class Experts(nn.Module):
             p.weight_loader = self._load
             p.raw_checkpoint_tensor = spec is not None
             computed_scale = p.dtype == torch.float32 and not self.from_checkpoint
-            p.expected_shards = [] if computed_scale else [(e, s) for e in range(num_experts) for s in shards]
+            p.expected_shards = [] if computed_scale else [(e, s) for e in mine for s in shards]
+        if not spec:  # compute-dtype stacks: each rank reads (or draws) only its experts' slices
+            for p, shards, full in ((self.w13, (0, 1), (inner, hidden)), (self.w2, (None,), (hidden, inner))):
+                p.tp_index = self._tp_index
+                p.full_shards = [((e, s), full) for e in range(num_experts) for s in shards]
+
+    def _tp_index(self, shard, full_shape: tuple[int, ...]):
+        expert, half = shard
+        if not self.first <= expert < self.first + self.w13.shape[0]:
+            return None  # another rank's expert (or out of range: refused by _load on the rank that would hold it)
+        inner = slice(self.inner_start, self.inner_start + self.inner)
+        return (inner, slice(None)) if half is not None else (slice(None), inner)
 
     def _load(self, param: nn.Parameter, tensor: torch.Tensor, shard) -> None:
         expert, half = shard
@@ -139,7 +159,8 @@ class Experts(nn.Module):
         first_stack = param is self.w13 or param is self.w13_scale_inv
         weight = self.w13 if first_stack else self.w2
         row0 = 0 if half is None else half * self.inner
-        rows = weight.data[expert] if half is None else weight.data[expert].narrow(0, row0, self.inner)
+        local = weight.data[expert - self.first]
+        rows = local if half is None else local.narrow(0, row0, self.inner)
         if self.block is None:
             if tuple(tensor.shape) != tuple(rows.shape):
                 raise ValueError(f"shape {tuple(tensor.shape)} does not match the expected {tuple(rows.shape)}")
@@ -148,10 +169,12 @@ class Experts(nn.Module):
         is_scale = param.dtype == torch.float32
         if is_scale and not self.from_checkpoint:
             raise ValueError("the checkpoint has FP8 scales but no quantization_config")
-        scale = (self.w13_scale_inv if first_stack else self.w2_scale_inv).data[expert]
+        scale = (self.w13_scale_inv if first_stack else self.w2_scale_inv).data[expert - self.first]
         fp8.load_rows(rows, scale, tensor, row0, is_scale, self.block, self.from_checkpoint)
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the routed output (summed over the ranks by the caller)."""
+        topk_ids, topk_weights = self._held(topk_ids, topk_weights)
         if x.is_cuda:
             from deepfleet.kernels.fused_moe import fused_experts
 
@@ -162,6 +185,17 @@ class Experts(nn.Module):
             w13 = fp8.dequantize(w13, self.w13_scale_inv, self.block, x.dtype)
             w2 = fp8.dequantize(w2, self.w2_scale_inv, self.block, x.dtype)
         return experts_reference(x, w13, w2, topk_ids, topk_weights)
+
+    def _held(self, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert parallelism: ids of the experts held here, relative to the first; a token's slot routed to another
+        rank's expert goes to local expert 0 with weight 0 (adds exactly nothing, keeps shapes static for CUDA
+        graphs; an expert map in the fused kernel would skip that work)."""
+        held = self.w13.shape[0]
+        if held == self.num_experts:
+            return ids, weights
+        local = ids - self.first
+        mine = (local >= 0) & (local < held)
+        return local.masked_fill(~mine, 0), weights.masked_fill(~mine, 0)
 
 
 class MoE(nn.Module):
@@ -183,7 +217,8 @@ class MoE(nn.Module):
                                                          requires_grad=False)
         self.experts = Experts(self.num_experts, h, inner)
         n_shared = cfg.get("n_shared_experts") or 0
-        self.shared_experts = GatedMLP(h, inner * n_shared) if n_shared else None
+        # partial sums like the routed experts: one all-reduce adds both (expert_combine)
+        self.shared_experts = GatedMLP(h, inner * n_shared, reduce=False) if n_shared else None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scores = F.linear(x.float(), self.gate.weight.float()).sigmoid()
@@ -202,7 +237,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.route(x)
         out = self.experts(x, ids, weights)
-        return out + self.shared_experts(x) if self.shared_experts is not None else out
+        return ps.all_reduce(out + self.shared_experts(x) if self.shared_experts is not None else out)
 
 
 class DecoderLayer(nn.Module):

@@ -85,13 +85,27 @@ class Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-def linear(in_features: int, out_features: int | list[int], bias: bool = False, quantize: bool = True) -> nn.Module:
+def linear(in_features: int, out_features: int | list[int], bias: bool = False, quantize: bool = True,
+           parallel: str | None = None, unit: int = 1, reduce: bool = True) -> nn.Module:
     """The one place linear layers are made: swap in quantized / parallel variants here. `quantize=False` keeps a
-    layer in the compute dtype under a quantized model (lm_head, as the FP8 checkpoints publish it)."""
+    layer in the compute dtype under a quantized model (lm_head, as the FP8 checkpoints publish it).
+    `parallel`: None (replicated), "column" (output features split in whole `unit`s, e.g. heads) or "row" (input
+    features split, partial sums all-reduced unless `reduce=False`); see deepfleet/distributed/layers.py."""
+    from deepfleet.distributed import parallel_state
+
     spec = quant.current() if quantize else None
     if spec is not None:
+        if parallel is not None and parallel_state.group().size > 1:
+            raise ValueError("engine.tensor_parallel_size > 1 with FP8 layers is not supported yet")
         return spec.linear(in_features, out_features, bias)
-    return Linear(in_features, out_features, bias)
+    if parallel is None:
+        return Linear(in_features, out_features, bias)
+    from deepfleet.distributed.layers import ColumnParallelLinear, RowParallelLinear
+
+    if parallel == "row":
+        return RowParallelLinear(in_features, out_features, bias, reduce)
+    sizes = list(out_features) if isinstance(out_features, list | tuple) else [out_features]
+    return ColumnParallelLinear(in_features, [(n // unit, unit) for n in sizes], bias)
 
 
 class Embedding(nn.Module):
@@ -142,10 +156,10 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 class GatedMLP(nn.Module):
     """down(silu(gate(x)) * up(x)) with gate and up fused into one matrix."""
 
-    def __init__(self, hidden: int, inner: int, bias: bool = False):
+    def __init__(self, hidden: int, inner: int, bias: bool = False, reduce: bool = True):
         super().__init__()
-        self.gate_up_proj = linear(hidden, [inner, inner], bias=bias)
-        self.down_proj = linear(inner, hidden, bias=bias)
+        self.gate_up_proj = linear(hidden, [inner, inner], bias=bias, parallel="column")
+        self.down_proj = linear(inner, hidden, bias=bias, parallel="row", reduce=reduce)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))

@@ -87,7 +87,15 @@ def load_weights(model: nn.Module, model_dir: Path, device: torch.device) -> Non
                     log.warning("%s: tensor %s is not used by %s", path.name, name, type(model).__name__)
                     continue
                 param = params[pname]
-                tensor = f.get_tensor(name)
+                index = getattr(param, "tp_index", None)
+                if index is None:
+                    tensor = f.get_tensor(name)
+                else:  # tensor parallel: read only this rank's slice of the memory-mapped tensor
+                    sliced = f.get_slice(name)
+                    where = index(shard, tuple(sliced.get_shape()))
+                    if where is None:
+                        continue  # held by another rank
+                    tensor = sliced[where]
                 try:
                     loader = getattr(param, "weight_loader", default_weight_loader)
                     if getattr(param, "raw_checkpoint_tensor", False):  # quantized layers read (or quantize) it
@@ -112,7 +120,9 @@ def load_weights(model: nn.Module, model_dir: Path, device: torch.device) -> Non
 
 def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
     """Random weights in place (benchmarks of real shapes without multi-GB files, like vLLM's load_format=dummy).
-    FP8 weights get values of unit spread and block scales of 0.02: the same dequantized spread as the others."""
+    FP8 weights get values of unit spread and block scales of 0.02: the same dequantized spread as the others.
+    Split parameters draw each checkpoint tensor in full and keep their slice, so every tensor-parallel size gets
+    the same model from the same seed."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name, p in model.named_parameters():
         if p.dtype == FP8:
@@ -124,8 +134,14 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
             p.data.fill_(1.0)
         elif p.dim() == 1:
             p.data.zero_()
-        else:
+        elif not hasattr(p, "full_shards"):
             p.data.normal_(0.0, 0.02, generator=gen)
+        else:
+            for shard, shape in p.full_shards:
+                full = torch.empty(shape, dtype=p.dtype, device=p.device).normal_(0.0, 0.02, generator=gen)
+                where = p.tp_index(shard, shape)
+                if where is not None:
+                    p.weight_loader(p, full[where], shard)
 
 
 def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int,

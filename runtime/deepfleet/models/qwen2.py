@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from deepfleet.distributed.layers import local_heads
 from deepfleet.models.attention import AttentionMetadata, paged_attention
 from deepfleet.models.base import FUSED_PROJECTIONS, Backbone, CausalLM, decoder_layer_forward
 from deepfleet.models.config import ModelConfig
@@ -19,14 +20,15 @@ _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding):
         super().__init__()
-        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.head_dim = cfg.get("head_dim") or cfg.hidden_size // cfg.num_heads
+        self.num_heads, self.num_kv_heads = local_heads(cfg.num_heads), local_heads(cfg.num_kv_heads)
         # Qwen2 always has q/k/v biases; Llama has them (and an o_proj bias) only with attention_bias
         qkv_bias = cfg.arch == "qwen2" or bool(cfg.get("attention_bias", False))
         o_bias = cfg.arch == "llama" and bool(cfg.get("attention_bias", False))
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = linear(cfg.hidden_size, [q_size, kv_size, kv_size], bias=qkv_bias)
-        self.o_proj = linear(q_size, cfg.hidden_size, bias=o_bias)
+        q_size, kv_size = cfg.num_heads * self.head_dim, cfg.num_kv_heads * self.head_dim
+        self.qkv_proj = linear(cfg.hidden_size, [q_size, kv_size, kv_size], bias=qkv_bias, parallel="column",
+                               unit=self.head_dim)
+        self.o_proj = linear(q_size, cfg.hidden_size, bias=o_bias, parallel="row")
         self.rotary = rotary
         self.scale = self.head_dim**-0.5
 
@@ -68,4 +70,4 @@ class Qwen2ForCausalLM(CausalLM):
 
     def kv_cache_layout(self) -> tuple[int, int, int | None]:
         """(kv heads, key dim, value dim or None when values live inside the keys)"""
-        return self.cfg.num_kv_heads, self.head_dim, self.head_dim
+        return local_heads(self.cfg.num_kv_heads), self.head_dim, self.head_dim

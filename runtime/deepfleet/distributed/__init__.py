@@ -1,0 +1,1 @@
+"""Tensor and expert parallelism: process group, parallel layers, worker processes (see executor.py)."""

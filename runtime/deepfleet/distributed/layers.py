@@ -1,0 +1,141 @@
+"""Tensor-parallel layers (Megatron-LM's split): a column-parallel linear splits its output features across the
+ranks, a row-parallel one splits its input features and sums the partial products with one all-reduce. Paired as
+column → row (q/k/v → o_proj, gate/up → down), each attention and MLP block costs exactly one all-reduce.
+
+Every parameter made here knows its slice of the checkpoint: `tp_index(shard, full_shape)` gives the index of this
+rank's part of a checkpoint tensor (None: the tensor belongs to another rank), which the loader applies to the
+memory-mapped file (safetensors `get_slice`) so a rank reads only its bytes; `full_shards` lists the checkpoint
+tensors' full shapes so dummy weights can be drawn in full and sliced, identically on every tensor-parallel size.
+
+Units: a split never cuts inside a head. A column shard is `units` units of `unit_size` rows; when there are fewer
+units than ranks (e.g. 8 KV heads on 16 ranks) each rank holds one whole unit, replicated across
+size // units ranks, as vLLM does for KV heads."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepfleet.distributed import parallel_state as ps
+from deepfleet.models.layers import Linear
+
+Index = tuple[slice, ...]
+
+
+def unit_range(units: int, g: ps.TPGroup) -> tuple[int, int]:
+    """(first unit, number of units) this rank holds of a column shard of `units` units."""
+    if units >= g.size:
+        return g.split(units)
+    return g.rank * units // g.size, 1
+
+
+def _rows(start: int, n: int, ndim: int, dim: int = 0) -> Index:
+    idx = [slice(None)] * ndim
+    idx[dim] = slice(start, start + n)
+    return tuple(idx)
+
+
+class ColumnParallelLinear(Linear):
+    """Output features split across ranks. `shards`: per fused checkpoint tensor, (units, unit_size); a plain
+    layer is one shard of `out_features` units of one row."""
+
+    def __init__(self, in_features: int, shards: list[tuple[int, int]], bias: bool = False):
+        g = ps.group()
+        self.full_shard_sizes = [u * s for u, s in shards]
+        self._ranges = [(unit_range(u, g), s) for u, s in shards]
+        super().__init__(in_features, [n * s for (_, n), s in self._ranges], bias)
+        for p in (self.weight, self.bias):
+            if p is not None:
+                p.tp_index = self._tp_index
+                keys = p.expected_shards
+                p.full_shards = [(k, (size, *p.shape[1:])) for k, size in zip(keys, self.full_shard_sizes,
+                                                                                 strict=True)]
+
+    def _tp_index(self, shard: int | None, full_shape: tuple[int, ...]) -> Index:
+        (first, n), unit = self._ranges[shard or 0]
+        return _rows(first * unit, n * unit, len(full_shape))
+
+
+class RowParallelLinear(Linear):
+    """Input features split evenly across ranks; the partial products are summed over the ranks (`reduce`), then
+    the bias, held whole on every rank, is added once. `reduce=False` leaves the sum to the caller, which lets a
+    block that adds several partial results (MoE: routed + shared experts) pay for one all-reduce."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, reduce: bool = True):
+        g = ps.group()
+        self.full_in = in_features
+        self.in_start, local_in = g.split(in_features)
+        super().__init__(local_in, out_features, bias=bias)
+        self.reduce = reduce
+        self.weight.tp_index = self._tp_index
+        self.weight.full_shards = [(None, (out_features, in_features))]
+
+    def _tp_index(self, shard, full_shape: tuple[int, ...]) -> Index:
+        return _rows(self.in_start, self.in_features, len(full_shape), dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if self.reduce:
+            y = ps.all_reduce(y)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Vocabulary rows split across ranks (padded to a multiple of the size); a rank looks up the ids it holds,
+    zeros the others, and the all-reduce assembles the embeddings. The same weight serves as the (tied) LM head."""
+
+    def __init__(self, num_embeddings: int, dim: int):
+        super().__init__()
+        g = ps.group()
+        self.num_embeddings = num_embeddings
+        self.per_rank = math.ceil(num_embeddings / g.size)
+        self.start = g.rank * self.per_rank
+        self.held = max(0, min(self.per_rank, num_embeddings - self.start))  # real rows (the last rank may pad)
+        self.weight = nn.Parameter(torch.empty(self.per_rank, dim), requires_grad=False)
+        self.weight.tp_index = self._tp_index
+        self.weight.weight_loader = self._load
+        self.weight.full_shards = [(None, (num_embeddings, dim))]
+        self.sharded = g.size > 1
+
+    def _tp_index(self, shard, full_shape: tuple[int, ...]) -> Index:
+        return _rows(self.start, self.held, len(full_shape))
+
+    def _load(self, param: nn.Parameter, tensor: torch.Tensor, shard=None) -> None:
+        if tuple(tensor.shape) != (self.held, param.shape[1]):
+            raise ValueError(f"shape {tuple(tensor.shape)} does not match the expected {(self.held, param.shape[1])}")
+        param.data[: self.held].copy_(tensor)
+        param.data[self.held :].zero_()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.sharded:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        mine = (local >= 0) & (local < self.held)
+        out = F.embedding(local.masked_fill(~mine, 0), self.weight).masked_fill(~mine[:, None], 0)
+        return ps.all_reduce(out)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [T, H] -> logits [T, vocab] (float32) on every rank: local rows, gathered in rank order."""
+        local = F.linear(hidden, self.weight).float()
+        return ps.all_gather_last(local)[:, : self.num_embeddings]
+
+
+def shard_experts(num_experts: int) -> tuple[int, int]:
+    """(first expert, experts held) under expert parallelism; (0, all) otherwise."""
+    g = ps.group()
+    return g.split(num_experts) if g.expert_parallel else (0, num_experts)
+
+
+def expert_inner_split(inner: int) -> tuple[int, int]:
+    """(start, length) of each expert's inner dimension this rank holds: tensor-parallel experts split it, expert
+    parallelism keeps experts whole."""
+    g = ps.group()
+    return (0, inner) if g.expert_parallel else g.split(inner)
+
+
+def local_heads(heads: int) -> int:
+    """Attention (or KV) heads this rank computes: its share, or one replicated head when there are fewer."""
+    return unit_range(heads, ps.group())[1]
