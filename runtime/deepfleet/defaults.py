@@ -12,6 +12,9 @@ GPU_TOKENS_PER_SEQ = 1024
 GPU_MEMORY_UTILIZATION = 0.9
 GPU_MEMORY_RESERVE_BYTES = 1 << 30  # sampler buffers, CUDA graphs, allocator slack
 CPU_KV_CACHE_BYTES = 4 << 30  # upper bound of the KV cache on CPU hosts
+# Tensor parallelism: a collective (or a worker's heartbeat) silent this long ends the engine, naming the rank.
+# Generous: the ranks compile and capture CUDA graphs at start-up at slightly different speeds.
+COLLECTIVE_TIMEOUT_S = 300.0
 
 # Server overload control (source documents: async priority scheduler max_concurrent 16)
 MAX_CONCURRENT = 16

@@ -56,6 +56,9 @@ def register(app: typer.Typer) -> None:
         quantization: Annotated[
             str | None, typer.Option(help="fp8: quantize weights to block FP8 on load (engine.quantization).")
         ] = None,
+        tensor_parallel_size: Annotated[int | None, typer.Option(
+            "--tensor-parallel-size", "-tp",
+            help="GPUs the engine spans, one worker process per GPU (engine.tensor_parallel_size).")] = None,
         set_: Annotated[
             list[str] | None, typer.Option("--set", help="Any setting, e.g. --set engine.max_num_seqs=64 (repeat).")
         ] = None,
@@ -75,7 +78,8 @@ def register(app: typer.Typer) -> None:
                             "gpu_memory_utilization": gpu_memory_utilization, "max_num_seqs": max_num_seqs,
                             "max_num_batched_tokens": max_num_batched_tokens, "block_size": block_size,
                             "enable_prefix_caching": enable_prefix_caching, "enforce_eager": enforce_eager,
-                            "device": device, "quantization": quantization}
+                            "device": device, "quantization": quantization,
+                            "tensor_parallel_size": tensor_parallel_size}
             overrides.update({k: v for k, v in flags.items() if v is not None})
             engine = {k: v for k, v in engine_flags.items() if v is not None}
             if engine:

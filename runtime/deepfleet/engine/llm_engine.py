@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from deepfleet import defaults
+from deepfleet.distributed.executor import make_runner
 from deepfleet.engine import memory
 from deepfleet.engine.block_manager import BlockManager
 from deepfleet.engine.detokenizer import IncrementalDetokenizer, StopChecker
-from deepfleet.engine.model_runner import ModelRunner
 from deepfleet.engine.outputs import CompletionOutput, EngineStats, RequestOutput
 from deepfleet.engine.sampler import Sampler, make_generator
 from deepfleet.engine.sampling_params import SamplingParams
@@ -45,6 +45,9 @@ class EngineConfig:
     enforce_eager: bool = False  # True: no CUDA graphs
     load_format: str = "auto"  # "dummy": random weights, for benchmarks of real shapes
     quantization: str | None = None  # "fp8": block-FP8 weights quantized on load; None: as the checkpoint is
+    tensor_parallel_size: int = 1  # devices (ranks) one engine spans; deepfleet/distributed/
+    expert_parallel: bool = False  # MoE layers: whole experts split over the ranks instead of each expert's slices
+    collective_timeout_s: float = defaults.COLLECTIVE_TIMEOUT_S  # a rank silent this long ends the engine
 
 
 def _check_positive(name: str, value: int | None) -> None:
@@ -54,7 +57,8 @@ def _check_positive(name: str, value: int | None) -> None:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_kv_blocks", "max_model_len"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_kv_blocks", "max_model_len",
+                     "tensor_parallel_size"):
             _check_positive(name, getattr(config, name))
         self.config = config
         model_cfg = load_config(config.model)
@@ -67,8 +71,9 @@ class LLMEngine:
                                  model_cfg.max_position_embeddings)
         self.tokenizer = Tokenizer(config.model, generation_eos_ids=model_cfg.eos_token_ids)
         self.device = device
-        self.runner = ModelRunner(model_cfg, dtype, device, self.max_model_len, config.block_size,
-                                  config.enforce_eager, config.load_format, config.quantization)
+        self.runner = make_runner(config.model, model_cfg, dtype, device, self.max_model_len, config.block_size,
+                                  config.enforce_eager, config.load_format, config.quantization,
+                                  config.tensor_parallel_size, config.expert_parallel, config.collective_timeout_s)
         num_blocks, max_num_seqs = self._size_cache(config)
         self.runner.allocate_kv_cache(num_blocks)
         if device.type == "cuda":

@@ -43,6 +43,16 @@ class EngineSettings(BaseModel):
     quantization: Literal["fp8"] | None = Field(
         None, description="fp8: quantize a bf16 checkpoint's weights to block FP8 on load; unset = as published."
     )
+    tensor_parallel_size: int | None = Field(
+        None, ge=1, description="GPUs one engine spans (one worker process per GPU, NCCL); set it to the GPUs the "
+        "host or pod requests. Must divide the attention heads. Default 1."
+    )
+    expert_parallel: bool | None = Field(
+        None, description="MoE models: split whole experts over the tensor-parallel ranks instead of each expert."
+    )
+    collective_timeout_s: float | None = Field(
+        None, gt=0, description="A worker silent (dead, hung, stuck in a collective) this long stops the server."
+    )
 
     def engine_kwargs(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if v is not None}

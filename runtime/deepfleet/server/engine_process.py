@@ -126,7 +126,17 @@ def _child_main(factory: Callable[[Any], Any], settings: Any, commands: Any, eve
         log.exception("engine failed to load")
         events.send(Died(describe(exc)))
         return
-    events.send(_Loaded(engine.tokenizer, engine.max_model_len))
+    sending = threading.Lock()  # the tensor-parallel watchdog may report from its own thread
+
+    def die(message: str) -> None:  # a tensor-parallel worker died or hung: report it and end now
+        with sending:
+            events.send(Died(message))
+        os._exit(1)
+
+    if hasattr(getattr(engine, "runner", None), "on_fatal"):
+        engine.runner.on_fatal = die
+    with sending:
+        events.send(_Loaded(engine.tokenizer, engine.max_model_len))
     encoder = _DeltaEncoder()
 
     def receive(block: bool) -> list | None:
@@ -149,7 +159,8 @@ def _child_main(factory: Callable[[Any], Any], settings: Any, commands: Any, eve
     def report(event: Any) -> None:
         if isinstance(event, Stepped):
             event = Stepped(encoder.encode(event.outputs), event.stats)
-        events.send(event)
+        with sending:
+            events.send(event)
 
     try:
         run_engine_loop(engine, receive, report)
@@ -157,7 +168,8 @@ def _child_main(factory: Callable[[Any], Any], settings: Any, commands: Any, eve
         return
     except BaseException as exc:
         log.exception("engine loop died")
-        events.send(Died(describe(exc)))
+        with sending:
+            events.send(Died(describe(exc)))
         os._exit(1)  # no interpreter clean-up: a broken CUDA context can hang it
 
 

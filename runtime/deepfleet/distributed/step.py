@@ -1,0 +1,46 @@
+"""What one engine step sends to the workers: per scheduled sequence, only what the model runner reads to build
+its inputs (the new tokens and where they start, the block table, whether the last token is sampled), so the
+message grows with the tokens computed in the step, not with the sequences' lengths."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from deepfleet.engine.scheduler import SchedulerOutput
+
+
+class _Window:
+    """token_ids[start:stop] of a sequence for a worker that received only the tokens computed this step."""
+
+    __slots__ = ("chunk", "start")
+
+    def __init__(self, start: int, chunk: list[int]):
+        self.start, self.chunk = start, chunk
+
+    def __getitem__(self, s: slice) -> list[int]:
+        return self.chunk[s.start - self.start : s.stop - self.start]
+
+
+@dataclass(eq=False)
+class SeqView:
+    """The part of a Sequence the model runner reads."""
+
+    num_computed_tokens: int
+    num_tokens: int
+    token_ids: _Window
+    block_table: list[int]
+
+
+@dataclass
+class StepInputs:
+    seqs: list[tuple[int, int, list[int], list[int]]]  # (start, num_tokens, new tokens, block table)
+
+    @classmethod
+    def of(cls, out: SchedulerOutput) -> StepInputs:
+        return cls([(s.num_computed_tokens, s.num_tokens,
+                     s.token_ids[s.num_computed_tokens : s.num_computed_tokens + n], s.block_table)
+                    for s, n in out.scheduled])
+
+    def scheduler_output(self) -> SchedulerOutput:
+        return SchedulerOutput(scheduled=[(SeqView(start, total, _Window(start, new), table), len(new))
+                                          for start, total, new, table in self.seqs])
