@@ -4,21 +4,21 @@ The KV cache of a layer is `k_cache[num_blocks, block_size, kv_heads, k_dim]` (+
 values are the first `v_dim` features of the keys, as in MLA's compressed cache). A batch is flattened: the first
 `num_decodes` rows are sequences with one new token each, the rest are prefill chunks of any length.
 
-Implementation (CPU and GPU alike, so the CPU parity tests cover the GPU code path): new keys/values are scattered
-into their slots; decode rows attend in one batched SDPA over the blocks gathered from their block tables (the
-gather width is a fixed bucket, so the step is CUDA-graph capturable); prefill rows attend per sequence, straight on
-the fresh keys when nothing is cached before them (flash kernel, causal) or over gathered blocks otherwise.
-Grouped-query heads are handled by viewing the query as [kv_heads, group] so no key/value copy per head is made.
-
-Why SDPA over gathered blocks rather than FlexAttention or a Triton paged kernel, for this first GPU version: it
-runs unchanged on CPU (one code path under test), it uses PyTorch's tuned flash/cuDNN kernels for prefill, and it is
-capturable in CUDA graphs with nothing to compile. Its cost is one copy of the context's keys/values per decode
-step; measured on an H100 (bench/RESULTS.md) that gather is ~12% of GPU time offline at 7B, and batch-1 decode
-reaches 64% of the HBM floor. The next step is a Triton paged-decode kernel behind this same function (block
-tables read in the kernel, no gather, no width buckets); models do not change."""
+New keys/values are first scattered into their cache slots. Then:
+- on CUDA, one Triton kernel (`deepfleet.kernels.paged_attention`) attends every row of the step, decodes and
+  prefill chunks over cached (chunked or prefix-hit) context alike, reading the KV blocks through the block tables:
+  no gather copy, no width buckets, each KV head read once for its query group, and the KV sequence split across
+  programs (flash-decoding) when the batch is too small to fill the GPU. It needs `query_start_loc` and
+  `max_query_len` in the metadata and is CUDA-graph capturable. The kernel module documents its design.
+- on CPU, the reference below, in plain PyTorch: decode rows attend in one batched SDPA over the blocks gathered
+  from their block tables; prefill rows attend per sequence, straight on the fresh keys when nothing is cached
+  before them (causal) or over gathered blocks otherwise. Grouped-query heads are handled by viewing the query as
+  [kv_heads, group], so no key/value copy per head is made. The kernel tests (tests/unit/kernels, Triton's
+  interpreter on CPU) and the GPU parity tests check the kernel against this reference."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -108,6 +108,24 @@ def paged_attention(
     write_kv(k_cache, k, meta.slot_mapping)
     if v is not None:
         write_kv(v_cache, v, meta.slot_mapping)
+    attend = _kernel_attention if q.is_cuda else reference_attention
+    return attend(q, k, v, k_cache, v_cache, meta, scale, v_dim)
+
+
+@functools.cache
+def _triton_kernel():
+    from deepfleet.kernels.paged_attention import paged_attention  # imports triton: only where there is a GPU
+
+    return paged_attention
+
+
+def _kernel_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, v_dim: int) -> torch.Tensor:
+    return _triton_kernel()(q, k_cache, v_cache, v_dim, meta.block_tables, meta.context_lens, meta.query_start_loc,
+                            meta.max_query_len, scale)
+
+
+def reference_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, v_dim: int) -> torch.Tensor:
+    """The plain-PyTorch implementation (CPU), over caches that already hold this step's keys/values."""
     n = meta.num_decodes
     if not meta.prefills:
         return _decode(q, k_cache, v_cache, v_dim, meta, scale)

@@ -1,0 +1,268 @@
+"""Paged attention in Triton: one varlen kernel over the flattened token batch that reads the KV cache through the
+block tables, for decode rows, prefill chunks over cached (chunked or prefix-hit) context, and any mix of the two in
+one launch.
+
+Layout. The batch is flattened: sequence `s` owns query rows `query_start_loc[s] : query_start_loc[s + 1]`, has
+`seq_lens[s]` tokens in the cache after this step (its new keys already written), so query row `i` of the chunk
+sits at position `seq_lens[s] - query_len + i` and sees keys `0 … that position`. Caches are
+`[num_blocks, block_size, kv_heads, dim]`; when there is no value cache (MLA's compressed cache), values are the
+first `v_dim` features of the keys and are read from the key cache.
+
+Design, and why (after reading vLLM's unified Triton attention, SGLang's Triton decode/extend kernels and
+FlashInfer's paged kernels):
+- One kernel for every row kind, as vLLM's unified attention: a program owns a tile of up to BLOCK_Q query rows of
+  one sequence and finds its sequence by binary search over `query_start_loc` (the grid is an upper bound of the
+  tiles, `T // BLOCK_Q + num_seqs`; surplus programs exit). SGLang instead runs separate decode and extend kernels,
+  and its extend kernel reads the new keys from a separate buffer; one kernel over the cache after the KV write
+  needs neither, and a mixed step is one launch per layer. A pure-decode launch (`max_query_len == 1`) maps program
+  to sequence directly and skips the search.
+- GQA: the M dimension of a tile is (query row × query head of the group), so each KV head is loaded once per tile
+  for its whole group (vLLM and SGLang do the same). Groups larger than HEADS_PER_PROG (MLA: 16-128 heads on one
+  latent head) are split over programs, as SGLang's grouped decode does, to bound registers; that re-reads the
+  latent cache once per head block, which is correct, not optimal: the dedicated absorbed-MLA decode kernel is
+  separate work.
+- Split KV (flash-decoding): when the launch has too few programs for the GPU (batch 1 at long context), the KV
+  range is cut into `num_splits` parts that write partial outputs and their log-sum-exp, merged by a second kernel.
+  The split count comes from the launch shape only (programs vs SMs, block-table width) and each split takes an even
+  share of the sequence's *actual* length, read on the device. So the launch is CUDA-graph capturable with no host
+  sync (FlashInfer plans its split on the host from the lengths, which a replayed graph cannot redo per step).
+- Key dims that are not a power of two are split into a power-of-two main part and a power-of-two tail
+  (576 = 512 + 64 for MLA, as SGLang's BLOCK_DPE; 40 = 32 + 8, padded to 16, the smallest tl.dot), each its own dot
+  product, rather than padding 576 to 1024. Value dims are padded to a power of two and masked.
+- The KV tile (TILE_N keys) is independent of the cache block size: each key's block id is looked up in the block
+  table, so any block size works and the block tables can be in any order.
+- float32 caches (the GPU parity tests) use IEEE dot products, not TF32, so they match the float32 reference."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_SPLITS = 64  # flash-decoding parts per sequence; beyond this the merge costs more than the parallelism gains
+PROGRAMS_PER_SM = 4  # split until the launch has about this many programs per SM
+
+
+@triton.jit
+def _find_sequence(query_start_loc, tile, num_seqs, BLOCK_Q: tl.constexpr):
+    """The sequence whose query tiles contain `tile`: sequence s owns tiles query_start_loc[s] // BLOCK_Q + s …"""
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(query_start_loc + mid) // BLOCK_Q + mid <= tile:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _paged_attention_kernel(
+    out, part_out, part_lse,  # out [T, H, DV]; parts [num_splits, T, H, DV] fp32 and [num_splits, T, H] fp32
+    q, k_cache, v_cache,
+    block_tables, seq_lens, query_start_loc,
+    num_seqs, num_splits, qk_scale,  # qk_scale: softmax scale times log2(e) (the kernel works in base 2)
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_bt, stride_ps, stride_pt, stride_ph,
+    GROUP: tl.constexpr, HEADS_PER_PROG: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+    K_DIM: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, SPLIT: tl.constexpr, ONE_ROW_PER_SEQ: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    HEAD_BLOCKS: tl.constexpr = (GROUP + HEADS_PER_PROG - 1) // HEADS_PER_PROG
+    kv_head = tl.program_id(1) // HEAD_BLOCKS
+    head_block = tl.program_id(1) % HEAD_BLOCKS
+    split = tl.program_id(2)
+
+    if ONE_ROW_PER_SEQ:
+        seq = tile
+        q_tile = 0
+    else:
+        seq = _find_sequence(query_start_loc, tile, num_seqs, BLOCK_Q)
+        q_tile = tile - (tl.load(query_start_loc + seq) // BLOCK_Q + seq)
+    q_start = tl.load(query_start_loc + seq)
+    q_len = tl.load(query_start_loc + seq + 1) - q_start
+    if q_tile * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens + seq)
+    cached_before = seq_len - q_len
+
+    # rows of the tile: (query row, head of the group), heads fastest
+    m = tl.arange(0, BLOCK_M)
+    q_row = q_tile * BLOCK_Q + m // HEADS_PER_PROG
+    head_in_group = head_block * HEADS_PER_PROG + m % HEADS_PER_PROG
+    row_ok = (m < BLOCK_Q * HEADS_PER_PROG) & (q_row < q_len) & (head_in_group < GROUP)
+    head = kv_head * GROUP + head_in_group
+    token = (q_start + q_row).to(tl.int64)
+    q_pos = cached_before + q_row  # this row sees keys 0 … q_pos
+
+    d = tl.arange(0, D_MAIN)
+    q_ptrs = q + token[:, None] * stride_qt + head[:, None] * stride_qh
+    q_main = tl.load(q_ptrs + d[None, :], mask=row_ok[:, None] & (d < K_DIM)[None, :], other=0.0)
+    if D_TAIL > 0:
+        d_tail = D_MAIN + tl.arange(0, D_TAIL)
+        q_tail = tl.load(q_ptrs + d_tail[None, :], mask=row_ok[:, None] & (d_tail < K_DIM)[None, :], other=0.0)
+    dv = tl.arange(0, DV_PAD)
+
+    # keys this tile needs (causal), and this split's even share of them, in whole KV tiles
+    kv_end = tl.minimum(seq_len, cached_before + (q_tile + 1) * BLOCK_Q)
+    num_tiles = (kv_end + TILE_N - 1) // TILE_N
+    per_split = (num_tiles + num_splits - 1) // num_splits
+    first = split * per_split
+    last = tl.minimum(first + per_split, num_tiles)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
+    table = block_tables + seq * stride_bt
+    for j in range(first, last):
+        pos = j * TILE_N + tl.arange(0, TILE_N)
+        in_range = pos < kv_end
+        block = tl.load(table + pos // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
+        slot = pos % BLOCK_SIZE
+        k_ptrs = k_cache + block[None, :] * stride_kb + slot[None, :] * stride_ks + kv_head * stride_kh
+        if D_MAIN > K_DIM:  # head dims below 16, the smallest tl.dot
+            k_main = tl.load(k_ptrs + d[:, None], mask=in_range[None, :] & (d < K_DIM)[:, None], other=0.0)
+        else:
+            k_main = tl.load(k_ptrs + d[:, None], mask=in_range[None, :], other=0.0)
+        s = tl.dot(q_main, k_main, input_precision=PRECISION)
+        if D_TAIL > 0:
+            k_tail = tl.load(k_ptrs + d_tail[:, None], mask=in_range[None, :] & (d_tail < K_DIM)[:, None], other=0.0)
+            s += tl.dot(q_tail, k_tail, input_precision=PRECISION)
+        visible = row_ok[:, None] & in_range[None, :] & (pos[None, :] <= q_pos[:, None])
+        s = tl.where(visible, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at zero
+        p = tl.exp2(s - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_ptrs = v_cache + block[:, None] * stride_vb + slot[:, None] * stride_vs + kv_head * stride_vh
+        v = tl.load(v_ptrs + dv[None, :], mask=in_range[:, None] & (dv < DV)[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    result = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    store_mask = row_ok[:, None] & (dv < DV)[None, :]
+    if not SPLIT:
+        o_ptrs = out + token[:, None] * stride_ot + head[:, None] * stride_oh + dv[None, :]
+        tl.store(o_ptrs, result.to(out.dtype.element_ty), mask=store_mask)
+    else:
+        part = split * stride_ps + token * stride_pt + head * stride_ph
+        tl.store(part_out + part[:, None] * DV + dv[None, :], result, mask=store_mask)
+        tl.store(part_lse + part, m_i + tl.log2(l_i), mask=row_ok)  # -inf for an empty split
+
+
+@triton.jit
+def _merge_splits_kernel(
+    out, part_out, part_lse,
+    num_splits, stride_ot, stride_oh, stride_ps, stride_pt, stride_ph,
+    DV: tl.constexpr, DV_PAD: tl.constexpr,
+):
+    """out[t, h] = Σ_s w_s · part_out[s, t, h] with w_s ∝ 2^lse_s: the exact softmax over all splits."""
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    dv = tl.arange(0, DV_PAD)
+    base = token * stride_pt + head * stride_ph
+    lse_max = tl.load(part_lse + base)
+    for s in range(1, num_splits):
+        lse_max = tl.maximum(lse_max, tl.load(part_lse + s * stride_ps + base))
+    weight_sum = tl.zeros([], tl.float32)
+    acc = tl.zeros([DV_PAD], tl.float32)
+    for s in range(num_splits):
+        w = tl.exp2(tl.load(part_lse + s * stride_ps + base) - lse_max)  # 0 for an empty split
+        part = tl.load(part_out + (s * stride_ps + base) * DV + dv, mask=dv < DV, other=0.0)  # 0 if empty
+        acc += w * part
+        weight_sum += w
+    tl.store(out + token * stride_ot + head * stride_oh + dv, (acc / weight_sum).to(out.dtype.element_ty),
+             mask=dv < DV)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor | None,
+    v_dim: int,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """q [T, H, Dk] -> [T, H, v_dim]. Caches [num_blocks, block_size, kv_heads, dim] (v_cache None: values are the
+    first v_dim features of the keys); block_tables [B, W] int32, seq_lens [B] int32 (tokens in the cache after this
+    step), query_start_loc [B + 1] int32, all on q's device. `max_query_len` (host) only chooses the tile shape: 1
+    selects the decode launch. `num_splits` overrides the flash-decoding split (tests, benchmarks)."""
+    num_tokens, num_heads, k_dim = q.shape
+    _, block_size, kv_heads, cache_k_dim = k_cache.shape
+    if cache_k_dim != k_dim or num_heads % kv_heads:
+        raise ValueError(f"query [{num_tokens}, {num_heads}, {k_dim}] does not fit the key cache "
+                         f"{tuple(k_cache.shape)}")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or (v_cache is not None and v_cache.stride(-1) != 1):
+        raise ValueError("paged_attention: the feature dimension of q and the caches must be contiguous")
+    num_seqs = seq_lens.shape[0]
+    group = num_heads // kv_heads
+    out = q.new_empty(num_tokens, num_heads, v_dim)
+    if num_tokens == 0:
+        return out
+    values = k_cache if v_cache is None else v_cache
+
+    wide = k_dim > 256  # MLA's 576: smaller tiles keep the loaded keys and the accumulator in registers/shared memory
+    heads_per_prog = min(triton.next_power_of_2(group), 16 if wide else 64)
+    decode = max_query_len == 1
+    fp32 = q.element_size() > 2  # float32 (the parity tests): half the tile to stay within shared memory
+    if decode:
+        block_q, tiles = 1, num_seqs
+    else:
+        block_q = max(1, (32 if wide else 64 if fp32 else 128) // heads_per_prog)
+        tiles = num_tokens // block_q + num_seqs
+    block_m = max(16, block_q * heads_per_prog)  # tl.dot needs M >= 16; surplus rows are masked
+    tile_n = 32 if wide or fp32 else 64
+    d_main = max(16, _pow2_floor(k_dim))  # tl.dot needs every dimension >= 16: smaller parts are padded, masked
+    d_tail = 0 if d_main >= k_dim else max(16, triton.next_power_of_2(k_dim - d_main))
+    dv_pad = max(16, triton.next_power_of_2(v_dim))
+    head_blocks = triton.cdiv(group, heads_per_prog)
+
+    if num_splits is None:
+        programs = tiles * kv_heads * head_blocks
+        sms = _sm_count(q.device.index or 0) if q.is_cuda else 8
+        most = triton.cdiv(block_tables.shape[1] * block_size, tile_n)  # KV tiles of the longest possible context
+        num_splits = max(1, min(MAX_SPLITS, most, triton.cdiv(PROGRAMS_PER_SM * sms, programs)))
+    if num_splits > 1:
+        part_out = torch.empty(num_splits, num_tokens, num_heads, v_dim, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(num_splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = out  # unused
+
+    _paged_attention_kernel[(tiles, kv_heads * head_blocks, num_splits)](
+        out, part_out, part_lse, q, k_cache, values, block_tables, seq_lens, query_start_loc,
+        num_seqs, num_splits, scale * 1.4426950408889634,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), values.stride(0), values.stride(1), values.stride(2),
+        block_tables.stride(0), num_tokens * num_heads, num_heads, 1,
+        GROUP=group, HEADS_PER_PROG=heads_per_prog, BLOCK_Q=block_q, BLOCK_M=block_m,
+        K_DIM=k_dim, D_MAIN=d_main, D_TAIL=d_tail, DV=v_dim, DV_PAD=dv_pad,
+        BLOCK_SIZE=block_size, TILE_N=tile_n, SPLIT=num_splits > 1, ONE_ROW_PER_SEQ=decode,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4 if decode or wide else 8, num_stages=2 if wide or fp32 else 3,
+    )
+    if num_splits > 1:
+        _merge_splits_kernel[(num_tokens, num_heads)](
+            out, part_out, part_lse, num_splits, out.stride(0), out.stride(1), num_tokens * num_heads, num_heads, 1,
+            DV=v_dim, DV_PAD=dv_pad, num_warps=4,
+        )
+    return out
