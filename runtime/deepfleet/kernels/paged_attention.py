@@ -171,8 +171,8 @@ def _merge_splits_kernel(
     lse_max = tl.load(part_lse + base)
     for s in range(1, num_splits):
         lse_max = tl.maximum(lse_max, tl.load(part_lse + s * stride_ps + base))
-    weight_sum = tl.zeros([], tl.float32)
     acc = tl.zeros([DV_PAD], tl.float32)
+    weight_sum = tl.zeros([DV_PAD], tl.float32)  # the same sum in every lane: no scalar loop-carried value
     for s in range(num_splits):
         w = tl.exp2(tl.load(part_lse + s * stride_ps + base) - lse_max)  # 0 for an empty split
         part = tl.load(part_out + (s * stride_ps + base) * DV + dv, mask=dv < DV, other=0.0)  # 0 if empty
