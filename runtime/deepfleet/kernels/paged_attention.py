@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_SPLITS = 64  # flash-decoding parts per sequence; beyond this the merge costs more than the parallelism gains
+MAX_SPLITS = 32  # flash-decoding parts per sequence: batch 1 at 8k on an H200 took 14.7 us at 32, 16.7 at 64, 24.1 at 128
 PROGRAMS_PER_SM = 4  # split until the launch has about this many programs per SM
 
 
