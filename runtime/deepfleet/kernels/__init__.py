@@ -1,2 +1,3 @@
-"""Triton GPU kernels, one kernel family per module. The models never import them: `deepfleet.models.attention`
-is the one interface, and it dispatches here on CUDA (the plain-PyTorch reference runs on CPU)."""
+"""Triton GPU kernels, one kernel family per module. Each family has one caller that dispatches on the device and
+keeps the plain-PyTorch reference for CPU: attention in deepfleet.models.attention, the FP8 GEMM in
+deepfleet.quant.linear, the fused MoE in deepfleet.models.deepseek_v3."""
