@@ -8,7 +8,8 @@ import pulumi_aws as aws
 import pulumi_kubernetes as k8s
 
 from infra import config
-from infra.eks import ACCELERATOR_LABEL, EksCluster
+from infra.eks import EksCluster
+from infra.gpu_catalog import ACCELERATOR_LABEL
 from infra.hybrid_routing import HybridRouter
 from infra.k8s_workload import APP, LABELS, FsxVolume, InferenceWorkload
 from infra.monitoring import Monitoring

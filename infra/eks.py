@@ -13,11 +13,10 @@ import pulumi_kubernetes as k8s
 from infra import helm
 from infra.config import Aws, Model, Networks, Storage
 from infra.gpu_capacity import IMDS_V2, GpuCapacity
-from infra.gpu_catalog import GPU_RESOURCE, GPU_TOLERATION
+from infra.gpu_catalog import ACCELERATOR_LABEL, GPU_RESOURCE, GPU_TOLERATION
 from infra.storage import ROOT_DEVICE
 
 GPU_TAINT = {"key": GPU_RESOURCE, "value": "true", "effect": "NO_SCHEDULE"}
-ACCELERATOR_LABEL = "deepfleet.io/accelerator"  # "nvidia" on every GPU node
 EFA_LABEL = "deepfleet.io/efa"
 POOL_LABEL = "deepfleet.io/pool"
 

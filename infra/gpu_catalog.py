@@ -9,6 +9,21 @@ from dataclasses import dataclass
 # tolerate it (GPU workloads, device plugins, dcgm-exporter) land there.
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+# GPU nodes: EKS node groups carry ACCELERATOR_LABEL (infra/eks.py); on-prem nodes carry the label NVIDIA's
+# GPU feature discovery (device plugin / GPU Operator) sets.
+ACCELERATOR_LABEL = "deepfleet.io/accelerator"  # "nvidia" on every EKS GPU node
+GPU_PRESENT_LABEL = "nvidia.com/gpu.present"  # "true", set by gpu-feature-discovery
+GPU_NODE_AFFINITY = {
+    "nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {
+            # terms are ORed: either label marks a GPU node
+            "nodeSelectorTerms": [
+                {"matchExpressions": [{"key": ACCELERATOR_LABEL, "operator": "In", "values": ["nvidia"]}]},
+                {"matchExpressions": [{"key": GPU_PRESENT_LABEL, "operator": "In", "values": ["true"]}]},
+            ]
+        }
+    }
+}
 
 
 @dataclass(frozen=True)

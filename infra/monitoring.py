@@ -19,12 +19,14 @@ import yaml
 
 from infra import helm
 from infra.config import ROOT
-from infra.gpu_catalog import GPU_TOLERATION
+from infra.gpu_catalog import GPU_NODE_AFFINITY, GPU_TOLERATION
 
 NAMESPACE = "monitoring"
 MONITORING_DIR = ROOT / "monitoring"
 RULE_FILES = ("rules/recording.yml", "rules/alerts.yml")
 DASHBOARD_FILE = "dashboards/deepfleet.json"
+DCGM_FIELDS_FILE = "dcgm-fields.csv"  # the fields dcgm-exporter collects (also the Ansible role's list)
+DCGM_FIELDS_MOUNT = "/etc/dcgm-exporter/deepfleet"
 DASHBOARD_LABEL = "grafana_dashboard"  # what the Grafana sidecar of kube-prometheus-stack watches
 
 # Pods metrics the HPA reads (names as prometheus-adapter serves them).
@@ -69,6 +71,19 @@ def adapter_rules() -> list[dict]:
             "metricsQuery": f"avg(avg_over_time(<<.Series>>{{<<.LabelMatchers>>}}[{w}])) by (<<.GroupBy>>)",
         },
     ]
+
+
+def dcgm_exporter_values() -> dict:
+    """dcgm-exporter only on GPU nodes (the GPU taint is tolerated, the affinity keeps it off CPU nodes), with
+    the repository's DCGM field list."""
+    return {
+        "tolerations": [GPU_TOLERATION],
+        "affinity": GPU_NODE_AFFINITY,
+        "arguments": ["-f", f"{DCGM_FIELDS_MOUNT}/{DCGM_FIELDS_FILE}"],
+        "extraConfigMapVolumes": [{"name": "deepfleet-dcgm-fields", "configMap": {"name": "deepfleet-dcgm-fields"}}],
+        "extraVolumeMounts": [{"name": "deepfleet-dcgm-fields", "mountPath": DCGM_FIELDS_MOUNT, "readOnly": True}],
+        "serviceMonitor": {"enabled": True, "honorLabels": False},
+    }
 
 
 def rule_groups() -> list[dict]:
@@ -125,15 +140,18 @@ class Monitoring(pulumi.ComponentResource):
             },
             after_crds,
         )
+        fields = k8s.core.v1.ConfigMap(
+            f"{name}-dcgm-fields",
+            metadata={"name": "deepfleet-dcgm-fields", "namespace": NAMESPACE},
+            data={DCGM_FIELDS_FILE: (MONITORING_DIR / DCGM_FIELDS_FILE).read_text()},
+            opts=in_ns,
+        )
         helm.release(
             f"{name}-dcgm",
             helm.DCGM_EXPORTER,
             NAMESPACE,
-            {
-                "tolerations": [GPU_TOLERATION],
-                "serviceMonitor": {"enabled": True, "honorLabels": False},
-            },
-            after_crds,
+            dcgm_exporter_values(),
+            pulumi.ResourceOptions(parent=self, provider=provider, depends_on=[stack, fields]),
         )
         k8s.apiextensions.CustomResource(
             f"{name}-servicemonitor",

@@ -105,16 +105,14 @@ def in_container(host) -> bool:
 # GPU checks run where the host has an NVIDIA GPU; on a host without one they skip with the reason,
 # unless the inventory declares it a GPU host (nvidia_driver_gpu_required) or pytest runs with --require-gpu,
 # where a missing GPU fails.
-GPU_SCAN = (
-    "for d in /sys/bus/pci/devices/*; do [ \"$(cat $d/vendor)\" = 0x10de ] || continue; "
-    "case \"$(cat $d/class)\" in 0x0300*|0x0302*) cat $d/device;; esac; done"
-)
+GPU_SCAN = ROLES / "nvidia_driver" / "files" / "gpu-scan.sh"
 
 
 @pytest.fixture
 def gpu_device_ids(host) -> list[str]:
     """PCI device ids of the host's NVIDIA GPUs, found the way the nvidia_driver role finds them."""
-    return host.check_output(GPU_SCAN).split()
+    lines = host.check_output("bash -c %s", GPU_SCAN.read_text()).splitlines()
+    return [line.split()[-1] for line in lines if line.strip()]
 
 
 @pytest.fixture

@@ -37,15 +37,18 @@ def test_driver_branch_pinned(host, drv):
 def test_gpu_loaded_driver_is_the_pinned_branch(host, drv, gpu_host):
     branch = drv["nvidia_driver_branch"]
     assert not host.file("/sys/module/nouveau").exists, "nouveau is loaded"
-    assert host.file("/sys/module/nvidia/version").content_string.strip().startswith(branch + ".")
+    module = host.file("/sys/module/nvidia/version")
+    if module.exists:  # sandboxed kernels (gVisor) show no /sys/module/nvidia: nvidia-smi below still answers
+        assert module.content_string.strip().startswith(branch + ".")
     versions = host.check_output("nvidia-smi --query-gpu=driver_version --format=csv,noheader").split()
     assert len(versions) == gpu_host and all(v.startswith(branch + ".") for v in versions)
 
 
-def test_gpu_persistence_daemon(host, drv, gpu_host):
+def test_gpu_persistence_mode(host, drv, gpu_host):
     if not drv["nvidia_driver_persistence"]:
         pytest.skip("nvidia_driver_persistence is false")
-    svc = host.service("nvidia-persistenced")
-    assert svc.is_enabled and svc.is_running
+    if not drv["nvidia_driver_preinstalled"]:  # an image's driver keeps persistence with nvidia-smi -pm instead
+        svc = host.service("nvidia-persistenced")
+        assert svc.is_enabled and svc.is_running
     modes = host.check_output("nvidia-smi --query-gpu=persistence_mode --format=csv,noheader").split()
     assert modes == ["Enabled"] * gpu_host

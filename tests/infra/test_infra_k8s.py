@@ -207,3 +207,19 @@ def test_pods_in_restricted_namespaces_meet_the_restricted_standard(any_stack: C
         assert _restricted_violations(m["spec"]["template"]["spec"]) == [], m["metadata"]["name"]
     hostpath = {"name": "w", "hostPath": {"path": "/models"}}
     assert _restricted_violations({"volumes": [hostpath], "containers": []}) == ["volume w"]
+
+
+def test_dcgm_exporter_runs_on_gpu_nodes_only_with_the_repository_fields(any_stack: Capture) -> None:
+    (release,) = [r.inputs for r in any_stack.of_type("kubernetes:helm.sh/v3:Release")
+                  if r.inputs["name"] == "dcgm-exporter"]
+    values = release["values"]
+    terms = values["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    # EKS GPU node groups' label, or the label gpu-feature-discovery puts on on-prem GPU nodes
+    assert {(t["matchExpressions"][0]["key"], tuple(t["matchExpressions"][0]["values"])) for t in terms} == {
+        ("deepfleet.io/accelerator", ("nvidia",)), ("nvidia.com/gpu.present", ("true",))}
+    assert values["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    fields = _one(any_stack, "ConfigMap", "deepfleet-dcgm-fields")["data"]["dcgm-fields.csv"]
+    assert fields == (ROOT / "monitoring" / "dcgm-fields.csv").read_text()
+    assert values["arguments"] == ["-f", "/etc/dcgm-exporter/deepfleet/dcgm-fields.csv"]
+    (mount,) = values["extraVolumeMounts"]
+    assert mount["mountPath"] == "/etc/dcgm-exporter/deepfleet"

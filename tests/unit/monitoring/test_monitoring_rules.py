@@ -280,3 +280,27 @@ def test_runtime_exports_every_metric_the_rules_and_dashboard_read(dashboard):
     used = set(re.findall(r"\bdeepseek_[a-z_]+", text))
     assert used, "rules read no runtime metric"
     assert used <= exposed, f"rules/dashboard read metrics the runtime does not export: {sorted(used - exposed)}"
+
+
+DCGM_FIELDS = MONITORING / "dcgm-fields.csv"
+
+
+def dcgm_fields_collected() -> set[str]:
+    rows = [ln.split(",") for ln in DCGM_FIELDS.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    assert all(len(r) >= 3 and r[1].strip() in {"gauge", "counter"} for r in rows), "field, type, help"
+    return {r[0].strip() for r in rows}
+
+
+def test_dcgm_exporter_collects_every_field_the_rules_and_dashboard_read():
+    read = set()
+    for path in [*RULE_FILES, DASHBOARD]:
+        read |= set(re.findall(r"DCGM_FI_[A-Z0-9_]+", path.read_text()))
+    assert read, "no DCGM field referenced"
+    assert read - dcgm_fields_collected() == set()
+
+
+def test_gpu_health_alerts_cover_the_hardware_faults():
+    names = {r["alert"] for r in alert_rules()}
+    for fault in ("Xid", "ECCUncorrectableVolatile", "ECCUncorrectableAggregate", "NVLink", "Throttled",
+                  "PageRetirement"):
+        assert any(fault in n for n in names), fault

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[3]
-GPU_CHECKS = "tests/compliance/test_nvidia_driver.py::test_gpu_persistence_daemon"
+GPU_CHECKS = "tests/compliance/test_nvidia_driver.py::test_gpu_persistence_mode"
 
 
 def _pytest(*args: str) -> str:
