@@ -88,6 +88,9 @@ def pod_spec(w: Workload, model: Model, node_label: tuple[str, str] | None, fsx_
             "0.0.0.0",
             "--port",
             str(API_PORT),
+            # one engine over every GPU the pod requests (one worker process each), so none sits idle
+            "--tensor-parallel-size",
+            str(w.resources.gpus),
             *set_flags(serve_settings(model)),
         ],
         "ports": [{"name": "http", "containerPort": API_PORT, "protocol": "TCP"}],

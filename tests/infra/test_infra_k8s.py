@@ -92,6 +92,8 @@ def test_workload_requests_gpus_probes_and_spreads(aws_stack: Capture) -> None:
     assert runtime["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert runtime["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
     assert "queue_full_status=503" in runtime["command"]
+    tp = runtime["command"].index("--tensor-parallel-size")
+    assert runtime["command"][tp + 1] == "4"  # the engine spans the 4 GPUs the pod requests
     assert {c["topologyKey"] for c in pod["topologySpreadConstraints"]} == {
         "topology.kubernetes.io/zone",
         "kubernetes.io/hostname",

@@ -124,7 +124,23 @@ class VocabParallelEmbedding(nn.Module):
 
 
 def shard_experts(num_experts: int) -> tuple[int, int]:
-    """(first expert, experts held) under expert parallelism; (0, all) otherwise."""
+    """(first expert, experts held) under expert parallelism; (0, all) otherwise.
+
+    Dispatch and combine. Attention here is tensor-parallel, so after its all-reduce every rank already holds every
+    token's hidden state: dispatch needs no communication at all (the all-gather of the all-gather + reduce-scatter
+    scheme is free), each rank runs the tokens routed to its experts, and the combine is the sum over ranks of their
+    partial outputs, one all-reduce per MoE block, the same single collective a tensor-parallel MLP pays (shared
+    experts' partial sums ride along). All-to-all moves only the routed tokens (top-k / E of the data per rank)
+    and wins when each rank owns different tokens, i.e. with data-parallel attention, or across nodes where
+    bandwidth is scarce (DeepEP); with replicated tokens it would send what every rank already has.
+
+    Attention tensor-parallel vs data-parallel. Data-parallel attention (SGLang's DP attention, up to 1.9x decode
+    throughput reported on V3) keeps each rank's sequences and their MLA latent cache on that rank alone: MLA has a
+    single latent "KV head", so tensor parallelism must replicate the latent cache on every rank, which wastes
+    size-1 of every size copies of KV memory and caps the batch. We start with TP attention because it keeps one
+    scheduler, one batch and one step input for all ranks (this module's whole design), gives the lowest batch-1
+    latency (every rank works on every token) and needs no all-to-all kernel; DP attention needs per-rank schedulers
+    and an all-to-all dispatch (the next step for V3 at large batch, where the KV memory is what limits)."""
     g = ps.group()
     return g.split(num_experts) if g.expert_parallel else (0, num_experts)
 
