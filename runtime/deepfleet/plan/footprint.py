@@ -1,12 +1,11 @@
-"""What one model needs, from the engine's own code: its parameters and buffers come from the real model class
-built on the meta device (shapes only, no memory), its KV layout from the model's `kv_cache_layout()`, its KV
-bytes from `deepfleet.engine.memory`. Only the weight encoding (bf16/fp16/fp8 with block scales) and the
-activation estimate are this module's own arithmetic."""
+"""What one model needs, from the engine's own code: its parameters, FP8 block scales and buffers come from the
+real model class built on the meta device (shapes only, no memory) under the engine's quantization spec, its KV
+layout from the model's `kv_cache_layout()`, its KV bytes from `deepfleet.engine.memory`. Only the activation
+estimate and the tensor-parallel split (which tensors are replicated) are this module's own arithmetic."""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +14,9 @@ import torch
 from deepfleet.engine import memory
 from deepfleet.models.config import ModelConfig, parse_config
 from deepfleet.models.loader import build_model
+from deepfleet.quant.spec import resolve as resolve_quantization
 
-WEIGHT_DTYPES = {"bfloat16": 2, "float16": 2, "fp8": 1}  # bytes per weight element
-FP8_BLOCK = 128  # DeepSeek-V3's weight_block_size [128, 128]: one float32 scale per 128x128 tile
-FP8_SCALE_BYTES = 4
+WEIGHT_DTYPES = ("bfloat16", "float16", "fp8")  # fp8: the engine's block-FP8 layers (quant/), scales included
 KV_DTYPE_BYTES = 2  # the cache is kept in the activation dtype (bf16/fp16), also for fp8 weights
 
 
@@ -43,38 +41,33 @@ class Footprint:
 
 def model_config(raw: dict[str, Any], source: Path) -> tuple[ModelConfig, str | None]:
     """Parse config.json contents for sizing; a quantization_config names the checkpoint's own weight dtype."""
-    raw = dict(raw)
-    quant = raw.pop("quantization_config", None)
     cfg = parse_config(raw, source)
-    checkpoint_dtype = "fp8" if quant and quant.get("quant_method") == "fp8" else None
-    return cfg, checkpoint_dtype
+    return cfg, (cfg.quantization.method if cfg.quantization else None)
 
 
-def _fp8_quantized(name: str, p: torch.Tensor) -> bool:
-    # the DeepSeek-V3 FP8 checkpoint quantizes every projection inside the decoder layers (attention, dense and
-    # shared MLPs, routed experts); embeddings, lm_head, norms and the MoE router stay in bf16
-    return ".layers." in f".{name}" and p.dim() >= 2 and not name.endswith("mlp.gate.weight")
-
-
-def _fp8_bytes(p: torch.Tensor) -> int:
-    *lead, rows, cols = p.shape
-    tiles = math.prod(lead) * math.ceil(rows / FP8_BLOCK) * math.ceil(cols / FP8_BLOCK)
-    return p.numel() + tiles * FP8_SCALE_BYTES
+def _replicated(name: str, p: torch.Tensor) -> bool:
+    # what tensor parallelism does not split: norms, biases, the MoE router
+    return p.dim() < 2 or ".mlp.gate." in f".{name}"
 
 
 def footprint(name: str, cfg: ModelConfig, weight_dtype: str) -> Footprint:
+    """Bytes are the engine's own model built on the meta device: FP8 projections are its Fp8Linear / stacked-expert
+    layers with their float32 block scales, the rest in the activation dtype."""
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"dtype: {weight_dtype!r} is not supported (choose {', '.join(WEIGHT_DTYPES)})")
     torch_dtype = torch.float16 if weight_dtype == "float16" else torch.bfloat16
-    model = build_model(cfg, torch_dtype, torch.device("meta"), cfg.max_position_embeddings)
+    spec = resolve_quantization(cfg.raw, cfg.path / "config.json", "fp8") if weight_dtype == "fp8" else None
+    model = build_model(replace(cfg, quantization=spec), torch_dtype, torch.device("meta"),
+                        cfg.max_position_embeddings, spec)
     sharded = replicated = params = 0
     for pname, p in model.named_parameters():
-        params += p.numel()
-        size = _fp8_bytes(p) if weight_dtype == "fp8" and _fp8_quantized(pname, p) else p.numel() * 2
-        if p.dim() >= 2 and not pname.endswith("mlp.gate.weight"):
-            sharded += size
-        else:
+        size = p.numel() * p.element_size()
+        if not pname.endswith("scale_inv"):
+            params += p.numel()
+        if _replicated(pname, p):
             replicated += size
+        else:
+            sharded += size
     replicated += sum(b.numel() * b.element_size() for b in model.buffers())
     layout = model.kv_cache_layout()
     per_layer = memory.kv_bytes_per_token_per_layer(layout, KV_DTYPE_BYTES)
