@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help deps venv lint test test-fast test-lab lab lab-down lab-status plan
+.PHONY: help deps venv lint test test-fast test-lab lab lab-down lab-status plan drill
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -50,3 +50,6 @@ lab-status: ## show what the lab has up
 
 plan: venv ## print the resource tree a Pulumi stack would create (STACK=aws|onprem|hybrid), no CLI needed
 	$(PY) -m infra.plan $(or $(STACK),aws)
+
+drill: venv ## failover drill on the running lab (make lab first): kill and hang a runtime host under load
+	$(PY) bench/drill.py $(if $(SCENARIO),--scenario $(SCENARIO))

@@ -35,6 +35,11 @@ def test_balancing_and_health_checks(host, lb):
     assert "http-check send meth GET uri /readyz" in cfg
     assert "http-check expect status 200" in cfg
     assert "option redispatch" in cfg and f"retries {lb['loadbalancer_retries']}" in cfg
+    # failover timing (measured by `make drill`): check cadence, confirmation, hung-host timeout, passive check
+    assert (f"check inter {lb['loadbalancer_check_inter']} fastinter {lb['loadbalancer_check_fastinter']} "
+            f"fall {lb['loadbalancer_check_fall']}") in cfg
+    assert f"timeout check {lb['loadbalancer_check_timeout']}" in cfg
+    assert ("observe layer4 error-limit 1 on-error mark-down" in cfg) == lb["loadbalancer_observe_connections"]
 
 
 def test_every_runtime_host_is_up_in_the_backend(host, lb):

@@ -140,6 +140,10 @@ def runtime_health(probe: Probe, port: int = defaults.API_PORT, host: str = "127
         name = f"runtime {route}"
         if status == 200:
             checks.append(Check("runtime", name, OK, f"200 {body.strip()[:80]}"))
+        elif status is None and "timed out" in body:
+            checks.append(Check("runtime", name, FAIL, f"{host}:{port} accepts connections but does not answer "
+                                "(hung process)", "py-spy dump --pid $(systemctl show -p MainPID --value "
+                                "deepfleet-runtime), then systemctl restart deepfleet-runtime"))
         elif status is None:
             checks.append(Check("runtime", name, FAIL, f"no answer on {host}:{port} ({body[:100]})",
                                 "systemctl status deepfleet-runtime; journalctl -u deepfleet-runtime"))
