@@ -2,7 +2,7 @@
 weights, greedy tokens and first-step logits:
 - a tiny DeepSeek-V3 checkpoint in the published format (sharded index, FP8 projections with `weight_scale_inv`
   per 128×128 block, `quantization_config`), loaded as FP8;
-- a tiny Qwen2 checkpoint quantized on load (engine.quantization = fp8).
+- a tiny Qwen2 and a tiny unquantized DeepSeek-V3 checkpoint quantized on load (engine.quantization = fp8).
 The dequantized references are built here from the checkpoint files with this file's own arithmetic."""
 
 import json
@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from deepfleet.engine.llm_engine import EngineConfig, LLMEngine
 from deepfleet.engine.sampling_params import SamplingParams
-from deepfleet.models.tiny import make_tiny_model
+from deepfleet.models.tiny import FP8_DEEPSEEK_V3, make_tiny_model
 
 transformers = pytest.importorskip("transformers")
 torch.set_num_threads(1)
@@ -133,17 +133,32 @@ def test_deepseek_v3_fp8_matches_transformers_on_dequantized_weights(ds_fp8, tmp
     assert big_float == []
 
 
+def _fake_quantized_copy(src, dst):
+    """The checkpoint with every projection replaced by its 128×128 block-quantized-dequantized value."""
+    tensors = load_file(src / "model.safetensors")
+    fake = {n: _block_fake_quant(t) if n.endswith(("proj.weight", "proj_with_mqa.weight")) else t
+            for n, t in tensors.items()}
+    shutil.copytree(src, dst)
+    save_file(fake, dst / "model.safetensors")
+    return dst
+
+
 def test_qwen2_quantized_on_load_matches_transformers(tmp_path, recording_sampler):
     src = make_tiny_model(tmp_path / "q", "qwen2", **QWEN2_FP8_DIMS)
-    tensors = load_file(src / "model.safetensors")
-    fake = {n: _block_fake_quant(t) if n.endswith("proj.weight") else t for n, t in tensors.items()}
-    ref_dir = tmp_path / "ref"
-    shutil.copytree(src, ref_dir)
-    save_file(fake, ref_dir / "model.safetensors")
-    ref = _hf_greedy(ref_dir)
+    ref = _hf_greedy(_fake_quantized_copy(src, tmp_path / "ref"))
     tokens, logits, engine = _engine_greedy(src, recording_sampler, quantization="fp8")
     _check(tokens, logits, ref)
     assert engine.runner.model.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn
     assert engine.runner.model.lm_head.weight.dtype == torch.float32
+
+
+def test_deepseek_v3_bf16_checkpoint_quantized_on_load_matches_transformers(tmp_path, recording_sampler):
+    # the same dimensions as the FP8 release, written unquantized (as DeepSeek's fp8_cast_bf16.py leaves it)
+    src = make_tiny_model(tmp_path / "ds", "deepseek_v3", **FP8_DEEPSEEK_V3)
+    ref = _hf_greedy(_fake_quantized_copy(src, tmp_path / "ref"))
+    tokens, logits, engine = _engine_greedy(src, recording_sampler, quantization="fp8")
+    _check(tokens, logits, ref)
+    experts = engine.runner.model.model.layers[2].mlp.experts
+    assert experts.w13.dtype == experts.w2.dtype == torch.float8_e4m3fn
 
 
