@@ -7,17 +7,19 @@ API_PORT = 8000  # OpenAI API, /healthz, /readyz and /metrics share this port
 MAX_NUM_BATCHED_TOKENS = 4096
 MAX_NUM_SEQS_CPU = 32
 KV_BLOCK_SIZE = 16
-MAX_NUM_SEQS_GPU_CAP = 256  # GPU default max_num_seqs: KV tokens / GPU_TOKENS_PER_SEQ, capped here
+MAX_NUM_SEQS_GPU_CAP = 1024  # GPU default max_num_seqs: KV tokens / GPU_TOKENS_PER_SEQ, capped here
 GPU_TOKENS_PER_SEQ = 1024
 GPU_MEMORY_UTILIZATION = 0.9
-GPU_MEMORY_RESERVE_BYTES = 1 << 30  # sampler buffers, CUDA graphs, allocator slack
+GPU_MEMORY_RESERVE_BYTES = 1 << 30  # CUDA graphs' activations, allocator slack
+SAMPLER_VOCAB_TEMPORARIES = 4  # [max_num_seqs, vocab] float32 tensors a non-greedy draw holds at once (+ the logits)
 CPU_KV_CACHE_BYTES = 4 << 30  # upper bound of the KV cache on CPU hosts
 # Tensor parallelism: a collective (or a worker's heartbeat) silent this long ends the engine, naming the rank.
 # Generous: the ranks compile and capture CUDA graphs at start-up at slightly different speeds.
 COLLECTIVE_TIMEOUT_S = 300.0
 
-# Server overload control (source documents: async priority scheduler max_concurrent 16)
-MAX_CONCURRENT = 16
+# Server overload control: admission slots default to the engine's max_num_seqs (a smaller default would cap the
+# batch); the source documents' async priority scheduler uses max_concurrent 16, a setting away
+SOURCE_DOCS_MAX_CONCURRENT = 16
 # On SIGTERM the server finishes in-flight requests for this long; k8s terminationGracePeriodSeconds must exceed it.
 SHUTDOWN_GRACE_S = 30
 RATE_LIMIT_PER_MINUTE = 100

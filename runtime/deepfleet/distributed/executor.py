@@ -47,7 +47,7 @@ from deepfleet.distributed.step import StepInputs
 log = logging.getLogger(__name__)
 
 # methods of ModelRunner that must run on every rank (they allocate per-rank state or run forwards)
-ALL_RANKS = frozenset({"allocate_kv_cache", "profile_num_blocks", "init_graphs", "capture_graphs"})
+ALL_RANKS = frozenset({"allocate_kv_cache", "profile_kv_budget", "init_graphs", "capture_graphs"})
 _WATCH_INTERVAL_S = 0.2
 
 
@@ -215,7 +215,7 @@ class ParallelRunner:
         return getattr(runner, name)
 
     def call(self, name: str, *args: Any) -> Any:
-        """Run a runner method on every rank; a number (profile_num_blocks) is the minimum over the ranks."""
+        """Run a runner method on every rank; a number (profile_kv_budget) is the minimum over the ranks."""
         if self.failed:
             raise RuntimeError(self.failed)
         self._send(("call", name, args))

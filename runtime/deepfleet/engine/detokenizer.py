@@ -1,65 +1,66 @@
-"""Streaming text out of generated tokens, and stop strings.
+"""Streaming text out of generated tokens, and stop strings; per-token cost independent of the output's length.
 
-`IncrementalDetokenizer` decodes only a small window of tokens per step (vLLM's prefix/read offsets): the text of
-window [prefix, read) was already emitted, so the new text is decode([prefix, end)) minus decode([prefix, read)).
-Decoding from a few tokens back keeps tokenizer context (e.g. leading-space handling) right. Byte-level BPE can
-split one UTF-8 character over several tokens; such a tail decodes to U+FFFD, so nothing is emitted until it
-completes.
+`IncrementalDetokenizer` feeds each token to `tokenizers`' `DecodeStream` (Rust: it keeps its own prefix/read
+offsets, primed with the last prompt tokens so leading-space handling is right). Byte-level BPE can split one
+UTF-8 character over several tokens; the stream returns nothing until the character completes. At the end,
+`flush` decodes what is still held back (an incomplete character becomes U+FFFD, as a full decode gives).
 
-`StopChecker` finds stop strings in the cumulative text and holds back any tail that could still become one,
-so a streamed partial stop string is never sent.
+`StopChecker` looks for stop strings in the new text plus the short tail it held back, and holds back any tail
+that could still become one, so a streamed partial stop string is never sent and no step rescans the whole text.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
-REPLACEMENT_CHAR = "\ufffd"
+from tokenizers.decoders import DecodeStream
+
 PREFIX_WINDOW = 5  # prompt tokens decoded as context for the first output tokens (as vLLM)
 
 
-class _Decoder(Protocol):
+class _Tokenizer(Protocol):
+    backend: Any  # the `tokenizers.Tokenizer` that DecodeStream steps with
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: _Decoder, prompt_token_ids: list[int], skip_special_tokens: bool = True):
+    def __init__(self, tokenizer: _Tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True):
         self._tokenizer = tokenizer
+        self._backend = tokenizer.backend
         self._skip_special = skip_special_tokens
-        self._ids = list(prompt_token_ids)
-        self._read_offset = len(self._ids)
-        self._prefix_offset = max(len(self._ids) - PREFIX_WINDOW, 0)
+        context = list(prompt_token_ids[-PREFIX_WINDOW:])
+        self._stream = DecodeStream(ids=context, skip_special_tokens=skip_special_tokens)
+        self._context = context  # the last few tokens before the held-back ones (for flush)
+        self._held: list[int] = []  # tokens the stream has not turned into text yet
         self._chunks: list[str] = []
 
     @property
     def text(self) -> str:
-        """All output text emitted so far."""
+        """All output text emitted so far (joined on demand: not for the per-step path)."""
         return "".join(self._chunks)
 
     def append(self, token_id: int) -> str:
         """Add one generated token; return the text that became stable (often "", e.g. mid-character)."""
-        self._ids.append(token_id)
-        prefix_text, new_text = self._window_texts()
-        if len(new_text) <= len(prefix_text) or new_text.endswith(REPLACEMENT_CHAR):
+        delta = self._stream.step(self._backend, token_id)
+        self._held.append(token_id)
+        if not delta:
             return ""
-        return self._emit(new_text[len(prefix_text) :])
+        self._context = (self._context + self._held)[-PREFIX_WINDOW:]
+        self._held = []
+        self._chunks.append(delta)
+        return delta
 
     def flush(self) -> str:
         """At the end of generation: emit what is still held back (an incomplete character decodes to U+FFFD)."""
-        if self._read_offset == len(self._ids):
+        if not self._held:
             return ""
-        prefix_text, new_text = self._window_texts()
-        return self._emit(new_text[len(prefix_text) :])
-
-    def _window_texts(self) -> tuple[str, str]:
         decode = self._tokenizer.decode
-        prefix_text = decode(self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=self._skip_special)
-        new_text = decode(self._ids[self._prefix_offset :], skip_special_tokens=self._skip_special)
-        return prefix_text, new_text
-
-    def _emit(self, delta: str) -> str:
-        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-        self._chunks.append(delta)
+        before = decode(self._context, skip_special_tokens=self._skip_special)
+        delta = decode(self._context + self._held, skip_special_tokens=self._skip_special)[len(before):]
+        self._context, self._held = (self._context + self._held)[-PREFIX_WINDOW:], []
+        if delta:
+            self._chunks.append(delta)
         return delta
 
 
@@ -67,27 +68,28 @@ class StopChecker:
     def __init__(self, stop: list[str] | None):
         self.stop = [s for s in (stop or []) if s]
         self._longest = max(map(len, self.stop), default=0)
-        self._searched_to = 0  # text before this index (minus a stop's length) holds no stop string
+        self._held = ""  # released text's tail that is a prefix of some stop string (< longest characters)
         self.matched: str | None = None  # the stop string that ended the text (OpenAI's stop_reason)
 
-    def check(self, text: str, finished: bool = False) -> tuple[bool, str]:
-        """Given the cumulative output text, return (stopped, text safe to emit so far).
+    def feed(self, delta: str, finished: bool = False) -> tuple[bool, str]:
+        """Given the new output text, return (stopped, text now safe to emit).
 
         On a stop the text is cut before the earliest stop string. Otherwise, while streaming, the longest tail
-        that is a prefix of some stop string (at most len(longest stop) - 1 characters) is held back; once
-        `finished`, everything is released.
+        that is a prefix of some stop string is held back (at most len(longest stop) - 1 characters); once
+        `finished`, everything is released. Any stop string that ends in `delta` starts within the held tail or
+        `delta` (the held tail is the longest suffix that could begin one), so nothing older is searched.
         """
         if not self.stop:
-            return False, text
-        start = max(self._searched_to - self._longest + 1, 0)
-        hits = [(i, s) for i, s in ((text.find(s, start), s) for s in self.stop) if i >= 0]
+            return False, delta
+        window = self._held + delta
+        hits = [(i, s) for i, s in ((window.find(s), s) for s in self.stop) if i >= 0]
         if hits:
             position, self.matched = min(hits, key=lambda hit: hit[0])
-            return True, text[:position]
-        self._searched_to = len(text)
-        if finished:
-            return False, text
-        return False, text[: len(text) - self._partial_stop_len(text)]
+            self._held = ""
+            return True, window[:position]
+        keep = 0 if finished else self._partial_stop_len(window)
+        self._held = window[len(window) - keep:] if keep else ""
+        return False, window[: len(window) - keep]
 
     def _partial_stop_len(self, text: str) -> int:
         for n in range(min(self._longest - 1, len(text)), 0, -1):

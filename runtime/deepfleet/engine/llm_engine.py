@@ -20,7 +20,7 @@ from deepfleet.engine import memory
 from deepfleet.engine.block_manager import BlockManager
 from deepfleet.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from deepfleet.engine.outputs import CompletionOutput, EngineStats, RequestOutput
-from deepfleet.engine.sampler import Sampler, make_generator
+from deepfleet.engine.sampler import Sampler, SampleResult, make_generator
 from deepfleet.engine.sampling_params import SamplingParams
 from deepfleet.engine.scheduler import Scheduler
 from deepfleet.engine.sequence import Sequence, Status
@@ -35,7 +35,8 @@ class EngineConfig:
     model: str
     dtype: str = "auto"
     device: str = "auto"
-    max_num_seqs: int | None = None  # None: 32 on CPU, sized from KV memory on GPU
+    max_num_seqs: int | None = None  # None: 32 on CPU; on GPU from KV memory, up to max_num_seqs_cap
+    max_num_seqs_cap: int = defaults.MAX_NUM_SEQS_GPU_CAP
     max_num_batched_tokens: int = defaults.MAX_NUM_BATCHED_TOKENS
     block_size: int = defaults.KV_BLOCK_SIZE
     num_kv_blocks: int | None = None  # None: from memory
@@ -48,6 +49,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1  # devices (ranks) one engine spans; deepfleet/distributed/
     expert_parallel: bool = False  # MoE layers: whole experts split over the ranks instead of each expert's slices
     collective_timeout_s: float = defaults.COLLECTIVE_TIMEOUT_S  # a rank silent this long ends the engine
+    async_scheduling: bool = True  # prepare step N+1 while the GPU runs step N (see LLMEngine.step)
 
 
 def _check_positive(name: str, value: int | None) -> None:
@@ -57,8 +59,8 @@ def _check_positive(name: str, value: int | None) -> None:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_kv_blocks", "max_model_len",
-                     "tensor_parallel_size"):
+        for name in ("max_num_seqs", "max_num_seqs_cap", "max_num_batched_tokens", "block_size", "num_kv_blocks",
+                     "max_model_len", "tensor_parallel_size"):
             _check_positive(name, getattr(config, name))
         self.config = config
         model_cfg = load_config(config.model)
@@ -76,13 +78,15 @@ class LLMEngine:
                                   config.tensor_parallel_size, config.expert_parallel, config.collective_timeout_s)
         num_blocks, max_num_seqs = self._size_cache(config)
         self.runner.allocate_kv_cache(num_blocks)
-        if device.type == "cuda":
-            self.runner.init_graphs(max_num_seqs)
+        self.runner.init_graphs(max_num_seqs, config.max_num_batched_tokens)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler()
         self.requests: dict[str, Sequence] = {}
         self._aborted: list[Sequence] = []  # reported (finish_reason "abort") by the next step
+        self._in_flight: _Launched | None = None  # the launched step whose tokens are not taken in yet
+        # tensor-parallel workers receive token ids from the host, so placeholders cannot reach them
+        self._overlap = config.async_scheduling and config.tensor_parallel_size == 1
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_num_seqs %d", self.model_name,
@@ -90,14 +94,23 @@ class LLMEngine:
 
     def _size_cache(self, config: EngineConfig) -> tuple[int, int]:
         per_seq = math.ceil(self.max_model_len / config.block_size)
-        if self.device.type == "cuda":
-            blocks = config.num_kv_blocks or self.runner.profile_num_blocks(
-                config.max_num_batched_tokens, config.gpu_memory_utilization)
-            seqs = config.max_num_seqs or memory.default_max_num_seqs(blocks, config.block_size)
-            return blocks, seqs
-        seqs = config.max_num_seqs or defaults.MAX_NUM_SEQS_CPU
-        cap = max(per_seq, defaults.CPU_KV_CACHE_BYTES // self.runner.block_bytes())
-        return config.num_kv_blocks or min(seqs * per_seq, cap), seqs
+        if self.device.type != "cuda":
+            seqs = config.max_num_seqs or defaults.MAX_NUM_SEQS_CPU
+            cap = max(per_seq, defaults.CPU_KV_CACHE_BYTES // self.runner.block_bytes())
+            return config.num_kv_blocks or min(seqs * per_seq, cap), seqs
+        bs, cap = config.block_size, config.max_num_seqs_cap
+        if config.num_kv_blocks:
+            return config.num_kv_blocks, config.max_num_seqs or memory.default_max_num_seqs(config.num_kv_blocks, bs,
+                                                                                            cap)
+        budget = self.runner.profile_kv_budget(config.max_num_batched_tokens, config.gpu_memory_utilization)
+        block_bytes = self.runner.block_bytes()
+        seqs = config.max_num_seqs or memory.default_max_num_seqs(memory.num_kv_blocks(budget, block_bytes), bs, cap)
+        blocks = memory.num_kv_blocks(budget - memory.sampler_bytes(seqs, self.runner.cfg.vocab_size), block_bytes)
+        if blocks < per_seq:
+            raise RuntimeError(f"not enough GPU memory for one {self.max_model_len}-token sequence ({blocks} KV "
+                               f"blocks of {bs} tokens fit, {per_seq} needed, with max_num_seqs {seqs}): lower "
+                               "max_model_len or max_num_seqs, or raise gpu_memory_utilization")
+        return blocks, seqs
 
     # ---- requests -------------------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0,
@@ -122,10 +135,12 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt: {len(ids)} tokens, but the model's context (max_model_len) is "
                              f"{self.max_model_len} and at least one token must be generated")
-        need = math.ceil(min(len(ids) + params.max_tokens, self.max_model_len) / self.block_manager.block_size)
-        if need > self.block_manager.num_blocks:  # it could never run, even alone: refuse rather than wait forever
-            raise ValueError(f"prompt: {len(ids)} tokens + max_tokens {params.max_tokens} need {need} KV blocks, "
-                             f"but the cache holds {self.block_manager.num_blocks}")
+        need = min(len(ids) + params.max_tokens, self.max_model_len)
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        if need > capacity:  # it could never run, even alone: refuse rather than wait forever
+            raise ValueError(f"prompt: {len(ids)} tokens + max_tokens {params.max_tokens} = {need} tokens, but one "
+                             f"sequence's KV cache holds at most {capacity} tokens "
+                             f"({self.block_manager.num_blocks} blocks of {self.block_manager.block_size})")
         seq = Sequence(request_id, text, ids, params, priority=priority, deadline=deadline)
         if params.seed is not None:
             seq.sampling.generator = make_generator(params.seed, self.device)
@@ -140,6 +155,11 @@ class LLMEngine:
         if seq is not None and not seq.is_finished:
             self._finish(seq, "abort")
             self._aborted.append(seq)
+
+    @property
+    def max_num_seqs(self) -> int:
+        """The batch capacity: most sequences in one step."""
+        return self.scheduler.max_num_seqs
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -159,10 +179,15 @@ class LLMEngine:
     # ---- stepping -------------------------------------------------------------------------------------------------
     def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
         self.scheduler.remove(seq)
+        self.runner.forget(seq.request_id)
         seq.status, seq.finish_reason, seq.stop_reason = Status.FINISHED, reason, stop_reason
         self.requests.pop(seq.request_id, None)
 
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch this step, then (overlapped with the GPU running it) take in the previous step's
+        tokens: detokenize, check stops, report. With async scheduling off, or while some running request needs
+        its full output history to sample (penalties, logits processors), a step's tokens are taken in before
+        it returns, as in a serial loop; greedy tokens are the same either way."""
         ended = self._aborted
         self._aborted = []
         now = time.monotonic()
@@ -170,55 +195,89 @@ class LLMEngine:
             if seq.deadline is not None and now >= seq.deadline:
                 self._finish(seq, "timeout")
                 ended.append(seq)
-        advanced: list[Sequence] = []
+        prev, self._in_flight = self._in_flight, None
         out = self.scheduler.schedule()
+        launched = self._launch(out, prev) if out.scheduled else None
+        advanced = self._resolve(prev) if prev is not None else []
         if out.scheduled:
-            logits = self.runner.execute(out)
-            self.scheduler.update_after_step(out)
-            to_sample = [s for s, _ in out.scheduled if s.num_computed_tokens == s.num_tokens]
-            if logits is not None:
-                sampled = self.sampler(logits, [s.sampling for s in to_sample])
-                for seq, tok in zip(to_sample, sampled, strict=True):
-                    self._append(seq, tok)
-                    advanced.append(seq)
+            self.scheduler.update_after_step(out)  # after prev's tokens are in: full blocks hash real tokens
+        if launched is not None:
+            if self._overlap and not launched.needs_history:
+                self._in_flight = launched
+            else:
+                advanced += self._resolve(launched)
         return [self._output(s) for s in (*ended, *advanced)]
 
-    def _append(self, seq: Sequence, tok) -> None:
-        seq.append_token(tok.token_id)
+    def _launch(self, out, prev: _Launched | None) -> _Launched | None:
+        """Run the model and the sampler for `out` without waiting for the GPU; every sampled sequence gets a
+        placeholder token that the next step reads on the device and `_resolve` later replaces."""
+        logits = self.runner.execute(out) if prev is None else self.runner.execute(out, prev.result.token_ids)
+        if logits is None:
+            return None
+        to_sample = [s for s, n in out.scheduled if s.num_computed_tokens + n == s.num_tokens]
+        result = self.sampler.sample(logits, [s.sampling for s in to_sample])
+        result.start_copy()
+        entries = []
+        for row, seq in enumerate(to_sample):
+            entries.append((seq, seq.add_placeholder(row)))
+            seq.final_pending = (len(seq.output_token_ids) + 1 >= seq.params.max_tokens
+                                 or seq.num_tokens >= self.max_model_len)
+        needs_history = any(s.params.repetition_penalty != 1.0 or s.params.presence_penalty != 0.0
+                            or s.params.frequency_penalty != 0.0 or s.sampling.logits_processors
+                            for s in self.scheduler.running)
+        return _Launched(entries, result, needs_history)
+
+    def _resolve(self, launched: _Launched) -> list[Sequence]:
+        """The step's tokens reach the host (its one device->host transfer); requests that ended meanwhile
+        (stopped by the step before, aborted, timed out) drop theirs."""
+        advanced = []
+        for (seq, index), tok in zip(launched.entries, launched.result.to_host(), strict=True):
+            if seq.is_finished:
+                continue
+            seq.resolve_token(index, tok.token_id)
+            seq.final_pending = False
+            self._append(seq, index, tok)
+            advanced.append(seq)
+        return advanced
+
+    def _append(self, seq: Sequence, index: int, tok) -> None:
+        """Text, logprobs and stop checks for the token at `index` of token_ids (a later placeholder may follow
+        it already); per-token work is independent of the output length."""
         self.generation_tokens_total += 1
         if seq.logprobs is not None:
             seq.logprobs.append({"token_id": tok.token_id, "logprob": tok.logprob, "top_logprobs": tok.top_logprobs})
         params = seq.params
         delta = seq.detokenizer.append(tok.token_id)
+        finish: tuple[str, int | None] | None = None
         if tok.token_id in (params.stop_token_ids or ()):
-            return self._finish_text(seq, "stop", tok.token_id)
-        if not params.ignore_eos and tok.token_id in self.tokenizer.eos_token_ids:
-            return self._finish_text(seq, "stop", None)
-        if params.stop:
-            stopped, seq.text = seq.stop_checker.check(seq.detokenizer.text)
-            if stopped:
-                matched = next(s for s in params.stop if seq.detokenizer.text.startswith(seq.text + s))
-                return self._finish(seq, "stop", matched)
-        else:  # no stop strings: extend the text instead of re-joining it every step
-            seq.text += delta
-        if len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
-            self._finish_text(seq, "length", None)
-
-    def _finish_text(self, seq: Sequence, reason: str, stop_reason: str | int | None) -> None:
-        tail = seq.detokenizer.flush()
-        if not seq.params.stop:
-            seq.text += tail
-            return self._finish(seq, reason, stop_reason)
-        stopped, seq.text = seq.stop_checker.check(seq.detokenizer.text, finished=True)
-        if stopped:  # the flushed tail completed a stop string
-            reason, stop_reason = "stop", next(s for s in seq.params.stop
-                                               if seq.detokenizer.text.startswith(seq.text + s))
-        self._finish(seq, reason, stop_reason)
+            finish, delta = ("stop", tok.token_id), ""  # the stop token's own text is not part of the output
+        elif not params.ignore_eos and tok.token_id in self.tokenizer.eos_token_ids:
+            finish, delta = ("stop", None), ""
+        elif len(seq.output_token_ids) >= params.max_tokens or index + 1 >= self.max_model_len:
+            finish = ("length", None)
+        if finish is not None:
+            delta += seq.detokenizer.flush()
+        stopped, safe = seq.stop_checker.feed(delta, finished=finish is not None)
+        seq.text += safe
+        if stopped:
+            self._finish(seq, "stop", seq.stop_checker.matched)
+        elif finish is not None:
+            self._finish(seq, *finish)
 
     def _output(self, seq: Sequence) -> RequestOutput:
+        """Cumulative output. The token and logprob lists are the request's own (no copy per step, which would
+        grow with the output's length): they keep growing while the request runs, so copy one to keep a
+        snapshot of an unfinished request."""
         completion = CompletionOutput(
-            index=0, text=seq.text, token_ids=list(seq.output_token_ids), finish_reason=seq.finish_reason,
-            logprobs=None if seq.logprobs is None else list(seq.logprobs), stop_reason=seq.stop_reason,
+            index=0, text=seq.text, token_ids=seq.output_token_ids, finish_reason=seq.finish_reason,
+            logprobs=seq.logprobs, stop_reason=seq.stop_reason,
         )
         return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [completion], seq.is_finished,
                              seq.num_cached_tokens)
+
+
+@dataclass
+class _Launched:
+    entries: list[tuple[Sequence, int]]  # sampled sequences in row order, with their placeholder's index
+    result: SampleResult
+    needs_history: bool  # some running request samples from its whole output so far: take these tokens in now

@@ -31,6 +31,12 @@ def num_kv_blocks(budget_bytes: float, block_bytes: int) -> int:
     return max(0, int(budget_bytes // block_bytes))
 
 
-def default_max_num_seqs(num_blocks: int, block_size: int) -> int:
+def default_max_num_seqs(num_blocks: int, block_size: int, cap: int = defaults.MAX_NUM_SEQS_GPU_CAP) -> int:
     """GPU default when max_num_seqs is unset: one sequence per GPU_TOKENS_PER_SEQ cached tokens, capped."""
-    return max(1, min(defaults.MAX_NUM_SEQS_GPU_CAP, num_blocks * block_size // defaults.GPU_TOKENS_PER_SEQ))
+    return max(1, min(cap, num_blocks * block_size // defaults.GPU_TOKENS_PER_SEQ))
+
+
+def sampler_bytes(max_num_seqs: int, vocab_size: int) -> int:
+    """Taken from the KV budget once max_num_seqs is known: the float32 logits of the largest decode graph (the LM
+    head runs inside it) and the sampler's full-vocabulary float32 temporaries for a batch that size."""
+    return max_num_seqs * vocab_size * 4 * (1 + defaults.SAMPLER_VOCAB_TEMPORARIES)

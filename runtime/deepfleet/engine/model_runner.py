@@ -1,17 +1,28 @@
-"""Runs the model for one scheduled batch: flattens the sequences into one token row (decodes first), builds
-positions, cache slots, block tables and context lengths, runs the forward pass and returns the logits of the
-sequences whose last token was computed. On CUDA, pure-decode steps replay CUDA graphs captured per (batch size,
-block-table width) bucket, which removes the per-kernel launch cost that dominates small-batch decode."""
+"""Runs the model for one scheduled batch and returns the logits of the sequences whose last token was computed.
+
+Inputs live in persistent buffers (engine/input_buffers.py): each step fills pinned staging on the host and copies
+it asynchronously, so the host can prepare step N+1 while the GPU still runs step N. A decode row whose input
+token was sampled by the previous step, and is not yet known on the host, reads it on the device from that step's
+sampled-token tensor (`prev_token_ids`).
+
+On CUDA, pure-decode passes replay CUDA graphs captured at start-up for a ladder of batch sizes (1, 2, 4, 8, then
+steps of 8 to 256 and of 16 beyond, up to max_num_seqs), LM head included, reading the full-width block tables
+(the paged-attention kernel reads only the blocks a sequence has). A step that mixes decodes with prefill chunks
+runs as two passes: the decodes replay a graph, the prefill chunks run eagerly; CPU takes the same split so the
+tests cover it."""
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
+import time
 
+import numpy as np
 import torch
 
+from deepfleet import defaults
 from deepfleet.engine import memory
+from deepfleet.engine.input_buffers import InputBuffers, TableCache
 from deepfleet.engine.sampling_params import SamplingParams
 from deepfleet.engine.scheduler import SchedulerOutput
 from deepfleet.engine.sequence import Sequence
@@ -23,13 +34,14 @@ from deepfleet.models.loader import load_model
 log = logging.getLogger(__name__)
 
 
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+def graph_batch_sizes(max_batch: int) -> list[int]:
+    """1, 2, 4, 8, then every 8 up to 256 and every 16 beyond, capped at (and including) max_batch."""
+    ladder = [1, 2, 4, *range(8, 257, 8), *range(272, max_batch + 16, 16)]
+    return sorted({min(b, max_batch) for b in ladder})
 
 
-def _graph_inputs(ids, positions, meta: AttentionMetadata) -> tuple[torch.Tensor, ...]:
-    """The device inputs a captured decode graph reads, in the order static_meta() maps them."""
-    return ids, positions, meta.slot_mapping, meta.context_lens, meta.block_tables, meta.query_start_loc
+class GraphCaptureOOM(RuntimeError):
+    pass
 
 
 class ModelRunner:
@@ -45,35 +57,37 @@ class ModelRunner:
         self.use_graphs = device.type == "cuda" and not enforce_eager and getattr(self.model, "cuda_graph_safe", True)
         use_fused_kernels(device.type == "cuda" and not enforce_eager)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor | None]] = []
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # batch size -> (graph, logits)
+        self.graph_batch_sizes: list[int] = []
         self.graph_max_batch = 0  # set by init_graphs once max_num_seqs is known
+        self.buffers: InputBuffers | None = None
+        self._tables: dict[str, TableCache] = {}  # request id -> its block table as an array (incremental)
 
     # ---- KV cache -------------------------------------------------------------------------------------------------
     def block_bytes(self) -> int:
         return memory.kv_block_bytes((self.kv_heads, self.k_dim, self.v_dim), self.cfg.num_layers, self.block_size,
                                      torch.finfo(self.dtype).bits // 8)
 
-    def profile_num_blocks(self, max_num_batched_tokens: int, memory_utilization: float) -> int:
-        """GPU: run the largest prefill once to measure activation memory; the rest of the budget holds KV blocks."""
+    def profile_kv_budget(self, max_num_batched_tokens: int, memory_utilization: float) -> int:
+        """GPU: run the largest prefill once to measure activation memory; returns the bytes left for KV blocks
+        (engine/memory.py), before the sampler's share that depends on max_num_seqs."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         n = min(max_num_batched_tokens, self.max_model_len)
-        self.allocate_kv_cache(math.ceil(n / self.block_size))
+        blocks = math.ceil(n / self.block_size)
+        self.allocate_kv_cache(blocks)
+        self._init_buffers(max_rows=2, max_tokens=n + 1)
         seq = Sequence("profile", None, [0] * n, SamplingParams())
-        seq.block_table = list(range(math.ceil(n / self.block_size)))
+        seq.block_table = list(range(blocks))
         self.execute(SchedulerOutput(scheduled=[(seq, n)]))
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
-        self.kv_caches = []
+        self.kv_caches, self.buffers = [], None
+        self._tables.clear()
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
         used_elsewhere = total - free - torch.cuda.memory_allocated()  # other processes, CUDA context
-        budget = memory.kv_budget_bytes(total, memory_utilization, used_elsewhere, peak)
-        blocks = memory.num_kv_blocks(budget, self.block_bytes())
-        if blocks < self.max_blocks_per_seq:
-            raise RuntimeError(f"not enough GPU memory for one {self.max_model_len}-token sequence "
-                               f"({blocks} KV blocks fit); lower max_model_len or raise gpu_memory_utilization")
-        return blocks
+        return int(memory.kv_budget_bytes(total, memory_utilization, used_elsewhere, peak))
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """`num_blocks` usable blocks plus one scratch block (id num_blocks) that padding rows write to."""
@@ -85,108 +99,165 @@ class ModelRunner:
             for _ in range(self.cfg.num_layers)
         ]
 
+    def _init_buffers(self, max_rows: int, max_tokens: int) -> None:
+        self.buffers = InputBuffers(max_tokens, max_rows, self.max_blocks_per_seq, self.scratch_block,
+                                    self.block_size, self.device)
+
+    # ---- batch set-up ---------------------------------------------------------------------------------------------
+    def init_graphs(self, max_num_seqs: int, max_num_batched_tokens: int = defaults.MAX_NUM_BATCHED_TOKENS) -> None:
+        """After the KV cache: allocate the input buffers for batches of up to `max_num_seqs` sequences and, on
+        CUDA, capture the decode graphs of the whole batch-size ladder (before the server reports ready)."""
+        self.graph_max_batch = max_num_seqs if self.use_graphs else 0
+        self.graph_batch_sizes = graph_batch_sizes(max_num_seqs) if self.use_graphs else []
+        # rows: padded decodes plus prefill chunks; tokens likewise
+        self._init_buffers(max_rows=2 * max_num_seqs, max_tokens=max_num_seqs + max_num_batched_tokens)
+        if self.use_graphs:
+            self._capture_all()
+
+    def forget(self, request_id: str) -> None:
+        """A request ended: drop its cached block-table array."""
+        self._tables.pop(request_id, None)
+
     # ---- inputs ---------------------------------------------------------------------------------------------------
-    def _prepare(self, out: SchedulerOutput, width: int | None = None, pad_to: int | None = None):
-        ids, positions, slots, ctx_lens, tables, prefills, sample_rows = [], [], [], [], [], [], []
+    def _table(self, seq: Sequence) -> np.ndarray:
+        request_id = getattr(seq, "request_id", None)  # a tensor-parallel worker's SeqView has none
+        if request_id is None:
+            return np.asarray(seq.block_table, dtype=np.int32)
+        cache = self._tables.get(request_id)
+        if cache is None:
+            cache = self._tables[request_id] = TableCache()
+        return cache.view(seq.block_table)
+
+    def _stage(self, decodes, prefills, padded: int):
+        """Fill a staging set; returns it with (tokens, rows, width, fills, sampled decode rows, sampled prefill
+        rows, prefill metadata)."""
+        buf = self.buffers
+        st = buf.staging()
+        a = st.np
         bs = self.block_size
-        num_decodes = sum(1 for _, n in out.scheduled if n == 1)
-        width = width or max(len(s.block_table) for s, _ in out.scheduled)
-        for seq, n in out.scheduled:
+        tables = [self._table(s) for s, _ in decodes] + [self._table(s) for s, _ in prefills]
+        width = max(len(t) for t in tables)
+        rows = padded + len(prefills)
+        tab = a["tables"][: rows * width].reshape(rows, width)
+        ids, positions, slots, ctx = [], [], [], []
+        fill_dst, fill_src, decode_rows = [], [], []
+        for i, ((seq, _), table) in enumerate(zip(decodes, tables, strict=False)):
+            pos = seq.num_computed_tokens
+            token = seq.token_ids[pos : pos + 1][0]  # (a worker's SeqView holds only a window of the tokens)
+            if token < 0:  # sampled by the step still in flight: read on the device
+                fill_dst.append(i)
+                fill_src.append(seq.pending_row)
+                token = 0
+            ids.append(token)
+            positions.append(pos)
+            slots.append(int(table[pos // bs]) * bs + pos % bs)
+            ctx.append(pos + 1)
+            tab[i, : len(table)] = table
+            if pos + 1 == seq.num_tokens:
+                decode_rows.append(i)
+        nd = len(decodes)
+        pad = padded - nd
+        ids += [0] * pad
+        positions += [0] * pad
+        slots += [buf.scratch_slot] * pad
+        ctx += [1] * pad
+        tab[nd:padded, :1] = buf.scratch_block
+        a["query_start"][: padded + 1] = np.arange(padded + 1)
+        prefill_meta, prefill_rows, q_start = [], [], padded + 1
+        a["query_start"][q_start] = 0
+        t = padded
+        for j, (seq, n) in enumerate(prefills):
             start = seq.num_computed_tokens
-            ids.extend(seq.token_ids[start : start + n])
-            for pos in range(start, start + n):
-                positions.append(pos)
-                slots.append(seq.block_table[pos // bs] * bs + pos % bs)
-            ctx_lens.append(start + n)
-            tables.append(seq.block_table + [self.scratch_block] * (width - len(seq.block_table)))
-            if n != 1:
-                prefills.append((n, start + n))
+            table = tables[nd + j]
+            pos = np.arange(start, start + n)
+            a["ids"][t : t + n] = seq.token_ids[start : start + n]
+            a["positions"][t : t + n] = pos
+            a["slots"][t : t + n] = table[pos // bs] * bs + pos % bs
+            a["ctx_lens"][padded + j] = start + n
+            a["query_start"][q_start + j + 1] = t + n - padded
+            tab[padded + j, : len(table)] = table
+            prefill_meta.append((n, start + n))
             if start + n == seq.num_tokens:
-                sample_rows.append(len(ids) - 1)
-        query_lens = [n for _, n in out.scheduled]
-        for _ in range((pad_to or 0) - len(ids)):  # CUDA-graph padding rows: harmless writes to the scratch block
-            query_lens.append(1)
-            ids.append(0)
-            positions.append(0)
-            slots.append(self.scratch_block * bs)
-            ctx_lens.append(1)
-            tables.append([self.scratch_block] * width)
-        dev = self.device
+                prefill_rows.append(t + n - 1 - padded)
+            t += n
+        a["ids"][:padded] = ids
+        a["positions"][:padded] = positions
+        a["slots"][:padded] = slots
+        a["ctx_lens"][:padded] = ctx
+        a["fill_dst"][: len(fill_dst)] = fill_dst
+        a["fill_src"][: len(fill_src)] = fill_src
+        return st, t, rows, width, len(fill_dst), decode_rows, prefill_rows, prefill_meta
 
-        def t(x, dtype):
-            return torch.tensor(x, dtype=dtype).to(dev, non_blocking=True)
-
-        query_start_loc = list(itertools.accumulate(query_lens, initial=0))
-        meta = AttentionMetadata(num_decodes=num_decodes,
-                                 slot_mapping=t(slots, torch.long), context_lens=t(ctx_lens, torch.int32),
-                                 block_tables=t(tables, torch.int32), block_size=bs, prefills=prefills,
-                                 query_start_loc=t(query_start_loc, torch.int32), max_query_len=max(query_lens))
-        return t(ids, torch.long), t(positions, torch.long), meta, sample_rows
+    def _meta(self, rows: slice, tokens: slice, q_start: slice, width: int, num_decodes: int,
+              prefills: list[tuple[int, int]]) -> AttentionMetadata:
+        buf = self.buffers
+        return AttentionMetadata(
+            num_decodes=num_decodes, slot_mapping=buf.slots[tokens], context_lens=buf.ctx_lens[rows],
+            block_tables=buf.block_tables[rows, :width], block_size=self.block_size, prefills=prefills,
+            query_start_loc=buf.query_start[q_start], max_query_len=max((n for n, _ in prefills), default=1))
 
     # ---- execution ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> torch.Tensor | None:
+    def execute(self, out: SchedulerOutput, prev_token_ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """Run one step. Returns logits [num sampled sequences, vocab] (float32), or None if none is sampled.
-
-        A step that mixes decodes with prefill chunks runs as two passes when the decodes can replay a CUDA graph:
-        under online load nearly every step admits some new prompt, and one eager pass over hundreds of decode rows
-        costs far more launches than a graph replay plus a small eager prefill pass. CPU takes the same split (no
-        graphs there) so the tests cover it."""
-        num_decodes = sum(1 for _, n in out.scheduled if n == 1)  # decodes come first
-        graphable = self.use_graphs and 0 < num_decodes <= self.graph_max_batch
-        if num_decodes in (0, len(out.scheduled)) or not (graphable or self.device.type == "cpu"):
-            hidden, rows = self._forward(out)
-            sampled = [hidden[rows] if len(rows) != hidden.shape[0] else hidden] if rows else []
-        else:
-            sampled = []
-            for part in (out.scheduled[:num_decodes], out.scheduled[num_decodes:]):
-                hidden, rows = self._forward(SchedulerOutput(scheduled=part))
-                sampled += [hidden[rows]] if rows else []
-        if not sampled:
+        `prev_token_ids`: the previous step's sampled tokens on the device, for decode rows whose input token is
+        still a placeholder (Sequence.pending_row names its row there)."""
+        nd = next((i for i, (_, n) in enumerate(out.scheduled) if n != 1), len(out.scheduled))  # decodes first
+        decodes, prefills = out.scheduled[:nd], out.scheduled[nd:]
+        graph = self.use_graphs and 0 < nd <= self.graph_max_batch
+        padded = next(b for b in self.graph_batch_sizes if b >= nd) if graph else nd
+        st, num_tokens, rows, width, fills, decode_rows, prefill_rows, prefill_meta = self._stage(
+            decodes, prefills, padded)
+        buf = self.buffers
+        buf.upload(st, num_tokens, rows, width, fills, prev_token_ids)
+        parts = []
+        if nd:
+            if graph:
+                g, logits = self.graphs[padded]
+                g.replay()
+            else:
+                meta = self._meta(slice(0, nd), slice(0, nd), slice(0, nd + 1), width, nd, [])
+                logits = self.model.compute_logits(
+                    self.model(buf.ids[:nd], buf.positions[:nd], self.kv_caches, meta))
+            if decode_rows:
+                parts.append(logits[:nd] if len(decode_rows) == nd else logits[decode_rows])
+        if prefills:
+            tokens = slice(padded, num_tokens)
+            meta = self._meta(slice(padded, rows), tokens, slice(padded + 1, padded + 2 + len(prefills)), width, 0,
+                              prefill_meta)
+            hidden = self.model(buf.ids[tokens], buf.positions[tokens], self.kv_caches, meta)
+            if prefill_rows:
+                parts.append(self.model.compute_logits(hidden[prefill_rows]))
+        if not parts:
             return None
-        return self.model.compute_logits(sampled[0] if len(sampled) == 1 else torch.cat(sampled))
-
-    def _forward(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
-        """Hidden states of one pass and the rows to sample: pure-decode batches replay a CUDA graph."""
-        if self.use_graphs and len(out.scheduled) <= self.graph_max_batch and all(n == 1 for _, n in out.scheduled):
-            return self._run_graph(out)
-        ids, positions, meta, rows = self._prepare(out)
-        return self.model(ids, positions, self.kv_caches, meta), rows
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     # ---- CUDA graphs ----------------------------------------------------------------------------------------------
-    def init_graphs(self, max_batch: int) -> None:
-        self.graph_max_batch = max_batch if self.use_graphs else 0
-        self.graph_batch_sizes = sorted({min(_pow2_at_least(b), max_batch) for b in range(1, max_batch + 1)})
-        self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
-
-    def _run_graph(self, out: SchedulerOutput):
-        n = len(out.scheduled)
-        batch = next(b for b in self.graph_batch_sizes if b >= n)
-        need = max(len(s.block_table) for s, _ in out.scheduled)
-        width = min(_pow2_at_least(need), _pow2_at_least(self.max_blocks_per_seq))
-        ids, positions, meta, rows = self._prepare(out, width=width, pad_to=batch)
-        key = (batch, width)
-        if key not in self.graphs:
-            self._capture(key, ids, positions, meta)
-        graph, static = self.graphs[key]
-        inputs, hidden = static
-        for dst, src in zip(inputs, _graph_inputs(ids, positions, meta), strict=True):
-            dst.copy_(src, non_blocking=True)
-        graph.replay()
-        return hidden[:n], rows
-
-    def _capture(self, key, ids, positions, meta: AttentionMetadata) -> None:
-        static_in = [x.clone() for x in _graph_inputs(ids, positions, meta)]
-
-        def static_meta() -> AttentionMetadata:  # fresh per use: metadata caches tensors built during a forward
-            return AttentionMetadata(num_decodes=key[0], slot_mapping=static_in[2], context_lens=static_in[3],
-                                     block_tables=static_in[4], block_size=self.block_size, prefills=[],
-                                     query_start_loc=static_in[5], max_query_len=1)
-
-        self.model(static_in[0], static_in[1], self.kv_caches, static_meta())  # warm-up (and compile) outside capture
+    def _capture_all(self) -> None:
+        """Largest batch first: the smaller graphs then fit in the memory pool the largest one left."""
+        buf = self.buffers
+        pool = torch.cuda.graph_pool_handle()
         torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.graph_pool):
-            hidden = self.model(static_in[0], static_in[1], self.kv_caches, static_meta())
-        self.graphs[key] = (graph, (static_in, hidden))
-        log.info("captured CUDA graph for decode batch %d, block-table width %d", *key)
+        t0, mem0 = time.perf_counter(), torch.cuda.mem_get_info()[0]
+        for b in reversed(self.graph_batch_sizes):
+            buf.query_start[: b + 1].copy_(torch.arange(b + 1, dtype=torch.int32))
+            meta_args = (slice(0, b), slice(0, b), slice(0, b + 1), self.max_blocks_per_seq, b, [])
+            try:
+                # warm-up outside capture (compiles the fused kernels, settles kernel choices for this shape)
+                self.model.compute_logits(
+                    self.model(buf.ids[:b], buf.positions[:b], self.kv_caches, self._meta(*meta_args)))
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self.model.compute_logits(
+                        self.model(buf.ids[:b], buf.positions[:b], self.kv_caches, self._meta(*meta_args)))
+            except torch.OutOfMemoryError as exc:
+                raise GraphCaptureOOM(
+                    f"out of GPU memory while capturing the CUDA graph for decode batch {b} (max_num_seqs "
+                    f"{self.graph_max_batch}): lower max_num_seqs or gpu_memory_utilization, or set "
+                    f"enforce_eager") from exc
+            self.graphs[b] = (graph, logits)
+        torch.cuda.synchronize()
+        used = mem0 - torch.cuda.mem_get_info()[0]
+        log.info("captured %d CUDA graphs (decode batch 1..%d) in %.1f s, %.2f GiB", len(self.graphs),
+                 self.graph_max_batch, time.perf_counter() - t0, used / 2**30)

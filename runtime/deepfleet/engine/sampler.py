@@ -2,17 +2,22 @@
 
 Order: repetition penalty (prompt + output tokens), presence/frequency penalties (output tokens),
 temperature, top-k, top-p, min-p, then a draw. Greedy rows take the argmax of the penalised logits.
-Every branch is decided from the Python-side parameters, so the only host sync is the final `.tolist()`.
+Every branch is decided from the Python-side parameters, so the only host sync is the final `.tolist()`, and the
+engine may queue the next step before that (async scheduling).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from deepfleet.engine.sampling_params import SamplingParams
+
+# (output token ids so far, this row's logits [V]) -> logits [V]; may modify the row in place
+LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -21,6 +26,7 @@ class SamplingState:
     prompt_token_ids: list[int]
     output_token_ids: list[int]  # append-only while the request runs (the engine appends each sampled token)
     generator: torch.Generator | None = None  # seeded per request (make_generator) when params.seed is set
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)  # see Sampler: the per-request hook
     # penalties need the token ids as arrays every step: convert the prompt once and the output incrementally
     _prompt_array: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
     _output_array: np.ndarray = field(
@@ -45,7 +51,7 @@ class SamplingState:
 @dataclass
 class SampledToken:
     token_id: int
-    logprob: float  # of the chosen token, from the raw (unpenalised, untempered) logits
+    logprob: float | None  # of the chosen token, from the raw (unprocessed) logits; None unless logprobs asked
     top_logprobs: dict[int, float] | None = None  # the params.logprobs most likely tokens, when requested
 
 
@@ -72,41 +78,92 @@ def _token_counts(arrays: list[np.ndarray | None], vocab_size: int, like: torch.
     return counts.view(len(arrays), vocab_size)
 
 
+class SampleResult:
+    """One step's draw, still on the device: `token_ids` [N] feeds the next step's inputs without a host round
+    trip; `to_host()` brings tokens (and logprobs, when asked) back in one transfer. `start_copy()` queues that
+    transfer into pinned memory behind the GPU work so the host can do other things until it needs the values."""
+
+    def __init__(self, token_ids: torch.Tensor, packed: torch.Tensor, logprobs_wanted: list[int | None]):
+        self.token_ids = token_ids
+        self._packed = packed  # [N] tokens, or [N, 2 + 2k] float: token, chosen logprob, top ids, top values
+        self._logprobs_wanted = logprobs_wanted
+        self._event: torch.cuda.Event | None = None
+
+    def start_copy(self) -> None:
+        if self._packed.device.type == "cuda" and self._event is None:
+            host = torch.empty(self._packed.shape, dtype=self._packed.dtype, pin_memory=True)
+            host.copy_(self._packed, non_blocking=True)
+            self._packed, self._event = host, torch.cuda.Event()
+            self._event.record()
+
+    def to_host(self) -> list[SampledToken]:
+        if self._event is not None:
+            self._event.synchronize()
+        values = self._packed.tolist()  # the step's only device->host transfer (a no-op copy once start_copy ran)
+        if self._packed.dim() == 1:
+            return [SampledToken(token, None) for token in values]
+        k = (self._packed.shape[1] - 2) // 2
+        out = []
+        for row, wanted in zip(values, self._logprobs_wanted, strict=True):
+            token = int(row[0])
+            if wanted is None:
+                out.append(SampledToken(token, None))
+                continue
+            ids, lps = row[2 : 2 + k][:wanted], row[2 + k :][:wanted]
+            out.append(SampledToken(token, row[1], {int(i): lp for i, lp in zip(ids, lps, strict=True)}))
+        return out
+
+
 class Sampler:
+    """`sample` is the step's device-side draw; `__call__` is sample + to_host for callers that want values now.
+
+    Per-request logits processing has one hook: `SamplingState.logits_processors`, callables
+    `(output_token_ids, logits_row) -> logits_row` applied first, before penalties (logit_bias, min_tokens,
+    grammar masks, watermarks). Fast paths: an all-greedy batch with nothing to apply is one argmax (no
+    softmax, no copy); log_softmax runs only when some row asked for logprobs."""
+
     def __call__(self, logits: torch.Tensor, seqs: list[SamplingState]) -> list[SampledToken]:
+        return self.sample(logits, seqs).to_host()
+
+    def sample(self, logits: torch.Tensor, seqs: list[SamplingState]) -> SampleResult:
         if logits.dim() != 2 or logits.shape[0] != len(seqs):
             raise ValueError(f"logits: expected shape [{len(seqs)}, vocab], got {list(logits.shape)}")
-        logits = logits.float()
         params = [s.params for s in seqs]
-        raw_logprobs = torch.log_softmax(logits, dim=-1)
-
-        logits = self._apply_penalties(logits.clone(), seqs)
-        greedy_tokens = logits.argmax(dim=-1)
+        wanted = [p.logprobs for p in params]
+        raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if any(w is not None for w in wanted) else None
+        logits = self._apply_logits_processors(logits, seqs)
+        logits = self._apply_penalties(logits, seqs)
         if all(p.greedy for p in params):
-            tokens = greedy_tokens
+            tokens = logits.argmax(dim=-1)
         else:
+            logits = logits.float()
+            greedy_tokens = logits.argmax(dim=-1)
             # greedy rows divide by 1 so they stay finite; their draw is replaced by the argmax below
             logits = logits / _row_tensor([p.temperature if not p.greedy else 1.0 for p in params], logits)
             logits = self._apply_top_k_top_p(logits, params)
             probs = self._apply_min_p(torch.softmax(logits, dim=-1), params)
-            sampled = self._draw(probs, seqs)
-            is_greedy = torch.tensor([p.greedy for p in params]).to(logits.device, non_blocking=True)
-            tokens = torch.where(is_greedy, greedy_tokens, sampled)
+            tokens = self._draw(probs, seqs)
+            if any(p.greedy for p in params):
+                is_greedy = torch.tensor([p.greedy for p in params]).to(logits.device, non_blocking=True)
+                tokens = torch.where(is_greedy, greedy_tokens, tokens)
+        if raw_logprobs is None:
+            return SampleResult(tokens, tokens, wanted)
+        chosen = raw_logprobs.gather(1, tokens.unsqueeze(1))
+        # [N, 0] when every row asked for logprobs=0: each row then gets an empty dict
+        top = raw_logprobs.topk(max(w or 0 for w in wanted), dim=-1)
+        packed = torch.cat([tokens.unsqueeze(1).float(), chosen, top.indices.float(), top.values], dim=1)
+        return SampleResult(tokens, packed, wanted)
 
-        chosen_logprobs = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
-        token_list, logprob_list = tokens.tolist(), chosen_logprobs.tolist()  # first call syncs; later ones copy
-        top_values = top_ids = None
-        if any(p.logprobs is not None for p in params):
-            # [N, 0] when every row asked for logprobs=0: each row then gets an empty dict
-            top = raw_logprobs.topk(max(p.logprobs or 0 for p in params), dim=-1)
-            top_values, top_ids = top.values.tolist(), top.indices.tolist()
-        out = []
-        for row, p in enumerate(params):
-            top_logprobs = None
-            if p.logprobs is not None:
-                top_logprobs = dict(zip(top_ids[row][: p.logprobs], top_values[row][: p.logprobs], strict=True))
-            out.append(SampledToken(token_list[row], logprob_list[row], top_logprobs))
-        return out
+    @staticmethod
+    def _apply_logits_processors(logits: torch.Tensor, seqs: list[SamplingState]) -> torch.Tensor:
+        rows = [row for row, s in enumerate(seqs) if s.logits_processors]
+        if not rows:
+            return logits
+        logits = logits.float().clone()  # processors may work in place; the caller's logits stay as they were
+        for row in rows:
+            for processor in seqs[row].logits_processors:
+                logits[row] = processor(seqs[row].output_token_ids, logits[row])
+        return logits
 
     @staticmethod
     def _apply_penalties(logits: torch.Tensor, seqs: list[SamplingState]) -> torch.Tensor:

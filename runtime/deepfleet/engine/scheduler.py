@@ -73,6 +73,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.final_pending:  # its last token is still in flight: nothing to compute
+                i += 1
+                continue
             n = min(seq.num_uncomputed, budget)
             while not self.blocks.allocate(seq, n):
                 victim = self.running[-1]  # least urgent, newest
@@ -116,5 +119,7 @@ class Scheduler:
 
     def update_after_step(self, out: SchedulerOutput) -> None:
         for seq, n in out.scheduled:
+            if seq.status is not Status.RUNNING:  # ended while the step ran (async scheduling): blocks are freed
+                continue
             seq.num_computed_tokens += n
             self.blocks.register_full_blocks(seq)

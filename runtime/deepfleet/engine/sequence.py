@@ -12,6 +12,7 @@ from deepfleet.engine.sampler import SamplingState
 from deepfleet.engine.sampling_params import SamplingParams
 
 _arrival = itertools.count()
+PLACEHOLDER = -1  # a sampled token still on the device (async scheduling): the next step reads it there
 
 
 class Status(enum.Enum):
@@ -42,6 +43,8 @@ class Sequence:
     sampling: SamplingState = field(init=False)
     detokenizer: IncrementalDetokenizer | None = None
     stop_checker: StopChecker | None = None
+    pending_row: int = -1  # row of the latest placeholder in its step's sampled-token tensor
+    final_pending: bool = False  # its in-flight token is its last (length limit): nothing to schedule until seen
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -65,6 +68,16 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
 
+    def add_placeholder(self, row: int) -> int:
+        """A token was sampled into `row` of this step's result; returns its index in token_ids."""
+        self.token_ids.append(PLACEHOLDER)
+        self.pending_row = row
+        return len(self.token_ids) - 1
+
     def append_token(self, token_id: int) -> None:
-        self.token_ids.append(token_id)
+        """Serial form (a token already on the host)."""
+        self.resolve_token(self.add_placeholder(-1), token_id)
+
+    def resolve_token(self, index: int, token_id: int) -> None:
+        self.token_ids[index] = token_id
         self.sampling.output_token_ids.append(token_id)

@@ -79,6 +79,11 @@ class Tokenizer:
         return self.chat_templates.get(DEFAULT_TEMPLATE)
 
     @property
+    def backend(self):
+        """The `tokenizers.Tokenizer` itself (what `DecodeStream` steps with)."""
+        return self._tok
+
+    @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 

@@ -31,6 +31,7 @@ class EngineSettings(BaseModel):
     )
     device: str | None = Field(None, description="auto, cpu, cuda or cuda:N.")
     max_num_seqs: int | None = Field(None, ge=1, description="Most sequences in one engine step.")
+    max_num_seqs_cap: int | None = Field(None, ge=1, description="Upper bound of the GPU's KV-sized max_num_seqs.")
     max_num_batched_tokens: int | None = Field(None, ge=1, description="Token budget of one engine step.")
     block_size: int | None = Field(None, ge=1, description="Tokens per KV-cache block.")
     num_kv_blocks: int | None = Field(None, ge=1, description="KV-cache blocks; unset = sized from free memory.")
@@ -53,6 +54,9 @@ class EngineSettings(BaseModel):
     collective_timeout_s: float | None = Field(
         None, gt=0, description="A worker silent (dead, hung, stuck in a collective) this long stops the server."
     )
+    async_scheduling: bool | None = Field(
+        None, description="Prepare the next engine step while the GPU runs this one (true unless set false)."
+    )
 
     def engine_kwargs(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if v is not None}
@@ -67,8 +71,10 @@ class ServeSettings(BaseModel):
     )
     host: str = Field("0.0.0.0", description="Address to listen on.")
     port: int = Field(defaults.API_PORT, ge=1, le=65535, description="Port for the API, health and metrics.")
-    max_concurrent: int = Field(
-        defaults.MAX_CONCURRENT, ge=1, description="HTTP requests inside the engine at once (admission slots)."
+    max_concurrent: int | None = Field(
+        None, ge=1, description="HTTP requests inside the engine at once (admission slots); unset = the engine's "
+        f"max_num_seqs, so admission lets the engine fill its batch (the source documents use "
+        f"{defaults.SOURCE_DOCS_MAX_CONCURRENT})."
     )
     max_queue: int = Field(64, ge=0, description="Requests that may wait for a slot; beyond that: refused.")
     queue_full_status: Literal[429, 503] = Field(429, description="HTTP status when the admission queue is full.")

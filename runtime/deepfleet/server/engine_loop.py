@@ -111,6 +111,7 @@ class ThreadDriver:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
+        self.max_num_seqs = engine.max_num_seqs
         self._commands: list[Add | Abort] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()

@@ -35,6 +35,7 @@ _STOP_TIMEOUT_S = 30.0
 class _Loaded:
     tokenizer: Any
     max_model_len: int
+    max_num_seqs: int
 
 
 @dataclass
@@ -136,7 +137,7 @@ def _child_main(factory: Callable[[Any], Any], settings: Any, commands: Any, eve
     if hasattr(getattr(engine, "runner", None), "on_fatal"):
         engine.runner.on_fatal = die
     with sending:
-        events.send(_Loaded(engine.tokenizer, engine.max_model_len))
+        events.send(_Loaded(engine.tokenizer, engine.max_model_len, engine.max_num_seqs))
     encoder = _DeltaEncoder()
 
     def receive(block: bool) -> list | None:
@@ -182,6 +183,7 @@ class ProcessDriver:
         self._events = events
         self.tokenizer = loaded.tokenizer
         self.max_model_len = loaded.max_model_len
+        self.max_num_seqs = loaded.max_num_seqs
         self._decoder = _DeltaDecoder()
         self._stopping = False
         self._reader: threading.Thread | None = None

@@ -131,7 +131,8 @@ class ServerState:
             self.tokenizer = driver.tokenizer
             self.token_text = TokenText(driver.tokenizer)
             self.max_model_len = driver.max_model_len
-            self.engine = AsyncEngine(driver, s.max_concurrent, s.max_queue)
+            # unset: as many as the engine batches at once, so admission never caps its throughput
+            self.engine = AsyncEngine(driver, s.max_concurrent or driver.max_num_seqs, s.max_queue)
             self.engine.on_death = self._fatal
             self.engine.start()
             log.info("model %s loaded in %.1f s", self.model_name, time.monotonic() - t0)

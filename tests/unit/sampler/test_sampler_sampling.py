@@ -1,6 +1,5 @@
 """Sampler semantics on small hand-made logits (CPU; the same code runs on CUDA)."""
 
-import math
 
 import pytest
 import torch
@@ -133,7 +132,7 @@ def test_mixed_batch_and_masked_vocabulary():
     torch.manual_seed(0)
     for _ in range(20):
         out = Sampler()(logits, seqs)
-        assert all(t.token_id < 10 and math.isfinite(t.logprob) for t in out)
+        assert all(t.token_id < 10 and t.logprob is None for t in out)
     assert out[0].token_id == logits[0].argmax().item()
 
 
@@ -168,3 +167,82 @@ def test_top_k_top_p_masks_per_row(with_top_p_only_row):
         expected.append([True, True, True, False])
     kept = Sampler._apply_top_k_top_p(probs.log().expand(len(params), 4), params).isfinite()
     assert kept.tolist() == expected
+
+
+def _reference_keep_mask(logits_row, top_k, top_p):
+    """Written out per row with a full sort: the top_k best, then the smallest prefix whose mass reaches top_p
+    (a token is kept unless the mass strictly before it exceeds top_p); ties with the last kept value stay."""
+    order = logits_row.sort(descending=True)
+    values = order.values
+    k = top_k if top_k > 0 else len(values)
+    probs = torch.softmax(values[:k], dim=0)
+    kept, mass = 0, 0.0
+    for p in probs.tolist():
+        if top_p < 1.0 and mass > top_p:
+            break
+        kept, mass = kept + 1, mass + p
+    return logits_row >= values[kept - 1]
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (5, 0.6), (12, 0.9), (0, 0.75), (1, 0.3)])
+def test_top_k_top_p_mask_matches_a_full_sort_reference(top_k, top_p):
+    logits = random_logits(6, seed=top_k + 100)
+    params = [SamplingParams(top_k=top_k, top_p=top_p)] * 6
+    masked = Sampler._apply_top_k_top_p(logits.clone(), params)
+    for row in range(6):
+        assert torch.equal(masked[row] > float("-inf"), _reference_keep_mask(logits[row], top_k, top_p))
+
+
+def test_top_p_bounded_by_top_k_never_sorts_the_vocabulary(monkeypatch):
+    def no_sort(*args, **kwargs):
+        raise AssertionError("full sort")
+
+    monkeypatch.setattr(torch.Tensor, "sort", no_sort)
+    out = Sampler()(random_logits(3), [state(top_k=4, top_p=0.8, seed=s) for s in range(3)])
+    assert len(out) == 3
+
+
+def test_greedy_batch_is_one_argmax_without_softmax(monkeypatch):
+    logits = random_logits(5, seed=4)
+    want = logits.argmax(dim=-1).tolist()
+    mixed = Sampler()(logits, [state(temperature=0), state(temperature=0.7, seed=1), *[state(temperature=0)] * 3])
+    def forbidden(*args, **kwargs):
+        raise AssertionError("softmax on the greedy path")
+
+    for name in ("log_softmax", "softmax"):
+        monkeypatch.setattr(torch, name, forbidden)
+    fast = Sampler()(logits, [state(temperature=0) for _ in range(5)])
+    assert [t.token_id for t in fast] == want
+    assert [mixed[i].token_id for i in (0, 2, 3, 4)] == [want[i] for i in (0, 2, 3, 4)]
+    assert all(t.logprob is None and t.top_logprobs is None for t in fast)
+
+
+def test_seeded_top_k_top_p_draws_follow_the_truncated_distribution():
+    logits = random_logits(1, seed=21)[0]
+    keep = _reference_keep_mask(logits, 6, 0.8)
+    expected = torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=0)
+    draws = 3000
+    seqs = [state(top_k=6, top_p=0.8, seed=1000 + i) for i in range(draws)]
+    tokens = torch.tensor([t.token_id for t in Sampler()(logits.expand(draws, VOCAB), seqs)])
+    counts = torch.bincount(tokens, minlength=VOCAB).float() / draws
+    sigma = (expected * (1 - expected) / draws).sqrt()
+    assert (counts[~keep] == 0).all()
+    assert ((counts - expected).abs() <= 4 * sigma + 1e-9).all()
+    again = Sampler()(logits.expand(draws, VOCAB), [state(top_k=6, top_p=0.8, seed=1000 + i) for i in range(draws)])
+    assert [t.token_id for t in again] == tokens.tolist()  # seeded: the same draws again
+
+
+def test_logits_processors_are_the_one_per_request_hook():
+    logits = random_logits(2, seed=5)
+    banned = logits[0].argmax().item()
+
+    def ban(output_ids, row):
+        row[banned] = float("-inf")
+        return row
+
+    seqs = [state(temperature=0), state(temperature=0)]
+    seqs[0].logits_processors.append(ban)
+    out = Sampler()(logits, seqs)
+    assert out[0].token_id != banned and out[0].token_id == logits[0].topk(2).indices[1].item()
+    assert out[1].token_id == logits[1].argmax().item()
+    assert logits[0, banned] > float("-inf")  # the caller's logits are left as they were

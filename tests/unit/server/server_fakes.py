@@ -37,6 +37,7 @@ class GatedFakeEngine:
     """Generates one 'x' per step per request, only while `gate` is set; `fail` makes step() raise."""
 
     max_model_len = 64
+    max_num_seqs = 16
     model_name = "fake"
 
     def __init__(self) -> None:

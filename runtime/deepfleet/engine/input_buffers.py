@@ -1,0 +1,94 @@
+"""The model's per-step inputs in persistent buffers: device tensors allocated once (CUDA graphs read them in
+place), filled from pinned host staging by one asynchronous copy per tensor. A copy from pageable memory would
+make the host wait for the GPU queue, which would undo the overlap of host work with the GPU's previous step.
+
+Two staging sets alternate: the set used by step N-1 is free again once step N-1's results reached the host,
+which the engine waits for before it prepares step N+1.
+
+Layout of one step: the decode rows first (padded up to the CUDA-graph batch size with harmless rows that write
+to the scratch block), then the prefill chunks. Block tables are kept per sequence as numpy arrays extended
+with only the blocks added since the last step, and copied row by row (memcpy) into the staging rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class TableCache:
+    """A sequence's block table as a numpy array, extended incrementally (the block manager appends to the list,
+    or replaces it with a new list when the sequence is freed)."""
+
+    __slots__ = ("_source", "_array", "_len")
+
+    def __init__(self) -> None:
+        self._source: list[int] | None = None
+        self._array = np.empty(16, np.int32)
+        self._len = 0
+
+    def view(self, table: list[int]) -> np.ndarray:
+        if table is not self._source or len(table) < self._len:
+            self._source, self._len = table, 0
+        n = len(table)
+        if n > self._len:
+            if n > len(self._array):
+                grown = np.empty(max(n, 2 * len(self._array)), np.int32)
+                grown[: self._len] = self._array[: self._len]
+                self._array = grown
+            self._array[self._len : n] = table[self._len : n]
+            self._len = n
+        return self._array[:n]
+
+
+class _Staging:
+    def __init__(self, max_tokens: int, max_rows: int, width: int, pin: bool):
+        def buf(shape, dtype):
+            return torch.zeros(shape, dtype=dtype, pin_memory=pin)
+
+        self.ids, self.positions, self.slots = (buf(max_tokens, torch.long) for _ in range(3))
+        self.ctx_lens = buf(max_rows, torch.int32)
+        self.tables = buf(max_rows * width, torch.int32)  # filled as one contiguous [rows, used width] block
+        self.query_start = buf(max_rows + 2, torch.int32)  # decode segment, then prefill segment
+        self.fill_dst, self.fill_src = buf(max_rows, torch.long), buf(max_rows, torch.long)
+        self.np = {name: getattr(self, name).numpy() for name in
+                   ("ids", "positions", "slots", "ctx_lens", "tables", "query_start", "fill_dst", "fill_src")}
+
+
+class InputBuffers:
+    def __init__(self, max_tokens: int, max_rows: int, width: int, scratch_block: int, block_size: int,
+                 device: torch.device):
+        self.max_tokens, self.max_rows, self.width = max_tokens, max_rows, width
+        self.device = device
+        pin = device.type == "cuda"
+        self._staging = [_Staging(max_tokens, max_rows, width, pin), _Staging(max_tokens, max_rows, width, pin)]
+        self._turn = 0
+        self.ids = torch.zeros(max_tokens, dtype=torch.long, device=device)
+        self.positions = torch.zeros(max_tokens, dtype=torch.long, device=device)
+        self.slots = torch.full((max_tokens,), scratch_block * block_size, dtype=torch.long, device=device)
+        self.ctx_lens = torch.ones(max_rows, dtype=torch.int32, device=device)
+        self.block_tables = torch.full((max_rows, width), scratch_block, dtype=torch.int32, device=device)
+        self.query_start = torch.zeros(max_rows + 2, dtype=torch.int32, device=device)
+        self.scratch_slot, self.scratch_block = scratch_block * block_size, scratch_block
+
+    def staging(self) -> _Staging:
+        """The staging set for the next step (alternating)."""
+        self._turn ^= 1
+        return self._staging[self._turn]
+
+    def upload(self, st: _Staging, num_tokens: int, num_rows: int, used_width: int, num_fill: int,
+               prev_token_ids: torch.Tensor | None) -> None:
+        """Copy the staged step to the device buffers; then fill the rows whose input token is still on the
+        device (sampled by the previous step, not yet seen by the host) from `prev_token_ids`."""
+        nb = True
+        self.ids[:num_tokens].copy_(st.ids[:num_tokens], non_blocking=nb)
+        self.positions[:num_tokens].copy_(st.positions[:num_tokens], non_blocking=nb)
+        self.slots[:num_tokens].copy_(st.slots[:num_tokens], non_blocking=nb)
+        self.ctx_lens[:num_rows].copy_(st.ctx_lens[:num_rows], non_blocking=nb)
+        self.query_start[: num_rows + 2].copy_(st.query_start[: num_rows + 2], non_blocking=nb)
+        if used_width:
+            self.block_tables[:num_rows, :used_width].copy_(
+                st.tables[: num_rows * used_width].view(num_rows, used_width), non_blocking=nb)
+        if num_fill:
+            dst = st.fill_dst[:num_fill].to(self.device, non_blocking=nb)
+            src = st.fill_src[:num_fill].to(self.device, non_blocking=nb)
+            self.ids.index_copy_(0, dst, prev_token_ids.index_select(0, src))
