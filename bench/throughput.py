@@ -1,22 +1,18 @@
-"""Engine throughput benchmark (GPU): `python bench/throughput.py --shape 7b` (same as `deepfleet bench`).
-Random-weight DeepSeek-R1-Distill-Qwen shapes, bf16, prompt 128 -> 128 new tokens; prints deepfleet beside
-Hugging Face transformers eager from the same run and the HBM floor. Results go to bench/RESULTS.md."""
+"""Engine benchmarks (GPU): `python bench/throughput.py --shape 1.5b 7b` (same as `deepfleet bench`).
+Random-weight DeepSeek-R1-Distill-Qwen shapes, bf16; workloads and their distributions in
+runtime/deepfleet/engine/benchmark.py. Prints a table and appends one JSON record per figure to
+bench/results.jsonl (set DEEPFLEET_COMMIT to the commit measured); the dated entry goes to bench/RESULTS.md."""
 
 import argparse
-import traceback
+from pathlib import Path
 
-from deepfleet.engine.benchmark import SHAPES, run
+from deepfleet.engine.benchmark import SHAPES, WORKLOADS, run
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--shape", choices=sorted(SHAPES), nargs="+", default=["1.5b", "7b"])
-    ap.add_argument("--num-requests", type=int, default=2000)
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face transformers baseline")
+    ap.add_argument("--workload", choices=WORKLOADS, nargs="+", default=list(WORKLOADS))
+    ap.add_argument("--results", type=Path, default=Path(__file__).with_name("results.jsonl"))
+    ap.add_argument("--scale", type=float, default=1.0, help="fraction of each workload's request count")
     args = ap.parse_args()
-    for shape in args.shape:
-        try:
-            run(shape, args.num_requests, args.prompt_len, args.output_len, hf_baseline=not args.no_hf)
-        except Exception:  # one failing shape should not hide the other's figures
-            traceback.print_exc()
+    run(args.shape, args.workload, args.results, args.scale)

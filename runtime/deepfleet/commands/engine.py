@@ -54,17 +54,15 @@ def make_tiny_model(
 
 
 def bench(
-    shape: str = typer.Option("1.5b", help="1.5b or 7b (DeepSeek-R1-Distill-Qwen shapes, random weights)"),
-    num_requests: int = typer.Option(2000),
-    prompt_len: int = typer.Option(128),
-    output_len: int = typer.Option(128),
-    hf_baseline: bool = typer.Option(True, help="also time Hugging Face transformers generate (needs transformers)"),
+    shape: Annotated[list[str] | None, typer.Option(help="1.5b and/or 7b (random weights)")] = None,
+    workload: Annotated[list[str] | None, typer.Option(help="latency, fixed, sharegpt, prefix, long, host")] = None,
+    results: Annotated[Path | None, typer.Option(help="append the JSON records to this file")] = None,
+    scale: float = typer.Option(1.0, help="fraction of each workload's request count (quick looks)"),
 ) -> None:
-    """Throughput benchmark: batch-1 decode and offline throughput, with the HF baseline and the HBM floor."""
-    from deepfleet.engine.benchmark import run
+    """Engine benchmarks (GPU): the workloads of engine/benchmark.py, a table, and JSON records."""
+    from deepfleet.engine.benchmark import WORKLOADS, run
 
-    run(shape=shape, num_requests=num_requests, prompt_len=prompt_len, output_len=output_len,
-        hf_baseline=hf_baseline)
+    run(shapes=tuple(shape or ("1.5b", "7b")), workloads=tuple(workload or WORKLOADS), out=results, scale=scale)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,16 +1,36 @@
-"""Throughput benchmark of the engine on DeepSeek-R1-Distill-Qwen shapes with random weights (bf16, GPU):
-batch-1 decode tok/s and offline throughput (N requests, prompt P -> O new tokens), beside Hugging Face
-transformers `generate` (eager attention) measured in the same run, and the HBM floor
-(weight bytes / measured device copy bandwidth). Used by `deepfleet bench` and bench/throughput.py."""
+"""Engine benchmarks on DeepSeek-R1-Distill-Qwen shapes with random weights (bf16, GPU), the workloads users
+compare engines on, each as one JSON record (date, device, commit, shape, workload, metric, value, unit).
+Used by `deepfleet bench` and bench/throughput.py.
+
+Workloads (all greedy with `ignore_eos`, so every request generates exactly its output length):
+- fixed: 2,000 requests, 128 random prompt tokens -> 128 new tokens, all submitted at once (offline).
+- sharegpt: 1,000 requests with a long-tailed length mix like ShareGPT's (seeded): prompt lengths log-normal
+  around a median of 200 (sigma 0.9, clipped to 8..2048: mean ~300), output lengths log-normal around a median of
+  170 (sigma 0.9, clipped to 4..1024: mean ~250), drawn independently.
+- prefix: 1,000 requests sharing one 1,024-token prefix, each with its own 16..64-token tail -> 128 new tokens.
+- long: 16 prompts of 8,192 tokens -> 64 new tokens; plus the time of one 8,192-token prefill alone, as
+  achieved TFLOP/s against the device's measured bf16 matmul rate.
+- latency: TTFT of one 512-token prompt alone (median of 10), batch-1 decode ms/token at 512 context.
+- host: a profile of the loop at 256 running sequences: per-step wall time, the host time spent in scheduling,
+  input preparation + launches, sampling launches and taking tokens in (detokenization, stops), against the
+  GPU-bound step time.
+HBM floor of batch-1 decode: the bytes one decode step reads (every weight matrix once, the LM head, one row of
+the input embedding, the KV cache of the context) over the measured device copy bandwidth."""
 
 from __future__ import annotations
 
+import datetime
 import gc
 import json
+import math
+import os
+import statistics
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 SHAPES = {  # DeepSeek-R1-Distill-Qwen-1.5B / -7B (Qwen2)
@@ -19,12 +39,14 @@ SHAPES = {  # DeepSeek-R1-Distill-Qwen-1.5B / -7B (Qwen2)
     "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
 }
+WORKLOADS = ("latency", "fixed", "sharegpt", "prefix", "long", "host")
+MAX_MODEL_LEN = 8192 + 256  # the long prompts and their outputs fit
 
 
-def write_shape_dir(shape: str, out: Path) -> Path:
+def write_shape_dir(shape: str, out: Path, max_model_len: int = MAX_MODEL_LEN) -> Path:
     from deepfleet.models.tiny import CONFIGS, build_tokenizer
 
-    cfg = {**CONFIGS["qwen2"], **SHAPES[shape], "max_position_embeddings": 4096, "torch_dtype": "bfloat16",
+    cfg = {**CONFIGS["qwen2"], **SHAPES[shape], "max_position_embeddings": max_model_len, "torch_dtype": "bfloat16",
            "rope_theta": 10000.0, "eos_token_id": None, "bos_token_id": None}
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg))
@@ -32,6 +54,7 @@ def write_shape_dir(shape: str, out: Path) -> Path:
     return out
 
 
+# ---- device figures ------------------------------------------------------------------------------------------------
 def copy_bandwidth() -> float:
     """Device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
     x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
@@ -46,112 +69,292 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() * 20 / (time.perf_counter() - t)
 
 
-def _prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(100, vocab - 100, (n, length), generator=g).tolist()
+def matmul_rate(n: int = 8192) -> float:
+    """Measured bf16 dense matmul FLOP/s (n x n x n)."""
+    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t, reps = time.perf_counter(), 20
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
-def bench_hf(model_dir: Path, prompt_len: int, output_len: int, batch: int) -> dict:
-    from transformers import AutoConfig, AutoModelForCausalLM
+def decode_step_bytes(shape: str, context: int, batch: int = 1) -> int:
+    """Bytes one decode step really reads (bf16): all layer weights and the LM head once, one embedding row per
+    sequence (not the table), and each sequence's KV cache over its context."""
+    cfg = SHAPES[shape]
+    h, i, v, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    head_dim = h // cfg["num_attention_heads"]
+    kv = head_dim * cfg["num_key_value_heads"]
+    per_layer = h * (h + 2 * kv) + (h + 2 * kv) + h * h + 3 * h * i + 2 * h  # qkv (+bias), o, gate/up/down, norms
+    weights = layers * per_layer + v * h + h  # + LM head + final norm
+    kv_cache = layers * 2 * kv * context
+    return 2 * (weights + batch * (h + kv_cache))
 
-    config = AutoConfig.from_pretrained(model_dir)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="eager").eval()
-    res = {}
-    for name, bsz in (("batch1", 1), ("batched", batch)):
-        ids = torch.tensor(_prompts(bsz, prompt_len, config.vocab_size), device="cuda")
-        kw = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False, pad_token_id=0)
-        model.generate(ids[:, :16], max_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
+
+def prefill_flops(shape: str, tokens: int) -> float:
+    """Dense FLOPs of a causal prefill: 2 x matmul parameters per token, plus attention (QK^T and PV, causal)."""
+    cfg = SHAPES[shape]
+    h, i, v, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
+    params = layers * (h * (h + 2 * kv) + h * h + 3 * h * i)
+    attention = layers * 2 * 2 * h * tokens * tokens / 2
+    return 2 * params * tokens + attention + 2 * v * h  # LM head for the last token only
+
+
+# ---- workloads -----------------------------------------------------------------------------------------------------
+def _ids(rng: np.random.Generator, n: int) -> list[int]:
+    return rng.integers(10, 540, n).tolist()  # below the bench tokenizer's 544, as the server accepts them too
+
+
+def sharegpt_like(n: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    rng = np.random.default_rng(seed)
+    ins = np.clip(rng.lognormal(math.log(200), 0.9, n), 8, 2048).astype(int)
+    outs = np.clip(rng.lognormal(math.log(170), 0.9, n), 4, 1024).astype(int)
+    return [(_ids(rng, int(a)), int(b)) for a, b in zip(ins, outs, strict=True)]
+
+
+def fixed(n: int, prompt_len: int, output_len: int, seed: int) -> list[tuple[list[int], int]]:
+    rng = np.random.default_rng(seed)
+    return [(_ids(rng, prompt_len), output_len) for _ in range(n)]
+
+
+def shared_prefix(n: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    rng = np.random.default_rng(seed)
+    prefix = _ids(rng, 1024)
+    return [(prefix + _ids(rng, int(rng.integers(16, 65))), 128) for _ in range(n)]
+
+
+class Bench:
+    def __init__(self, shape: str, engine, commit: str, device: str):
+        self.shape, self.engine, self.commit, self.device = shape, engine, commit, device
+        self.records: list[dict] = []
+        self._n = 0
+
+    def record(self, workload: str, metric: str, value: float, unit: str) -> None:
+        self.records.append(dict(date=datetime.date.today().isoformat(), device=self.device, commit=self.commit,
+                                 shape=f"R1-Distill-Qwen-{self.shape.upper()} bf16", workload=workload,
+                                 metric=metric, value=round(float(value), 4), unit=unit))
+
+    def offline(self, requests: list[tuple[list[int], int]]) -> tuple[float, float, int]:
+        """All requests at once; returns (seconds, output tokens, prompt tokens)."""
+        from deepfleet.engine.sampling_params import SamplingParams
+
+        e = self.engine
+        for prompt, out_len in requests:
+            self._n += 1
+            e.add_request(f"b{self._n}", prompt, SamplingParams(temperature=0, ignore_eos=True, max_tokens=out_len))
         torch.cuda.synchronize()
-        t = time.perf_counter()
-        out = model.generate(ids, **kw)
+        t, tokens = time.perf_counter(), 0
+        while e.has_unfinished_requests():
+            tokens += sum(len(o.outputs[0].token_ids) for o in e.step() if o.finished)
         torch.cuda.synchronize()
-        res[name] = (out.shape[1] - prompt_len) * bsz / (time.perf_counter() - t)
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
-    return res
+        return time.perf_counter() - t, tokens, sum(len(p) for p, _ in requests)
+
+    def throughput(self, workload: str, requests) -> None:
+        self.offline(requests[: min(64, len(requests))])  # warm-up (prefill kernels of these shapes)
+        before = self.engine.stats()
+        seconds, out_tokens, in_tokens = self.offline(requests)
+        stats = self.engine.stats()
+        self.record(workload, "output_tok_s", out_tokens / seconds, "tok/s")
+        self.record(workload, "total_tok_s", (out_tokens + in_tokens) / seconds, "tok/s")
+        self.record(workload, "requests", len(requests), "requests")
+        self.record(workload, "preemptions", stats.num_preemptions - before.num_preemptions, "count")
+        hits = stats.prefix_cache_hits - before.prefix_cache_hits
+        queries = stats.prefix_cache_queries - before.prefix_cache_queries
+        if queries:
+            self.record(workload, "prefix_hit_rate", 100 * hits / queries, "percent")
+
+    def latency(self, bandwidth: float) -> None:
+        from deepfleet.engine.sampling_params import SamplingParams
+
+        e, rng = self.engine, np.random.default_rng(7)
+        ttfts = []
+        for _ in range(12):
+            self._n += 1
+            e.add_request(f"t{self._n}", _ids(rng, 512), SamplingParams(temperature=0, ignore_eos=True, max_tokens=1))
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            while not any(o.outputs[0].token_ids for o in e.step()):
+                pass
+            ttfts.append(time.perf_counter() - t)
+            while e.has_unfinished_requests():
+                e.step()
+        self.record("latency", "ttft_512_ms", 1e3 * statistics.median(ttfts[2:]), "ms")
+        steps = 256
+        self._n += 1
+        e.add_request(f"d{self._n}", _ids(rng, 512), SamplingParams(temperature=0, ignore_eos=True, max_tokens=steps))
+        times = []
+        while e.has_unfinished_requests():
+            if e.step():
+                times.append(time.perf_counter())
+        per_token = (times[-1] - times[16]) / (len(times) - 17)  # steady state: after the first tokens
+        floor = decode_step_bytes(self.shape, 512 + steps // 2) / bandwidth
+        self.record("latency", "batch1_ms_per_token", 1e3 * per_token, "ms")
+        self.record("latency", "batch1_tok_s", 1 / per_token, "tok/s")
+        self.record("latency", "batch1_hbm_floor_ms", 1e3 * floor, "ms")
+        self.record("latency", "batch1_of_hbm_floor", 100 * floor / per_token, "percent")
+
+    def long_prefill(self, rate: float) -> None:
+        from deepfleet.engine.sampling_params import SamplingParams
+
+        e, rng = self.engine, np.random.default_rng(11)
+        n = 8192
+        for i in range(3):  # first one warms up; the median of the other two
+            self._n += 1
+            e.add_request(f"p{self._n}", _ids(rng, n), SamplingParams(temperature=0, ignore_eos=True, max_tokens=1))
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            while e.has_unfinished_requests():
+                e.step()
+            torch.cuda.synchronize()
+            if i == 1:
+                first = time.perf_counter() - t
+        seconds = min(first, time.perf_counter() - t)
+        achieved = prefill_flops(self.shape, n) / seconds
+        self.record("long", "prefill_8k_ms", 1e3 * seconds, "ms")
+        self.record("long", "prefill_8k_tflops", achieved / 1e12, "TFLOP/s")
+        self.record("long", "prefill_8k_of_matmul_rate", 100 * achieved / rate, "percent")
+        self.throughput("long", [(_ids(rng, n), 64) for _ in range(16)])
+
+    def host_profile(self, batch: int = 256) -> None:
+        """Time inside the engine step by part, with the GPU's step time as the wall time of a step in steady state
+        (the loop is GPU-bound when host work hides behind it)."""
+        e = self.engine
+        parts: dict[str, float] = defaultdict(float)
+        originals = {}
+
+        def timed(obj, name, key):
+            fn = getattr(obj, name)
+            originals[(obj, name)] = fn
+
+            def wrapper(*a, **k):
+                t = time.perf_counter()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    parts[key] += time.perf_counter() - t
+
+            setattr(obj, name, wrapper)
+
+        from deepfleet.engine import sampler as sampler_mod
+
+        sync = sampler_mod.SampleResult.to_host
+        waited = [0.0]
+
+        def to_host(self_):
+            if self_._event is not None:
+                t = time.perf_counter()
+                self_._event.synchronize()
+                waited[0] += time.perf_counter() - t
+            return sync(self_)
+
+        requests = fixed(batch, 128, 384, seed=21)
+        self.offline(requests[:8])
+        timed(e.scheduler, "schedule", "schedule")
+        timed(e.runner, "execute", "prepare_and_launch")
+        timed(e.sampler, "sample", "sample_launch")
+        timed(e, "_resolve", "take_in_tokens")
+        sampler_mod.SampleResult.to_host = to_host
+        try:
+            from deepfleet.engine.sampling_params import SamplingParams
+
+            for prompt, out_len in requests:
+                self._n += 1
+                e.add_request(f"h{self._n}", prompt, SamplingParams(temperature=0, ignore_eos=True, max_tokens=out_len))
+            while len(e.scheduler.running) < batch or any(s.num_uncomputed > 1 for s in e.scheduler.running):
+                e.step()  # through the prefills
+            for key in list(parts):
+                parts[key] = 0.0
+            waited[0] = 0.0
+            torch.cuda.synchronize()
+            t, steps = time.perf_counter(), 0
+            while steps < 200 and all(len(s.output_token_ids) < 380 for s in e.scheduler.running):
+                e.step()
+                steps += 1
+            wall = time.perf_counter() - t
+            while e.has_unfinished_requests():
+                e.step()
+        finally:
+            sampler_mod.SampleResult.to_host = sync
+            for obj, name in originals:
+                delattr(obj, name)  # back to the class methods
+        step_ms = 1e3 * wall / steps
+        host = sum(parts.values()) - waited[0]
+        self.record("host", "decode_step_ms_256", step_ms, "ms")
+        for key, value in parts.items():
+            value -= waited[0] if key == "take_in_tokens" else 0.0
+            self.record("host", f"host_{key}_ms", 1e3 * value / steps, "ms")
+        self.record("host", "host_total_ms", 1e3 * host / steps, "ms")
+        self.record("host", "host_share_of_step", 100 * host / wall, "percent")
 
 
-def bench_engine(model_dir: Path, prompt_len: int, output_len: int, num_requests: int) -> dict:
+def run_shape(shape: str, workloads: tuple[str, ...], commit: str, bandwidth: float, rate: float,
+              scale: float = 1.0) -> list[dict]:
     from deepfleet.engine.llm_engine import EngineConfig, LLMEngine
-    from deepfleet.engine.sampling_params import SamplingParams
 
-    t0 = time.perf_counter()
-    engine = LLMEngine(EngineConfig(model=str(model_dir), dtype="bfloat16", device="cuda", load_format="dummy",
-                                    max_model_len=prompt_len + output_len + 16))
-    init_s = time.perf_counter() - t0
-    params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=output_len)
-    vocab = engine.runner.cfg.vocab_size
-
-    def run(prompts: list[list[int]], tag: str) -> float:
-        for i, p in enumerate(prompts):
-            engine.add_request(f"{tag}-{i}", p, params)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        done = 0
-        while engine.has_unfinished_requests():
-            done += sum(len(o.outputs[0].token_ids) for o in engine.step() if o.finished)
-        torch.cuda.synchronize()
-        return done / (time.perf_counter() - t)
-
-    run(_prompts(4, prompt_len, vocab, seed=1), "warm")  # captures the small-batch graphs
-    run(_prompts(1, prompt_len, vocab, seed=1), "warm1")  # and batch 1's
-    # batch-1 breakdown: model step (input building + forward + logits, GPU synced) against the rest of the step
-    execute, in_execute = engine.runner.execute, [0.0]
-
-    def timed_execute(out):
-        t = time.perf_counter()
-        logits = execute(out)
-        torch.cuda.synchronize()
-        in_execute[0] += time.perf_counter() - t
-        return logits
-
-    engine.runner.execute = timed_execute
-    t_b1 = time.perf_counter()
-    batch1 = run(_prompts(1, prompt_len, vocab, seed=2), "b1")
-    t_b1 = time.perf_counter() - t_b1
-    del engine.runner.execute  # back to the class method (a stored bound method would keep the runner alive)
-    run(_prompts(engine.scheduler.max_num_seqs, prompt_len, vocab, seed=3), "warm2")  # large-batch graphs
-    offline = run(_prompts(num_requests, prompt_len, vocab, seed=4), "offline")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
-        run(_prompts(min(256, num_requests), prompt_len, vocab, seed=5), "prof")
-    profile = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
-    stats = engine.stats()
-    res = dict(init_s=init_s, batch1=batch1, b1_model_ms=1e3 * in_execute[0] / output_len,
-               b1_step_ms=1e3 * t_b1 / output_len, offline=offline, max_num_seqs=engine.scheduler.max_num_seqs,
-               kv_blocks=engine.block_manager.num_blocks, preemptions=stats.num_preemptions, profile=profile)
-    engine = None  # drop the KV cache and weights before the next shape
-    gc.collect()
-    torch.cuda.empty_cache()
-    return res
-
-
-def run(shape: str = "1.5b", num_requests: int = 2000, prompt_len: int = 128, output_len: int = 128,
-        hf_baseline: bool = True, hf_batch: int = 128) -> dict:
-    if not torch.cuda.is_available():
-        raise SystemExit("bench: needs a CUDA GPU")
-    bw = copy_bandwidth()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_shape_dir(shape, Path(tmp) / shape)
-        hf = bench_hf(model_dir, prompt_len, output_len, hf_batch) if hf_baseline else {}
-        eng = bench_engine(model_dir, prompt_len, output_len, num_requests)
-    cfg = SHAPES[shape]
-    h, i, v, n_layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
-    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
-    params = 2 * v * h + n_layers * (h * (h + 2 * kv) + h * h + 3 * h * i)
-    floor = bw / (params * 2)
-    print(eng["profile"])
-    print(f"\n== {shape} bf16, prompt {prompt_len} -> {output_len} new tokens, {torch.cuda.get_device_name()} ==")
-    print(f"copy bandwidth {bw / 1e12:.2f} TB/s; weights {params * 2 / 1e9:.2f} GB; HBM floor {floor:.0f} tok/s")
-    print(f"engine init {eng['init_s']:.1f} s, max_num_seqs {eng['max_num_seqs']}, KV blocks {eng['kv_blocks']}, "
-          f"preemptions {eng['preemptions']}")
-    print(f"batch-1 per token: {eng['b1_step_ms']:.2f} ms per step, of which model step {eng['b1_model_ms']:.2f} ms "
-          f"(floor {1e3 / floor:.2f} ms)")
-    print(f"{'metric':<34}{'deepfleet':>12}{'HF eager':>12}")
-    print(f"{'batch-1 decode tok/s':<34}{eng['batch1']:>12.1f}{hf.get('batch1', float('nan')):>12.1f}"
-          f"   ({100 * eng['batch1'] / floor:.0f}% of floor)")
-    print(f"{f'offline tok/s ({num_requests} req; HF b={hf_batch})':<34}{eng['offline']:>12.1f}"
-          f"{hf.get('batched', float('nan')):>12.1f}")
-    return dict(shape=shape, bandwidth=bw, floor=floor, engine=eng, hf=hf)
+        t0 = time.perf_counter()
+        engine = LLMEngine(EngineConfig(model=str(model_dir), dtype="bfloat16", device="cuda", load_format="dummy"))
+        bench = Bench(shape, engine, commit, torch.cuda.get_device_name())
+        bench.record("startup", "ready_s", time.perf_counter() - t0, "s")
+        bench.record("startup", "max_num_seqs", engine.max_num_seqs, "sequences")
+        bench.record("startup", "kv_blocks", engine.block_manager.num_blocks, "blocks")
+        bench.record("startup", "cuda_graphs", len(engine.runner.graphs), "graphs")
+        n = lambda count: max(16, int(count * scale))  # noqa: E731
+        for w in workloads:
+            t = time.perf_counter()
+            if w == "latency":
+                bench.latency(bandwidth)
+            elif w == "fixed":
+                bench.throughput("fixed 128->128", fixed(n(2000), 128, 128, seed=4))
+            elif w == "sharegpt":
+                bench.throughput("sharegpt-like", sharegpt_like(n(1000), seed=0))
+            elif w == "prefix":
+                bench.throughput("shared prefix 1k", shared_prefix(n(1000), seed=1))
+            elif w == "long":
+                bench.long_prefill(rate)
+            elif w == "host":
+                bench.host_profile()
+            print(f"[{shape}] {w}: {time.perf_counter() - t:.1f} s", flush=True)
+        engine = bench.engine = None  # drop the KV cache and weights before the next shape
+        gc.collect()
+        torch.cuda.empty_cache()
+        return bench.records
+
+
+def print_table(records: list[dict]) -> None:
+    print(f"\n{'shape':<26}{'workload':<20}{'metric':<30}{'value':>14} unit")
+    for r in records:
+        print(f"{r['shape']:<26}{r['workload']:<20}{r['metric']:<30}{r['value']:>14,.2f} {r['unit']}")
+
+
+def run(shapes=("1.5b", "7b"), workloads=WORKLOADS, out: Path | None = None, scale: float = 1.0) -> list[dict]:
+    if not torch.cuda.is_available():
+        raise SystemExit("bench: needs a CUDA GPU")
+    commit = os.environ.get("DEEPFLEET_COMMIT", "unknown")
+    bandwidth, rate = copy_bandwidth(), matmul_rate()
+    records = []
+    for shape in shapes:
+        try:
+            records += run_shape(shape, tuple(workloads), commit, bandwidth, rate, scale)
+        except Exception:  # one failing shape should not hide the other's figures
+            import traceback
+
+            traceback.print_exc()
+    device = torch.cuda.get_device_name()
+    today = datetime.date.today().isoformat()
+    for metric, value, unit in (("copy_bandwidth", bandwidth / 1e12, "TB/s"), ("bf16_matmul", rate / 1e12, "TFLOP/s")):
+        records.append(dict(date=today, device=device, commit=commit, shape="-", workload="device", metric=metric,
+                            value=round(value, 3), unit=unit))
+    print_table(records)
+    if out is not None:
+        with open(out, "a") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+    return records
