@@ -94,9 +94,9 @@ def serve_child(args: argparse.Namespace) -> None:
     from deepfleet.server.app import create_app
     from deepfleet.server.config import ServeSettings
 
+    # the serve defaults (admission slots = the engine's max_num_seqs, queue, engine process), as `deepfleet serve`
     settings = ServeSettings(model=args.model_dir, served_model_name=MODEL_NAME, host="127.0.0.1", port=args.port,
-                             max_concurrent=max(args.concurrency), max_queue=0, warmup_requests=2,
-                             log_level="warning", engine_process=not args.engine_thread)
+                             warmup_requests=2, log_level="warning", engine_process=not args.engine_thread)
     uvicorn.run(create_app(settings, functools.partial(bench_engine, args)), host="127.0.0.1", port=args.port,
                 log_level="warning", timeout_keep_alive=settings.keep_alive_s)
 
@@ -185,6 +185,7 @@ def main() -> None:
                     "evenly); keep them on cores the server does not need")
     ap.add_argument("--engine-thread", action="store_true", help="run the server's engine in a thread of the server "
                     "process (engine_process: false), the baseline of the default engine process")
+    ap.add_argument("--results", help="append JSON records (bench/results.jsonl format) to this file")
     ap.add_argument("--model-dir")
     ap.add_argument("--offline-out")
     args = ap.parse_args()
@@ -228,12 +229,32 @@ def main() -> None:
                 online = http_closed_loop(url, c, _num_requests(c, args), args.prompt_len, args.output_len,
                                           10_000 + c, args.client_processes)
                 _print_row(c, _num_requests(c, args), offline[c], online)
+                if args.results:
+                    _append_records(args, c, offline[c], online)
             metrics = httpx.get(url + "/metrics").text
             wanted = ("deepseek_gpu", "deepseek_inference_pre")
             print("\n".join(x for x in metrics.splitlines() if x.startswith(wanted)))
         finally:
             child.terminate()
             child.wait(60)
+
+
+def _append_records(args: argparse.Namespace, c: int, offline: dict, online: dict) -> None:
+    import datetime
+
+    import torch
+
+    base = dict(date=datetime.date.today().isoformat(), device=torch.cuda.get_device_name(),
+                commit=os.environ.get("DEEPFLEET_COMMIT", "unknown"),
+                shape=f"R1-Distill-Qwen-{args.shape.upper()} bf16",
+                workload=f"http closed loop C={c}, {args.prompt_len}->{args.output_len}, serve defaults")
+    with open(args.results, "a") as f:
+        for metric, value, unit in (("offline_tok_s", offline["tok_s"], "tok/s"),
+                                    ("http_tok_s", online["tok_s"], "tok/s"),
+                                    ("http_of_offline", 100 * online["tok_s"] / offline["tok_s"], "percent"),
+                                    ("http_ttft_p50_ms", online["ttft_p50_ms"], "ms"),
+                                    ("http_errors", online["errors"], "count")):
+            f.write(json.dumps({**base, "metric": metric, "value": round(value, 3), "unit": unit}) + "\n")
 
 
 def _print_header(args: argparse.Namespace) -> None:
