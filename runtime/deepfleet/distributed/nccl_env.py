@@ -1,15 +1,16 @@
 """The environment of a worker process: the parent's, plus the NCCL settings the `nccl` Ansible role renders into
 /etc/nccl.conf (KEY=VALUE lines; also the systemd EnvironmentFile of the runtime service, so under systemd they are
-already set and the environment wins), plus the multicast switches that must stay off (parallel_state)."""
+already set and the environment wins), plus the multicast switches that must stay off."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
 
-from deepfleet.distributed.parallel_state import NCCL_SAFE_ENV
-
 NCCL_CONF = Path("/etc/nccl.conf")
+# NVLink SHARP / multicast must stay off on the lent machines (device KINDS.md) and on any host we did not qualify it
+# on: set in every process that may initialise NCCL, whatever the inherited environment says.
+NCCL_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 def read_nccl_conf(path: Path) -> dict[str, str]:

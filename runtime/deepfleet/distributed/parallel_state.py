@@ -16,9 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-# NVLink SHARP / multicast must stay off on the lent machines (device KINDS.md) and on any host we did not qualify it
-# on: set in every process that may initialise NCCL, whatever the inherited environment says.
-NCCL_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+from deepfleet.distributed import nccl_env
 
 
 @dataclass(frozen=True)
@@ -45,7 +43,7 @@ def init(rank: int, size: int, init_method: str, device: torch.device, timeout_s
     """Join the process group (NCCL for CUDA devices, gloo for CPU). `timeout_s` bounds every collective, so a
     rank that hangs turns into an error on the others rather than a silent stall."""
     global _GROUP
-    os.environ.update(NCCL_SAFE_ENV)
+    os.environ.update(nccl_env.child_env(os.environ))  # the driver's own NCCL sees what its workers see
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     try:

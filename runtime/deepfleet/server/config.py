@@ -44,6 +44,9 @@ class EngineSettings(BaseModel):
     quantization: Literal["fp8"] | None = Field(
         None, description="fp8: quantize a bf16 checkpoint's weights to block FP8 on load; unset = as published."
     )
+    load_format: Literal["auto", "dummy"] | None = Field(
+        None, description="dummy: random weights of the checkpoint's shapes (benchmarks without the weight files)."
+    )
     tensor_parallel_size: int | None = Field(
         None, ge=1, description="GPUs one engine spans (one worker process per GPU, NCCL); set it to the GPUs the "
         "host or pod requests. Must divide the attention heads. Default 1."
