@@ -24,6 +24,7 @@ def main() -> dict:
     provider: k8s.Provider | None = None
     fsx: FsxVolume | None = None
     node_label: tuple[str, str] | None = None
+    efa_interfaces = 0
     if cfg.aws and cfg.storage:
         opts = pulumi.ResourceOptions(providers=[aws.Provider("aws", region=cfg.aws.region)])
         net = Network("deepfleet", cfg.aws, opts)
@@ -42,6 +43,10 @@ def main() -> dict:
             opts,
         )
         provider, node_label = eks.provider, (ACCELERATOR_LABEL, "nvidia")
+        # Pods land on any GPU pool: they take EFA devices only when every pool has them (as many as the
+        # smallest pool's interface count), else a pod could never schedule on the pools without.
+        pools = cfg.aws.gpu_pools
+        efa_interfaces = min(p.spec.efa_interfaces for p in pools) if all(p.efa for p in pools) else 0
         fsx = FsxVolume(storage.weight_flow, cfg.storage.fsx.storage_capacity_gib)
         flow = storage.weight_flow
         outputs |= {
@@ -68,6 +73,7 @@ def main() -> dict:
             provider,
             fsx=fsx,
             node_label=node_label,
+            efa_interfaces=efa_interfaces,
         )
         Monitoring(
             "deepfleet-monitoring",

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 # tolerate it (GPU workloads, device plugins, dcgm-exporter) land there.
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+# The extended resource the AWS EFA device plugin advertises (one per EFA interface of the node).
+EFA_RESOURCE = "vpc.amazonaws.com/efa"
 # GPU nodes: EKS node groups carry ACCELERATOR_LABEL (infra/eks.py); on-prem nodes carry the label NVIDIA's
 # GPU feature discovery (device plugin / GPU Operator) sets.
 ACCELERATOR_LABEL = "deepfleet.io/accelerator"  # "nvidia" on every EKS GPU node

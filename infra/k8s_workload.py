@@ -11,7 +11,7 @@ import pulumi_kubernetes as k8s
 from deepfleet.defaults import API_PORT, SHUTDOWN_GRACE_S
 from infra import monitoring
 from infra.config import Autoscaling, Model, Networks, Workload
-from infra.gpu_catalog import GPU_RESOURCE, GPU_TOLERATION
+from infra.gpu_catalog import EFA_RESOURCE, GPU_RESOURCE, GPU_TOLERATION
 from infra.runtime_settings import serve_settings, set_flags
 from infra.storage import FSX_MOUNT, WeightFlow
 
@@ -28,12 +28,14 @@ class FsxVolume:
     capacity_gib: int
 
 
-def resources(w: Workload) -> dict:
+def resources(w: Workload, efa_interfaces: int = 0) -> dict:
+    """`efa_interfaces`: EFA devices each pod takes (its pools' interfaces; 0 where the pools have no EFA)."""
     r = w.resources
+    # Extended resources (GPUs, EFA) must have request == limit.
+    extended = {GPU_RESOURCE: str(r.gpus)} | ({EFA_RESOURCE: str(efa_interfaces)} if efa_interfaces else {})
     return {
-        # Extended resources (GPUs) must have request == limit.
-        "requests": {GPU_RESOURCE: str(r.gpus), "cpu": str(r.cpu_request), "memory": f"{r.memory_request_gib}Gi"},
-        "limits": {GPU_RESOURCE: str(r.gpus), "cpu": str(r.cpu_limit), "memory": f"{r.memory_limit_gib}Gi"},
+        "requests": {**extended, "cpu": str(r.cpu_request), "memory": f"{r.memory_request_gib}Gi"},
+        "limits": {**extended, "cpu": str(r.cpu_limit), "memory": f"{r.memory_limit_gib}Gi"},
     }
 
 
@@ -74,7 +76,9 @@ def hpa_spec(a: Autoscaling) -> dict:
     }
 
 
-def pod_spec(w: Workload, model: Model, node_label: tuple[str, str] | None, fsx_path: str | None) -> dict:
+def pod_spec(
+    w: Workload, model: Model, node_label: tuple[str, str] | None, fsx_path: str | None, efa_interfaces: int = 0
+) -> dict:
     """`fsx_path`: where the weights are on FSx (EKS); None means they are already on the host (on-prem)."""
     probe = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5, "failureThreshold": 3}
     container = {
@@ -94,7 +98,7 @@ def pod_spec(w: Workload, model: Model, node_label: tuple[str, str] | None, fsx_
             *set_flags(serve_settings(model)),
         ],
         "ports": [{"name": "http", "containerPort": API_PORT, "protocol": "TCP"}],
-        "resources": resources(w),
+        "resources": resources(w, efa_interfaces),
         # Loading weights takes minutes: the startup probe holds liveness off for up to 20 min.
         "startupProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10, "failureThreshold": 120},
         "readinessProbe": probe,
@@ -187,6 +191,7 @@ class InferenceWorkload(pulumi.ComponentResource):
         provider: k8s.Provider,
         fsx: FsxVolume | None = None,
         node_label: tuple[str, str] | None = None,
+        efa_interfaces: int = 0,
         opts: pulumi.ResourceOptions | None = None,
     ) -> None:
         super().__init__("deepfleet:k8s:InferenceWorkload", name, None, opts)
@@ -222,7 +227,9 @@ class InferenceWorkload(pulumi.ComponentResource):
                 "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
                 "template": {
                     "metadata": {"labels": LABELS},
-                    "spec": pod_spec(workload, model, node_label, fsx.flow.fsx_path if fsx else None),
+                    "spec": pod_spec(
+                        workload, model, node_label, fsx.flow.fsx_path if fsx else None, efa_interfaces
+                    ),
                 },
             },
             # The HPA owns the replica count after creation.

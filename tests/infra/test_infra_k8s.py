@@ -84,9 +84,10 @@ def test_adapter_rules_serve_every_hpa_metric_from_series_the_runtime_exports(aw
 def test_workload_requests_gpus_probes_and_spreads(aws_stack: Capture) -> None:
     pod = _one(aws_stack, "Deployment", "deepfleet")["spec"]["template"]["spec"]
     runtime = next(c for c in pod["containers"] if c["name"] == "runtime")
+    # Pulumi.aws.yaml: both pools have EFA (p4d.24xlarge 4 interfaces, p5.48xlarge 32): each pod takes 4
     assert runtime["resources"] == {
-        "requests": {"nvidia.com/gpu": "4", "cpu": "16", "memory": "128Gi"},
-        "limits": {"nvidia.com/gpu": "4", "cpu": "32", "memory": "256Gi"},
+        "requests": {"nvidia.com/gpu": "4", "vpc.amazonaws.com/efa": "4", "cpu": "16", "memory": "128Gi"},
+        "limits": {"nvidia.com/gpu": "4", "vpc.amazonaws.com/efa": "4", "cpu": "32", "memory": "256Gi"},
     }
     assert runtime["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert runtime["livenessProbe"]["httpGet"]["path"] == "/healthz"
