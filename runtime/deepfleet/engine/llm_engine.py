@@ -19,6 +19,7 @@ from deepfleet.distributed.executor import make_runner
 from deepfleet.engine import memory
 from deepfleet.engine.block_manager import BlockManager
 from deepfleet.engine.detokenizer import IncrementalDetokenizer, StopChecker
+from deepfleet.engine.errors import StartupError
 from deepfleet.engine.outputs import CompletionOutput, EngineStats, RequestOutput
 from deepfleet.engine.sampler import Sampler, SampleResult, make_generator
 from deepfleet.engine.sampling_params import SamplingParams
@@ -107,7 +108,7 @@ class LLMEngine:
         seqs = config.max_num_seqs or memory.default_max_num_seqs(memory.num_kv_blocks(budget, block_bytes), bs, cap)
         blocks = memory.num_kv_blocks(budget - memory.sampler_bytes(seqs, self.runner.cfg.vocab_size), block_bytes)
         if blocks < per_seq:
-            raise RuntimeError(f"not enough GPU memory for one {self.max_model_len}-token sequence ({blocks} KV "
+            raise StartupError(f"not enough GPU memory for one {self.max_model_len}-token sequence ({blocks} KV "
                                f"blocks of {bs} tokens fit, {per_seq} needed, with max_num_seqs {seqs}): lower "
                                "max_model_len or max_num_seqs, or raise gpu_memory_utilization")
         return blocks, seqs

@@ -22,6 +22,7 @@ import torch
 
 from deepfleet import defaults
 from deepfleet.engine import memory
+from deepfleet.engine.errors import StartupError
 from deepfleet.engine.input_buffers import InputBuffers, TableCache
 from deepfleet.engine.sampling_params import SamplingParams
 from deepfleet.engine.scheduler import SchedulerOutput
@@ -38,10 +39,6 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
     """1, 2, 4, 8, then every 8 up to 256 and every 16 beyond, capped at (and including) max_batch."""
     ladder = [1, 2, 4, *range(8, 257, 8), *range(272, max_batch + 16, 16)]
     return sorted({min(b, max_batch) for b in ladder})
-
-
-class GraphCaptureOOM(RuntimeError):
-    pass
 
 
 class ModelRunner:
@@ -252,7 +249,7 @@ class ModelRunner:
                     logits = self.model.compute_logits(
                         self.model(buf.ids[:b], buf.positions[:b], self.kv_caches, self._meta(*meta_args)))
             except torch.OutOfMemoryError as exc:
-                raise GraphCaptureOOM(
+                raise StartupError(
                     f"out of GPU memory while capturing the CUDA graph for decode batch {b} (max_num_seqs "
                     f"{self.graph_max_batch}): lower max_num_seqs or gpu_memory_utilization, or set "
                     f"enforce_eager") from exc

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from deepfleet.engine.errors import StartupError
 from deepfleet.engine.outputs import CompletionOutput, RequestOutput
 from deepfleet.server.engine_loop import Abort, Add, Died, Stepped, describe, run_engine_loop
 
@@ -123,6 +124,10 @@ def _child_main(factory: Callable[[Any], Any], settings: Any, commands: Any, eve
     parent = os.getppid()
     try:
         engine = factory(settings)
+    except StartupError as exc:  # a setting that cannot work here: the message says which, no trace needed
+        log.error("engine failed to load: %s", exc)
+        events.send(Died(describe(exc)))
+        return
     except BaseException as exc:
         log.exception("engine failed to load")
         events.send(Died(describe(exc)))
@@ -206,7 +211,7 @@ class ProcessDriver:
             raise RuntimeError(f"engine process exited with status {process.exitcode} while loading") from None
         if isinstance(first, Died):
             process.join()
-            raise RuntimeError(first.message)
+            raise StartupError(first.message)
         return cls(process, commands, events, first)
 
     @property

@@ -11,6 +11,7 @@ from typing import Any
 
 from starlette.requests import Request
 
+from deepfleet.engine.errors import StartupError
 from deepfleet.engine.sampling_params import SamplingParams
 from deepfleet.models.generation_config import generation_defaults
 from deepfleet.server.async_engine import AsyncEngine
@@ -142,6 +143,10 @@ class ServerState:
                 await self._warmup_once()
             log.info("warm-up: %d requests in %.2f s; ready", s.warmup_requests, time.monotonic() - t0)
             self.phase = "ready"
+        except StartupError as exc:  # the message names the settings to change
+            log.error("model %s failed to load: %s", self.model_name, exc)
+            self.phase, self.error = "failed", str(exc)
+            self._fatal()
         except Exception as exc:
             log.exception("model %s failed to load", self.model_name)
             self.phase, self.error = "failed", f"{type(exc).__name__}: {exc}"

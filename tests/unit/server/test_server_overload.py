@@ -160,6 +160,23 @@ def test_load_failure_reports_failed(tiny_model):
         assert r.status_code == 503 and "config.json missing" in r.json()["error"]
 
 
+def test_startup_error_is_reported_by_its_message_without_a_trace(tiny_model, caplog):
+    from deepfleet.engine.errors import StartupError
+
+    message = ("out of GPU memory while capturing the CUDA graph for decode batch 992 (max_num_seqs 1024): lower "
+               "max_num_seqs or gpu_memory_utilization, or set enforce_eager")
+
+    def no_room(_settings):
+        raise StartupError(message)
+
+    with caplog.at_level("ERROR"), live_server(settings_for(tiny_model, engine_process=False), no_room) as server:
+        r = httpx.get(server.url + "/healthz")
+        assert r.status_code == 503 and r.json()["error"] == message
+    failed = [rec for rec in caplog.records if "failed to load" in rec.getMessage()]
+    assert failed and all(rec.exc_info is None for rec in failed)
+    assert all("max_num_seqs" in rec.getMessage() and "gpu_memory_utilization" in rec.getMessage() for rec in failed)
+
+
 def _run_in_thread(settings, factory) -> tuple[threading.Thread, dict]:
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(code=run(settings, factory)), daemon=True)
