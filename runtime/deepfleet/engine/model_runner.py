@@ -24,6 +24,7 @@ from deepfleet import defaults
 from deepfleet.engine import memory
 from deepfleet.engine.errors import StartupError
 from deepfleet.engine.input_buffers import InputBuffers, TableCache
+from deepfleet.engine.sampler import to_device
 from deepfleet.engine.sampling_params import SamplingParams
 from deepfleet.engine.scheduler import SchedulerOutput
 from deepfleet.engine.sequence import Sequence
@@ -217,14 +218,17 @@ class ModelRunner:
                 logits = self.model.compute_logits(
                     self.model(buf.ids[:nd], buf.positions[:nd], self.kv_caches, meta))
             if decode_rows:
-                parts.append(logits[:nd] if len(decode_rows) == nd else logits[decode_rows])
+                parts.append(logits[:nd] if len(decode_rows) == nd else logits[to_device(torch.tensor(decode_rows),
+                                                                                        self.device)])
         if prefills:
             tokens = slice(padded, num_tokens)
             meta = self._meta(slice(padded, rows), tokens, slice(padded + 1, padded + 2 + len(prefills)), width, 0,
                               prefill_meta)
             hidden = self.model(buf.ids[tokens], buf.positions[tokens], self.kv_caches, meta)
             if prefill_rows:
-                parts.append(self.model.compute_logits(hidden[prefill_rows]))
+                rows_at = hidden[-1:] if prefill_rows == [num_tokens - padded - 1] else hidden[
+                    to_device(torch.tensor(prefill_rows), self.device)]
+                parts.append(self.model.compute_logits(rows_at))
         if not parts:
             return None
         return parts[0] if len(parts) == 1 else torch.cat(parts)

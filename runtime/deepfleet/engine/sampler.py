@@ -62,9 +62,17 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     return generator
 
 
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor -> device without waiting for the GPU: a copy from pageable memory first waits for the stream
+    (the step in flight), one from pinned memory is queued behind it."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _row_tensor(values: list[float], like: torch.Tensor) -> torch.Tensor:
     """A [N, 1] column of per-row parameters, ready to broadcast against [N, V]."""
-    return torch.tensor(values, dtype=like.dtype).to(like.device, non_blocking=True).unsqueeze(1)
+    return to_device(torch.tensor(values, dtype=like.dtype), like.device).unsqueeze(1)
 
 
 def _token_counts(arrays: list[np.ndarray | None], vocab_size: int, like: torch.Tensor) -> torch.Tensor:
@@ -73,7 +81,7 @@ def _token_counts(arrays: list[np.ndarray | None], vocab_size: int, like: torch.
     rows = [a + row * vocab_size for row, a in enumerate(arrays) if a is not None and len(a)]
     counts = torch.zeros(len(arrays) * vocab_size, dtype=like.dtype, device=like.device)
     if rows:
-        index = torch.from_numpy(np.concatenate(rows)).to(like.device, non_blocking=True)
+        index = to_device(torch.from_numpy(np.concatenate(rows)), like.device)
         counts.index_add_(0, index, torch.ones(1, dtype=like.dtype, device=like.device).expand(len(index)))
     return counts.view(len(arrays), vocab_size)
 
@@ -144,7 +152,7 @@ class Sampler:
             probs = self._apply_min_p(torch.softmax(logits, dim=-1), params)
             tokens = self._draw(probs, seqs)
             if any(p.greedy for p in params):
-                is_greedy = torch.tensor([p.greedy for p in params]).to(logits.device, non_blocking=True)
+                is_greedy = to_device(torch.tensor([p.greedy for p in params]), logits.device)
                 tokens = torch.where(is_greedy, greedy_tokens, tokens)
         if raw_logprobs is None:
             return SampleResult(tokens, tokens, wanted)
