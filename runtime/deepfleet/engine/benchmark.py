@@ -336,27 +336,34 @@ def print_table(records: list[dict]) -> None:
         print(f"{r['shape']:<26}{r['workload']:<20}{r['metric']:<30}{r['value']:>14,.2f} {r['unit']}")
 
 
-def run(shapes=("1.5b", "7b"), workloads=WORKLOADS, out: Path | None = None, scale: float = 1.0) -> list[dict]:
-    if not torch.cuda.is_available():
-        raise SystemExit("bench: needs a CUDA GPU")
-    commit = os.environ.get("DEEPFLEET_COMMIT", "unknown")
-    bandwidth, rate = copy_bandwidth(), matmul_rate()
-    records = []
-    for shape in shapes:
-        try:
-            records += run_shape(shape, tuple(workloads), commit, bandwidth, rate, scale)
-        except Exception:  # one failing shape should not hide the other's figures
-            import traceback
-
-            traceback.print_exc()
-    device = torch.cuda.get_device_name()
-    today = datetime.date.today().isoformat()
-    for metric, value, unit in (("copy_bandwidth", bandwidth / 1e12, "TB/s"), ("bf16_matmul", rate / 1e12, "TFLOP/s")):
-        records.append(dict(date=today, device=device, commit=commit, shape="-", workload="device", metric=metric,
-                            value=round(value, 3), unit=unit))
+def _append(records: list[dict], out: Path | None) -> None:
     print_table(records)
     if out is not None:
         with open(out, "a") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
+
+
+def run(shapes=("1.5b", "7b"), workloads=WORKLOADS, out: Path | None = None, scale: float = 1.0) -> list[dict]:
+    """Each shape's records are printed and appended as soon as that shape is done (a cut-short run keeps them)."""
+    if not torch.cuda.is_available():
+        raise SystemExit("bench: needs a CUDA GPU")
+    commit = os.environ.get("DEEPFLEET_COMMIT", "unknown")
+    bandwidth, rate = copy_bandwidth(), matmul_rate()
+    device, today = torch.cuda.get_device_name(), datetime.date.today().isoformat()
+    records = [dict(date=today, device=device, commit=commit, shape="-", workload="device", metric=metric,
+                    value=round(value, 3), unit=unit)
+               for metric, value, unit in (("copy_bandwidth", bandwidth / 1e12, "TB/s"),
+                                           ("bf16_matmul", rate / 1e12, "TFLOP/s"))]
+    _append(records, out)
+    for shape in shapes:
+        try:
+            shape_records = run_shape(shape, tuple(workloads), commit, bandwidth, rate, scale)
+        except Exception:  # one failing shape should not hide the other's figures
+            import traceback
+
+            traceback.print_exc()
+            continue
+        _append(shape_records, out)
+        records += shape_records
     return records
