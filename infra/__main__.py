@@ -15,6 +15,7 @@ from infra.k8s_workload import APP, LABELS, FsxVolume, InferenceWorkload
 from infra.monitoring import Monitoring
 from infra.network import Network
 from infra.onprem import OnpremInventory, fabric_plan
+from infra.onprem_gpu import OnpremGpuStack
 from infra.storage import StorageTiers
 
 
@@ -63,6 +64,7 @@ def main() -> dict:
         }
     elif cfg.workload:
         provider = k8s.Provider("deepfleet-k8s", context=cfg.workload.kubeconfig_context)
+        OnpremGpuStack("deepfleet-gpu", cfg.workload.gpu_stack, provider)
     if cfg.workload and provider:
         workload = InferenceWorkload(
             "deepfleet",

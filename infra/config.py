@@ -206,6 +206,10 @@ class Workload(Strict):
     resources: Resources
     # Without an aws section the workload goes to this kubeconfig context (e.g. an on-prem cluster).
     kubeconfig_context: str | None = None
+    # On-prem clusters: what advertises nvidia.com/gpu. device_plugin: NVIDIA's device plugin with GPU feature
+    # discovery (the driver and container toolkit come from Ansible); gpu_operator: NVIDIA's GPU Operator
+    # (device plugin, GFD, DCGM, MIG manager) with its driver and toolkit containers off for the same reason.
+    gpu_stack: Literal["device_plugin", "gpu_operator"] = "device_plugin"
 
 
 class Autoscaling(Strict):

@@ -21,6 +21,9 @@ EFA_LABEL = "deepfleet.io/efa"
 POOL_LABEL = "deepfleet.io/pool"
 
 ADDONS = ("vpc-cni", "coredns", "kube-proxy")
+# The VPC CNI enforces NetworkPolicy only with its network-policy agent on (the workload's NetworkPolicy is
+# otherwise accepted and ignored).
+ADDON_CONFIG = {"vpc-cni": json.dumps({"enableNetworkPolicy": "true"})}
 
 # Least privilege: nodes get only what kubelet, the VPC CNI and image pulls need; pods read weights through
 # FSx (no S3 permissions anywhere on the node).
@@ -111,7 +114,13 @@ class EksCluster(pulumi.ComponentResource):
         )
         cluster_sg = self.cluster.vpc_config.cluster_security_group_id
         for addon in ADDONS:
-            aws.eks.Addon(f"{name}-{addon}", cluster_name=self.cluster.name, addon_name=addon, opts=child)
+            aws.eks.Addon(
+                f"{name}-{addon}",
+                cluster_name=self.cluster.name,
+                addon_name=addon,
+                configuration_values=ADDON_CONFIG.get(addon),
+                opts=child,
+            )
 
         system_lt = aws.ec2.LaunchTemplate(
             f"{name}-system-lt",

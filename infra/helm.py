@@ -19,6 +19,7 @@ class Chart:
 NVIDIA_DEVICE_PLUGIN = Chart(
     "nvidia-device-plugin", "https://nvidia.github.io/k8s-device-plugin", "nvidia-device-plugin", "0.17.1"
 )
+GPU_OPERATOR = Chart("gpu-operator", "https://helm.ngc.nvidia.com/nvidia", "gpu-operator", "v25.3.0")
 EFA_DEVICE_PLUGIN = Chart(
     "aws-efa-k8s-device-plugin", "https://aws.github.io/eks-charts", "aws-efa-k8s-device-plugin", "v0.5.6"
 )

@@ -165,3 +165,8 @@ def test_cold_tier_lifecycle_versioning_encryption_public_access(aws_stack: Capt
 def test_components_nest_their_resources(aws_stack: Capture) -> None:
     types = {r.type for r in _children(aws_stack, "deepfleet:aws:GpuCapacity", "deepfleet-p4d")}
     assert types == {"aws:ec2/placementGroup:PlacementGroup", "aws:ec2/securityGroup:SecurityGroup", LT}
+
+
+def test_vpc_cni_enforces_network_policy(aws_stack: Capture) -> None:
+    addon = next(r.inputs for r in aws_stack.of_type("aws:eks/addon:Addon") if r.inputs["addonName"] == "vpc-cni")
+    assert json.loads(addon["configurationValues"]) == {"enableNetworkPolicy": "true"}
