@@ -1,5 +1,5 @@
 """Subcommand groups of the `deepfleet` CLI, one module per area, each exposing `register(app)`."""
 
-from deepfleet.commands import batching, doctor, engine, plan, serve, weights
+from deepfleet.commands import batching, doctor, engine, plan, serve, watermark, weights
 
-AREAS = (engine, serve, batching, weights, plan, doctor)
+AREAS = (engine, serve, batching, weights, plan, doctor, watermark)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ from deepfleet.engine.scheduler import Scheduler
 from deepfleet.engine.sequence import Sequence, Status
 from deepfleet.models.config import load_config, resolve_dtype
 from deepfleet.models.tokenizer import Tokenizer
+from deepfleet.watermark.config import WatermarkConfig
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: config.json max_position_embeddings
     enforce_eager: bool = False  # True: no CUDA graphs
     load_format: str = "auto"  # "dummy": random weights, for benchmarks of real shapes
+    watermark_key: str | None = None  # per-deployment green-list watermark of every request without its own
     quantization: str | None = None  # "fp8": block-FP8 weights quantized on load; None: as the checkpoint is
     tensor_parallel_size: int = 1  # devices (ranks) one engine spans; deepfleet/distributed/
     expert_parallel: bool = False  # MoE layers: whole experts split over the ranks instead of each expert's slices
@@ -121,6 +123,8 @@ class LLMEngine:
             raise ValueError(f"request_id: {request_id!r} is already in use")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params: expected SamplingParams, got {type(params).__name__}")
+        if self.config.watermark_key and params.watermark is None:
+            params = replace(params, watermark=WatermarkConfig(self.config.watermark_key))
         if params.n != 1:
             raise ValueError(f"n: the engine serves n=1 per request (got {params.n}); fan out one request each")
         if isinstance(prompt, str):

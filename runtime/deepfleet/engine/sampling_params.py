@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from deepfleet.watermark.config import WatermarkConfig
+
 MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
 PENALTY_RANGE = 2.0  # presence/frequency penalties live in [-2, 2] (OpenAI)
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
@@ -41,6 +43,7 @@ class SamplingParams:
     max_tokens: int = 16
     logprobs: int | None = None  # number of top logprobs to return per token, 0..20
     skip_special_tokens: bool = True
+    watermark: WatermarkConfig | None = None  # green-list watermark of this request's output (off when None)
 
     def __post_init__(self) -> None:
         if _integer("n", self.n) < 1:
@@ -65,6 +68,8 @@ class SamplingParams:
         if self.logprobs is not None and not 0 <= _integer("logprobs", self.logprobs) <= MAX_LOGPROBS:
             raise ValueError(f"logprobs: must be in 0..{MAX_LOGPROBS}, got {self.logprobs}")
         self.stop = self._validated_stop(self.stop)
+        if self.watermark is not None and not isinstance(self.watermark, WatermarkConfig):
+            raise ValueError(f"watermark: expected a WatermarkConfig, got {type(self.watermark).__name__}")
         if self.stop_token_ids is not None:
             self.stop_token_ids = list(self.stop_token_ids)
             for token_id in self.stop_token_ids:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from deepfleet.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from deepfleet.engine.sampler import SamplingState
 from deepfleet.engine.sampling_params import SamplingParams
+from deepfleet.watermark.greenlist import GreenListProcessor
 
 _arrival = itertools.count()
 PLACEHOLDER = -1  # a sampled token still on the device (async scheduling): the next step reads it there
@@ -49,6 +50,8 @@ class Sequence:
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
         self.sampling = SamplingState(self.params, self.prompt_token_ids, [])
+        if self.params.watermark is not None:
+            self.sampling.logits_processors.append(GreenListProcessor(self.params.watermark, self.prompt_token_ids[-1]))
         if self.params.logprobs is not None:
             self.logprobs = []
 

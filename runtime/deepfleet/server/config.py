@@ -54,6 +54,10 @@ class EngineSettings(BaseModel):
     expert_parallel: bool | None = Field(
         None, description="MoE models: split whole experts over the tensor-parallel ranks instead of each expert."
     )
+    watermark_key: str | None = Field(
+        None, min_length=1, description="Green-list watermark every output with this key (deepfleet watermark "
+        "detect finds it); unset = off. Keep it secret: whoever holds it can detect and forge the mark."
+    )
     collective_timeout_s: float | None = Field(
         None, gt=0, description="A worker silent (dead, hung, stuck in a collective) this long stops the server."
     )
