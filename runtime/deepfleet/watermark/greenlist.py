@@ -28,28 +28,46 @@ def key_seed(key: str) -> int:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little") & _MASK
 
 
+def _mix_int(x: int) -> int:
+    """_mix for one Python int (the same arithmetic: 31-bit values, products < 2^62)."""
+    for c in _ROUNDS:
+        x = ((x ^ (x >> 15)) * c) & _MASK
+    return x ^ (x >> 16)
+
+
+def _row(seed: int, prev: torch.Tensor | int):
+    return _mix_int((prev & _MASK) ^ seed) if isinstance(prev, int) else _mix((prev.to(torch.int64) & _MASK) ^ seed)
+
+
+def _col(token: torch.Tensor) -> torch.Tensor:
+    return _mix((token.to(torch.int64) * 2 + 1) & _MASK)
+
+
+def _threshold(gamma: float) -> int:
+    return int(gamma * (1 << 31))
+
+
 def is_green(seed: int, prev: torch.Tensor, token: torch.Tensor, gamma: float) -> torch.Tensor:
     """Element-wise (broadcasting) over int64 tensors: is `token` green after `prev`?"""
-    row = _mix((prev.to(torch.int64) & _MASK) ^ seed)
-    col = _mix((token.to(torch.int64) * 2 + 1) & _MASK)
-    return _mix(row ^ col) < int(gamma * (1 << 31))
+    return _mix(_row(seed, prev) ^ _col(token)) < _threshold(gamma)
 
 
 class GreenListProcessor:
     """The per-request logits processor: (output token ids so far, logits row [V]) -> logits row, in place.
-    The first output token's predecessor is the prompt's last token."""
+    The first output token's predecessor is the prompt's last token. The vocabulary's half of the hash is computed
+    once per request; each step hashes one previous token and mixes it into that."""
 
     def __init__(self, config: WatermarkConfig, prompt_last_token: int):
         self.config, self.prompt_last_token = config, prompt_last_token
-        self.seed = key_seed(config.key)
-        self._vocab: torch.Tensor | None = None
+        self.seed, self.threshold = key_seed(config.key), _threshold(config.gamma)
+        self._cols: torch.Tensor | None = None
 
     def __call__(self, output_token_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
-        if self._vocab is None or self._vocab.numel() != logits.shape[-1] or self._vocab.device != logits.device:
-            self._vocab = torch.arange(logits.shape[-1], device=logits.device)
+        if self._cols is None or self._cols.numel() != logits.shape[-1] or self._cols.device != logits.device:
+            self._cols = _col(torch.arange(logits.shape[-1], device=logits.device))
         prev = output_token_ids[-1] if output_token_ids else self.prompt_last_token
-        mask = is_green(self.seed, torch.tensor(prev, device=logits.device), self._vocab, self.config.gamma)
-        return logits.add_(mask.to(logits.dtype) * self.config.delta)
+        green = _mix(self._cols ^ _row(self.seed, int(prev))) < self.threshold
+        return logits.add_(green, alpha=self.config.delta)
 
 
 @dataclass

@@ -114,3 +114,21 @@ def test_per_request_key_overrides_deployment(tiny_models):
     engine, out = _run(tiny_models["qwen2"], _prompts(4), params, watermark_key="deployment-key")
     assert all(detect(t, "request-key", GAMMA).watermarked for t in out)
     assert not any(detect(t, "deployment-key", GAMMA).watermarked for t in out)
+
+
+def test_cli_detect_token_ids_and_bad_input():
+    from typer.testing import CliRunner
+
+    from deepfleet.cli import app
+
+    seed, vocab, ids = key_seed("k"), torch.arange(544), [7]
+    for _ in range(60):
+        ids.append(int(vocab[is_green(seed, torch.tensor(ids[-1]), vocab, GAMMA)][len(ids)]))  # distinct pairs
+    runner = CliRunner()
+    res = runner.invoke(app, ["watermark", "detect", "--key", "k", "--token-ids", ",".join(map(str, ids))])
+    # 60 distinct green pairs: z = (60 - 0.25 * 60) / sqrt(60 * 0.25 * 0.75) = 13.42
+    assert res.exit_code == 0 and res.output.startswith("watermarked: z = 13.42"), res.output
+    res = runner.invoke(app, ["watermark", "detect", "--token-ids", "1,2,3"], env={"DEEPFLEET_WATERMARK_KEY": ""})
+    assert res.exit_code == 2 and "key: required" in res.output
+    res = runner.invoke(app, ["watermark", "detect", "--key", "k", "--token-ids", "1,x"])
+    assert res.exit_code == 2 and "token_ids: expected comma-separated integers" in res.output
