@@ -242,12 +242,28 @@ class Networks(Strict):
         return values
 
 
+# The RoCE fabric's defaults are the rdma_roce role's (one source): the stack renders what it overrides.
+_ROCE = yaml.safe_load((ROOT / "roles" / "rdma_roce" / "defaults" / "main.yml").read_text())
+
+
 class RoceFabric(Strict):
-    mtu: int = Field(default=9000, ge=1500, le=9216)  # 9000 on the NIC gives RoCE its 4096-byte path MTU
-    pfc_priority: int = Field(default=3, ge=0, le=7)  # lossless traffic class for RoCEv2
-    dscp: int = Field(default=26, ge=0, le=63)
-    max_latency_us: int = Field(default=50, ge=1)  # inter-node target from the source documents
-    gid_index: int = Field(default=3, ge=0)
+    mtu: int = Field(default=_ROCE["rdma_roce_mtu"], ge=1500, le=9216)  # 9000 gives RoCE a 4096-byte path MTU
+    pfc_priority: int = Field(default=_ROCE["rdma_roce_priority"], ge=0, le=7)  # lossless class for RoCEv2
+    dscp: int = Field(default=_ROCE["rdma_roce_dscp"], ge=0, le=63)
+    # DCQCN congestion notification packets: their own class, never stuck behind the RoCE data they slow down
+    cnp_dscp: int = Field(default=_ROCE["rdma_roce_cnp_dscp"], ge=0, le=63)
+    cnp_priority: int = Field(default=_ROCE["rdma_roce_cnp_priority"], ge=0, le=7)
+    max_latency_us: int = Field(default=_ROCE["rdma_roce_validate_max_latency_us"], ge=1)  # the documents: 50
+    gid_index: int = Field(default=_ROCE["rdma_roce_gid_index"], ge=0)
+
+    @model_validator(mode="after")
+    def _separate_classes(self) -> RoceFabric:
+        if self.cnp_dscp == self.dscp or self.cnp_priority == self.pfc_priority:
+            raise ValueError(
+                f"cnp_dscp/cnp_priority ({self.cnp_dscp}/{self.cnp_priority}) must differ from the lossless "
+                f"class dscp/pfc_priority ({self.dscp}/{self.pfc_priority})"
+            )
+        return self
 
 
 class RoceNic(Strict):

@@ -49,9 +49,11 @@ def fabric_plan(onprem: Onprem) -> dict:
     return {
         "transport": "RoCEv2",
         "lossless_class": {"dscp": f.dscp, "pfc_priority": f.pfc_priority, "ecn": True},
+        "cnp_class": {"dscp": f.cnp_dscp, "priority": f.cnp_priority},
         "switch_requirements": [
             f"trust DSCP; map DSCP {f.dscp} to priority {f.pfc_priority}",
             f"PFC enabled on priority {f.pfc_priority} only (lossless); ECN marking on its queue (DCQCN)",
+            f"map DSCP {f.cnp_dscp} (DCQCN CNPs) to priority {f.cnp_priority}, a strict-priority queue without PFC",
             f"MTU >= {f.mtu} on every RoCE port",
         ],
         "mtu": f.mtu,
@@ -114,8 +116,11 @@ def render_inventory(cfg: StackConfig) -> dict[str, str]:
             "rdma_roce_dscp": f.dscp,
             "rdma_roce_priority": f.pfc_priority,
             "rdma_roce_mtu": f.mtu,
+            "rdma_roce_cnp_dscp": f.cnp_dscp,
+            "rdma_roce_cnp_priority": f.cnp_priority,
             "rdma_roce_validate_max_latency_us": f.max_latency_us,
-            "nccl_ib_gid_index": f.gid_index,
+            # perftest (rdma_roce validation) and NCCL (nccl_ib_gid_index follows it) use the same GID
+            "rdma_roce_gid_index": f.gid_index,
         }
     )
     files["fabric-plan.yml"] = _dump(fabric_plan(onprem))

@@ -113,6 +113,8 @@ def test_gpu_generations_are_known_to_the_cuda_role() -> None:
 def test_fabric_plan_is_lossless_roce() -> None:
     plan = onprem.fabric_plan(parse(read_stack_file("onprem")).onprem)
     assert plan["lossless_class"] == {"dscp": 26, "pfc_priority": 3, "ecn": True}
+    assert plan["cnp_class"] == {"dscp": 48, "priority": 6}
+    assert "map DSCP 48 (DCQCN CNPs) to priority 6, a strict-priority queue without PFC" in plan["switch_requirements"]
     assert plan["targets"]["max_inter_node_latency_us"] == 50
     assert [n["hca"] for n in plan["hosts"]["dgx-a100-02"]["nics"]] == ["mlx5_0", "mlx5_1"]
 
@@ -195,3 +197,33 @@ def test_edge_group_carries_the_devices_and_the_small_model() -> None:
     gpu = _rendered(capture, f"group_vars/{onprem.GPU_GROUP}.yml")
     assert gpu["inference_runtime_config"]["served_model_name"] == cfg.model.name
     assert "max_model_len" not in gpu["inference_runtime_config"]["engine"]
+
+
+def test_fabric_defaults_are_the_rdma_roce_roles() -> None:
+    """Written down from roles/rdma_roce/defaults/main.yml's documented class (26 -> 3 lossless, CNPs 48 -> 6,
+    GID 3, MTU 9000, 50 us): a stack that sets no fabric renders exactly what the role would do alone."""
+    from infra.config import RoceFabric
+
+    f = RoceFabric()
+    assert (f.dscp, f.pfc_priority, f.cnp_dscp, f.cnp_priority, f.gid_index, f.mtu, f.max_latency_us) == (
+        26, 3, 48, 6, 3, 9000, 50)
+    role = yaml.safe_load((ROOT / "roles/rdma_roce/defaults/main.yml").read_text())
+    assert (role["rdma_roce_dscp"], role["rdma_roce_priority"], role["rdma_roce_cnp_dscp"],
+            role["rdma_roce_cnp_priority"], role["rdma_roce_gid_index"], role["rdma_roce_mtu"],
+            role["rdma_roce_validate_max_latency_us"]) == (26, 3, 48, 6, 3, 9000, 50)
+
+
+def test_gid_index_reaches_perftest_and_nccl_alike() -> None:
+    files = onprem.render_inventory(parse(read_stack_file("onprem")))
+    gpu_vars = yaml.safe_load(files["group_vars/gpu_nodes.yml"])
+    assert gpu_vars["rdma_roce_gid_index"] == 3 and "nccl_ib_gid_index" not in gpu_vars  # nccl follows the role var
+    nccl = yaml.safe_load((ROOT / "roles/nccl/defaults/main.yml").read_text())
+    assert nccl["nccl_ib_gid_index"] == "{{ rdma_roce_gid_index }}"
+
+
+@pytest.mark.parametrize(("fabric", "named"), [({"cnp_dscp": 26}, "cnp_dscp"), ({"cnp_priority": 3}, "cnp_priority")])
+def test_cnp_class_must_differ_from_the_lossless_class(fabric, named) -> None:
+    from infra.config import RoceFabric
+
+    with pytest.raises(ValueError, match=named):
+        RoceFabric(**fabric)
