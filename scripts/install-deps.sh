@@ -3,7 +3,7 @@
 # promtool for the monitoring rule tests. Idempotent; needs root.
 set -euo pipefail
 PKGS=(debootstrap systemd-container apt-cacher-ng iproute2 nftables prometheus openssh-client rsync
-      python3-venv util-linux procps rclone)
+      python3-venv util-linux procps rclone softhsm2)  # softhsm2: the PKCS#11 token of the key-store tests
 if [ "$(id -u)" -ne 0 ]; then
   echo "error: installing system packages needs root (run as root, e.g. sudo make ...)" >&2
   exit 1

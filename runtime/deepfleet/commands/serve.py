@@ -89,11 +89,22 @@ def register(app: typer.Typer) -> None:
         except SettingsError as exc:
             raise typer.BadParameter(str(exc)) from None
         if print_config:
-            typer.echo(json.dumps(settings.model_dump(), indent=2))
+            typer.echo(json.dumps(settings.model_dump(mode="json"), indent=2))
             return
         if not model_dir.is_dir():
             raise typer.BadParameter(f"{model_dir}: not a directory", param_hint="MODEL_DIR")
+        from deepfleet.security.errors import SecurityConfigError
+        from deepfleet.security.serving import check_model_source
+        from deepfleet.server.auth.guard import exposure_warnings
         from deepfleet.server.lifecycle import run
 
-        raise typer.Exit(run(settings))
+        for warning in exposure_warnings(settings):
+            typer.secho(warning, err=True, fg="red", bold=True)
+        try:  # JWKS, policy, audit path, certificates and the weights' key are all checked before the port opens
+            check_model_source(settings.model, settings.weights)
+            status = run(settings)
+        except SecurityConfigError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        raise typer.Exit(status)
 

@@ -21,6 +21,7 @@ from deepfleet.quant import building
 from deepfleet.quant.fp8 import FP8
 from deepfleet.quant.spec import QuantSpec, check_device
 from deepfleet.quant.spec import resolve as resolve_quantization
+from deepfleet.security.serving import encrypted_model
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ def model_class(cfg: ModelConfig):
 
 def checkpoint_files(model_dir: Path) -> dict[Path, list[str] | None]:
     """safetensors file -> tensor names the index assigns to it (None when there is no index)."""
+    if (enc := encrypted_model(model_dir)) is not None:  # shards stay encrypted on disk (security/serving.py)
+        return dict.fromkeys(model_dir / rel for rel in enc.weight_files())
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -66,12 +69,18 @@ def verify_manifest_if_present(model_dir: Path) -> None:
     verify_manifest(model_dir)
 
 
+def open_checkpoint(path: Path, device: torch.device):
+    """safe_open, or the in-memory reader of an encrypted model's shard (decrypted, authenticated, hash-checked)."""
+    enc = encrypted_model(path.parent)
+    return enc.open_weights(path.name) if enc is not None else safe_open(str(path), framework="pt", device=str(device))
+
+
 def load_weights(model: nn.Module, model_dir: Path, device: torch.device) -> None:
     params = dict(model.named_parameters())
     loaded: set[tuple[str, object]] = set()
     for path, names in checkpoint_files(model_dir).items():
         try:
-            handle = safe_open(str(path), framework="pt", device=str(device))
+            handle = open_checkpoint(path, device)
         except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
             raise ValueError(f"{path}: cannot read safetensors file ({e})") from e
         with handle as f:

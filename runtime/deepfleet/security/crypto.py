@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import secrets
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,6 +154,19 @@ def _read_header(src: Path, f, key: bytes) -> tuple[CipherSpec, bytes, int]:
     return spec, header, chunk_size
 
 
+def key_matches(src: str | Path, key: bytes) -> bool:
+    """Whether `key` opens src's key-check tag (a cheap check of the key before any bulk decryption)."""
+    src = Path(src)
+    with open(src, "rb") as f:
+        try:
+            _read_header(src, f, key)
+        except WeightCryptoError as e:
+            if "wrong key" in str(e) or "needs a" in str(e):
+                return False
+            raise
+    return True
+
+
 def _chunk_ad(header: bytes, index: int, final: bool, name: str) -> bytes:
     return header + _CHUNK_AD.pack(index, final) + name.encode()
 
@@ -200,29 +213,46 @@ def encrypt_file(
             chunk, index = following, index + 1
 
 
-def decrypt_file(src: str | Path, dst: str | Path, key: bytes, name: str) -> None:
-    """Decrypt src to dst (mode 0600: it is plaintext weights) after checking every chunk; `name` must be the one
-    used to encrypt. Raises WeightCryptoError naming the file and what is wrong."""
-    src, dst = Path(src), Path(dst)
+def decrypted_chunks(src: str | Path, key: bytes, name: str) -> Iterator[bytes]:
+    """The plaintext of src chunk by chunk, each authenticated before it is yielded (a consumer never sees a byte
+    that failed its tag); `name` must be the one used to encrypt. WeightCryptoError names the file and the fault."""
+    src = Path(src)
     with open(src, "rb") as fin:
         spec, header, chunk_size = _read_header(src, fin, key)
         record_size = NONCE_SIZE + TAG_SIZE + chunk_size
-        with _AtomicWriter(dst, 0o600) as fout:
-            record, index = fin.read(record_size), 0
-            while True:
-                if len(record) < NONCE_SIZE + TAG_SIZE:
-                    raise WeightCryptoError(f"{src}: truncated (chunk {index} is incomplete or missing)")
-                following = fin.read(record_size) if len(record) == record_size else b""
-                final = not following
-                try:
-                    fout.write(_open(spec, key, record, _chunk_ad(header, index, final, name)))
-                except InvalidTag:
-                    raise WeightCryptoError(
-                        f"{src}: chunk {index} failed authentication (file tampered, truncated, reordered or renamed)"
-                    ) from None
-                if final:
-                    return
-                record, index = following, index + 1
+        record, index = fin.read(record_size), 0
+        while True:
+            if len(record) < NONCE_SIZE + TAG_SIZE:
+                raise WeightCryptoError(f"{src}: truncated (chunk {index} is incomplete or missing)")
+            following = fin.read(record_size) if len(record) == record_size else b""
+            final = not following
+            try:
+                yield _open(spec, key, record, _chunk_ad(header, index, final, name))
+            except InvalidTag:
+                raise WeightCryptoError(
+                    f"{src}: chunk {index} failed authentication (file tampered, truncated, reordered or renamed)"
+                ) from None
+            if final:
+                return
+            record, index = following, index + 1
+
+
+def plaintext_size(src: str | Path) -> int:
+    """The size the plaintext of src has (from the header and the file size; authenticated only on decryption)."""
+    src = Path(src)
+    with open(src, "rb") as f:
+        _spec, chunk_size = _parse_header(src, f.read(HEADER_SIZE))
+    body = src.stat().st_size - HEADER_SIZE
+    records = max(1, -(-body // (NONCE_SIZE + TAG_SIZE + chunk_size)))
+    return body - records * (NONCE_SIZE + TAG_SIZE)
+
+
+def decrypt_file(src: str | Path, dst: str | Path, key: bytes, name: str) -> None:
+    """Decrypt src to dst (mode 0600: it is plaintext weights) after checking every chunk; `name` must be the one
+    used to encrypt. Raises WeightCryptoError naming the file and what is wrong."""
+    with _AtomicWriter(Path(dst), 0o600) as fout:
+        for chunk in decrypted_chunks(src, key, name):
+            fout.write(chunk)
 
 
 def encrypt_dir(

@@ -16,6 +16,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deepfleet import __version__
 from deepfleet.server import protocol
+from deepfleet.server.auth import admin
+from deepfleet.server.auth.guard import Guard
+from deepfleet.server.auth.middleware import SecurityMiddleware
 from deepfleet.server.config import ServeSettings
 from deepfleet.server.errors import APIError
 from deepfleet.server.openai_api import REF_TEMPLATE
@@ -28,8 +31,10 @@ log = logging.getLogger(__name__)
 def build_engine(settings: ServeSettings) -> Any:
     """The real engine for `settings` (imported here: torch loads only when a server starts)."""
     from deepfleet.engine.llm_engine import EngineConfig, LLMEngine
+    from deepfleet.security.serving import model_source
 
-    return LLMEngine(EngineConfig(model=settings.model, **settings.engine.engine_kwargs()))
+    with model_source(settings.model, settings.weights) as model_dir:  # an encrypted model: decrypted in memory
+        return LLMEngine(EngineConfig(model=str(model_dir), **settings.engine.engine_kwargs()))
 
 
 def _record(request: Request, status: int) -> None:
@@ -38,21 +43,36 @@ def _record(request: Request, status: int) -> None:
         record.done(status)
 
 
+async def _start_audited(state: ServerState, guard: Guard) -> None:
+    await state.start()
+    if state.phase == "failed":
+        guard.audit.event("MODEL_LOAD_FAILED", model_id=state.model_name, reason=state.error, trigger="start")
+    else:
+        guard.audit.event("MODEL_LOADED", model_id=state.model_name, trigger="start",
+                          auth="on" if guard.enabled else "off")
+
+
 def create_app(settings: ServeSettings, engine_factory: Callable[[ServeSettings], Any] = build_engine) -> FastAPI:
     state = ServerState(settings, engine_factory)
+    guard = Guard(settings)  # reads and checks JWKS, policy and audit path: a bad one stops the start here
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Load in the background: /healthz answers at once, /readyz once the model is loaded and warm.
-        loading = asyncio.create_task(state.start())
+        loading = asyncio.create_task(_start_audited(state, guard))
         yield
         loading.cancel()
         await state.stop()
+        guard.audit.close()
 
     app = FastAPI(title="deepfleet", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible inference for DeepSeek-family models.")
     app.state.server = state
+    app.state.guard = guard
     app.include_router(openai_router)
+    if guard.enabled:  # admin routes exist only behind authentication
+        app.include_router(admin.router)
+    app.add_middleware(SecurityMiddleware, guard=guard)
     default_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:

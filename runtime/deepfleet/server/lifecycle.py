@@ -17,6 +17,7 @@ import uvicorn
 from deepfleet.server.app import build_engine, create_app
 from deepfleet.server.config import ServeSettings
 from deepfleet.server.state import ServerState
+from deepfleet.server.tls import uvicorn_options
 
 
 class _DrainingServer(uvicorn.Server):
@@ -45,6 +46,7 @@ def run(settings: ServeSettings, engine_factory: Callable[[ServeSettings], Any] 
         # mid-request); proxies keep theirs for 60 s, so the server must keep its own longer.
         timeout_keep_alive=settings.keep_alive_s,
         lifespan="on",
+        **uvicorn_options(settings.tls),  # HTTPS, TLS 1.3 only, when tls.cert_file is set
     )
     server = _DrainingServer(config, state)
 

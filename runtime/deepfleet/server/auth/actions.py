@@ -1,0 +1,37 @@
+"""Which policy action each route needs. Routes not listed need `update` (admin-only), so an endpoint added
+later is closed to inference users until it is listed here on purpose."""
+
+from __future__ import annotations
+
+import fnmatch
+
+OPEN = ("/healthz", "/readyz")  # probes of the kubelet and the load balancer carry no token
+METRICS = "/metrics"
+AUTHENTICATED_ONLY = object()  # any valid principal (e.g. a protected /metrics scrape)
+
+ROUTE_ACTIONS: tuple[tuple[str, str], ...] = (
+    ("/v1/chat/completions", "predict"),
+    ("/v1/completions", "predict"),
+    ("/v1/embeddings", "predict"),
+    ("/v1/models", "predict"),
+    ("/v1/models/*", "predict"),
+    ("/tokenize", "predict"),
+    ("/detokenize", "predict"),
+    ("/docs", "predict"),
+    ("/docs/*", "predict"),
+    ("/openapi.json", "predict"),
+    ("/admin/audit", "read_logs"),
+    ("/admin/models/*/load", "deploy"),
+    ("/admin/models/*/unload", "delete"),
+    ("/admin/policy/reload", "update"),
+    ("/v1/load_lora_adapter", "update"),
+    ("/v1/unload_lora_adapter", "update"),
+)
+DEFAULT_ACTION = "update"
+
+
+def action_for(path: str) -> str:
+    for pattern, action in ROUTE_ACTIONS:
+        if fnmatch.fnmatchcase(path, pattern):
+            return action
+    return DEFAULT_ACTION
