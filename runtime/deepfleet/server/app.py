@@ -70,8 +70,7 @@ def create_app(settings: ServeSettings, engine_factory: Callable[[ServeSettings]
     app.state.server = state
     app.state.guard = guard
     app.include_router(openai_router)
-    if guard.enabled:  # admin routes exist only behind authentication
-        app.include_router(admin.router)
+    app.include_router(admin.router)  # refused by the middleware unless auth is on
     app.add_middleware(SecurityMiddleware, guard=guard)
     default_openapi = app.openapi
 

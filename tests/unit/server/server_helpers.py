@@ -18,6 +18,7 @@ import uvicorn
 
 from deepfleet.server.app import build_engine, create_app
 from deepfleet.server.config import ServeSettings
+from deepfleet.server.tls import uvicorn_options
 
 MODEL_NAME = "tiny-r1"
 
@@ -34,9 +35,10 @@ class LiveServer:
     def __init__(self, settings: ServeSettings, engine_factory: Callable[[ServeSettings], Any] = build_engine):
         self.settings = settings
         self.app = create_app(settings, engine_factory)
-        self.url = f"http://127.0.0.1:{settings.port}"
+        self.url = f"{'https' if settings.tls.enabled else 'http'}://127.0.0.1:{settings.port}"
         config = uvicorn.Config(self.app, host="127.0.0.1", port=settings.port, log_level="warning",
-                                lifespan="on", timeout_graceful_shutdown=settings.shutdown_grace_s)
+                                lifespan="on", timeout_graceful_shutdown=settings.shutdown_grace_s,
+                                **uvicorn_options(settings.tls))
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
 

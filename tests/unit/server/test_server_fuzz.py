@@ -1,8 +1,8 @@
 """Schema-driven fuzzing (hypothesis): request bodies are generated from the server's OpenAPI document
 (schema-shaped values, bounds and just past them), then mutated (a field replaced by arbitrary JSON, an unknown
 key, a field dropped); raw bytes too.
-The real server (real engine, tiny model) must answer every one with a non-5xx, OpenAI-shaped errors on 4xx,
-and stay alive."""
+The real server (real engine, tiny model), with authentication on (JWT, policy, rate limits, audit log), must
+answer every one with a non-5xx, OpenAI-shaped errors on 4xx, and stay alive."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from auth_helpers import Issuer, audit_lines, auth_settings, bearer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_helpers import MODEL_NAME, live_server, settings_for
@@ -97,12 +98,16 @@ def bodies(path: str) -> st.SearchStrategy[dict]:
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(tiny_model):
-    # A short context and few choices keep the valid requests cheap.
-    with live_server(settings_for(tiny_model, max_n=3, engine={"max_model_len": 40})) as s, httpx.Client(
-        base_url=s.url, timeout=60
+def fuzz_server(tiny_model, tmp_path_factory):
+    # A short context and few choices keep the valid requests cheap; the "bulk" role's rate limit lets every
+    # fuzzed request through to the API.
+    tmp, issuer = tmp_path_factory.mktemp("fuzz-auth"), Issuer()
+    settings = settings_for(tiny_model, max_n=3, engine={"max_model_len": 40}, **auth_settings(tmp, issuer))
+    with live_server(settings) as s, httpx.Client(
+        base_url=s.url, timeout=60, headers=bearer(issuer.token(sub="fuzzer", roles=["bulk"], lifetime=3600))
     ) as client:
         client.live = s
+        client.audit_path = tmp / "audit.jsonl"
         yield client
 
 
@@ -149,3 +154,6 @@ def test_alive_after_fuzzing_and_some_bodies_were_valid(fuzz_server):
     print(served)
     # the generator reaches the engine, not only the validator
     assert sum(v for k, v in served.items() if 'status="200"' in k) >= 10
+    # the malformed ones were audited, and no request was refused for want of authentication
+    events = {e["event"] for e in audit_lines(fuzz_server.audit_path)}
+    assert "ABNORMAL_REQUEST" in events and "AUTH_FAILED" not in events

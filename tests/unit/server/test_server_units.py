@@ -16,7 +16,14 @@ from typer.testing import CliRunner
 
 from deepfleet.cli import app as cli_app
 from deepfleet.server.admission import Admission, QueueFull
-from deepfleet.server.config import EngineSettings, ServeSettings, SettingsError, load_settings, parse_assignment
+from deepfleet.server.config import (
+    SECTIONS,
+    EngineSettings,
+    ServeSettings,
+    SettingsError,
+    load_settings,
+    parse_assignment,
+)
 from deepfleet.server.errors import field_path
 from deepfleet.server.metrics import LoadSnapshot, ServerMetrics, nvml_collector
 from deepfleet.server.reasoning import ReasoningParser, split_reasoning
@@ -134,8 +141,9 @@ def test_every_setting_and_metric_is_documented():
     readme = README.read_text()
     for name in ServeSettings.model_fields:
         assert f"`{name}`" in readme, name
-    for name in EngineSettings.model_fields:
-        assert f"`engine.{name}`" in readme, name
+    for section, model in SECTIONS.items():
+        for name in model.model_fields:
+            assert f"`{section}.{name}`" in readme, f"{section}.{name}"
     metrics = ServerMetrics(lambda: LoadSnapshot(0, 0, 0, 0, 0.0, 0, 0, 0, 0, 0, True))
     for family in metrics.registry.collect():
         assert f"`{family.name}" in readme, family.name
@@ -146,8 +154,9 @@ def test_serve_help_lists_every_setting():
     for name in ServeSettings.model_fields:
         if name != "engine":
             assert name in out, name
-    for name in EngineSettings.model_fields:
-        assert f"engine.{name}" in out, name
+    for section, model in SECTIONS.items():
+        for name in model.model_fields:
+            assert f"{section}.{name}" in out, f"{section}.{name}"
 
 
 def test_serve_print_config_applies_flags(tmp_path):

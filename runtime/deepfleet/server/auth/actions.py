@@ -7,7 +7,7 @@ import fnmatch
 
 OPEN = ("/healthz", "/readyz")  # probes of the kubelet and the load balancer carry no token
 METRICS = "/metrics"
-AUTHENTICATED_ONLY = object()  # any valid principal (e.g. a protected /metrics scrape)
+ADMIN_PREFIX = "/admin/"
 
 ROUTE_ACTIONS: tuple[tuple[str, str], ...] = (
     ("/v1/chat/completions", "predict"),

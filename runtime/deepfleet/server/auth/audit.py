@@ -14,6 +14,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from deepfleet.security.errors import SecurityConfigError
+
 log = logging.getLogger("deepfleet.audit")
 
 FILE_MODE = 0o640
@@ -35,7 +37,7 @@ class AuditLog:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
             except OSError as e:
-                raise OSError(f"audit.path {path}: {e.strerror}") from None
+                raise SecurityConfigError(f"audit.path {path}: {e.strerror}") from None
 
     def event(self, event: str, *, user: str | None = None, model_id: str | None = None, ip: str | None = None,
               **details: Any) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """The security middleware (plain ASGI, so streaming responses and disconnects pass through untouched):
 
+  auth off: /admin/* refused (403), everything else passed on
   open route (/healthz, /readyz, /metrics unless protected) -> passed on
   auth on:  token verified (401 + AUTH_FAILED) -> rate limit per subject (429 + RATE_LIMITED)
             -> policy decision for the route's action on models/<served name> (403 + ACCESS_DENIED)
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from deepfleet.server.auth.actions import METRICS, OPEN, action_for
+from deepfleet.server.auth.actions import ADMIN_PREFIX, METRICS, OPEN, action_for
 from deepfleet.server.auth.guard import Guard
 from deepfleet.server.auth.tokens import AuthError
 from deepfleet.server.errors import APIError
@@ -33,6 +34,11 @@ class SecurityMiddleware:
             return
         guard, path = self.guard, scope["path"]
         ip = guard.client_ip(scope)
+        if not guard.enabled and path.startswith(ADMIN_PREFIX):
+            error = APIError(403, f"{path}: admin routes need authentication (set auth.jwks_file)",
+                             type="permission_error", code="auth_disabled")
+            await error.response()(scope, receive, send)
+            return
         if path in OPEN or (path == METRICS and not guard.settings.protect_metrics) or not guard.enabled:
             await self.app(scope, receive, self._observing(send, scope, None, ip, {}))
             return
