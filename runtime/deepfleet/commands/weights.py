@@ -175,6 +175,42 @@ def sync(
     typer.echo(f"{src} -> {dst}: {len(report.copied)} copied, {len(report.deleted)} deleted")
 
 
+@weights_app.command("wrap-key")
+def wrap_key(
+    key_file: Annotated[Path, typer.Argument(help="the data key (as written by `keygen`)")],
+    out: Annotated[Path, typer.Argument(help="where the wrapped key goes (weights.pkcs11.wrapped_key_file)")],
+    module: Annotated[Path, typer.Option("--module", help="PKCS#11 library (.so) of the HSM or SoftHSM2")],
+    token_label: Annotated[str, typer.Option("--token-label", help="token holding the key-encryption key")],
+    key_label: Annotated[str, typer.Option("--key-label", help="label of the AES key-encryption key")],
+    pin_file: Annotated[Path | None, typer.Option("--pin-file", help="user PIN file (else $DEEPFLEET_PKCS11_PIN)")]
+    = None,
+    create_kek: Annotated[bool, typer.Option("--create-kek", help="generate the key-encryption key in the token "
+                                             "first (non-extractable)")] = False,
+) -> None:
+    """Wrap a data key with a key-encryption key that never leaves the PKCS#11 token; serve with
+    weights.pkcs11.* pointing at OUT (then the plain key file can be destroyed)."""
+    import os
+
+    from deepfleet.security.errors import SecurityConfigError
+    from deepfleet.security.keys import Pkcs11Settings
+    from deepfleet.security.pkcs11_store import create_kek as make_kek
+    from deepfleet.security.pkcs11_store import wrap_data_key
+
+    cfg = Pkcs11Settings(module=module, token_label=token_label, key_label=key_label, wrapped_key_file=out,
+                         pin_file=pin_file)
+    try:
+        if create_kek:
+            make_kek(cfg)
+        raw = key_file.read_bytes()
+        blob = wrap_data_key(cfg, raw if len(raw) in (16, 32) else bytes.fromhex(raw.decode().strip()))
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except (SecurityConfigError, OSError, ValueError) as e:
+        raise _fail(e) from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(blob)
+    typer.echo(f"wrote the data key wrapped by {key_label!r} of token {token_label!r} to {out}")
+
+
 def register(app: typer.Typer) -> None:
     """Attach `deepfleet weights` to the root app."""
     app.add_typer(weights_app, name="weights")
