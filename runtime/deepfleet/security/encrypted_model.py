@@ -130,6 +130,10 @@ class SafetensorsBuffer:
     def keys(self) -> list[str]:
         return list(self.entries)
 
+    def get_slice(self, key: str) -> _Slice:
+        """safe_open's lazy slice (tensor-parallel loading): a rank indexes out its part of the view."""
+        return _Slice(self.get_tensor(key))
+
     def get_tensor(self, key: str) -> Any:
         import torch
 
@@ -148,3 +152,14 @@ class SafetensorsBuffer:
         if count == 0:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(self.buf, dtype=dtype, count=count, offset=self.base + start).view(shape)
+
+
+class _Slice:
+    def __init__(self, tensor: Any) -> None:
+        self.tensor = tensor
+
+    def get_shape(self) -> list[int]:
+        return list(self.tensor.shape)
+
+    def __getitem__(self, where: Any) -> Any:
+        return self.tensor[where]
