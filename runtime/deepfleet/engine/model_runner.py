@@ -238,6 +238,9 @@ class ModelRunner:
         """Largest batch first: the smaller graphs then fit in the memory pool the largest one left."""
         buf = self.buffers
         pool = torch.cuda.graph_pool_handle()
+        # every graph writes its logits into rows of this one buffer: a graph's own output tensor would stay
+        # allocated for as long as the graph lives, and the whole ladder's would add up to tens of GB
+        shared = torch.empty(self.graph_max_batch, self.cfg.vocab_size, dtype=torch.float32, device=self.device)
         torch.cuda.synchronize()
         t0, mem0 = time.perf_counter(), torch.cuda.mem_get_info()[0]
         for b in reversed(self.graph_batch_sizes):
@@ -250,14 +253,14 @@ class ModelRunner:
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    logits = self.model.compute_logits(
-                        self.model(buf.ids[:b], buf.positions[:b], self.kv_caches, self._meta(*meta_args)))
+                    shared[:b].copy_(self.model.compute_logits(
+                        self.model(buf.ids[:b], buf.positions[:b], self.kv_caches, self._meta(*meta_args))))
             except torch.OutOfMemoryError as exc:
                 raise StartupError(
                     f"out of GPU memory while capturing the CUDA graph for decode batch {b} (max_num_seqs "
                     f"{self.graph_max_batch}): lower max_num_seqs or gpu_memory_utilization, or set "
                     f"enforce_eager") from exc
-            self.graphs[b] = (graph, logits)
+            self.graphs[b] = (graph, shared[:b])
         torch.cuda.synchronize()
         used = mem0 - torch.cuda.mem_get_info()[0]
         log.info("captured %d CUDA graphs (decode batch 1..%d) in %.1f s, %.2f GiB", len(self.graphs),

@@ -35,6 +35,9 @@ def _fusable(fn):
         nonlocal compiled
         if _FUSE and args[0].is_cuda:
             if compiled is None:
+                # one compile per feature width (norm widths are static): DeepSeek-V3 alone has several, and a
+                # process that loads several models (tests, benchmarks) more than dynamo's default limit of 8
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
                 compiled = torch.compile(fn, dynamic=True, fullgraph=True)
             return compiled(*args)
         return fn(*args)
