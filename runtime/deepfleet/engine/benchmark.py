@@ -296,7 +296,7 @@ class Bench:
 
 
 def run_shape(shape: str, workloads: tuple[str, ...], commit: str, bandwidth: float, rate: float,
-              scale: float = 1.0) -> list[dict]:
+              scale: float = 1.0, out: Path | None = None) -> list[dict]:
     from deepfleet.engine.llm_engine import EngineConfig, LLMEngine
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -309,7 +309,8 @@ def run_shape(shape: str, workloads: tuple[str, ...], commit: str, bandwidth: fl
         bench.record("startup", "kv_blocks", engine.block_manager.num_blocks, "blocks")
         bench.record("startup", "cuda_graphs", len(engine.runner.graphs), "graphs")
         n = lambda count: max(16, int(count * scale))  # noqa: E731
-        for w in workloads:
+        done = 0
+        for w in ("startup", *workloads):
             t = time.perf_counter()
             if w == "latency":
                 bench.latency(bandwidth)
@@ -324,6 +325,8 @@ def run_shape(shape: str, workloads: tuple[str, ...], commit: str, bandwidth: fl
             elif w == "host":
                 bench.host_profile()
             print(f"[{shape}] {w}: {time.perf_counter() - t:.1f} s", flush=True)
+            _append(bench.records[done:], out)  # each workload's records as soon as it is done
+            done = len(bench.records)
         engine = bench.engine = None  # drop the KV cache and weights before the next shape
         gc.collect()
         torch.cuda.empty_cache()
@@ -345,7 +348,7 @@ def _append(records: list[dict], out: Path | None) -> None:
 
 
 def run(shapes=("1.5b", "7b"), workloads=WORKLOADS, out: Path | None = None, scale: float = 1.0) -> list[dict]:
-    """Each shape's records are printed and appended as soon as that shape is done (a cut-short run keeps them)."""
+    """Each workload's records are printed and appended as soon as it is done (a cut-short run keeps them)."""
     if not torch.cuda.is_available():
         raise SystemExit("bench: needs a CUDA GPU")
     commit = os.environ.get("DEEPFLEET_COMMIT", "unknown")
@@ -358,12 +361,9 @@ def run(shapes=("1.5b", "7b"), workloads=WORKLOADS, out: Path | None = None, sca
     _append(records, out)
     for shape in shapes:
         try:
-            shape_records = run_shape(shape, tuple(workloads), commit, bandwidth, rate, scale)
+            records += run_shape(shape, tuple(workloads), commit, bandwidth, rate, scale, out)
         except Exception:  # one failing shape should not hide the other's figures
             import traceback
 
             traceback.print_exc()
-            continue
-        _append(shape_records, out)
-        records += shape_records
     return records
