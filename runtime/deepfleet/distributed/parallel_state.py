@@ -75,10 +75,14 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+# one output tensor, no list: NCCL captures it inside the CUDA graphs (the decode graphs end with the logits)
+_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+
+
 def all_gather_last(x: torch.Tensor) -> torch.Tensor:
-    """The ranks' tensors concatenated along the last dimension in rank order (vocab-parallel logits)."""
+    """The ranks' [T, n] tensors as [T, size * n], in rank order (vocab-parallel logits)."""
     if _GROUP.size == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(_GROUP.size)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=-1)
+    out = x.new_empty(_GROUP.size * x.shape[0], x.shape[1])
+    _gather_into(out, x.contiguous())
+    return out.view(_GROUP.size, x.shape[0], x.shape[1]).permute(1, 0, 2).reshape(x.shape[0], -1)
