@@ -11,6 +11,7 @@ from infra import config
 from infra.eks import EksCluster
 from infra.gpu_catalog import ACCELERATOR_LABEL
 from infra.hybrid_routing import HybridRouter
+from infra.k8s_security import scrape_endpoint
 from infra.k8s_workload import APP, LABELS, FsxVolume, InferenceWorkload
 from infra.monitoring import Monitoring
 from infra.network import Network
@@ -82,6 +83,7 @@ def main() -> dict:
             cfg.workload.namespace,
             LABELS,
             provider,
+            scrape_endpoint=scrape_endpoint(cfg.workload.security, f"{APP}.{cfg.workload.namespace}.svc"),
             opts=pulumi.ResourceOptions(depends_on=[workload]),
         )
         outputs["service"] = f"{APP}.{cfg.workload.namespace}.svc.cluster.local"

@@ -200,6 +200,26 @@ class Resources(Strict):
         return self
 
 
+class WorkloadSecurity(Strict):
+    """Kubernetes Secrets the runtime mounts read-only (made outside Pulumi, e.g. by cert-manager and the External
+    Secrets Operator from Vault/KMS, so no key material passes through the stack's config or state)."""
+
+    # kubernetes.io/tls Secret with tls.crt, tls.key and ca.crt: HTTPS (TLS 1.3 only) on the Service and the pod
+    tls_secret: str | None = None
+    # Secret with jwks.json and policy.yaml: JWT authentication and the RBAC/ABAC policy
+    auth_secret: str | None = None
+    issuer: str | None = None
+    audience: str | None = None
+    # Secret with weights.key: the data key of an encrypted model directory
+    weights_key_secret: str | None = None
+
+    @model_validator(mode="after")
+    def _issuer_needs_auth(self) -> WorkloadSecurity:
+        if (self.issuer or self.audience) and not self.auth_secret:
+            raise ValueError("issuer/audience: set auth_secret too (the JWKS and policy they belong to)")
+        return self
+
+
 class Workload(Strict):
     image: str
     namespace: str = "deepfleet"
@@ -210,6 +230,7 @@ class Workload(Strict):
     # discovery (the driver and container toolkit come from Ansible); gpu_operator: NVIDIA's GPU Operator
     # (device plugin, GFD, DCGM, MIG manager) with its driver and toolkit containers off for the same reason.
     gpu_stack: Literal["device_plugin", "gpu_operator"] = "device_plugin"
+    security: WorkloadSecurity = WorkloadSecurity()
 
 
 class Autoscaling(Strict):

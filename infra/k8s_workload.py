@@ -12,6 +12,7 @@ from deepfleet.defaults import API_PORT, SHUTDOWN_GRACE_S
 from infra import monitoring
 from infra.config import Autoscaling, Model, Networks, Workload
 from infra.gpu_catalog import EFA_RESOURCE, GPU_RESOURCE, GPU_TOLERATION
+from infra.k8s_security import pod_security, port_name, probe_scheme
 from infra.runtime_settings import serve_settings, set_flags
 from infra.storage import FSX_MOUNT, WeightFlow
 
@@ -80,7 +81,13 @@ def pod_spec(
     w: Workload, model: Model, node_label: tuple[str, str] | None, fsx_path: str | None, efa_interfaces: int = 0
 ) -> dict:
     """`fsx_path`: where the weights are on FSx (EKS); None means they are already on the host (on-prem)."""
-    probe = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5, "failureThreshold": 3}
+    security = pod_security(w.security, model.local_path)  # Secrets mounted read-only, settings that use them
+    port, scheme = port_name(w.security), probe_scheme(w.security)
+
+    def get(path: str) -> dict:
+        return {"path": path, "port": port, "scheme": scheme}
+
+    probe = {"httpGet": get("/readyz"), "periodSeconds": 5, "failureThreshold": 3}
     container = {
         "name": "runtime",
         "image": w.image,
@@ -96,23 +103,26 @@ def pod_spec(
             "--tensor-parallel-size",
             str(w.resources.gpus),
             *set_flags(serve_settings(model)),
+            *set_flags(security.settings),
         ],
-        "ports": [{"name": "http", "containerPort": API_PORT, "protocol": "TCP"}],
+        "ports": [{"name": port, "containerPort": API_PORT, "protocol": "TCP"}],
         "resources": resources(w, efa_interfaces),
         # Loading weights takes minutes: the startup probe holds liveness off for up to 20 min.
-        "startupProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10, "failureThreshold": 120},
+        "startupProbe": {"httpGet": get("/healthz"), "periodSeconds": 10, "failureThreshold": 120},
         "readinessProbe": probe,
-        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10, "failureThreshold": 3},
+        "livenessProbe": {"httpGet": get("/healthz"), "periodSeconds": 10, "failureThreshold": 3},
         "securityContext": _container_security(),
         "volumeMounts": [
             {"name": "weights", "mountPath": model.local_path, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},  # NCCL between the pod's GPUs needs shared memory
             {"name": "tmp", "mountPath": "/tmp"},
+            *security.mounts,
         ],
     }
     volumes: list[dict] = [
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}},
         {"name": "tmp", "emptyDir": {}},
+        *security.volumes,
     ]
     init: list[dict] = []
     if fsx_path:
@@ -247,7 +257,9 @@ class InferenceWorkload(pulumi.ComponentResource):
             spec={
                 "type": "ClusterIP",
                 "selector": LABELS,
-                "ports": [{"name": "http", "port": API_PORT, "targetPort": "http", "protocol": "TCP"}],
+                "ports": [{"name": port_name(workload.security), "port": API_PORT,
+                           "targetPort": port_name(workload.security), "protocol": "TCP",
+                           "appProtocol": "https" if workload.security.tls_secret else "http"}],
             },
             opts=child,
         )

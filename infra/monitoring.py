@@ -105,6 +105,7 @@ class Monitoring(pulumi.ComponentResource):
         workload_namespace: str,
         workload_selector: dict[str, str],
         provider: k8s.Provider,
+        scrape_endpoint: dict,
         opts: pulumi.ResourceOptions | None = None,
     ) -> None:
         super().__init__("deepfleet:k8s:Monitoring", name, None, opts)
@@ -161,7 +162,8 @@ class Monitoring(pulumi.ComponentResource):
             spec={
                 "selector": {"matchLabels": workload_selector},
                 "namespaceSelector": {"matchNames": [workload_namespace]},
-                "endpoints": [{"port": "http", "path": "/metrics", "interval": "15s"}],
+                # infra/k8s_security.scrape_endpoint: https with the TLS Secret's CA when the runtime serves TLS
+                "endpoints": [scrape_endpoint],
             },
             opts=after_crds,
         )

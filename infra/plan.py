@@ -8,7 +8,7 @@ from collections import Counter
 
 from infra.config import ConfigError
 from infra.mocks import Capture, Recorded, run
-from infra.policies import check_all
+from infra.policies import check_all, stack_config_violations
 
 
 def tree_lines(capture: Capture) -> list[str]:
@@ -41,7 +41,7 @@ def main(argv: list[str]) -> int:
     counts = Counter(r.type.split(":")[0] for r in capture.resources if r.custom)
     print("by provider: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     print("outputs: " + ", ".join(sorted(capture.outputs)))
-    violations = check_all(capture.resources)
+    violations = check_all(capture.resources) + stack_config_violations(argv[0])
     for v in violations:
         print(f"POLICY {v.policy}: {v.resource}: {v.message}")
     print(f"policies: {'all pass' if not violations else f'{len(violations)} violations'}")

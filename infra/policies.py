@@ -5,6 +5,7 @@ violations. `check_all` runs every policy; the tests run it on every example sta
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -234,3 +235,42 @@ POLICIES: dict[str, Callable[[Iterable[Resource]], list[Violation]]] = {
 def check_all(resources: Iterable[Resource]) -> list[Violation]:
     resources = list(resources)
     return [v for policy in POLICIES.values() for v in policy(resources)]
+
+
+# ---- stack config: secrets belong in `pulumi config set --secret` (stored encrypted as {secure: ...}) or in a
+# secret store the stack only names (workload.security), never in plain text in Pulumi.<stack>.yaml.
+_SECRET_NAME = re.compile(r"(^|_)(password|passwd|passphrase|token|api_key|secret_key|access_key|private_key|"
+                          r"tls_key|weights_key|pin|credentials?)$", re.IGNORECASE)
+_SECRET_VALUE = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----|\beyJ[\w-]+\.[\w-]+\.[\w-]+")
+
+
+def _plain_secrets(value: Any, path: str) -> list[tuple[str, str]]:
+    if isinstance(value, dict):
+        if set(value) == {"secure"}:  # encrypted by Pulumi: fine
+            return []
+        found = []
+        for key, inner in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if _SECRET_NAME.search(str(key)) and not isinstance(inner, dict | list) and inner not in (None, ""):
+                found.append((where, f"{key} looks like a secret and is stored in plain text"))
+            else:
+                found += _plain_secrets(inner, where)
+        return found
+    if isinstance(value, list):
+        return [hit for i, inner in enumerate(value) for hit in _plain_secrets(inner, f"{path}[{i}]")]
+    if isinstance(value, str) and _SECRET_VALUE.search(value):
+        return [(path, "holds a private key or a signed token in plain text")]
+    return []
+
+
+def plain_secrets_in_stack_config(config: dict[str, Any]) -> list[Violation]:
+    """`config`: a stack's settings without the `deepfleet:` prefix (config.read_stack_file)."""
+    return [Violation("no-plain-secrets-in-stack-config", where, f"{why}: use `pulumi config set --secret`, or keep "
+                      "it in the secret store and name the Kubernetes Secret in workload.security")
+            for where, why in _plain_secrets(config, "")]
+
+
+def stack_config_violations(stack: str) -> list[Violation]:
+    from infra.config import read_stack_file
+
+    return plain_secrets_in_stack_config(read_stack_file(stack))

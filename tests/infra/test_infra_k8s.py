@@ -91,7 +91,7 @@ def test_workload_requests_gpus_probes_and_spreads(aws_stack: Capture) -> None:
     }
     assert runtime["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert runtime["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert runtime["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    assert runtime["ports"] == [{"name": "https", "containerPort": 8000, "protocol": "TCP"}]  # TLS in aws
     assert "queue_full_status=503" in runtime["command"]
     tp = runtime["command"].index("--tensor-parallel-size")
     assert runtime["command"][tp + 1] == "4"  # the engine spans the 4 GPUs the pod requests
@@ -145,7 +145,9 @@ def test_prometheus_rule_and_dashboard_come_from_monitoring_dir(any_stack: Captu
         (ROOT / "monitoring/dashboards/deepfleet.json").read_text()
     )
     sm = _one(any_stack, "ServiceMonitor", "deepfleet")
-    assert sm["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "15s"}]
+    (endpoint,) = sm["spec"]["endpoints"]
+    assert {k: endpoint[k] for k in ("path", "interval")} == {"path": "/metrics", "interval": "15s"}
+    assert endpoint["port"] in ("http", "https")  # https where the stack serves TLS (test_infra_k8s_security)
     # Prometheus names the job after the Service: the alerts select job="deepfleet".
     service = _one(any_stack, "Service", "deepfleet")
     alerts = (ROOT / "monitoring/rules/alerts.yml").read_text()
