@@ -16,6 +16,8 @@ CPU_KV_CACHE_BYTES = 4 << 30  # upper bound of the KV cache on CPU hosts
 # Tensor parallelism: a collective (or a worker's heartbeat) silent this long ends the engine, naming the rank.
 # Generous: the ranks compile and capture CUDA graphs at start-up at slightly different speeds.
 COLLECTIVE_TIMEOUT_S = 300.0
+# Structured output: a grammar not compiled within this is refused (400); the engine keeps serving meanwhile
+GRAMMAR_COMPILE_TIMEOUT_S = 10.0
 
 # Server overload control: admission slots default to the engine's max_num_seqs (a smaller default would cap the
 # batch); the source documents' async priority scheduler uses max_concurrent 16, a setting away

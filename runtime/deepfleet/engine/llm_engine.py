@@ -6,6 +6,7 @@ ValueError naming the problem and never reaches the batch, so other requests kee
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import time
@@ -20,6 +21,7 @@ from deepfleet.engine import memory
 from deepfleet.engine.block_manager import BlockManager
 from deepfleet.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from deepfleet.engine.errors import StartupError
+from deepfleet.engine.logits_processors import LogitsProcessors
 from deepfleet.engine.outputs import CompletionOutput, EngineStats, RequestOutput
 from deepfleet.engine.sampler import Sampler, SampleResult, make_generator
 from deepfleet.engine.sampling_params import SamplingParams
@@ -52,7 +54,23 @@ class EngineConfig:
     tensor_parallel_size: int = 1  # devices (ranks) one engine spans; deepfleet/distributed/
     expert_parallel: bool = False  # MoE layers: whole experts split over the ranks instead of each expert's slices
     collective_timeout_s: float = defaults.COLLECTIVE_TIMEOUT_S  # a rank silent this long ends the engine
+    grammar_compile_timeout_s: float = defaults.GRAMMAR_COMPILE_TIMEOUT_S  # structured output: longer = refused
     async_scheduling: bool = True  # prepare step N+1 while the GPU runs step N (see LLMEngine.step)
+
+
+def _grammar_compiler(config: EngineConfig, vocab_size: int, tokenizer: Tokenizer):
+    """Structured output's compiler factory (called at the first such request: importing xgrammar and reading the
+    vocabulary take a while), or None where xgrammar is not installed (such requests are then refused)."""
+    if importlib.util.find_spec("xgrammar") is None:
+        return None
+
+    def build():
+        from deepfleet.structured.xgrammar_backend import GrammarCompiler, tokenizer_info
+
+        return GrammarCompiler(tokenizer_info(config.model, vocab_size, tokenizer.eos_token_ids),
+                               config.grammar_compile_timeout_s)
+
+    return build
 
 
 def _check_positive(name: str, value: int | None) -> None:
@@ -85,6 +103,8 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler()
+        self.logits_processors = LogitsProcessors(self.tokenizer.eos_token_ids, model_cfg.vocab_size,
+                                                  _grammar_compiler(config, model_cfg.vocab_size, self.tokenizer))
         self.requests: dict[str, Sequence] = {}
         self._aborted: list[Sequence] = []  # reported (finish_reason "abort") by the next step
         self._in_flight: _Launched | None = None  # the launched step whose tokens are not taken in yet
@@ -127,6 +147,7 @@ class LLMEngine:
             params = replace(params, watermark=WatermarkConfig(self.config.watermark_key))
         if params.n != 1:
             raise ValueError(f"n: the engine serves n=1 per request (got {params.n}); fan out one request each")
+        self.logits_processors.check(params)
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
@@ -151,6 +172,7 @@ class LLMEngine:
             seq.sampling.generator = make_generator(params.seed, self.device)
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
         seq.stop_checker = StopChecker(params.stop)
+        seq.sampling.logits_processors.extend(self.logits_processors.for_request(params))
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         self.prompt_tokens_total += len(ids)

@@ -6,11 +6,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from deepfleet.structured.spec import StructuredOutput
 from deepfleet.watermark.config import WatermarkConfig
 
 MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
 PENALTY_RANGE = 2.0  # presence/frequency penalties live in [-2, 2] (OpenAI)
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+LOGIT_BIAS_RANGE = 100.0  # OpenAI: biases in [-100, 100]
 
 
 def _number(name: str, value: object) -> float:
@@ -44,6 +46,10 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs to return per token, 0..20
     skip_special_tokens: bool = True
     watermark: WatermarkConfig | None = None  # green-list watermark of this request's output (off when None)
+    # applied by engine/logits_processors.py
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    min_tokens: int = 0  # end tokens (EOS, stop_token_ids) are masked until this many were generated
+    structured: StructuredOutput | None = None  # grammar the output must follow
 
     def __post_init__(self) -> None:
         if _integer("n", self.n) < 1:
@@ -67,6 +73,13 @@ class SamplingParams:
             raise ValueError(f"max_tokens: must be >= 1, got {self.max_tokens}")
         if self.logprobs is not None and not 0 <= _integer("logprobs", self.logprobs) <= MAX_LOGPROBS:
             raise ValueError(f"logprobs: must be in 0..{MAX_LOGPROBS}, got {self.logprobs}")
+        if not 0 <= _integer("min_tokens", self.min_tokens) <= self.max_tokens:
+            raise ValueError(f"min_tokens: must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        for token_id, bias in (self.logit_bias or {}).items():
+            if _integer("logit_bias", token_id) < 0 or not -LOGIT_BIAS_RANGE <= _number("logit_bias", bias) <= (
+                    LOGIT_BIAS_RANGE):
+                raise ValueError(f"logit_bias: token ids >= 0 with biases in [-{LOGIT_BIAS_RANGE:g}, "
+                                 f"{LOGIT_BIAS_RANGE:g}], got {token_id}: {bias}")
         self.stop = self._validated_stop(self.stop)
         if self.watermark is not None and not isinstance(self.watermark, WatermarkConfig):
             raise ValueError(f"watermark: expected a WatermarkConfig, got {type(self.watermark).__name__}")

@@ -78,7 +78,7 @@ def create_app(settings: ServeSettings, engine_factory: Callable[[ServeSettings]
         if app.openapi_schema is None:
             doc = default_openapi()
             schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-            for model in (protocol.ChatCompletionRequest, protocol.CompletionRequest):
+            for model in protocol.DOCUMENTED_REQUESTS:
                 schemas.update(model.model_json_schema(ref_template=REF_TEMPLATE).get("$defs", {}))
             app.openapi_schema = doc
         return app.openapi_schema

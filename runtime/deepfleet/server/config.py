@@ -44,6 +44,9 @@ class EngineSettings(BaseModel):
     enable_prefix_caching: bool | None = Field(None, description="Reuse KV blocks of shared prompt prefixes.")
     max_model_len: int | None = Field(None, ge=1, description="Longest prompt + output; unset = the model's.")
     enforce_eager: bool | None = Field(None, description="Disable CUDA graphs.")
+    grammar_compile_timeout_s: float | None = Field(
+        None, gt=0, description="Structured output: a schema or grammar not compiled within this is refused (400)."
+    )
     quantization: Literal["fp8"] | None = Field(
         None, description="fp8: quantize a bf16 checkpoint's weights to block FP8 on load; unset = as published."
     )

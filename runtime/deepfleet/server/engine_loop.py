@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,7 +77,7 @@ def run_engine_loop(engine: Any, receive: Callable[[bool], list | None], report:
                 live.discard(engine_id)
                 engine.abort_request(engine_id)
 
-    def add(c: Add) -> None:
+    def admit(c: Add) -> None:
         added: list[str] = []
         try:
             for engine_id, prompt, params in zip(c.engine_ids, c.prompts, c.params, strict=True):
@@ -89,12 +90,43 @@ def run_engine_loop(engine: Any, receive: Callable[[bool], list | None], report:
             return
         report(Accepted(c.request_id))
 
-    while (commands := receive(not engine.has_unfinished_requests())) is not None:
+    # Requests whose grammars (structured output) are compiling in worker threads: admitted once compiled, or
+    # refused once invalid or past the compile timeout; the engine keeps stepping the others meanwhile.
+    compiling: list[tuple[Add, list[Any]]] = []
+    processors = getattr(engine, "logits_processors", None)
+
+    def add(c: Add) -> None:
+        specs = {p.structured for p in c.params if getattr(p, "structured", None) is not None}
+        if not specs or processors is None:
+            return admit(c)
+        try:
+            for params in c.params:
+                processors.check(params)
+            compiling.append((c, [processors.submit(spec) for spec in specs]))
+        except ValueError as exc:
+            report(Refused(c.request_id, str(exc)))
+
+    def admit_compiled() -> None:
+        for entry in list(compiling):
+            if all(f.done() or processors.grammars.expired(f) for f in entry[1]):
+                compiling.remove(entry)
+                admit(entry[0])  # add_request takes the grammar, or refuses with why it has none
+
+    def forget_compiling(engine_ids: list[str]) -> None:
+        gone = set(engine_ids)
+        compiling[:] = [e for e in compiling if not gone & set(e[0].engine_ids)]
+
+    while (commands := receive(not engine.has_unfinished_requests() and not compiling)) is not None:
         for command in commands:
             if isinstance(command, Abort):
+                forget_compiling(command.engine_ids)
                 abort(command.engine_ids)
             else:
                 add(command)
+        if compiling:
+            if not engine.has_unfinished_requests():  # nothing else to do: wait a little for a compile
+                futures.wait([f for e in compiling for f in e[1]], timeout=0.01, return_when=futures.FIRST_COMPLETED)
+            admit_compiled()
         outputs = engine.step() if engine.has_unfinished_requests() else []
         live.difference_update(o.request_id for o in outputs if o.finished)
         # idle wake-ups report too: the stats then show the KV blocks an abort freed

@@ -79,8 +79,9 @@ def from_validation_error(exc: ValidationError) -> APIError:
         msg = "field required"
     # Root-level validators name their field as "field: why".
     match = _FIELD_PREFIX.match(msg)
-    if param is None and match:
-        param, msg = match.group(1), match.group(2)
+    if match:
+        param = match.group(1) if param is None else f"{param}.{match.group(1)}"
+        msg = match.group(2)
     more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
     return bad_request(f"{param}: {msg}{more}" if param else f"{msg}{more}", param=param)
 

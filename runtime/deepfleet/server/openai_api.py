@@ -21,6 +21,14 @@ from deepfleet.server.errors import APIError, bad_request, from_value_error, ove
 from deepfleet.server.reasoning import ReasoningParser, prompt_opens_reasoning
 from deepfleet.server.request_body import parse_as, read_json
 from deepfleet.server.state import RequestRecord, ServerState
+from deepfleet.server.tool_calls import (
+    ForcedCallStream,
+    ToolCallStream,
+    call_id,
+    forced_call_schema,
+    format_for_templates,
+)
+from deepfleet.structured.spec import StructuredOutput
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -35,10 +43,20 @@ class _Job:
 
     endpoint: str
     body: p.ChatCompletionRequest | p.CompletionRequest
-    prompt_ids: list[int]
-    params: list[SamplingParams]
+    prompts: list[list[int]]  # token ids of each prompt (completions may batch several; chat has one)
+    params: list[SamplingParams]  # one per choice: prompt k's choices are k*n .. k*n+n-1
     priority: int
     reasoning_starts_open: bool | None  # None: no reasoning split (completions, or parser off)
+    echo: list[str] | None = None  # completions with echo: each prompt's text, sent before its output
+    tool_stream: Callable[[], Any] | None = None  # chat with tools: a fresh tool-call parser per choice
+    named_tool: bool = False  # tool_choice named a function: finish_reason stays "stop", as OpenAI's
+
+    def engine_prompts(self) -> list[list[int]]:
+        n = len(self.params) // len(self.prompts)
+        return [self.prompts[i // n] for i in range(len(self.params))]
+
+    def echo_text(self, choice: int) -> str:
+        return "" if self.echo is None else self.echo[choice * len(self.prompts) // len(self.params)]
 
 
 def _state(request: Request) -> ServerState:
@@ -100,8 +118,24 @@ def _requested_max_tokens(state: ServerState, body: p.ChatCompletionRequest | p.
     return requested
 
 
+def _logit_bias(state: ServerState, body: p.ChatCompletionRequest | p.CompletionRequest) -> dict[int, float] | None:
+    if not body.logit_bias:
+        return None
+    bias = {int(k): v for k, v in body.logit_bias.items()}
+    vocab = state.tokenizer.vocab_size
+    bad = sorted(t for t in bias if t >= vocab)
+    if bad:
+        raise bad_request(f"logit_bias: token ids must be below the vocabulary size {vocab}, got {bad[:3]}",
+                          param="logit_bias")
+    return bias
+
+
 def _sampling(state: ServerState, body: p.ChatCompletionRequest | p.CompletionRequest, max_tokens: int,
-              logprobs: int | None, rename: dict[str, str]) -> list[SamplingParams]:
+              logprobs: int | None, rename: dict[str, str], prompts: int = 1,
+              structured: StructuredOutput | None = None) -> list[SamplingParams]:
+    """One SamplingParams per choice (n per prompt); `structured`: the output constraint (default: the body's)."""
+    logit_bias = _logit_bias(state, body)
+    structured = structured or body.structured_output()
     try:
         return [
             SamplingParams(
@@ -121,11 +155,23 @@ def _sampling(state: ServerState, body: p.ChatCompletionRequest | p.CompletionRe
                 max_tokens=max_tokens,
                 logprobs=logprobs,
                 skip_special_tokens=body.skip_special_tokens,
+                logit_bias=logit_bias,
+                min_tokens=body.min_tokens,
+                structured=structured,
             )
+            for _ in range(prompts)
             for i in range(body.n)
         ]
     except ValueError as exc:
         raise from_value_error(exc, rename) from None
+
+
+def _check_model(state: ServerState, model: str | None) -> None:
+    if model is not None and model != state.model_name:
+        raise APIError(
+            404, f"model: '{model}' is not served here (this server serves '{state.model_name}')",
+            param="model", code="model_not_found",
+        )
 
 
 def _common_checks(state: ServerState, body: p.ChatCompletionRequest | p.CompletionRequest) -> None:
@@ -138,41 +184,78 @@ def _common_checks(state: ServerState, body: p.ChatCompletionRequest | p.Complet
         raise bad_request(f"n: at most {state.settings.max_n} choices per request", param="n")
 
 
-def _prepare_chat(state: ServerState, request: Request, body: p.ChatCompletionRequest) -> _Job:
-    _common_checks(state, body)
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+def _chat_prompt(state: ServerState, messages: list[p.ChatMessage], template_kwargs: dict[str, Any] | None,
+                 add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None) -> str:
+    history = [m.for_template() for m in messages]
+    kwargs = {**(template_kwargs or {}), **({"tools": tools} if tools else {})}
     try:
-        prompt = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    except (TemplateError, ValueError) as exc:
+        return state.tokenizer.apply_chat_template(history, add_generation_prompt=add_generation_prompt, **kwargs)
+    except (TemplateError, ValueError, TypeError) as exc:
         raise bad_request(f"messages: cannot be formatted with this model's chat template: {exc}",
                           param="messages") from None
+
+
+def _tool_calling(state: ServerState, body: p.ChatCompletionRequest) -> tuple[StructuredOutput | None, Any]:
+    """(the grammar of a forced call or None, a factory of the per-choice tool-call parser or None)."""
+    mode = body.tool_mode()
+    if mode in ("required", "named"):
+        named = body.tool_choice.function.name if mode == "named" else None
+        schema = forced_call_schema(body.tools, named, body.parallel_tool_calls is not False)
+        return StructuredOutput.json_schema(schema, "tools"), lambda: ForcedCallStream(named)
+    fmt = format_for_templates(getattr(state.tokenizer, "chat_templates", {})) if mode == "auto" else None
+    # auto with a model whose template teaches no known format: its output is plain content
+    return None, (lambda: ToolCallStream(fmt)) if fmt is not None else None
+
+
+def _prepare_chat(state: ServerState, request: Request, body: p.ChatCompletionRequest) -> _Job:
+    _common_checks(state, body)
+    tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tool_mode() != "none" else None
+    prompt = _chat_prompt(state, body.messages, body.chat_template_kwargs, tools=tools)
     # The template writes BOS itself (as transformers' apply_chat_template(tokenize=True)).
     prompt_ids = state.tokenizer.encode(prompt, add_special_tokens=False)
     max_tokens = _max_tokens(state, _requested_max_tokens(state, body, len(prompt_ids)), len(prompt_ids), "messages")
-    params = _sampling(state, body, max_tokens, body.requested_logprobs(), {"logprobs": "top_logprobs"})
-    starts_open = prompt_opens_reasoning(prompt) if state.settings.reasoning_parser == "deepseek_r1" else None
-    return _Job(CHAT, body, prompt_ids, params, _priority(request, body), starts_open)
+    forced, tool_stream = _tool_calling(state, body)
+    params = _sampling(state, body, max_tokens, body.requested_logprobs(), {"logprobs": "top_logprobs"},
+                       structured=forced)
+    # A grammar constrains the output from its first token, so there is no reasoning to split off.
+    split = state.settings.reasoning_parser == "deepseek_r1" and params[0].structured is None
+    starts_open = prompt_opens_reasoning(prompt) if split else None
+    return _Job(CHAT, body, [prompt_ids], params, _priority(request, body), starts_open, None, tool_stream,
+                body.tool_mode() == "named")
 
 
 def _prepare_completion(state: ServerState, request: Request, body: p.CompletionRequest) -> _Job:
     _common_checks(state, body)
-    if isinstance(body.prompt, str):
-        prompt_ids = state.tokenizer.encode(body.prompt)
-    else:
-        vocab = state.tokenizer.vocab_size
-        if any(t >= vocab for t in body.prompt):
-            raise bad_request(f"prompt: token ids must be below the vocabulary size {vocab}", param="prompt")
-        prompt_ids = list(body.prompt)
-    max_tokens = _max_tokens(state, _requested_max_tokens(state, body, len(prompt_ids)), len(prompt_ids), "prompt")
-    params = _sampling(state, body, max_tokens, body.requested_logprobs(), {})
-    return _Job(COMPLETIONS, body, prompt_ids, params, _priority(request, body), None)
+    prompts = body.prompts()
+    field = "prompt" if len(prompts) == 1 else "prompt[{}]"
+    if len(prompts) * body.n > state.settings.max_n:
+        raise bad_request(f"prompt: {len(prompts)} prompts x n={body.n} choices exceed the {state.settings.max_n} "
+                          "choices a request may have", param="prompt")
+    vocab = state.tokenizer.vocab_size
+    ids_per_prompt = []
+    for k, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            ids_per_prompt.append(state.tokenizer.encode(prompt))
+            continue
+        if any(t >= vocab for t in prompt):
+            name = field.format(k)
+            raise bad_request(f"{name}: token ids must be below the vocabulary size {vocab}", param=name)
+        ids_per_prompt.append(list(prompt))
+    max_tokens = min(_max_tokens(state, _requested_max_tokens(state, body, len(ids)), len(ids), field.format(k))
+                     for k, ids in enumerate(ids_per_prompt))
+    params = _sampling(state, body, max_tokens, body.requested_logprobs(), {}, prompts=len(prompts))
+    echo = None
+    if body.echo:
+        echo = [pr if isinstance(pr, str) else state.tokenizer.decode(pr, skip_special_tokens=False)
+                for pr in prompts]
+    return _Job(COMPLETIONS, body, ids_per_prompt, params, _priority(request, body), None, echo)
 
 
 async def _start(state: ServerState, job: _Job, record: RequestRecord) -> RequestStream:
     s = state.settings
     try:
         stream = await state.engine.submit(
-            [job.prompt_ids] * len(job.params), job.params, priority=job.priority,
+            job.engine_prompts(), job.params, priority=job.priority,
             deadline=record.deadline, queue_timeout=max(record.deadline - time.monotonic(), 0),
         )
     except QueueFull:
@@ -222,7 +305,8 @@ async def _run(state: ServerState, request: Request, job: _Job, record: RequestR
 
 def _cursors(job: _Job) -> list[render.ChoiceCursor]:
     return [
-        render.ChoiceCursor(None if job.reasoning_starts_open is None else ReasoningParser(job.reasoning_starts_open))
+        render.ChoiceCursor(None if job.reasoning_starts_open is None else ReasoningParser(job.reasoning_starts_open),
+                            job.tool_stream() if job.tool_stream else None, calls_finish=not job.named_tool)
         for _ in job.params
     ]
 
@@ -233,7 +317,7 @@ def _finish_timed_out(cursors: list[render.ChoiceCursor]) -> None:
 
 
 def _usage(job: _Job, cursors: list[render.ChoiceCursor], cached: int) -> p.Usage:
-    return render.usage(len(job.prompt_ids), sum(c.num_tokens for c in cursors), cached)
+    return render.usage(sum(map(len, job.prompts)), sum(c.num_tokens for c in cursors), cached)
 
 
 async def _chat_json(state: ServerState, request: Request, job: _Job, record: RequestRecord) -> Response:
@@ -257,8 +341,9 @@ async def _chat_json(state: ServerState, request: Request, job: _Job, record: Re
         p.ChatChoice(
             index=i,
             message=p.AssistantMessage(
-                content="".join(part["content"]),
+                content="".join(part["content"]) or (None if cursor.tool_calls else ""),
                 reasoning_content="".join(part["reasoning"]) if cursor.saw_reasoning else None,
+                tool_calls=render.tool_calls(cursor.tool_calls, [call_id() for _ in cursor.tool_calls]),
             ),
             logprobs=render.chat_logprobs(part["logprobs"], state.token_text) if want_logprobs else None,
             finish_reason=cursor.finish_reason,
@@ -272,7 +357,7 @@ async def _chat_json(state: ServerState, request: Request, job: _Job, record: Re
 
 async def _completion_json(state: ServerState, request: Request, job: _Job, record: RequestRecord) -> Response:
     cursors = _cursors(job)
-    texts: list[list[str]] = [[] for _ in cursors]
+    texts: list[list[str]] = [[job.echo_text(i)] for i in range(len(cursors))]
     logprobs: list[list[dict[str, Any]]] = [[] for _ in cursors]
     cached = 0
 
@@ -302,7 +387,7 @@ async def _completion_json(state: ServerState, request: Request, job: _Job, reco
 
 
 async def _sse(state: ServerState, job: _Job, record: RequestRecord, stream: RequestStream,
-               chunk: Callable[[int, str, str, list[dict[str, Any]], str | None], Any],
+               chunk: Callable[[int, str, str, list[dict[str, Any]], str | None, list[Any]], Any],
                first: Callable[[int], Any] | None, usage_chunk: Callable[[p.Usage], Any]) -> AsyncIterator[str]:
     """SSE events of one streaming request; closing the generator (client gone) aborts the engine request."""
     cursors = _cursors(job)
@@ -318,13 +403,13 @@ async def _sse(state: ServerState, job: _Job, record: RequestRecord, stream: Req
                 for i, out in sorted(batch.items()):
                     cached = max(cached, out.num_cached_tokens)
                     reasoning, content, logprobs = cursors[i].advance(out.outputs[0])
-                    finish = out.outputs[0].finish_reason
+                    finish = cursors[i].finish_reason  # set once the output ended (may be "tool_calls")
                     if reasoning or content or logprobs or finish:
-                        yield render.sse(chunk(i, reasoning, content, logprobs, finish))
+                        yield render.sse(chunk(i, reasoning, content, logprobs, finish, cursors[i].tool_calls))
         except DeadlineExceeded:
             for i, cursor in enumerate(cursors):
                 if cursor.finish_reason is None:
-                    yield render.sse(chunk(i, "", "", [], "timeout"))
+                    yield render.sse(chunk(i, "", "", [], "timeout", []))
         except EngineDead as exc:
             status = 500
             err = p.ErrorResponse(error=p.ErrorDetail(message=f"engine unavailable: {exc}", type="server_error",
@@ -351,8 +436,10 @@ def _chat_stream(state: ServerState, job: _Job, record: RequestRecord, stream: R
     def first(i: int) -> p.ChatCompletionChunk:
         return envelope([p.ChatChunkChoice(index=i, delta=p.ChatDelta(role="assistant", content=""))])
 
-    def chunk(i: int, reasoning: str, content: str, logprobs: list, finish: str | None) -> p.ChatCompletionChunk:
-        delta = p.ChatDelta(content=content or None, reasoning_content=reasoning or None)
+    def chunk(i: int, reasoning: str, content: str, logprobs: list, finish: str | None,
+              calls: list[Any]) -> p.ChatCompletionChunk:
+        delta = p.ChatDelta(content=content or None, reasoning_content=reasoning or None,
+                            tool_calls=render.delta_tool_calls(calls, [call_id() for _ in calls]))
         lp = render.chat_logprobs(logprobs, state.token_text) if want_logprobs else None
         return envelope([p.ChatChunkChoice(index=i, delta=delta, logprobs=lp, finish_reason=finish)])
 
@@ -368,12 +455,15 @@ def _completion_stream(state: ServerState, job: _Job, record: RequestRecord,
     def envelope(choices: list[p.CompletionChoice], usage: p.Usage | None = None) -> p.Completion:
         return p.Completion(id=rid, created=record.created, model=state.model_name, choices=choices, usage=usage)
 
-    def chunk(i: int, _reasoning: str, text: str, logprobs: list, finish: str | None) -> p.Completion:
+    def chunk(i: int, _reasoning: str, text: str, logprobs: list, finish: str | None, _calls: list) -> p.Completion:
         lp = render.completion_logprobs(logprobs, state.token_text, offsets[i]) if want_logprobs else None
         offsets[i] += len(text)
         return envelope([p.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=finish)])
 
-    return _sse(state, job, record, stream, chunk, None, lambda usage: envelope([], usage))
+    def first(i: int) -> p.Completion:
+        return envelope([p.CompletionChoice(index=i, text=job.echo_text(i))])
+
+    return _sse(state, job, record, stream, chunk, first if job.echo else None, lambda usage: envelope([], usage))
 
 
 async def _serve(request: Request, endpoint: str, model: type, prepare: Callable, as_json: Callable,
@@ -427,6 +517,15 @@ def _body_doc(model: type) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
+def _body_doc_any_of(*models: type) -> dict[str, Any]:
+    schemas = []
+    for model in models:
+        schema = model.model_json_schema(ref_template=REF_TEMPLATE)
+        schema.pop("$defs", None)
+        schemas.append(schema)
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": {"anyOf": schemas}}}}}
+
+
 @router.post(CHAT, summary="Chat completion (OpenAI)", response_model=p.ChatCompletion,
              openapi_extra=_body_doc(p.ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
@@ -446,3 +545,34 @@ async def models(request: Request) -> p.ModelList:
     card = p.ModelCard(id=state.model_name, created=state.created, max_model_len=state.max_model_len)
     return p.ModelList(data=[card])
 
+
+
+@router.post("/tokenize", summary="Token ids of a prompt or a conversation (vLLM)", response_model=p.TokenizeResponse,
+             openapi_extra=_body_doc_any_of(p.TokenizeCompletionRequest, p.TokenizeChatRequest))
+async def tokenize(request: Request) -> p.TokenizeResponse:
+    raw = await read_json(request, _state(request).settings.max_body_bytes)
+    chat = isinstance(raw, dict) and "messages" in raw
+    state = _state(request)
+    body = parse_as(p.TokenizeChatRequest if chat else p.TokenizeCompletionRequest, raw)
+    state.check_accepting()
+    _check_model(state, body.model)
+    if chat:
+        text = _chat_prompt(state, body.messages, body.chat_template_kwargs, body.add_generation_prompt)
+    else:
+        text = body.prompt
+    ids = state.tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
+    strs = [state.token_text(t) for t in ids] if body.return_token_strs else None
+    return p.TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=ids, token_strs=strs)
+
+
+@router.post("/detokenize", summary="Text of token ids (vLLM)", response_model=p.DetokenizeResponse,
+             openapi_extra=_body_doc(p.DetokenizeRequest))
+async def detokenize(request: Request) -> p.DetokenizeResponse:
+    state = _state(request)
+    body = parse_as(p.DetokenizeRequest, await read_json(request, state.settings.max_body_bytes))
+    state.check_accepting()
+    _check_model(state, body.model)
+    vocab = state.tokenizer.vocab_size
+    if any(t >= vocab for t in body.tokens):
+        raise bad_request(f"tokens: token ids must be below the vocabulary size {vocab}", param="tokens")
+    return p.DetokenizeResponse(prompt=state.tokenizer.decode(body.tokens, skip_special_tokens=False))

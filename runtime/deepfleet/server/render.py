@@ -27,12 +27,17 @@ class TokenText:
 class ChoiceCursor:
     """Position of what was already sent for one choice."""
 
-    def __init__(self, reasoning: ReasoningParser | None) -> None:
+    def __init__(self, reasoning: ReasoningParser | None, tools: Any = None, calls_finish: bool = True) -> None:
+        """`tools`: a tool_calls.ToolCallStream / ForcedCallStream taking the content (None: no tool calls);
+        `calls_finish`: finish_reason "tool_calls" when calls were made (OpenAI: not for a named tool_choice)."""
         self._reasoning = reasoning
+        self._tools = tools
+        self._calls_finish = calls_finish
         self.sent_chars = 0
         self.sent_logprobs = 0
         self.num_tokens = 0
         self.finish_reason: str | None = None
+        self.tool_calls: list[Any] = []  # parsed calls, set when the output ends
 
     @property
     def saw_reasoning(self) -> bool:
@@ -50,12 +55,35 @@ class ChoiceCursor:
             reasoning, content = "", text
         else:
             reasoning, content = self._reasoning.feed(text)
+        if self._tools is not None:
+            content = self._tools.feed(content)
         if completion.finish_reason is not None:
             self.finish_reason = completion.finish_reason
             if self._reasoning is not None:
                 r, c = self._reasoning.finish()
-                reasoning, content = reasoning + r, content + c
+                reasoning = reasoning + r
+                content = content + (c if self._tools is None else self._tools.feed(c))
+            if self._tools is not None:
+                tail, self.tool_calls = self._tools.finish()
+                content += tail
+                if self.tool_calls and self._calls_finish and self.finish_reason == "stop":
+                    self.finish_reason = "tool_calls"
         return reasoning, content, logprobs
+
+
+def tool_calls(calls: list[Any], ids: list[str]) -> list[p.ResponseToolCall] | None:
+    if not calls:
+        return None
+    return [p.ResponseToolCall(id=i, function=p.ResponseFunctionCall(name=c.name, arguments=c.arguments))
+            for c, i in zip(calls, ids, strict=True)]
+
+
+def delta_tool_calls(calls: list[Any], ids: list[str]) -> list[p.DeltaToolCall] | None:
+    if not calls:
+        return None
+    return [p.DeltaToolCall(index=k, id=i, type="function",
+                            function=p.ResponseFunctionCall(name=c.name, arguments=c.arguments))
+            for k, (c, i) in enumerate(zip(calls, ids, strict=True))]
 
 
 def chat_logprobs(entries: list[dict[str, Any]], token_text: TokenText) -> p.ChatLogprobs:

@@ -21,7 +21,7 @@ class FakeTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return "x" * len(ids)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         return "".join(m["content"] for m in messages) + "<think>\n"
 
 
@@ -84,9 +84,10 @@ class ScriptedEngine(GatedFakeEngine):
     """Answers every request with `script`, one character per step (token id = the character's code point), then
     stops: for exact output text (odd Unicode, tool-call markup) through the real server path."""
 
-    def __init__(self, script: str) -> None:
+    def __init__(self, script: str, chat_templates: dict[str, str] | None = None) -> None:
         super().__init__()
         self.script = script
+        self.tokenizer.chat_templates = chat_templates or {}
         self.gate.set()
 
     def step(self) -> list[RequestOutput]:

@@ -1,0 +1,106 @@
+"""The remaining OpenAI/vLLM request parameters against the real server (real engine, tiny model): logit_bias,
+min_tokens, echo, batched prompts, /tokenize and /detokenize; bad values are 400s naming the field."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+from server_helpers import MODEL_NAME
+
+from deepfleet.models.tokenizer import Tokenizer
+
+MESSAGES = [{"role": "user", "content": "Tell me about GPUs."}]
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def tok(server) -> Tokenizer:
+    return Tokenizer(server.settings.model)
+
+
+def _post(server, path: str, body: dict) -> httpx.Response:
+    return httpx.post(server.url + path, json={"model": MODEL_NAME} | body, timeout=60)
+
+
+def test_logit_bias_forces_and_bans_tokens(client, tok):
+    (target,) = tok.encode(" fox", add_special_tokens=False)  # one token of the tiny vocabulary
+    r = client.completions.create(model=MODEL_NAME, prompt="Hello", max_tokens=4, temperature=1.0, seed=1,
+                                  logit_bias={str(target): 100}, extra_body={"ignore_eos": True})
+    assert r.choices[0].text == " fox" * 4
+    base = client.completions.create(model=MODEL_NAME, prompt="Hello", max_tokens=6, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    first = tok.encode(base.choices[0].text, add_special_tokens=False)[0]
+    banned = client.completions.create(model=MODEL_NAME, prompt="Hello", max_tokens=6, temperature=0,
+                                       logit_bias={str(first): -100}, extra_body={"ignore_eos": True})
+    assert tok.encode(banned.choices[0].text, add_special_tokens=False)[0] != first
+
+
+def test_min_tokens_masks_the_end_token_until_reached(server, tok):
+    eos = sorted(tok.eos_token_ids)[0]
+    # EOS pushed to the top: without min_tokens the answer ends at once
+    body = {"prompt": "Hello", "max_tokens": 8, "temperature": 0, "logit_bias": {str(eos): 100}}
+    short = _post(server, "/v1/completions", body).json()
+    assert short["usage"]["completion_tokens"] == 1 and short["choices"][0]["finish_reason"] == "stop"
+    held = _post(server, "/v1/completions", body | {"min_tokens": 5}).json()
+    assert held["usage"]["completion_tokens"] == 6 and held["choices"][0]["finish_reason"] == "stop"
+
+
+def test_echo_prepends_the_prompt_streamed_and_not(client):
+    kw = {"model": MODEL_NAME, "prompt": "The quick brown fox", "max_tokens": 5, "seed": 4, "extra_body": {
+        "ignore_eos": True}}
+    plain = client.completions.create(**kw).choices[0].text
+    echoed = client.completions.create(echo=True, **kw).choices[0].text
+    assert echoed == "The quick brown fox" + plain
+    streamed = "".join(c.choices[0].text for c in client.completions.create(echo=True, stream=True, **kw)
+                       if c.choices)
+    assert streamed == echoed
+
+
+def test_batched_prompts_each_get_n_choices_in_order(client, tok):
+    prompts = ["Hello world", "The quick brown fox"]
+    ids = tok.encode("GPUs, CPUs")
+    r = client.completions.create(model=MODEL_NAME, prompt=prompts, n=2, max_tokens=4, seed=9,
+                                  extra_body={"ignore_eos": True})
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    alone = [client.completions.create(model=MODEL_NAME, prompt=pr, n=2, max_tokens=4, seed=9,
+                                       extra_body={"ignore_eos": True}) for pr in prompts]
+    assert [c.text for c in r.choices] == [c.text for a in alone for c in a.choices]
+    assert r.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    by_ids = client.completions.create(model=MODEL_NAME, prompt=[ids, ids], max_tokens=3, seed=2,
+                                       extra_body={"ignore_eos": True})
+    assert len(by_ids.choices) == 2 and by_ids.usage.prompt_tokens == 2 * len(ids)
+
+
+def test_tokenize_and_detokenize(server, tok):
+    r = _post(server, "/tokenize", {"prompt": "Hello world", "return_token_strs": True}).json()
+    assert r["tokens"] == tok.encode("Hello world") and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == server.state.max_model_len and "".join(r["token_strs"][1:]) == "Hello world"
+    chat = _post(server, "/tokenize", {"messages": MESSAGES}).json()
+    assert chat["tokens"] == tok.encode(tok.apply_chat_template(MESSAGES), add_special_tokens=False)
+    back = _post(server, "/detokenize", {"tokens": r["tokens"]}).json()
+    assert back == {"prompt": tok.decode(r["tokens"], skip_special_tokens=False)}
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"99999": 1}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"x": 1}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"3": 101}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "hi", "min_tokens": 20, "max_tokens": 4}, "min_tokens"),
+    ("/v1/completions", {"prompt": "hi", "min_tokens": -1}, "min_tokens"),
+    ("/v1/completions", {"prompt": "hi", "echo": True, "logprobs": 2}, "echo"),
+    ("/v1/completions", {"prompt": [[1, 2], [99999]]}, "prompt[1]"),
+    ("/v1/completions", {"prompt": [[]]}, "prompt"),
+    ("/v1/completions", {"prompt": ["a"] * 9, "n": 2}, "prompt"),
+    ("/tokenize", {"prompt": "hi", "model": "other"}, "model"),
+    ("/detokenize", {"tokens": [99999]}, "tokens"),
+    ("/detokenize", {"tokens": [-1]}, "tokens"),
+])
+def test_bad_values_are_400_naming_the_field(server, path, body, param):
+    r = _post(server, path, body)
+    assert r.status_code in (400, 404), r.text
+    assert r.json()["error"]["param"] == param, r.text
