@@ -23,6 +23,7 @@ from deepfleet.server.config import ServeSettings
 from deepfleet.server.errors import APIError
 from deepfleet.server.openai_api import REF_TEMPLATE
 from deepfleet.server.openai_api import router as openai_router
+from deepfleet.server.openapi_errors import probe
 from deepfleet.server.state import ServerState
 
 log = logging.getLogger(__name__)
@@ -85,13 +86,15 @@ def create_app(settings: ServeSettings, engine_factory: Callable[[ServeSettings]
 
     app.openapi = openapi
 
-    @app.get("/healthz", summary="Liveness: the process and its engine loop are alive")
+    @app.get("/healthz", summary="Liveness: the process and its engine loop are alive",
+             responses=probe("Loading failed or the engine died (`error` says why): restart."))
     async def healthz() -> JSONResponse:
         if not state.alive:
             return JSONResponse({"status": "failed", "error": state.error or str(state.engine.dead)}, 503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/readyz", summary="Readiness: model loaded and warmed up, not draining")
+    @app.get("/readyz", summary="Readiness: model loaded and warmed up, not draining",
+             responses=probe("loading, warming_up, draining or failed (`status`)."))
     async def readyz() -> JSONResponse:
         if state.ready:
             return JSONResponse({"status": "ready"})

@@ -18,6 +18,7 @@ from deepfleet.server import render
 from deepfleet.server.admission import QueueFull
 from deepfleet.server.async_engine import DeadlineExceeded, EngineDead, RequestStream, StreamAborted
 from deepfleet.server.errors import APIError, bad_request, from_value_error, overloaded
+from deepfleet.server.openapi_errors import INFERENCE, TOKENIZER, responses, streaming_200
 from deepfleet.server.reasoning import ReasoningParser, prompt_opens_reasoning
 from deepfleet.server.request_body import parse_as, read_json
 from deepfleet.server.state import RequestRecord, ServerState
@@ -527,12 +528,14 @@ def _body_doc_any_of(*models: type) -> dict[str, Any]:
 
 
 @router.post(CHAT, summary="Chat completion (OpenAI)", response_model=p.ChatCompletion,
+             responses={**streaming_200(), **responses(INFERENCE)},
              openapi_extra=_body_doc(p.ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
     return await _serve(request, CHAT, p.ChatCompletionRequest, _prepare_chat, _chat_json, _chat_stream)
 
 
 @router.post(COMPLETIONS, summary="Text completion (OpenAI)", response_model=p.Completion,
+             responses={**streaming_200(), **responses(INFERENCE)},
              openapi_extra=_body_doc(p.CompletionRequest))
 async def completions(request: Request) -> Response:
     return await _serve(request, COMPLETIONS, p.CompletionRequest, _prepare_completion, _completion_json,
@@ -548,6 +551,7 @@ async def models(request: Request) -> p.ModelList:
 
 
 @router.post("/tokenize", summary="Token ids of a prompt or a conversation (vLLM)", response_model=p.TokenizeResponse,
+             responses=responses(TOKENIZER),
              openapi_extra=_body_doc_any_of(p.TokenizeCompletionRequest, p.TokenizeChatRequest))
 async def tokenize(request: Request) -> p.TokenizeResponse:
     raw = await read_json(request, _state(request).settings.max_body_bytes)
@@ -566,6 +570,7 @@ async def tokenize(request: Request) -> p.TokenizeResponse:
 
 
 @router.post("/detokenize", summary="Text of token ids (vLLM)", response_model=p.DetokenizeResponse,
+             responses=responses(TOKENIZER),
              openapi_extra=_body_doc(p.DetokenizeRequest))
 async def detokenize(request: Request) -> p.DetokenizeResponse:
     state = _state(request)

@@ -10,9 +10,9 @@ for. runtime/README.md lists both groups.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from deepfleet.engine.sampling_params import LOGIT_BIAS_RANGE, MAX_LOGPROBS
 from deepfleet.structured.spec import StructuredOutput
@@ -165,7 +165,10 @@ class _SamplingFields(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # ignored
-    logit_bias: dict[str, float] | None = None  # token id (as a string, as JSON keys are) -> bias
+    # token id (as a string, as JSON keys are) -> bias
+    logit_bias: dict[Annotated[str, StringConstraints(pattern=r"^[0-9]{1,9}$")],
+                     Annotated[float, Field(ge=-LOGIT_BIAS_RANGE, le=LOGIT_BIAS_RANGE)]] | None = Field(
+        None, json_schema_extra=lambda schema: schema["anyOf"][0].update(additionalProperties=False))
     response_format: ResponseFormat | None = None
     # Extensions (vLLM names).
     top_k: int = Field(0, ge=0)
@@ -198,16 +201,6 @@ class _SamplingFields(_Strict):
     def _stop_token_ids(cls, v: list[int] | None) -> list[int] | None:
         if v is not None and any(t < 0 for t in v):
             raise ValueError("token ids must be >= 0")
-        return v
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        for key, bias in (v or {}).items():
-            if not key.isdigit():
-                raise ValueError(f"keys must be token ids (non-negative integers), got {key!r}")
-            if not -LOGIT_BIAS_RANGE <= bias <= LOGIT_BIAS_RANGE:
-                raise ValueError(f"biases must be in [-{LOGIT_BIAS_RANGE:g}, {LOGIT_BIAS_RANGE:g}], got {bias}")
         return v
 
     @field_validator("guided_json")

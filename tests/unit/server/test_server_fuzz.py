@@ -2,7 +2,10 @@
 (schema-shaped values, bounds and just past them), then mutated (a field replaced by arbitrary JSON, an unknown
 key, a field dropped); raw bytes too.
 The real server (real engine, tiny model), with authentication on (JWT, policy, rate limits, audit log), must
-answer every one with a non-5xx, OpenAI-shaped errors on 4xx, and stay alive."""
+answer every one with a non-5xx and stay alive, and every answer is checked against the document, all checks on:
+the status is one the operation documents, the content type is one documented for that status, a JSON body
+validates against the documented response schema, and a body the request schema rejects (JSON Schema 2020-12,
+with the document's components) is refused with a 4xx."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import json
 from typing import Any
 
 import httpx
+import jsonschema
 import pytest
 from auth_helpers import Issuer, audit_lines, auth_settings, bearer
 from hypothesis import HealthCheck, given, settings
@@ -111,8 +115,34 @@ def fuzz_server(tiny_model, tmp_path_factory):
         yield client
 
 
-def check(r: httpx.Response) -> None:
+def _validator(schema: dict) -> jsonschema.Draft202012Validator:
+    # "#/components/schemas/X" references resolve against a root that carries the document's components
+    return jsonschema.Draft202012Validator({**schema, "components": OPENAPI["components"]})
+
+
+def _documented(path: str, r: httpx.Response) -> None:
+    op = OPENAPI["paths"][path]["post"]
+    documented = op["responses"]
+    assert str(r.status_code) in documented, f"{path}: status {r.status_code} is not documented: {r.text[:300]}"
+    content = documented[str(r.status_code)].get("content", {})
+    media = r.headers["content-type"].split(";")[0]
+    assert media in content, f"{path} {r.status_code}: content type {media} is not documented ({sorted(content)})"
+    if media == "application/json":
+        errors = sorted(_validator(content[media]["schema"]).iter_errors(r.json()), key=str)
+        assert not errors, f"{path} {r.status_code}: body does not match its schema: {errors[0].message}"
+
+
+def _request_valid(path: str, body: object) -> bool:
+    schema = OPENAPI["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    return _validator(schema).is_valid(body)
+
+
+def check(r: httpx.Response, path: str | None = None, body: object = None) -> None:
     assert r.status_code < 500, r.text
+    if path is not None:
+        _documented(path, r)
+        if not _request_valid(path, body):  # negative data must be rejected
+            assert 400 <= r.status_code < 500, f"{path}: schema-invalid body accepted: {json.dumps(body)[:300]}"
     if r.status_code >= 400:
         error = r.json()["error"]
         assert isinstance(error["message"], str) and error["type"], error
@@ -128,13 +158,21 @@ FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=[HealthChe
 @FUZZ
 @given(body=bodies("/v1/chat/completions"))
 def test_fuzz_chat_completions(fuzz_server, body):
-    check(fuzz_server.post("/v1/chat/completions", content=json.dumps(body)))
+    check(fuzz_server.post("/v1/chat/completions", content=json.dumps(body)), "/v1/chat/completions", body)
 
 
 @FUZZ
 @given(body=bodies("/v1/completions"))
 def test_fuzz_completions(fuzz_server, body):
-    check(fuzz_server.post("/v1/completions", content=json.dumps(body)))
+    check(fuzz_server.post("/v1/completions", content=json.dumps(body)), "/v1/completions", body)
+
+
+@FUZZ
+@given(body=bodies("/detokenize"))
+def test_fuzz_detokenize(fuzz_server, body):
+    r = fuzz_server.post("/detokenize", content=json.dumps(body))
+    _documented("/detokenize", r)
+    assert r.status_code < 500 and (_request_valid("/detokenize", body) or r.status_code >= 400), r.text
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)

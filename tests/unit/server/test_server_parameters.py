@@ -88,7 +88,7 @@ def test_tokenize_and_detokenize(server, tok):
 
 @pytest.mark.parametrize(("path", "body", "param"), [
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"99999": 1}}, "logit_bias"),
-    ("/v1/completions", {"prompt": "hi", "logit_bias": {"x": 1}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"x": 1}}, "logit_bias.x"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"3": 101}}, "logit_bias"),
     ("/v1/completions", {"prompt": "hi", "min_tokens": 20, "max_tokens": 4}, "min_tokens"),
     ("/v1/completions", {"prompt": "hi", "min_tokens": -1}, "min_tokens"),
