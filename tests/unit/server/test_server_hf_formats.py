@@ -16,22 +16,6 @@ from deepfleet.models.generation_config import generation_defaults
 from deepfleet.models.tiny import ASSISTANT, BOS, USER
 from deepfleet.models.tokenizer import Tokenizer
 
-TOOL_TEMPLATE = "{{ bos_token }}TOOLS:{{ tools | tojson }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
-
-
-@pytest.fixture(scope="module")
-def saved_dir(tiny_model, tmp_path_factory):
-    """The tiny model's tokenizer re-saved by transformers' own save_pretrained, with a named tool template."""
-    transformers = pytest.importorskip("transformers")
-    out = tmp_path_factory.mktemp("saved") / "tiny-saved"
-    shutil.copytree(tiny_model, out)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (out / name).unlink()
-    tok = transformers.AutoTokenizer.from_pretrained(tiny_model)
-    tok.chat_template = {"default": tok.chat_template, "tool_use": TOOL_TEMPLATE}
-    tok.save_pretrained(out)
-    return out
-
 
 def test_save_pretrained_writes_templates_beside_the_config(saved_dir):
     # the layout this test is about: no template left in tokenizer_config.json

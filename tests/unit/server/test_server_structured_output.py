@@ -1,5 +1,6 @@
 """Structured output through the real server (real engine with xgrammar masks, tiny random model), with the
-official openai client: response_format json_object / json_schema (strict), vLLM's guided_regex / guided_choice /
+official openai client (the 100-request check runs against `deepfleet serve`: test_server_serve_e2e.py):
+response_format json_object / json_schema (strict), vLLM's guided_regex / guided_choice /
 guided_grammar / guided_json; schemas that cannot be compiled, or not in time, are 400s naming the field while
 other requests keep being served."""
 
@@ -35,7 +36,7 @@ def guided(tiny_model):
         yield s
 
 
-def test_json_schema_strict_100_requests_parse_and_validate(guided):
+def test_json_schema_strict_concurrent_requests_parse_and_validate(guided):
     client = openai.AsyncOpenAI(base_url=guided.url + "/v1", api_key="unused", max_retries=0)
     fmt = {"type": "json_schema", "json_schema": {"name": "gpu", "schema": SCHEMA, "strict": True}}
 
@@ -46,7 +47,7 @@ def test_json_schema_strict_100_requests_parse_and_validate(guided):
 
     async def run():
         try:
-            return await asyncio.gather(*(one(i) for i in range(100)))
+            return await asyncio.gather(*(one(i) for i in range(24)))
         finally:
             await client.close()
 
