@@ -140,7 +140,7 @@ def pick_port(taken: set[int] = frozenset()) -> int:
         if port not in taken and port_free(port):
             return port
     raise LabError(
-        f"no free port for the apt proxy in {APT_PORT_RANGE.start}-{APT_PORT_RANGE.stop - 1}",
+        f"no free port for the lab's apt proxy or object store in {APT_PORT_RANGE.start}-{APT_PORT_RANGE.stop - 1}",
         "free one of these ports or pass --apt-port",
     )
 

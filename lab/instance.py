@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from lab import disks, rootfs, system
+from lab import disks, objectstore, rootfs, system
 from lab.config import (
     CACHE_ROOT,
     GLOBAL_LOCK,
@@ -185,6 +185,7 @@ def _create(state: State, n: int, apt_port: int | None, log) -> None:
         state.subnet = str(net)
         state.bridge_ip = str(net.network_address + 1)
         state.apt_port = apt_port or pick_port()
+        state.store_port = pick_port({state.apt_port})
         log(f"==> lab {state.name}: subnet {net}, bridge {names.bridge}, apt proxy {state.apt_proxy}")
         system.run(["ip", "link", "add", names.bridge, "type", "bridge"])
         state.record("bridge", name=names.bridge)
@@ -192,6 +193,8 @@ def _create(state: State, n: int, apt_port: int | None, log) -> None:
         system.run(["ip", "link", "set", names.bridge, "up"])
         _firewall(state)
         _start_apt_proxy(state)
+        objectstore.start(state, _port_open)
+    objectstore.seed(state, log)
 
     base = rootfs.ensure_base(state.apt_proxy, log)
 
@@ -226,16 +229,17 @@ def _create(state: State, n: int, apt_port: int | None, log) -> None:
 
 
 def _firewall(state: State) -> None:
-    """Input from the lab bridge to the controller: only the apt proxy (and replies to the controller's own
-    connections, e.g. SSH from Ansible). Host to host on the bridge: allowed (with br_netfilter loaded, bridged
-frames pass this forward hook too). Anything routed off or onto the bridge: dropped, whatever ip_forward says."""
+    """Input from the lab bridge to the controller: only the apt proxy and the object store (and replies to
+    the controller's own connections, e.g. SSH from Ansible). Host to host on the bridge: allowed (with
+    br_netfilter loaded, bridged frames pass this forward hook too). Anything routed off or onto the bridge:
+    dropped, whatever ip_forward says."""
     t, br = state.names.nft_table, state.names.bridge
     rules = f"""
 table inet {t} {{
   chain input {{
     type filter hook input priority -10; policy accept;
     iifname "{br}" ct state established,related accept
-    iifname "{br}" ip daddr {state.bridge_ip} tcp dport {state.apt_port} accept
+    iifname "{br}" ip daddr {state.bridge_ip} tcp dport {{ {state.apt_port}, {state.store_port} }} accept
     iifname "{br}" meta l4proto icmp accept
     iifname "{br}" drop
   }}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from lab import objectstore
 from lab.config import INVENTORY_ROOT, default_name
 from lab.disks import tier_devices
 
@@ -43,6 +44,8 @@ def render(state) -> dict:
                 # Lab hosts are containers without GPUs, stated here: the compliance GPU checks skip on them
                 # because the inventory says so, and a GPU host's inventory sets true (a missing GPU fails).
                 "nvidia_driver_gpu_required": False,
+                # the model comes from the lab's object store, through the first host's site cache
+                **objectstore.inventory_vars(state, first),
             },
             "children": {
                 "gpu_nodes": {"hosts": hosts},

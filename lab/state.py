@@ -33,6 +33,8 @@ class State:
     subnet: str = ""
     bridge_ip: str = ""
     apt_port: int = 0
+    store_port: int = 0  # the lab object store (lab/objectstore.py) on bridge_ip
+    store_revision: str = ""  # the tiny model's revision in it
     key: str = ""
     inventory: str = ""
     hosts: list[Host] = field(default_factory=list)

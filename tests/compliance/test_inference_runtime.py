@@ -34,10 +34,10 @@ def test_runtime_installed_in_its_build_venv(host, rt):
 
 
 def test_model_on_the_hot_tier(host, rt):
-    model = host.file(rt["inference_runtime_model_dir"])
-    assert model.is_directory and model.user == "root" and model.group == rt["inference_runtime_group"]
-    assert model.mode == 0o750
-    config = host.file(f"{model.path}/config.json")
+    root = host.file(rt["inference_runtime_model_root"])  # the served model dir, or the folder of its revisions
+    assert root.is_directory and root.user == "root" and root.group == rt["inference_runtime_group"]
+    assert root.mode == 0o750
+    config = host.file(f"{rt['inference_runtime_model_dir']}/config.json")
     assert config.is_file and config.mode == 0o640
     assert json.loads(config.content_string)["model_type"]
 
@@ -71,7 +71,7 @@ def test_service_hardened(host, rt):
     assert props["LimitNOFILE"] == str(rt["inference_runtime_limit_nofile"])
     assert props["Restart"] == "on-failure"
     assert props["CapabilityBoundingSet"] == ""
-    assert rt["inference_runtime_model_dir"] in props["ReadOnlyPaths"]
+    assert rt["inference_runtime_model_root"] in props["ReadOnlyPaths"]
 
 
 def test_service_enabled_running_as_service_user(host, rt):

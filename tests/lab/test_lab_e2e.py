@@ -18,7 +18,7 @@ from lab.state import load
 # The first test also pays for the session fixture: a cold root filesystem build and the first converge.
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(2400)]
 
-MODEL_DIR = "/models/tiny-qwen2"
+MODEL_DIR = "/models/tiny-qwen2/current"  # inference_runtime_model_dir: the revision served
 
 # Units allowed to fail inside an nspawn container, each with the reason. Add one only with a real reason.
 CONTAINER_EXPECTED_FAILURES: dict[str, str] = {

@@ -1,6 +1,6 @@
 """Lab end-to-end for serving: HAProxy on the load balancer in front of the runtime hosts serving a tiny
 model. A completion goes through it; requests keep succeeding while a runtime host is stopped and while
-the rolling update restarts every host one by one; Prometheus scrapes the runtime targets."""
+a model revision switch restarts every host one by one; Prometheus scrapes the runtime targets."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ import time
 
 import pytest
 
+from lab import objectstore
+
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(1800)]
 
-MODEL = "tiny-qwen2"  # roles/inference_runtime: inference_runtime_model_name
+MODEL = objectstore.MODEL  # the lab's model (roles/inference_runtime: inference_runtime_model_name)
+MODEL_ROOT = f"/models/{MODEL}"  # roles/inference_runtime: inference_runtime_model_root
 LB_PORT = 8080  # roles/loadbalancer: loadbalancer_port
 BACKEND = "deepfleet_runtime"  # playbooks/group_vars/all: deepfleet_lb_backend
 ADMIN_SOCKET = "/run/haproxy/admin.sock"  # playbooks/group_vars/all: deepfleet_lb_admin_socket
@@ -114,24 +117,27 @@ def service_start_times(lab) -> dict[str, str]:
     return {h.name: lab.ssh(h, cmd).stdout.strip() for h in lab.hosts}
 
 
-def test_rolling_update_drops_no_requests(lab):
-    """A configuration change restarts every runtime host (drain, restart, ready, re-enable, one at a
-    time) while requests flow; a second run restores the lab's configuration the same way."""
+def test_revision_switch_drops_no_requests(lab, tmp_path):
+    """A new model revision published to the object store: runtime.yml fetches it (site cache, then every host,
+    verified), flips each host's `current` link and restarts it drained, one host at a time, while requests flow;
+    a second run switches back to the lab's revision (still on the hosts: nothing is fetched) the same way."""
     wait_all_up(lab)
     before = service_start_times(lab)
+    new = objectstore.publish(lab.state, tmp_path / objectstore.MODEL, seed=1)
     with RequestLoop(lab) as loop:
         loop.wait_for(3)
-        changed = json.dumps({"inference_runtime_environment": {"DEEPFLEET_LOG_LEVEL": "info"}})
-        rc, out = lab.ansible("playbooks/runtime.yml", "-e", changed)
+        rc, out = lab.ansible("playbooks/runtime.yml", "-e", json.dumps({"model_store_revision": new}))
         assert rc == 0, out[-3000:]
         middle = service_start_times(lab)
+        served = {h.name: lab.ssh(h, f"readlink {MODEL_ROOT}/current").stdout.strip() for h in lab.hosts}
         rc, out = lab.ansible("playbooks/runtime.yml")
         assert rc == 0, out[-3000:]
         loop.wait_for(len(loop.codes()) + 3)
     after = service_start_times(lab)
+    assert served == {h.name: new for h in lab.hosts}
     assert all(before[h] != middle[h] != after[h] for h in before), (before, middle, after)
     codes = loop.codes()
-    assert set(codes) == {"200"}, f"requests failed during the rolling update: {codes}"
+    assert set(codes) == {"200"}, f"requests failed during the revision switch: {codes}"
 
 
 def test_prometheus_scrapes_the_runtime_targets(lab):

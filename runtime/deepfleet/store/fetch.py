@@ -14,6 +14,7 @@ A revision directory appears only by rename after verification: nothing ever rea
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from deepfleet.store.rclone import Rclone, RcloneError, RemoteFile, http_remote
 CURRENT = "current"
 _INCOMING = ".incoming-"
 SPACE_MARGIN = 1.05  # filesystem metadata and rclone's temporary files
+CACHE_PROBE_TIMEOUT_S = 5  # a site cache that is down costs the fetch this long before it goes to the origin
 
 
 class FetchError(Exception):
@@ -59,8 +61,9 @@ def _choose_source(rclone: Rclone, origin: str, cache: str | None, name: str, re
     """The site cache when it holds the revision, else the origin store."""
     if cache:
         src = http_remote(cache, f"{name}/{revision}")
+        probe = dataclasses.replace(rclone, timeout_s=min(CACHE_PROBE_TIMEOUT_S, rclone.timeout_s))
         try:
-            if (files := _listing(rclone, src)) is not None:
+            if (files := _listing(probe, src)) is not None:
                 return "cache", src, files
         except RcloneError:
             pass  # cache down or revision not cached: the origin still serves

@@ -13,7 +13,7 @@ import yaml
 from deepfleet import defaults
 
 REPO = Path(__file__).resolve().parents[3]
-ROLES = ("inference_runtime", "loadbalancer", "monitoring")
+ROLES = ("inference_runtime", "loadbalancer", "monitoring", "model_store")
 SHARED_VARS = REPO / "playbooks" / "group_vars" / "all" / "deepfleet.yml"
 
 
@@ -76,6 +76,15 @@ def run_role(tmp_path: Path, role: str, extra_vars: dict, tasks_from: str = "mai
 
 
 SHARED = yaml.safe_load(SHARED_VARS.read_text())
+STORE = {
+    **SHARED,
+    "inference_runtime_model_name": "m",
+    "inference_runtime_group": "deepfleet",
+    "inference_runtime_model_root": "/models/m",
+    "model_store_remotes": {"origin": {"type": "s3"}},
+    "model_store_origin": "origin:bucket/m",
+    "model_store_revision": "r1",
+}
 
 
 @pytest.mark.parametrize(
@@ -103,6 +112,11 @@ SHARED = yaml.safe_load(SHARED_VARS.read_text())
             "inference_runtime_memory_max",
         ),
         ("monitoring", "main", {**SHARED, "monitoring_node_exporter_port": "ninety"}, "monitoring_node_exporter_port"),
+        ("model_store", "main", {**STORE, "model_store_origin": "elsewhere:bucket/m"}, "model_store_origin"),
+        ("model_store", "main", {**STORE, "model_store_revision": "current"}, "model_store_revision"),
+        ("model_store", "main", {**STORE, "model_store_revision": "../r1"}, "model_store_revision"),
+        ("model_store", "main", {**STORE, "model_store_keep": 0}, "model_store_keep"),
+        ("model_store", "main", {**STORE, "model_store_cache_host": "nohost"}, "model_store_cache_host"),
         ("monitoring", "main", {**SHARED, "monitoring_server_group": "nosuchgroup"}, "monitoring_server_group"),
     ],
 )

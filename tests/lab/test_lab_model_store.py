@@ -1,0 +1,52 @@
+"""The model from the lab's object store (lab/objectstore.py, role model_store): every runtime host serves the
+seeded revision; the store was read once, by the site cache, and the other host fetched from the cache; the
+sync job mirrors the store into the second bucket."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from lab import objectstore
+
+pytestmark = pytest.mark.lab
+
+MODEL_ROOT = f"/models/{objectstore.MODEL}"  # roles/inference_runtime: inference_runtime_model_root
+
+
+def store_reads(lab, revision: str) -> Counter:
+    """GETs of the revision's objects in the lab store's request log, per object."""
+    log = (Path(lab.state.state_dir) / "object-store" / "server.log").read_text()
+    pattern = rf'"GET /{objectstore.BUCKET}/{objectstore.MODEL}/{revision}/(\S+) HTTP'
+    return Counter(re.findall(pattern, log))
+
+
+def store_objects(lab, bucket: str, prefix: str) -> set[str]:
+    return {f.path for f in objectstore.rclone(lab.state).list_files(f"{objectstore.REMOTE}:{bucket}/{prefix}")}
+
+
+def test_each_runtime_host_serves_the_seeded_revision(lab):
+    for host in lab.hosts:
+        link = lab.ssh(host, f"readlink {MODEL_ROOT}/current").stdout.strip()
+        assert link == lab.state.store_revision, host.name
+
+
+def test_the_store_was_read_once_the_cache_served_the_other_host(lab):
+    revision = lab.state.store_revision
+    objects = store_objects(lab, objectstore.BUCKET, f"{objectstore.MODEL}/{revision}")
+    assert "deepfleet-manifest.json" in objects and "config.json" in objects
+    reads = store_reads(lab, revision)
+    assert set(reads) == objects, f"objects never or wrongly read from the store: {reads} vs {objects}"
+    assert set(reads.values()) == {1}, f"the store was read more than once per object: {reads}"
+
+
+def test_sync_job_mirrors_the_store(lab):
+    host = lab.hosts[0]  # model_store_sync_host in the lab inventory
+    run = lab.ssh(host, "systemctl start deepfleet-model-sync-lab-mirror.service")
+    assert run.returncode == 0, run.stderr
+    assert store_objects(lab, objectstore.MIRROR_BUCKET, "") == store_objects(lab, objectstore.BUCKET, "")
+    report = lab.ssh(host, "journalctl -u deepfleet-model-sync-lab-mirror.service -o cat --no-pager").stdout
+    assert re.search(r"-> lab-store:deepfleet-models-mirror: \d+ copied, 0 deleted", report), report
