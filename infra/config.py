@@ -307,11 +307,32 @@ class OnpremHost(Strict):
         return value
 
 
+class ObjectStore(Strict):
+    """An S3-compatible store as rclone reaches it. Credentials never sit in the stack config: the rendered
+    inventory refers to vault-encrypted variables (vault_model_store_<name>_access_key_id / _secret_access_key)."""
+
+    provider: Literal["AWS", "Alibaba", "Ceph", "Minio", "Other"] = "AWS"
+    bucket: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+    region: str = "us-east-1"
+    endpoint: str | None = None  # None: the provider's own (AWS S3)
+
+
+class ModelStore(Strict):
+    """Where the on-prem hosts get the model (roles/model_store): origin/<model.s3_prefix>/<revision>."""
+
+    origin: ObjectStore
+    revision: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    cache_host: str | None = None  # an onprem host: the site cache on its warm tier
+    mirror: ObjectStore | None = None  # kept equal to origin by a sync timer (e.g. the cloud's model bucket)
+    sync_on_calendar: str = "hourly"
+
+
 class Onprem(Strict):
     network_cidr: Cidr
     ssh_user: str = "deepfleet"
     fabric: RoceFabric = RoceFabric()
     hosts: list[OnpremHost] = Field(min_length=1)
+    model_store: ModelStore | None = None
 
     _cidr = field_validator("network_cidr")(_check_cidr)
 
@@ -321,6 +342,9 @@ class Onprem(Strict):
         for i, h in enumerate(self.hosts):
             if ipaddress.ip_address(h.address) not in net:
                 raise ValueError(f"hosts[{i}].address: {h.address} is not in network_cidr {self.network_cidr}")
+        cache = self.model_store.cache_host if self.model_store else None
+        if cache is not None and cache not in {h.name for h in self.hosts}:
+            raise ValueError(f"model_store.cache_host: {cache} is not one of hosts[].name")
         return self
 
 

@@ -13,7 +13,7 @@ import yaml
 
 from deepfleet.defaults import API_PORT
 from infra import gpu_catalog
-from infra.config import ConfigError, Onprem, StackConfig, parse, read_stack_file
+from infra.config import ConfigError, Model, ObjectStore, Onprem, StackConfig, parse, read_stack_file
 from infra.runtime_settings import serve_settings
 
 GPU_GROUP = "gpu_nodes"  # the group playbooks/gpu.yml and the nccl role target
@@ -30,6 +30,41 @@ def _model_vars(local_path: str) -> dict:
         "inference_runtime_model_dir": local_path,
         "inference_runtime_model_source": "present",  # staged by the storage tier, not copied by the role
     }
+
+
+def _remote(name: str, store: ObjectStore) -> dict:
+    vault = f"vault_model_store_{name}"
+    return {
+        "type": "s3",
+        "provider": store.provider,
+        "region": store.region,
+        **({"endpoint": store.endpoint} if store.endpoint else {}),
+        "access_key_id": f"{{{{ {vault}_access_key_id }}}}",
+        "secret_access_key": f"{{{{ {vault}_secret_access_key }}}}",
+    }
+
+
+def _store_vars(model: Model, onprem: Onprem) -> dict:
+    """The model from the object store (roles/model_store): revisions beside each other under local_path,
+    <local_path>/current served; the mirror kept equal by a sync timer on the cache host (else the first host)."""
+    store = onprem.model_store
+    path = PurePosixPath(model.local_path)
+    remotes = {"origin": _remote("origin", store.origin)}
+    out = {
+        "storage_tiers_hot_mount": str(path.parent),
+        "inference_runtime_model_name": path.name,
+        "inference_runtime_model_root": model.local_path,
+        "inference_runtime_model_source": "objectstore",
+        "model_store_origin": f"origin:{store.origin.bucket}/{model.s3_prefix}",
+        "model_store_revision": store.revision,
+        "model_store_cache_host": store.cache_host or "",
+    }
+    if store.mirror:
+        remotes["mirror"] = _remote("mirror", store.mirror)
+        out["model_store_sync_host"] = store.cache_host or onprem.hosts[0].name
+        out["model_store_sync_jobs"] = [{"name": "origin-to-mirror", "src": f"origin:{store.origin.bucket}",
+                                         "dst": f"mirror:{store.mirror.bucket}", "on_calendar": store.sync_on_calendar}]
+    return {**out, "model_store_remotes": remotes}
 
 
 class _IndentedDumper(yaml.SafeDumper):
@@ -110,7 +145,7 @@ def render_inventory(cfg: StackConfig) -> dict[str, str]:
     f = onprem.fabric
     files[f"group_vars/{GPU_GROUP}.yml"] = _dump(
         {
-            **_model_vars(cfg.model.local_path),
+            **(_store_vars(cfg.model, onprem) if onprem.model_store else _model_vars(cfg.model.local_path)),
             "nvidia_driver_gpu_required": True,  # Pulumi declared GPUs here: a host without them is an error
             "inference_runtime_config": serve_settings(cfg.model),
             "rdma_roce_dscp": f.dscp,

@@ -29,6 +29,7 @@ ROLE_PREFIXES = {
     "storage_tiers_": "storage_tiers",
     "nvidia_driver_": "nvidia_driver",
     "hardening_": "hardening",
+    "model_store_": "model_store",
 }
 
 
@@ -227,3 +228,29 @@ def test_cnp_class_must_differ_from_the_lossless_class(fabric, named) -> None:
 
     with pytest.raises(ValueError, match=named):
         RoceFabric(**fabric)
+
+
+def test_model_store_renders_the_roles_variables_with_vault_credentials() -> None:
+    files = onprem.render_inventory(parse(read_stack_file("onprem")))
+    gpu = yaml.safe_load(files[f"group_vars/{onprem.GPU_GROUP}.yml"])
+    assert gpu["inference_runtime_model_source"] == "objectstore"
+    assert gpu["inference_runtime_model_root"] == "/models/deepseek-r1-distill-qwen-32b"  # model.local_path
+    assert "inference_runtime_model_dir" not in gpu  # the role derives <root>/current
+    assert gpu["model_store_origin"] == "origin:deepfleet-models/models/deepseek-r1-distill-qwen-32b"
+    assert gpu["model_store_revision"] == "2025-01-20"
+    assert gpu["model_store_cache_host"] == gpu["model_store_sync_host"] == "dgx-a100-01"
+    assert gpu["model_store_remotes"]["origin"] == {
+        "type": "s3", "provider": "Ceph", "region": "us-east-1", "endpoint": "https://s3.dc.example",
+        "access_key_id": "{{ vault_model_store_origin_access_key_id }}",
+        "secret_access_key": "{{ vault_model_store_origin_secret_access_key }}",
+    }
+    mirror = gpu["model_store_remotes"]["mirror"]
+    assert mirror["secret_access_key"] == "{{ vault_model_store_mirror_secret_access_key }}"
+    assert gpu["model_store_sync_jobs"] == [{"name": "origin-to-mirror", "src": "origin:deepfleet-models",
+                                             "dst": "mirror:deepfleet-models-eu-west-1", "on_calendar": "hourly"}]
+
+
+def test_model_store_cache_host_must_be_an_onprem_host() -> None:
+    raw = _onprem(lambda r: r["onprem"]["model_store"].update(cache_host="dgx-h100-99"))
+    with pytest.raises(ConfigError, match=r"model_store.cache_host: dgx-h100-99 is not one of hosts\[\].name"):
+        parse(raw)
