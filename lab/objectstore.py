@@ -5,9 +5,11 @@ stands for the other cloud of the sync job."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from lab import system
@@ -99,3 +101,10 @@ def inventory_vars(state, cache_host: str) -> dict:
         "model_store_sync_jobs": [{"name": "lab-mirror", "src": f"{REMOTE}:{BUCKET}",
                                    "dst": f"{REMOTE}:{MIRROR_BUCKET}", "on_calendar": "daily"}],
     }
+
+
+def reads(state, revision: str) -> Counter:
+    """GETs of the revision's objects in the store's request log, per object: what the hosts took from the store
+    itself rather than from the site cache."""
+    log = (Path(state.state_dir) / "object-store" / "server.log").read_text()
+    return Counter(re.findall(rf'"GET /{BUCKET}/{MODEL}/{revision}/(\S+) HTTP', log))

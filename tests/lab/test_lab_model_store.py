@@ -5,8 +5,6 @@ sync job mirrors the store into the second bucket."""
 from __future__ import annotations
 
 import re
-from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -15,13 +13,6 @@ from lab import objectstore
 pytestmark = pytest.mark.lab
 
 MODEL_ROOT = f"/models/{objectstore.MODEL}"  # roles/inference_runtime: inference_runtime_model_root
-
-
-def store_reads(lab, revision: str) -> Counter:
-    """GETs of the revision's objects in the lab store's request log, per object."""
-    log = (Path(lab.state.state_dir) / "object-store" / "server.log").read_text()
-    pattern = rf'"GET /{objectstore.BUCKET}/{objectstore.MODEL}/{revision}/(\S+) HTTP'
-    return Counter(re.findall(pattern, log))
 
 
 def store_objects(lab, bucket: str, prefix: str) -> set[str]:
@@ -38,7 +29,7 @@ def test_the_store_was_read_once_the_cache_served_the_other_host(lab):
     revision = lab.state.store_revision
     objects = store_objects(lab, objectstore.BUCKET, f"{objectstore.MODEL}/{revision}")
     assert "deepfleet-manifest.json" in objects and "config.json" in objects
-    reads = store_reads(lab, revision)
+    reads = objectstore.reads(lab.state, revision)
     assert set(reads) == objects, f"objects never or wrongly read from the store: {reads} vs {objects}"
     assert set(reads.values()) == {1}, f"the store was read more than once per object: {reads}"
 

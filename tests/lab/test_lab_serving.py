@@ -135,6 +135,8 @@ def test_revision_switch_drops_no_requests(lab, tmp_path):
         loop.wait_for(len(loop.codes()) + 3)
     after = service_start_times(lab)
     assert served == {h.name: new for h in lab.hosts}
+    reads = objectstore.reads(lab.state, new)  # the cache host fetched it; the other hosts from the cache
+    assert reads and set(reads.values()) == {1}, reads
     assert all(before[h] != middle[h] != after[h] for h in before), (before, middle, after)
     codes = loop.codes()
     assert set(codes) == {"200"}, f"requests failed during the revision switch: {codes}"

@@ -123,6 +123,8 @@ def fetch(
     transfers: Annotated[int, typer.Option("--transfers", min=1, help="files transferred in parallel")] = 8,
     bwlimit: Annotated[str | None, typer.Option("--bwlimit", help="rclone bandwidth limit, e.g. 200M")] = None,
     keep: Annotated[int, typer.Option("--keep", min=1, help="revisions kept (the served one always stays)")] = 2,
+    group: Annotated[str | None, typer.Option("--group", help="give the revision to root:GROUP, files 0640 and "
+                                                              "folders 0750, before it appears")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON (for automation)")] = False,
 ) -> None:
     """Fetch REVISION into MODEL_DIR/REVISION: free space checked first, transfer resumable, SHA256 manifest
@@ -134,8 +136,9 @@ def fetch(
     from deepfleet.store.fetch import fetch as fetch_revision
 
     try:
+        log = (lambda m: typer.echo(m, err=True)) if as_json else typer.echo
         result = fetch_revision(_rclone(rclone_config, transfers, bwlimit), origin, model_dir, revision, cache=cache,
-                                keep=keep, log=(lambda m: typer.echo(m, err=True)) if as_json else typer.echo)
+                                keep=keep, group=group, log=log)
     except (FetchError, OSError) as e:
         raise _fail(e) from None
     if as_json:

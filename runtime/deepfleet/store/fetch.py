@@ -15,6 +15,7 @@ A revision directory appears only by rename after verification: nothing ever rea
 from __future__ import annotations
 
 import dataclasses
+import grp
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -105,28 +106,48 @@ def revisions(model_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.stat().st_mtime)
 
 
-def prune(model_dir: Path, keep: int) -> list[str]:
-    """Remove all but the `keep` newest revisions; the one `current` points at always stays."""
-    current = (model_dir / CURRENT).resolve() if (model_dir / CURRENT).is_symlink() else None
-    revs = revisions(model_dir)
+def prune(model_dir: Path, keep: int, wanted: str) -> list[str]:
+    """Remove the oldest revisions until `keep` remain; never the wanted one (about to be served, maybe an old one
+    switched back to) nor the one `current` points at (served until the restart)."""
+    link = model_dir / CURRENT
+    spared = {wanted, os.readlink(link) if link.is_symlink() else None}
+    removable = [p for p in revisions(model_dir) if p.name not in spared]
+    excess = len(revisions(model_dir)) - keep
     removed = []
-    for old in revs[: max(0, len(revs) - keep)]:
-        if old.resolve() != current:
-            shutil.rmtree(old)
-            removed.append(old.name)
+    for old in removable[: max(0, excess)]:
+        shutil.rmtree(old)
+        removed.append(old.name)
     return removed
 
 
+def _set_modes(root: Path, group: str | None) -> None:
+    """root:group, files 0640, folders 0750 (the runtime's group reads, nobody else), before the rename."""
+    if group is None:
+        return
+    gid = grp.getgrnam(group).gr_gid
+    for path in [root, *root.rglob("*")]:
+        os.chown(path, 0, gid, follow_symlinks=False)
+        os.chmod(path, 0o750 if path.is_dir() else 0o640)
+
+
 def fetch(rclone: Rclone, origin: str, model_dir: Path, revision: str, *, cache: str | None = None,
-          keep: int = 2, log=print) -> FetchResult:
-    """Bring `origin/<revision>` to `model_dir/<revision>` (through `cache` when it has it), verify, prune."""
+          keep: int = 2, group: str | None = None, log=print) -> FetchResult:
+    """Bring `origin/<revision>` to `model_dir/<revision>` (through `cache` when it has it), verify, give it to
+    `group` (root-owned, group-readable), prune."""
     _check_revision(revision)
     if keep < 1:
         raise FetchError(f"keep {keep}: at least 1 revision must be kept")
+    if group is not None:
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            raise FetchError(f"group {group}: no such group on this host") from None
     model_dir.mkdir(parents=True, exist_ok=True)
     final = model_dir / revision
     if final.is_dir():
-        return FetchResult(revision, str(final), "present", pruned=prune(model_dir, keep))
+        if not (final / MANIFEST_NAME).is_file():
+            raise FetchError(f"{final} exists but holds no {MANIFEST_NAME}: not a fetched revision, remove it")
+        return FetchResult(revision, str(final), "present", pruned=prune(model_dir, keep, revision))
     source, src, files = _choose_source(rclone, origin, cache, model_dir.name, revision)
     incoming = model_dir / f"{_INCOMING}{revision}"
     total = _check_space(model_dir, incoming, files)
@@ -141,10 +162,11 @@ def fetch(rclone: Rclone, origin: str, model_dir: Path, revision: str, *, cache:
         _discard_bad_files(incoming, e.problems)
         raise FetchError(f"revision {revision} from the {source} failed verification, not installed: "
                          + "; ".join(e.problems)) from None
+    _set_modes(incoming, group)
     os.rename(incoming, final)
     _fsync_dir(model_dir)
     log(f"verified and installed {final}")
-    return FetchResult(revision, str(final), source, total, prune(model_dir, keep))
+    return FetchResult(revision, str(final), source, total, prune(model_dir, keep, revision))
 
 
 def _fsync_dir(path: Path) -> None:

@@ -3,6 +3,7 @@ verified installs, the site cache, resume after a SIGKILL, corruption, missing r
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import shutil
@@ -209,6 +210,40 @@ def test_prune_keeps_the_newest_and_never_the_served_revision(stores, origin, tm
         result = fetch(stores, path, model_dir, rev, keep=1, log=lambda m: None)
     assert result.pruned == ["r2"]  # r1 is served, r3 is newest
     assert sorted(p.name for p in model_dir.iterdir()) == [CURRENT, "r1", "r3"]
+
+
+def test_switching_back_to_an_old_revision_never_prunes_it(stores, origin, tmp_path):
+    """Served r3, r1 asked again (a rollback): r1 is the oldest but wanted, r3 is served: r2 goes."""
+    path, _, name = origin
+    model_dir = tmp_path / "hot" / name
+    fetch(stores, path, model_dir, "r1", log=lambda m: None)
+    for rev in ("r2", "r3"):
+        _upload(stores, _model(tmp_path / "src" / rev, 3), f"{path}/{rev}")
+        time.sleep(0.05)
+        fetch(stores, path, model_dir, rev, keep=3, log=lambda m: None)
+    (model_dir / CURRENT).symlink_to("r3")
+    result = fetch(stores, path, model_dir, "r1", keep=2, log=lambda m: None)
+    assert (result.source, result.pruned) == ("present", ["r2"])
+    assert (model_dir / "r1" / MANIFEST_NAME).is_file()
+
+
+def test_revision_is_given_to_the_group_before_it_appears(stores, origin, tmp_path):
+    path, _, name = origin
+    group = grp.getgrgid(os.getgid()).gr_name
+    result = fetch(stores, path, tmp_path / name, "r1", group=group, log=lambda m: None)
+    modes = {p.relative_to(result.path).as_posix(): (p.stat().st_mode & 0o777, p.stat().st_gid)
+             for p in Path(result.path).rglob("*")}
+    assert modes and set(modes.values()) == {(0o640, os.getgid())}
+    assert Path(result.path).stat().st_mode & 0o777 == 0o750
+    with pytest.raises(FetchError, match="group no-such-group: no such group"):
+        fetch(stores, path, tmp_path / "other", "r1", group="no-such-group", log=lambda m: None)
+
+
+def test_a_folder_without_manifest_is_not_taken_for_the_revision(stores, origin, tmp_path):
+    path, _, name = origin
+    (tmp_path / name / "r1").mkdir(parents=True)
+    with pytest.raises(FetchError, match=f"r1 exists but holds no {MANIFEST_NAME}"):
+        fetch(stores, path, tmp_path / name, "r1", log=lambda m: None)
 
 
 def test_sync_copies_changed_and_deletes_removed_objects(stores, tmp_path):
