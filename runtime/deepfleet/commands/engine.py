@@ -41,12 +41,14 @@ def make_tiny_model(
     out_dir: Annotated[Path, typer.Argument(help="directory to write the model to")],
     arch: str = typer.Option("qwen2", help="qwen2, llama or deepseek_v3"),
     seed: int = typer.Option(0),
+    fp8: bool = typer.Option(False, help="deepseek_v3 only: DeepSeek's published block-FP8 checkpoint format"),
+    shards: int = typer.Option(1, min=1, help="split the weights over this many files (with an index)"),
 ) -> None:
     """Write a small random-weight model in Hugging Face format (for tests and the lab)."""
     from deepfleet.models.tiny import make_tiny_model as make
 
     try:
-        path = make(out_dir, arch, seed=seed)
+        path = make(out_dir, arch, seed=seed, fp8=fp8, shards=shards)
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e

@@ -134,3 +134,17 @@ def test_fp8_on_a_gpu_without_fp8_names_the_device(ds_fp8, monkeypatch):
     with pytest.raises(ValueError, match=r"device cuda:0 \(NVIDIA A100-SXM4-80GB, compute capability 8\.0\) "
                                          r"has no FP8 support"):
         spec.check_device(load_config(ds_fp8).quantization, torch.device("cuda:0"))
+
+
+def test_make_tiny_model_cli_writes_the_fp8_format(tmp_path):
+    from typer.testing import CliRunner
+
+    from deepfleet.cli import app
+
+    r = CliRunner().invoke(app, ["make-tiny-model", str(tmp_path / "ds"), "--arch", "deepseek_v3", "--fp8",
+                                 "--shards", "2"])
+    assert r.exit_code == 0, r.output
+    assert load_config(tmp_path / "ds").quantization.block == (128, 128)
+    assert (tmp_path / "ds" / "model.safetensors.index.json").is_file()
+    bad = CliRunner().invoke(app, ["make-tiny-model", str(tmp_path / "q"), "--arch", "qwen2", "--fp8"])
+    assert bad.exit_code == 2 and "fp8: the published block-FP8 format is DeepSeek-V3's" in bad.output
