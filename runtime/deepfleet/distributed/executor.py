@@ -132,6 +132,8 @@ class ParallelRunner:
             self._watchdog = threading.Thread(target=self._watch, name="deepfleet-tp-watchdog", daemon=True)
             self._watchdog.start()
             self._collect("start")  # every worker has imported torch: the rendezvous below is quick
+            if spec.device_type == "cuda":
+                torch.cuda.set_device(0)  # before NCCL: its communicator binds the current device
             ps.init(0, spec.size, spec.init_method, device_for(spec.device_type, 0), spec.timeout_s,
                     spec.expert_parallel)
             self.runner = build_runner(spec, 0)

@@ -49,6 +49,8 @@ def serve(rank: int, conn: Connection) -> None:
     threading.Thread(target=_heartbeat, args=(beats, rank), daemon=True).start()
     conn.send((True, None))  # started
     try:
+        if spec.device_type == "cuda":
+            torch.cuda.set_device(rank)  # before NCCL: its communicator binds the current device
         ps.init(rank, spec.size, spec.init_method, device_for(spec.device_type, rank), spec.timeout_s,
                 spec.expert_parallel)
         runner = build_runner(spec, rank)
