@@ -184,6 +184,24 @@ def test_unreachable_store_fails_with_the_origin_named(origin, tmp_path):
         fetch(dead, path, tmp_path / name, "r1", log=lambda m: None)
 
 
+def test_wrong_credentials_fail_naming_the_origin(tmp_path):
+    """A store that checks signatures (moto with IAM auth on from the first request) refuses an unknown key pair."""
+    port = _free_port()
+    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(port)
+        wrong = Rclone(config=_rclone_conf(tmp_path / "wrong.conf", {"s3a": port}), timeout_s=5)
+        with pytest.raises(FetchError, match=r"origin s3a:deepfleet-models/m: cannot list revision r1: .*(403|denied|"
+                                             r"InvalidAccessKeyId)"):
+            fetch(wrong, f"s3a:{BUCKET}/m", tmp_path / "m", "r1", log=lambda m: None)
+    finally:
+        server.terminate()
+        server.wait()
+    assert not (tmp_path / "m" / "r1").exists()
+
+
 def test_too_little_free_space_fails_before_the_transfer(stores, origin, tmp_path, monkeypatch):
     path, _, name = origin
     model_dir = tmp_path / "hot" / name
