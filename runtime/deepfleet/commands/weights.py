@@ -102,7 +102,11 @@ def decrypt(
     typer.echo(f"decrypted {len(written)} files into {out_dir}")
 
 
-_RCLONE_CONFIG_HELP = "rclone config file naming the remotes (credentials inside, mode 0600)"
+# The rclone options fetch and sync share.
+RcloneConfig = Annotated[Path | None, typer.Option(
+    "--rclone-config", help="rclone config file naming the remotes (credentials inside, mode 0600)")]
+Transfers = Annotated[int, typer.Option("--transfers", min=1, help="files transferred in parallel")]
+Bwlimit = Annotated[str | None, typer.Option("--bwlimit", help="rclone bandwidth limit, e.g. 200M")]
 
 
 def _rclone(config: Path | None, transfers: int, bwlimit: str | None):
@@ -119,9 +123,9 @@ def fetch(
     revision: Annotated[str, typer.Option("--revision", help="revision folder to fetch")],
     cache: Annotated[str | None, typer.Option("--cache", help="site cache URL (rclone serve http of "
                                                               "<cache>/<model>/<revision>), tried first")] = None,
-    rclone_config: Annotated[Path | None, typer.Option("--rclone-config", help=_RCLONE_CONFIG_HELP)] = None,
-    transfers: Annotated[int, typer.Option("--transfers", min=1, help="files transferred in parallel")] = 8,
-    bwlimit: Annotated[str | None, typer.Option("--bwlimit", help="rclone bandwidth limit, e.g. 200M")] = None,
+    rclone_config: RcloneConfig = None,
+    transfers: Transfers = 8,
+    bwlimit: Bwlimit = None,
     keep: Annotated[int, typer.Option("--keep", min=1, help="revisions kept (the served one always stays)")] = 2,
     group: Annotated[str | None, typer.Option("--group", help="give the revision to root:GROUP, files 0640 and "
                                                               "folders 0750, before it appears")] = None,
@@ -152,9 +156,9 @@ def fetch(
 def sync(
     src: Annotated[str, typer.Argument(help="rclone path of the source prefix, e.g. s3:deepfleet-models/")],
     dst: Annotated[str, typer.Argument(help="rclone path of the copy, e.g. oss:deepfleet-models/")],
-    rclone_config: Annotated[Path | None, typer.Option("--rclone-config", help=_RCLONE_CONFIG_HELP)] = None,
-    transfers: Annotated[int, typer.Option("--transfers", min=1, help="files transferred in parallel")] = 8,
-    bwlimit: Annotated[str | None, typer.Option("--bwlimit", help="rclone bandwidth limit, e.g. 200M")] = None,
+    rclone_config: RcloneConfig = None,
+    transfers: Transfers = 8,
+    bwlimit: Bwlimit = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
 ) -> None:
     """Make DST equal to SRC, comparing checksums (changed objects copied, objects gone from SRC deleted), and

@@ -111,8 +111,9 @@ def prune(model_dir: Path, keep: int, wanted: str) -> list[str]:
     switched back to) nor the one `current` points at (served until the restart)."""
     link = model_dir / CURRENT
     spared = {wanted, os.readlink(link) if link.is_symlink() else None}
-    removable = [p for p in revisions(model_dir) if p.name not in spared]
-    excess = len(revisions(model_dir)) - keep
+    revs = revisions(model_dir)
+    removable = [p for p in revs if p.name not in spared]
+    excess = len(revs) - keep
     removed = []
     for old in removable[: max(0, excess)]:
         shutil.rmtree(old)
