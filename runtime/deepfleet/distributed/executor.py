@@ -228,12 +228,16 @@ class ParallelRunner:
         answers = self._collect(name)
         return min([mine, *answers]) if isinstance(mine, int) else mine
 
-    def execute(self, out) -> torch.Tensor | None:
+    def execute(self, out, prev_token_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+        """`prev_token_ids` (async scheduling): the step in flight's sampled tokens, still on the device; they go
+        to the workers by a broadcast queued behind the sampler, so the driver does not wait for them."""
         if self.failed:
             raise RuntimeError(self.failed)
-        self._send(("execute", StepInputs.of(out)))
+        self._send(("execute", StepInputs.of(out, prev_token_ids)))
         try:
-            return self.runner.execute(out)
+            if prev_token_ids is not None:
+                ps.broadcast(prev_token_ids.contiguous())
+            return self.runner.execute(out, prev_token_ids)
         except RuntimeError as e:  # a collective failed: name the rank when one is gone
             time.sleep(2 * _WATCH_INTERVAL_S)
             self._raise_failure(e)
@@ -275,9 +279,6 @@ def check_parallel_config(cfg, size: int, expert_parallel: bool, device: torch.d
         raise ValueError(f"engine.expert_parallel: {cfg.arch} has no routed experts to split")
     if size == 1:
         return
-    if quantization or cfg.get("quantization_config"):
-        raise ValueError(f"{setting}: FP8 weights (engine.quantization or config.json quantization_config) are not "
-                         "split across ranks yet; use tensor_parallel_size=1")
     if device.type == "cuda" and size > torch.cuda.device_count():
         raise ValueError(f"{setting}: only {torch.cuda.device_count()} CUDA device(s) are visible "
                          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
@@ -302,6 +303,10 @@ def check_parallel_config(cfg, size: int, expert_parallel: bool, device: torch.d
     for name, value in dims.items():
         if value and value % size:
             raise ValueError(f"{setting}: {name}={value} does not split evenly")
+    if quantization or cfg.get("quantization_config"):
+        from deepfleet.distributed.fp8_split import check_fp8_split
+
+        check_fp8_split(cfg, size, expert_parallel, quantization)
 
 
 def make_runner(model: str, cfg, dtype: torch.dtype, device: torch.device, max_model_len: int, block_size: int,

@@ -21,6 +21,8 @@ from torch import nn
 
 from deepfleet.distributed import parallel_state as ps
 from deepfleet.models.layers import Linear
+from deepfleet.quant.linear import Fp8Linear, fp8_linear
+from deepfleet.quant.spec import QuantSpec
 
 Index = tuple[slice, ...]
 
@@ -38,25 +40,50 @@ def _rows(start: int, n: int, ndim: int, dim: int = 0) -> Index:
     return tuple(idx)
 
 
-class ColumnParallelLinear(Linear):
-    """Output features split across ranks. `shards`: per fused checkpoint tensor, (units, unit_size); a plain
-    layer is one shard of `out_features` units of one row."""
+class _ColumnSplit:
+    """Which rows of each fused checkpoint tensor this rank holds. `shards`: per fused checkpoint tensor,
+    (units, unit_size); a plain layer is one shard of `out_features` units of one row."""
 
-    def __init__(self, in_features: int, shards: list[tuple[int, int]], bias: bool = False):
+    def __init__(self, shards: list[tuple[int, int]]):
         g = ps.group()
-        self.full_shard_sizes = [u * s for u, s in shards]
-        self._ranges = [(unit_range(u, g), s) for u, s in shards]
-        super().__init__(in_features, [n * s for (_, n), s in self._ranges], bias)
-        for p in (self.weight, self.bias):
+        self.full_sizes = [u * s for u, s in shards]
+        self.ranges = [(unit_range(u, g), s) for u, s in shards]
+        self.local_sizes = [n * s for (_, n), s in self.ranges]
+
+    def index(self, shard: int | None, full_shape: tuple[int, ...]) -> Index:
+        (first, n), unit = self.ranges[shard or 0]
+        return _rows(first * unit, n * unit, len(full_shape))
+
+    def mark(self, layer: nn.Module) -> None:
+        for p in (layer.weight, layer.bias):
             if p is not None:
-                p.tp_index = self._tp_index
-                keys = p.expected_shards
-                p.full_shards = [(k, (size, *p.shape[1:])) for k, size in zip(keys, self.full_shard_sizes,
+                p.tp_index = self.index
+                p.full_shards = [(k, (size, *p.shape[1:])) for k, size in zip(p.expected_shards, self.full_sizes,
                                                                                  strict=True)]
 
-    def _tp_index(self, shard: int | None, full_shape: tuple[int, ...]) -> Index:
-        (first, n), unit = self._ranges[shard or 0]
-        return _rows(first * unit, n * unit, len(full_shape))
+
+class _RowSplit:
+    """Which input features (columns) this rank holds: an even share. The bias is not split."""
+
+    def __init__(self, in_features: int, out_features: int):
+        self.full_in, self.out_features = in_features, out_features
+        self.start, self.local_in = ps.group().split(in_features)
+
+    def index(self, shard, full_shape: tuple[int, ...]) -> Index:
+        return _rows(self.start, self.local_in, len(full_shape), dim=1)
+
+    def mark(self, layer: nn.Module) -> None:
+        layer.weight.tp_index = self.index
+        layer.weight.full_shards = [(None, (self.out_features, self.full_in))]
+
+
+class ColumnParallelLinear(Linear):
+    """Output features split across ranks in whole units (see _ColumnSplit)."""
+
+    def __init__(self, in_features: int, shards: list[tuple[int, int]], bias: bool = False):
+        split = _ColumnSplit(shards)
+        super().__init__(in_features, split.local_sizes, bias)
+        split.mark(self)
 
 
 class RowParallelLinear(Linear):
@@ -65,19 +92,53 @@ class RowParallelLinear(Linear):
     block that adds several partial results (MoE: routed + shared experts) pay for one all-reduce."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, reduce: bool = True):
-        g = ps.group()
-        self.full_in = in_features
-        self.in_start, local_in = g.split(in_features)
-        super().__init__(local_in, out_features, bias=bias)
+        split = _RowSplit(in_features, out_features)
+        super().__init__(split.local_in, out_features, bias=bias)
         self.reduce = reduce
-        self.weight.tp_index = self._tp_index
-        self.weight.full_shards = [(None, (out_features, in_features))]
-
-    def _tp_index(self, shard, full_shape: tuple[int, ...]) -> Index:
-        return _rows(self.in_start, self.in_features, len(full_shape), dim=1)
+        split.mark(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
+        if self.reduce:
+            y = ps.all_reduce(y)
+        return y if self.bias is None else y + self.bias
+
+
+# ---- block-FP8 (quant/linear.py's Fp8Linear) split the same way ------------------------------------------------
+
+
+def block_index(index: Index | None, block: tuple[int, int]) -> Index | None:
+    """A rank's index into a 2-D weight [rows, cols] -> its index into the weight's block scales [R, C]. Exact when
+    each split bound is a multiple of its block or the dimension's end (fp8_shards.check_block_alignment)."""
+    if index is None:
+        return None
+    return tuple(s if s == slice(None) else slice(s.start // b, -(-s.stop // b)) for s, b in zip(index, block,
+                                                                                              strict=True))
+
+
+def mark_scales(weight: nn.Parameter, scale: nn.Parameter, block: tuple[int, int]) -> None:
+    """The scales of a split FP8 weight: the blocks of its rows and columns, read from the same file region."""
+    scale.tp_index = lambda shard, full_shape: block_index(weight.tp_index(shard, full_shape), block)
+
+
+class Fp8ColumnParallelLinear(Fp8Linear):
+    def __init__(self, in_features: int, shards: list[tuple[int, int]], bias: bool, spec: QuantSpec):
+        split = _ColumnSplit(shards)
+        super().__init__(in_features, split.local_sizes, bias, spec)
+        split.mark(self)
+        mark_scales(self.weight, self.weight_scale_inv, self.block)
+
+
+class Fp8RowParallelLinear(Fp8Linear):
+    def __init__(self, in_features: int, out_features: int, bias: bool, spec: QuantSpec, reduce: bool = True):
+        split = _RowSplit(in_features, out_features)
+        super().__init__(split.local_in, out_features, bias, spec)
+        self.reduce = reduce
+        split.mark(self)
+        mark_scales(self.weight, self.weight_scale_inv, self.block)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = fp8_linear(x, self.weight, self.weight_scale_inv, self.block)
         if self.reduce:
             y = ps.all_reduce(y)
         return y if self.bias is None else y + self.bias

@@ -75,6 +75,13 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def broadcast(x: torch.Tensor) -> torch.Tensor:
+    """Rank 0's `x` on every rank, in place (the previous step's sampled tokens under async scheduling)."""
+    if _GROUP.size > 1:
+        dist.broadcast(x, src=0)
+    return x
+
+
 # one output tensor, no list: NCCL captures it inside the CUDA graphs (the decode graphs end with the logits)
 _gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
 

@@ -29,18 +29,24 @@ class SeqView:
     num_tokens: int
     token_ids: _Window
     block_table: list[int]
+    pending_row: int  # a placeholder (-1) token's row in the previous step's sampled tokens
 
 
 @dataclass
 class StepInputs:
-    seqs: list[tuple[int, int, list[int], list[int]]]  # (start, num_tokens, new tokens, block table)
+    """Async scheduling: a decode token sampled by the step still in flight is a placeholder here, as on the
+    driver; `prev_rows` is the size of that step's sampled-token tensor, which the driver broadcasts (device to
+    device, no host round trip) right after this message so each rank fills its placeholders from it."""
+
+    seqs: list[tuple[int, int, list[int], list[int], int]]  # (start, num_tokens, new tokens, block table, row)
+    prev_rows: int = 0
 
     @classmethod
-    def of(cls, out: SchedulerOutput) -> StepInputs:
+    def of(cls, out: SchedulerOutput, prev_token_ids=None) -> StepInputs:
         return cls([(s.num_computed_tokens, s.num_tokens,
-                     s.token_ids[s.num_computed_tokens : s.num_computed_tokens + n], s.block_table)
-                    for s, n in out.scheduled])
+                     s.token_ids[s.num_computed_tokens : s.num_computed_tokens + n], s.block_table, s.pending_row)
+                    for s, n in out.scheduled], 0 if prev_token_ids is None else prev_token_ids.numel())
 
     def scheduler_output(self) -> SchedulerOutput:
-        return SchedulerOutput(scheduled=[(SeqView(start, total, _Window(start, new), table), len(new))
-                                          for start, total, new, table in self.seqs])
+        return SchedulerOutput(scheduled=[(SeqView(start, total, _Window(start, new), table, row), len(new))
+                                          for start, total, new, table, row in self.seqs])

@@ -2,7 +2,8 @@
 
 It reads its RunnerSpec from the socket FD, answers "start" (imports done), joins the process group, builds its
 ModelRunner (its slice of the weights) and answers "load". Then it serves the driver's messages:
-("execute", StepInputs) runs a step (no answer: the collectives keep the ranks in step), ("call", method, args)
+("execute", StepInputs) runs a step (no answer: the collectives keep the ranks in step; under async
+scheduling it first receives the previous step's sampled tokens by broadcast), ("call", method, args)
 runs a runner method and answers (ok, value); ("stop",) or a closed socket ends it. A heartbeat thread marks it
 alive in shared memory for the driver's watchdog."""
 
@@ -66,7 +67,11 @@ def serve(rank: int, conn: Connection) -> None:
         if message[0] == "stop":
             return
         if message[0] == "execute":
-            runner.execute(message[1].scheduler_output())
+            inputs = message[1]
+            prev = None
+            if inputs.prev_rows:  # the driver's sampled tokens of the step before, for this step's placeholders
+                prev = ps.broadcast(torch.empty(inputs.prev_rows, dtype=torch.long, device=runner.device))
+            runner.execute(inputs.scheduler_output(), prev)
             continue
         _, name, args = message
         try:

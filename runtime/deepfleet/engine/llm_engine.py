@@ -108,8 +108,8 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
         self._aborted: list[Sequence] = []  # reported (finish_reason "abort") by the next step
         self._in_flight: _Launched | None = None  # the launched step whose tokens are not taken in yet
-        # tensor-parallel workers receive token ids from the host, so placeholders cannot reach them
-        self._overlap = config.async_scheduling and config.tensor_parallel_size == 1
+        # tensor-parallel workers get the in-flight tokens by a device broadcast (distributed/step.py)
+        self._overlap = config.async_scheduling
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_num_seqs %d", self.model_name,

@@ -27,12 +27,15 @@ from deepfleet.kernels.fp8_gemm import STREAMING_MAX_ROWS, quantize_activations
 FP8 = torch.float8_e4m3fn
 
 
-def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int, skip_remote: bool = False):
     """topk_ids [T, k] -> (row ids [cap] (the sentinel T·k marks padding), expert of each BM tile [cap / BM]
-    (num_experts past the end), rows used [1]); every step a device op with a shape known from the inputs."""
+    (num_experts or more past the end), rows used [1]); every step a device op with a shape known from the inputs.
+    `skip_remote` (expert parallelism): the id num_experts marks a slot whose expert is on another rank; those
+    slots sort after the last local expert, past the rows used, so no tile computes them."""
     flat = topk_ids.flatten().long()
     n = flat.numel()
-    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
+    bins = num_experts + int(skip_remote)
+    counts = torch.zeros(bins, dtype=torch.long, device=flat.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     ends = padded.cumsum(0)
@@ -40,12 +43,12 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     expert_sorted = flat[order]
     rank = torch.arange(n, device=flat.device) - (counts.cumsum(0) - counts)[expert_sorted]
     dest = (ends - padded)[expert_sorted] + rank
-    cap = triton.cdiv(n + min(num_experts, n) * (block_m - 1), block_m) * block_m
+    cap = triton.cdiv(n + min(bins, n) * (block_m - 1), block_m) * block_m
     row_ids = torch.full((cap,), n, dtype=torch.int32, device=flat.device)
     row_ids[dest] = order.to(torch.int32)
     tile_starts = torch.arange(0, cap, block_m, device=flat.device)
     tile_expert = torch.searchsorted(ends, tile_starts, right=True).to(torch.int32)
-    return row_ids, tile_expert, ends[-1:].to(torch.int32)
+    return row_ids, tile_expert, ends[num_experts - 1 : num_experts].to(torch.int32)
 
 
 @triton.jit
@@ -115,14 +118,16 @@ def _tile_rows(assignments: int, num_experts: int) -> int:
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
                   topk_weights: torch.Tensor, w13_scale: torch.Tensor | None = None,
-                  w2_scale: torch.Tensor | None = None, block: tuple[int, int] | None = None) -> torch.Tensor:
+                  w2_scale: torch.Tensor | None = None, block: tuple[int, int] | None = None,
+                  skip_remote: bool = False) -> torch.Tensor:
     """x [T, H]; w13 [E, 2I, H] (gate | up), w2 [E, H, I], bf16/fp16/fp32 or FP8 with [E, ., .] block scales;
-    topk_ids/topk_weights [T, k] -> Σ_k weight · down(silu(gate(x)) · up(x)) per token, [T, H] in x's dtype."""
+    topk_ids/topk_weights [T, k] -> Σ_k weight · down(silu(gate(x)) · up(x)) per token, [T, H] in x's dtype.
+    `skip_remote`: a slot with id E (its expert is on another rank) is not computed and adds zero."""
     t, k = topk_ids.shape
     num_experts, inner = w13.shape[0], w2.shape[2]
     assignments = t * k
     bm = _tile_rows(assignments, num_experts)
-    align = (*align_by_expert(topk_ids, num_experts, bm), bm)
+    align = (*align_by_expert(topk_ids, num_experts, bm, skip_remote), bm)
     fp8_w = w13.dtype == FP8
     quantize_a = fp8_w and assignments > STREAMING_MAX_ROWS
     x = x.contiguous()
@@ -130,7 +135,8 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
     _grouped_gemm(x, w13, w13_scale, block, gate_up, align, a_row_div=k, quantize_a=quantize_a)
     gate, up = gate_up.chunk(2, dim=-1)
     act = (F.silu(gate) * up).contiguous()
-    down = torch.empty(assignments, w2.shape[1], dtype=x.dtype, device=x.device)
+    # skipped slots' rows are never written: zeros, so the sum over a token's slots adds nothing for them
+    down = (torch.zeros if skip_remote else torch.empty)(assignments, w2.shape[1], dtype=x.dtype, device=x.device)
     weights = topk_weights.flatten().to(torch.float32).contiguous()
     _grouped_gemm(act, w2, w2_scale, block, down, align, a_row_div=1, route_weights=weights, quantize_a=quantize_a)
     return down.view(t, k, -1).sum(dim=1)

@@ -24,7 +24,7 @@ from torch import nn
 
 from deepfleet import quant
 from deepfleet.distributed import parallel_state as ps
-from deepfleet.distributed.layers import expert_inner_split, local_heads, shard_experts
+from deepfleet.distributed.layers import expert_inner_split, local_heads, mark_scales, shard_experts
 from deepfleet.models.attention import AttentionMetadata, paged_attention
 from deepfleet.models.base import FUSED_PROJECTIONS, Backbone, CausalLM, decoder_layer_forward
 from deepfleet.models.config import ModelConfig
@@ -95,9 +95,12 @@ class MLAttention(nn.Module):
 def experts_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
                       topk_weights: torch.Tensor) -> torch.Tensor:
     """Plain PyTorch, one expert at a time (w13/w2 in the compute dtype): the CPU path and the fused kernel's
-    reference. `tolist()` makes it sync with the host, which costs nothing on CPU."""
+    reference. `tolist()` makes it sync with the host, which costs nothing on CPU. An id past the last expert
+    (another rank's, under expert parallelism) is skipped."""
     out = torch.zeros_like(x)
     for expert in torch.unique(topk_ids).tolist():
+        if expert >= w13.shape[0]:
+            continue
         token_idx, slot = torch.where(topk_ids == expert)
         h = silu_and_mul(F.linear(x[token_idx], w13[expert]))
         h = F.linear(h, w2[expert]) * topk_weights[token_idx, slot, None].to(x.dtype)
@@ -118,8 +121,6 @@ class Experts(nn.Module):
         self.first, held = shard_experts(num_experts)
         self.inner_start, self.inner = expert_inner_split(inner)
         spec = quant.current()
-        if spec and (held, self.inner) != (num_experts, inner):
-            raise ValueError("engine.tensor_parallel_size > 1 with FP8 experts is not supported yet")
         self.block = spec.block if spec else None
         self.from_checkpoint = bool(spec and spec.from_checkpoint)
         dtype = fp8.FP8 if spec else None
@@ -127,9 +128,9 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(held, hidden, self.inner, dtype=dtype), requires_grad=False)
         self.w13_scale_inv = self.w2_scale_inv = None
         if spec:
-            self.w13_scale_inv = nn.Parameter(torch.empty(held, *fp8.scale_shape(2 * inner, hidden, spec.block),
+            self.w13_scale_inv = nn.Parameter(torch.empty(held, *fp8.scale_shape(2 * self.inner, hidden, spec.block),
                                                           dtype=torch.float32), requires_grad=False)
-            self.w2_scale_inv = nn.Parameter(torch.empty(held, *fp8.scale_shape(hidden, inner, spec.block),
+            self.w2_scale_inv = nn.Parameter(torch.empty(held, *fp8.scale_shape(hidden, self.inner, spec.block),
                                                          dtype=torch.float32), requires_grad=False)
         mine = range(self.first, self.first + held)
         for p, shards in ((self.w13, (0, 1)), (self.w2, (None,)), (self.w13_scale_inv, (0, 1)),
@@ -140,10 +141,13 @@ class Experts(nn.Module):
             p.raw_checkpoint_tensor = spec is not None
             computed_scale = p.dtype == torch.float32 and not self.from_checkpoint
             p.expected_shards = [] if computed_scale else [(e, s) for e in mine for s in shards]
-        if not spec:  # compute-dtype stacks: each rank reads (or draws) only its experts' slices
-            for p, shards, full in ((self.w13, (0, 1), (inner, hidden)), (self.w2, (None,), (hidden, inner))):
-                p.tp_index = self._tp_index
-                p.full_shards = [((e, s), full) for e in range(num_experts) for s in shards]
+        # each rank reads (or draws) only its experts' slices; FP8 scales: those slices' blocks
+        for p, shards, full in ((self.w13, (0, 1), (inner, hidden)), (self.w2, (None,), (hidden, inner))):
+            p.tp_index = self._tp_index
+            p.full_shards = [((e, s), full) for e in range(num_experts) for s in shards]
+        if spec:
+            mark_scales(self.w13, self.w13_scale_inv, spec.block)
+            mark_scales(self.w2, self.w2_scale_inv, spec.block)
 
     def _tp_index(self, shard, full_shape: tuple[int, ...]):
         expert, half = shard
@@ -179,7 +183,7 @@ class Experts(nn.Module):
             from deepfleet.kernels.fused_moe import fused_experts
 
             return fused_experts(x, self.w13, self.w2, topk_ids, topk_weights, self.w13_scale_inv,
-                                 self.w2_scale_inv, self.block)
+                                 self.w2_scale_inv, self.block, skip_remote=self.w13.shape[0] < self.num_experts)
         w13, w2 = self.w13, self.w2
         if self.block is not None:
             w13 = fp8.dequantize(w13, self.w13_scale_inv, self.block, x.dtype)
@@ -188,14 +192,15 @@ class Experts(nn.Module):
 
     def _held(self, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert parallelism: ids of the experts held here, relative to the first; a token's slot routed to another
-        rank's expert goes to local expert 0 with weight 0 (adds exactly nothing, keeps shapes static for CUDA
-        graphs; an expert map in the fused kernel would skip that work)."""
+        rank's expert gets the id `held` (one past the last local expert), which the fused kernel sorts past its
+        work and the reference loop skips: no rank computes a product it throws away, and shapes stay static for
+        CUDA graphs."""
         held = self.w13.shape[0]
         if held == self.num_experts:
             return ids, weights
         local = ids - self.first
         mine = (local >= 0) & (local < held)
-        return local.masked_fill(~mine, 0), weights.masked_fill(~mine, 0)
+        return local.masked_fill(~mine, held), weights
 
 
 class MoE(nn.Module):

@@ -97,18 +97,21 @@ def linear(in_features: int, out_features: int | list[int], bias: bool = False, 
     from deepfleet.distributed import parallel_state
 
     spec = quant.current() if quantize else None
-    if spec is not None:
-        if parallel is not None and parallel_state.group().size > 1:
-            raise ValueError("engine.tensor_parallel_size > 1 with FP8 layers is not supported yet")
+    if spec is not None and (parallel is None or parallel_state.group().size == 1):
         return spec.linear(in_features, out_features, bias)
     if parallel is None:
         return Linear(in_features, out_features, bias)
-    from deepfleet.distributed.layers import ColumnParallelLinear, RowParallelLinear
+    from deepfleet.distributed import layers as tp
 
     if parallel == "row":
-        return RowParallelLinear(in_features, out_features, bias, reduce)
+        if spec is not None:
+            return tp.Fp8RowParallelLinear(in_features, out_features, bias, spec, reduce)
+        return tp.RowParallelLinear(in_features, out_features, bias, reduce)
     sizes = list(out_features) if isinstance(out_features, list | tuple) else [out_features]
-    return ColumnParallelLinear(in_features, [(n // unit, unit) for n in sizes], bias)
+    shards = [(n // unit, unit) for n in sizes]
+    if spec is not None:
+        return tp.Fp8ColumnParallelLinear(in_features, shards, bias, spec)
+    return tp.ColumnParallelLinear(in_features, shards, bias)
 
 
 class Embedding(nn.Module):

@@ -41,6 +41,23 @@ def test_align_by_expert_covers_every_assignment_once():
     assert tile_expert.tolist()[:4] == [0, 1, 2, 3]
 
 
+def test_slots_of_experts_on_other_ranks_sort_past_the_work_and_add_nothing():
+    # expert parallelism: the id E marks a slot whose expert another rank holds
+    ids = torch.tensor([[2, E], [E, 3], [0, E]])
+    row_ids, tile_expert, rows_used = fused_moe.align_by_expert(ids, E, 4, skip_remote=True)
+    assert int(rows_used) == 3 * 4  # experts 0, 2, 3: one 4-row tile each; the three remote slots: none
+    used = row_ids[: int(rows_used)]
+    assert sorted(used[used < ids.numel()].tolist()) == [0, 3, 4]  # the flat positions of the local slots
+    assert tile_expert.tolist()[:3] == [0, 2, 3]
+    w13, w2 = _experts(2)
+    weights = torch.rand(3, 2, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(3, H, generator=torch.Generator().manual_seed(5))
+    got = fused_moe.fused_experts(x, w13, w2, ids, weights, skip_remote=True)
+    remote = ids == E  # the same slots as weight-0 slots on expert 0: they add exactly nothing
+    want = experts_reference(x, w13, w2, ids.masked_fill(remote, 0), weights.masked_fill(remote, 0))
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
 @pytest.mark.parametrize("t", [3, 40])
 def test_unquantized_experts_match_reference(t):
     w13, w2 = _experts(0)
