@@ -3,12 +3,13 @@ with their same-run baselines. Prints a table and writes JSON records (bench/res
 
   python bench/fp8_kernels.py --out results.jsonl [--commit SHA]
 
-1. correctness: fp8_matmul (streaming and FP8×FP8), fused_experts (bf16 and FP8) vs reference; a tiny FP8
-   DeepSeek-V3 through the engine with CUDA graphs vs eager (greedy tokens equal).
+1. correctness: fp8_matmul (each kernel), fused_experts (bf16 and FP8) vs reference.
 2. 7B-shaped projections (R1-Distill-Qwen-7B: qkv, o, gate_up, down) per layer, FP8 vs bf16 F.linear, batch
    1 / 64 / 256, timed as CUDA-graph replays over 8 layers of distinct weights (more than L2 holds).
-3. V3 MoE at batch 256 (256 experts, 8 per token, H 7168, I 2048): fused FP8 and bf16 vs the per-expert loop.
-4. V3-shaped decoder layers at full width, random FP8 weights made on the GPU: one MoE layer's decode time at
+3. MLA decode at V3 width: kernels.mla_decode vs the generic paged kernel (chooses the V3 decode path below).
+4. a tiny FP8 DeepSeek-V3 through the engine with CUDA graphs vs eager (greedy tokens equal), float32 and bf16.
+5. V3 MoE at batch 256 (256 experts, 8 per token, H 7168, I 2048): fused FP8 and bf16 vs the per-expert loop.
+6. V3-shaped decoder layers at full width, random FP8 weights made on the GPU: one MoE layer's decode time at
    batch 1 / 64 / 256 from the difference of 6- and 2-layer models (1 dense + 5 / 1 MoE), against the bytes it reads.
 """
 
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from deepfleet.kernels.fp8_gemm import fp8_matmul
+from deepfleet.kernels.fp8_gemm import config_for, fp8_matmul
 from deepfleet.kernels.fused_moe import fused_experts
 from deepfleet.models.deepseek_v3 import experts_reference
 from deepfleet.quant.fp8 import dequantize, quantize
@@ -71,10 +72,11 @@ def correctness():
     n, k = 4096, 3584
     w, s = quantize(torch.randn(n, k, device=DEV, generator=g) / k**0.5, BLOCK)
     wd = dequantize(w, s, BLOCK, torch.bfloat16)
-    for m in (1, 16, 256):
+    for m in (1, 4, 16, 64, 256):
         x = torch.randn(m, k, device=DEV, generator=g, dtype=torch.bfloat16)
-        xq = x if m <= 64 else dequantize(*quantize(x, (1, 128)), (1, 128), torch.bfloat16)  # FP8xFP8 path
-        record(f"fp8_matmul {m}x{n}x{k}", "vs dequantized reference (bf16)", "max_rel_err",
+        kernel = config_for(m, n, k, BLOCK, DEV)["kernel"]
+        xq = dequantize(*quantize(x, (1, 128)), (1, 128), torch.bfloat16) if kernel == "w8a8" else x
+        record(f"fp8_matmul {m}x{n}x{k} ({kernel})", "vs dequantized reference (bf16)", "max_rel_err",
                rel(fp8_matmul(x, w, s, BLOCK), F.linear(xq, wd)), "ratio")
     e, h, inner = 16, 1024, 512
     w13 = torch.randn(e, 2 * inner, h, device=DEV, generator=g) / h**0.5
@@ -174,6 +176,41 @@ def moe_256():
     torch.cuda.empty_cache()
 
 
+def mla():
+    """Absorbed MLA decode at V3 width (128 heads, latent 512 + rope 64, block 16): kernels.mla_decode vs the generic
+    paged kernel, both over a block table as wide as an 8k context (what a captured decode graph holds), on shuffled
+    blocks. Sets deepseek_v3.MLA_DECODE_KERNEL for the later sections from the result at batch 1 and 64."""
+    from deepfleet.kernels.mla_decode import mla_decode
+    from deepfleet.kernels.paged_attention import paged_attention
+    from deepfleet.models import deepseek_v3
+
+    heads, lat, rope, bs, width = 128, 512, 64, 16, 8192 // 16
+    scale = 192**-0.5
+    wins = {}
+    for b, ctx in ((1, 512), (1, 4096), (8, 2048), (64, 512), (64, 2048), (256, 512)):
+        blocks = b * width + 1
+        cache = torch.randn(blocks, bs, 1, lat + rope, device=DEV, dtype=torch.bfloat16)
+        tables = torch.randperm(b * width, device=DEV).view(b, width).to(torch.int32)
+        lens = torch.full((b,), ctx, device=DEV, dtype=torch.int32)
+        q = torch.randn(b, heads, lat + rope, device=DEV, dtype=torch.bfloat16)
+        qsl = torch.arange(b + 1, device=DEV, dtype=torch.int32)
+        generic = lambda q=q, c=cache, t=tables, n=lens, s=qsl: paged_attention(q, c, None, lat, t, n, s, 1, scale)  # noqa: E731
+        mine = lambda q=q, c=cache, t=tables, n=lens: mla_decode(q, c, t, n, scale, lat)  # noqa: E731
+        shape = f"MLA decode B={b} ctx={ctx} H=128 512+64"
+        record(shape, "mla_decode vs generic kernel", "max_rel_err", rel(mine(), generic()), "ratio")
+        t_g, t_m = graph_time_ms(generic), graph_time_ms(mine)
+        latent_mb = b * ctx * (lat + rope) * 2 / 1e6
+        record(shape, "generic paged kernel (baseline)", "us", t_g * 1e3, "us")
+        record(shape, "mla_decode", "us", t_m * 1e3, "us")
+        record(shape, "mla_decode vs generic", "speedup", t_g / t_m, "x")
+        record(shape, "mla_decode latent bytes / time", "bandwidth", latent_mb / t_m, "GB/s")
+        wins[(b, ctx)] = t_g / t_m
+        del cache
+    deepseek_v3.MLA_DECODE_KERNEL = all(v > 1.0 for v in wins.values())
+    record("MLA decode", "routed into V3 decode for the next sections", "mla_decode_kernel",
+           float(deepseek_v3.MLA_DECODE_KERNEL), "bool")
+
+
 V3 = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 129280,
       "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_attention_heads": 128,
       "num_key_value_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256, "routed_scaling_factor": 2.5,
@@ -237,9 +274,13 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--commit", default="")
     ap.add_argument("--skip", default="")
+    ap.add_argument("--generic-mla", action="store_true", help="V3 decode on the generic paged kernel")
     a = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
-    for name, fn in (("correctness", correctness), ("engine", engine_graphs), ("dense", dense_7b),
+    from deepfleet.models import deepseek_v3
+
+    deepseek_v3.MLA_DECODE_KERNEL = not a.generic_mla  # until the mla section has measured
+    for name, fn in (("correctness", correctness), ("dense", dense_7b), ("mla", mla), ("engine", engine_graphs),
                      ("moe", moe_256), ("v3", v3_layers)):
         if name in a.skip.split(","):
             continue

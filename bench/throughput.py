@@ -14,5 +14,6 @@ if __name__ == "__main__":
     ap.add_argument("--workload", choices=WORKLOADS, nargs="+", default=list(WORKLOADS))
     ap.add_argument("--results", type=Path, default=Path(__file__).with_name("results.jsonl"))
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of each workload's request count")
+    ap.add_argument("--quantization", choices=["fp8"], default=None, help="engine.quantization (default: bf16)")
     args = ap.parse_args()
-    run(args.shape, args.workload, args.results, args.scale)
+    run(args.shape, args.workload, args.results, args.scale, args.quantization)

@@ -60,11 +60,13 @@ def bench(
     workload: Annotated[list[str] | None, typer.Option(help="latency, fixed, sharegpt, prefix, long, host")] = None,
     results: Annotated[Path | None, typer.Option(help="append the JSON records to this file")] = None,
     scale: float = typer.Option(1.0, help="fraction of each workload's request count (quick looks)"),
+    quantization: str | None = typer.Option(None, help="fp8: weights quantized on load (engine.quantization)"),
 ) -> None:
     """Engine benchmarks (GPU): the workloads of engine/benchmark.py, a table, and JSON records."""
     from deepfleet.engine.benchmark import WORKLOADS, run
 
-    run(shapes=tuple(shape or ("1.5b", "7b")), workloads=tuple(workload or WORKLOADS), out=results, scale=scale)
+    run(shapes=tuple(shape or ("1.5b", "7b")), workloads=tuple(workload or WORKLOADS), out=results, scale=scale,
+        quantization=quantization)
 
 
 def register(app: typer.Typer) -> None:

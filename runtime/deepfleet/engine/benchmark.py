@@ -83,9 +83,10 @@ def matmul_rate(n: int = 8192) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
-def decode_step_bytes(shape: str, context: int, batch: int = 1) -> int:
+def decode_step_bytes(shape: str, context: int, batch: int = 1, quantization: str | None = None) -> int:
     """Bytes one decode step really reads (bf16): all layer weights and the LM head once, one embedding row per
-    sequence (not the table), and each sequence's KV cache over its context."""
+    sequence (not the table), and each sequence's KV cache over its context. Under FP8 the layers' projections
+    are 1 byte per weight (their block scales, 1/16384 of that, are left out); the LM head stays bf16."""
     cfg = SHAPES[shape]
     h, i, v, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
     head_dim = h // cfg["num_attention_heads"]
@@ -93,7 +94,10 @@ def decode_step_bytes(shape: str, context: int, batch: int = 1) -> int:
     per_layer = h * (h + 2 * kv) + (h + 2 * kv) + h * h + 3 * h * i + 2 * h  # qkv (+bias), o, gate/up/down, norms
     weights = layers * per_layer + v * h + h  # + LM head + final norm
     kv_cache = layers * 2 * kv * context
-    return 2 * (weights + batch * (h + kv_cache))
+    total = 2 * (weights + batch * (h + kv_cache))
+    if quantization == "fp8":
+        total -= layers * (h * (h + 2 * kv) + h * h + 3 * h * i)  # the projections' second byte
+    return total
 
 
 def prefill_flops(shape: str, tokens: int) -> float:
@@ -130,14 +134,16 @@ def shared_prefix(n: int, seed: int = 0) -> list[tuple[list[int], int]]:
 
 
 class Bench:
-    def __init__(self, shape: str, engine, commit: str, device: str):
+    def __init__(self, shape: str, engine, commit: str, device: str, quantization: str | None = None):
         self.shape, self.engine, self.commit, self.device = shape, engine, commit, device
+        self.quantization = quantization
         self.records: list[dict] = []
         self._n = 0
 
     def record(self, workload: str, metric: str, value: float, unit: str) -> None:
         self.records.append(dict(date=datetime.date.today().isoformat(), device=self.device, commit=self.commit,
-                                 shape=f"R1-Distill-Qwen-{self.shape.upper()} bf16", workload=workload,
+                                 shape=f"R1-Distill-Qwen-{self.shape.upper()} {self.quantization or 'bf16'}",
+                                 workload=workload,
                                  metric=metric, value=round(float(value), 4), unit=unit))
 
     def offline(self, requests: list[tuple[list[int], int]]) -> tuple[float, float, int]:
@@ -194,7 +200,7 @@ class Bench:
             if e.step():
                 times.append(time.perf_counter())
         per_token = (times[-1] - times[16]) / (len(times) - 17)  # steady state: after the first tokens
-        floor = decode_step_bytes(self.shape, 512 + steps // 2) / bandwidth
+        floor = decode_step_bytes(self.shape, 512 + steps // 2, quantization=self.quantization) / bandwidth
         self.record("latency", "batch1_ms_per_token", 1e3 * per_token, "ms")
         self.record("latency", "batch1_tok_s", 1 / per_token, "tok/s")
         self.record("latency", "batch1_hbm_floor_ms", 1e3 * floor, "ms")
@@ -296,14 +302,15 @@ class Bench:
 
 
 def run_shape(shape: str, workloads: tuple[str, ...], commit: str, bandwidth: float, rate: float,
-              scale: float = 1.0, out: Path | None = None) -> list[dict]:
+              scale: float = 1.0, out: Path | None = None, quantization: str | None = None) -> list[dict]:
     from deepfleet.engine.llm_engine import EngineConfig, LLMEngine
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_shape_dir(shape, Path(tmp) / shape)
         t0 = time.perf_counter()
-        engine = LLMEngine(EngineConfig(model=str(model_dir), dtype="bfloat16", device="cuda", load_format="dummy"))
-        bench = Bench(shape, engine, commit, torch.cuda.get_device_name())
+        engine = LLMEngine(EngineConfig(model=str(model_dir), dtype="bfloat16", device="cuda", load_format="dummy",
+                                        quantization=quantization))
+        bench = Bench(shape, engine, commit, torch.cuda.get_device_name(), quantization)
         bench.record("startup", "ready_s", time.perf_counter() - t0, "s")
         bench.record("startup", "max_num_seqs", engine.max_num_seqs, "sequences")
         bench.record("startup", "kv_blocks", engine.block_manager.num_blocks, "blocks")
@@ -347,8 +354,10 @@ def _append(records: list[dict], out: Path | None) -> None:
                 f.write(json.dumps(r) + "\n")
 
 
-def run(shapes=("1.5b", "7b"), workloads=WORKLOADS, out: Path | None = None, scale: float = 1.0) -> list[dict]:
-    """Each workload's records are printed and appended as soon as it is done (a cut-short run keeps them)."""
+def run(shapes=("1.5b", "7b"), workloads=WORKLOADS, out: Path | None = None, scale: float = 1.0,
+        quantization: str | None = None) -> list[dict]:
+    """Each workload's records are printed and appended as soon as it is done (a cut-short run keeps them).
+    `quantization` as engine.quantization ("fp8": the bf16 shapes quantized on load)."""
     if not torch.cuda.is_available():
         raise SystemExit("bench: needs a CUDA GPU")
     commit = os.environ.get("DEEPFLEET_COMMIT", "unknown")
@@ -361,7 +370,7 @@ def run(shapes=("1.5b", "7b"), workloads=WORKLOADS, out: Path | None = None, sca
     _append(records, out)
     for shape in shapes:
         try:
-            records += run_shape(shape, tuple(workloads), commit, bandwidth, rate, scale, out)
+            records += run_shape(shape, tuple(workloads), commit, bandwidth, rate, scale, out, quantization)
         except Exception:  # one failing shape should not hide the other's figures
             import traceback
 

@@ -1,18 +1,31 @@
 """Block-scaled FP8 matrix multiply: y = x · Wᵀ with W float8_e4m3fn [N, K] and float32 scales per (BN_q × BK_q)
 block of W (DeepSeek's 128×128). Reference: `deepfleet.quant.fp8.dequantize` then a matmul.
 
-Two kernels, chosen by the number of rows M:
-- M ≤ 64 (decode): weight streaming. The step is bound by reading W, so x stays in the compute dtype, each FP8
-  tile is widened in registers and the block scale is applied once per 128-wide K step to the partial sum.
-  K is split across programs when N alone gives too few programs to keep every SM reading (down_proj at batch 1).
-- larger M (prefill, big batches): x is quantized per token and group of 128 features (1×128, DeepSeek's dynamic
+Three kernels; which one and with which tiles is a per-shape choice (`config_for`):
+- "gemv" (a few rows, decode): plain loads and FMAs, no tensor cores. One program owns BN weight rows inside one
+  128-row scale block, so the block scales fold into the (tiny) activation tile, x·s, once per K step; the FP8
+  tile is widened to float32 and reduced along K. Wide K steps (256/512 bytes per row) keep enough bytes in
+  flight; K is split across programs when N alone gives too few programs to keep every SM reading.
+- "stream" (up to 64 rows): the same weight streaming through tensor cores: x stays in the compute dtype, each
+  FP8 tile is widened in registers and the block scale is applied once per 128-wide K step to the partial sum.
+- "w8a8" (prefill, big batches): x is quantized per token and group of 128 features (1×128, DeepSeek's dynamic
   activation scheme) and both operands go through FP8 tensor cores; per K step the partial sum is scaled by
   (x group scale) × (W block scale), which is exact for scales constant over the step.
-Both need the K block to be the kernel's K step (a power of two ≥ 16). K and the loop counts are compile-time
-constants (one compilation per layer shape; also, Triton's interpreter cannot loop to a runtime bound under
-numpy ≥ 2.4); M, the batch, stays a runtime value so one compiled kernel serves every batch size."""
+Split K writes float32 partial sums that one small kernel adds up (with the bias, in the output dtype): a fixed
+order, so results do not change from run to run as atomics would make them.
+
+Tiles per (N, K) and row count come from a table measured on the device (kernels/fp8_configs/<device>.json,
+written by bench/fp8_tune.py, the nearest measured row count wins, as vLLM/SGLang do for their block-FP8 GEMM);
+shapes not in it get `default_config`. The K block must be the kernels' K step (a power of two >= 16). K and
+the loop counts are compile-time constants (one compilation per layer shape; also, Triton's interpreter cannot
+loop to a runtime bound under numpy >= 2.4); M stays a runtime value where the kernel allows (not specialised
+on M == 1), so one compiled kernel serves a range of batch sizes."""
 
 from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
 
 import torch
 import triton
@@ -20,7 +33,9 @@ import triton.language as tl
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
-STREAMING_MAX_ROWS = 64
+STREAMING_MAX_ROWS = 64  # the fused MoE's own choice between weight streaming and FP8 activations
+GEMV_MAX_ROWS = 4
+CONFIG_DIR = Path(__file__).with_name("fp8_configs")
 
 
 @triton.jit
@@ -37,32 +52,89 @@ def _round_to_e4m3(x):
 
 
 @triton.jit
-def _quant_groups_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, GROUP: tl.constexpr):
-    row, g = tl.program_id(0), tl.program_id(1)
-    offs = g * GROUP + tl.arange(0, GROUP)
+def _quant_groups_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, GROUP: tl.constexpr,
+                         GROUPS_PER_PROG: tl.constexpr):
+    row, g0 = tl.program_id(0), tl.program_id(1) * GROUPS_PER_PROG
+    groups = g0 + tl.arange(0, GROUPS_PER_PROG)
+    offs = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     mask = offs < K
     x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-10) / 448.0
-    q = _round_to_e4m3(tl.clamp(x / scale, -448.0, 448.0))
+    scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-10) / 448.0
+    q = _round_to_e4m3(tl.clamp(x / scale[:, None], -448.0, 448.0))
     tl.store(q_ptr + row * stride_qm + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(s_ptr + row * stride_sm + g, scale)
+    tl.store(s_ptr + row * stride_sm + groups, scale, mask=groups * GROUP < K)
 
 
 def quantize_activations(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (FP8 [M, K], float32 scales [M, K/group]): per token and group of `group` features."""
     m, k = x.shape
     groups = triton.cdiv(k, group)
+    per_prog = min(8, triton.next_power_of_2(groups))
     q = torch.empty(m, k, dtype=FP8, device=x.device)
     s = torch.empty(m, groups, dtype=torch.float32, device=x.device)
     if m:
-        _quant_groups_kernel[(m, groups)](x, q, s, k, x.stride(0), q.stride(0), s.stride(0), GROUP=group)
+        _quant_groups_kernel[(m, triton.cdiv(groups, per_prog))](
+            x, q, s, k, x.stride(0), q.stride(0), s.stride(0), GROUP=group, GROUPS_PER_PROG=per_prog)
     return q, s
 
 
 @triton.jit
-def _streaming_kernel(x_ptr, w_ptr, ws_ptr, out_ptr, M, N, K: tl.constexpr, TILES_PER_SPLIT: tl.constexpr,
-                      stride_xm, stride_wn, stride_wsn, stride_os, stride_om,
-                      BLOCK_WN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _store_or_partial(acc, out_ptr, bias_ptr, split, offs_m, offs_n, mask_m, mask_n, stride_os, stride_om,
+                      HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """SPLIT == 1: the result (+ bias) in out's dtype; else this split's float32 partial sum."""
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=mask)
+    else:
+        tl.store(out_ptr + split * stride_os + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=mask)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _sum_splits_kernel(partial_ptr, out_ptr, bias_ptr, M, N, stride_ps, HAS_BIAS: tl.constexpr,
+                       SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    acc = tl.load(partial_ptr + offs, mask=mask, other=0.0)
+    for s in range(1, SPLIT):
+        acc += tl.load(partial_ptr + s * stride_ps + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, ws_ptr, out_ptr, bias_ptr, M, N, K: tl.constexpr, TILES_PER_SPLIT: tl.constexpr,
+                 stride_xm, stride_wn, stride_wsn, stride_os, stride_om,
+                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_WN: tl.constexpr, BLOCK_WK: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # BN divides BLOCK_WN: all rows of the program share one row of block scales
+    pid_n, split = tl.program_id(0), tl.program_id(1)
+    offs_m = tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    scale_row = ws_ptr + (pid_n * BN // BLOCK_WN) * stride_wsn
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for i in range(0, TILES_PER_SPLIT):
+        offs_k = (split * TILES_PER_SPLIT + i) * BK + tl.arange(0, BK)
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                    other=0.0).to(tl.float32)
+        s = tl.load(scale_row + offs_k // BLOCK_WK, mask=mask_k, other=0.0)
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :],
+                    other=0.0).to(tl.float32)
+        acc += tl.sum(w[None, :, :] * (x * s[None, :])[:, None, :], axis=2)
+    _store_or_partial(acc, out_ptr, bias_ptr, split, offs_m, offs_n, mask_m, mask_n, stride_os, stride_om,
+                      HAS_BIAS, SPLIT)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _stream_kernel(x_ptr, w_ptr, ws_ptr, out_ptr, bias_ptr, M, N, K: tl.constexpr, TILES_PER_SPLIT: tl.constexpr,
+                   stride_xm, stride_wn, stride_wsn, stride_os, stride_om,
+                   HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_WN: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_n, split = tl.program_id(0), tl.program_id(1)
     offs_m = tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -78,11 +150,11 @@ def _streaming_kernel(x_ptr, w_ptr, ws_ptr, out_ptr, M, N, K: tl.constexpr, TILE
                     other=0.0)
         ws = tl.load(ws_ptr + (offs_n // BLOCK_WN) * stride_wsn + t, mask=mask_n & (t * BK < K), other=0.0)
         acc += tl.dot(x, w.to(x.dtype)) * ws[None, :]
-    tl.store(out_ptr + split * stride_os + offs_m[:, None] * stride_om + offs_n[None, :], acc,
-             mask=mask_m[:, None] & mask_n[None, :])
+    _store_or_partial(acc, out_ptr, bias_ptr, split, offs_m, offs_n, mask_m, mask_n, stride_os, stride_om,
+                      HAS_BIAS, SPLIT)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _w8a8_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, c_ptr, bias_ptr, M, N, K: tl.constexpr,
                  stride_am, stride_asm, stride_wn, stride_wsn, stride_cm,
                  HAS_BIAS: tl.constexpr, BLOCK_WN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -109,10 +181,7 @@ def _w8a8_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, c_ptr, bias_ptr, M, N, K: tl.cons
         a_s = tl.load(as_ptr + offs_m * stride_asm + t, mask=mask_m, other=0.0)
         w_s = tl.load(ws_ptr + (offs_n // BLOCK_WN) * stride_wsn + t, mask=mask_n, other=0.0)
         acc += tl.dot(a, w) * a_s[:, None] * w_s[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+    _store_or_partial(acc, c_ptr, bias_ptr, 0, offs_m, offs_n, mask_m, mask_n, 0, stride_cm, HAS_BIAS, 1)
 
 
 def _check_block(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> None:
@@ -124,43 +193,61 @@ def _check_block(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, in
         raise ValueError(f"scale shape {tuple(scale.shape)} does not fit weight {(n, k)} in blocks {block}")
 
 
-def _streaming(x, weight, scale, block, bias, num_sms: int):
-    m, k = x.shape
-    n = weight.shape[0]
-    bm = max(16, triton.next_power_of_2(m))
-    bn = 64 if n >= 4096 else 32
-    bk = block[1]
-    k_tiles = triton.cdiv(k, bk)
-    n_progs = triton.cdiv(n, bn)
-    split = max(1, min(triton.cdiv(2 * num_sms, n_progs), k_tiles // 4 or 1))
-    tiles_per_split = triton.cdiv(k_tiles, split)
-    split = triton.cdiv(k_tiles, tiles_per_split)
-    partial = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-    _streaming_kernel[(n_progs, split)](
-        x, weight, scale, partial, m, n, k, tiles_per_split,
-        x.stride(0), weight.stride(0), scale.stride(0), partial.stride(0), partial.stride(1),
-        BLOCK_WN=block[0], BM=bm, BN=bn, BK=bk, num_warps=4, num_stages=4,
-    )
-    out = partial[0] if split == 1 else partial.sum(0)
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(x.dtype)
+# ---- tile choice ---------------------------------------------------------------------------------------------------
+def auto_split(n_programs: int, k_tiles: int, num_sms: int) -> int:
+    """K splits that give about 2 programs per SM, each with at least 2 K steps."""
+    return max(1, min(triton.cdiv(2 * num_sms, n_programs), k_tiles // 2 or 1))
 
 
-def _w8a8(x, weight, scale, block, bias):
-    m, k = x.shape
-    n = weight.shape[0]
-    a, a_s = quantize_activations(x, block[1])
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    bm, bn = (64, 128) if m <= 128 else (128, 128)
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _w8a8_kernel[grid](
-        a, a_s, weight, scale, out, bias if bias is not None else out, m, n, k,
-        a.stride(0), a_s.stride(0), weight.stride(0), scale.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_WN=block[0], BM=bm, BN=bn, BK=block[1], GROUP_M=8,
-        num_warps=8 if bm == 128 else 4, num_stages=3,
-    )
-    return out
+def default_config(m: int, n: int, k: int, block: tuple[int, int], num_sms: int) -> dict:
+    """Tiles for a shape the measured table lacks (choices of the first H200 tuning run's kind)."""
+    if m <= GEMV_MAX_ROWS and block[0] % 32 == 0:
+        bk = max(block[1], 256)
+        return dict(kernel="gemv", BN=32, BK=bk, SPLIT=auto_split(triton.cdiv(n, 32), triton.cdiv(k, bk), num_sms),
+                    num_warps=4, num_stages=1)
+    if m <= STREAMING_MAX_ROWS:
+        bn = 64 if n >= 4096 else 32
+        return dict(kernel="stream", BN=bn, SPLIT=auto_split(triton.cdiv(n, bn), triton.cdiv(k, block[1]), num_sms),
+                    num_warps=4, num_stages=4)
+    bm = 64 if m <= 128 else 128
+    return dict(kernel="w8a8", BM=bm, BN=128, GROUP_M=8, num_warps=8 if bm == 128 else 4, num_stages=3)
+
+
+def _device_key(device: torch.device) -> str:
+    return "".join(c if c.isalnum() else "_" for c in torch.cuda.get_device_name(device))
+
+
+@functools.cache
+def _measured_table(device_key: str) -> dict[tuple[int, int], dict[int, dict]]:
+    path = CONFIG_DIR / f"{device_key}.json"
+    if not path.is_file():
+        return {}
+    raw = json.loads(path.read_text())
+    table = {}
+    for shape, by_rows in raw["configs"].items():
+        n, k = (int(part.split("=")[1]) for part in shape.split(","))
+        table[(n, k)] = {int(rows): cfg for rows, cfg in by_rows.items()}
+    return table
+
+
+def _runs(cfg: dict, m: int, block: tuple[int, int]) -> bool:
+    if cfg["kernel"] == "gemv":
+        return m <= GEMV_MAX_ROWS and block[0] % cfg["BN"] == 0
+    return cfg["kernel"] != "stream" or m <= STREAMING_MAX_ROWS
+
+
+def config_for(m: int, n: int, k: int, block: tuple[int, int], device: torch.device) -> dict:
+    """The measured tiles of the nearest measured row count whose kernel runs m rows; else `default_config`."""
+    if device.type == "cuda":
+        picked = pick_measured(_measured_table(_device_key(device)).get((n, k), {}), m, block)
+        if picked is not None:
+            return picked
+    return default_config(m, n, k, block, _num_sms(device))
+
+
+def pick_measured(measured: dict[int, dict], m: int, block: tuple[int, int]) -> dict | None:
+    usable = [rows for rows, cfg in measured.items() if _runs(cfg, m, block)]
+    return measured[min(usable, key=lambda rows: (abs(rows - m), rows))] if usable else None
 
 
 def _num_sms(device: torch.device) -> int:
@@ -169,11 +256,66 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# ---- launches ------------------------------------------------------------------------------------------------------
+def _split_launch(kernel, x, weight, scale, block, bias, cfg, bm, bk, extra):
+    m, k = x.shape
+    n = weight.shape[0]
+    k_tiles = triton.cdiv(k, bk)
+    tiles_per_split = triton.cdiv(k_tiles, max(1, min(cfg["SPLIT"], k_tiles)))
+    split = triton.cdiv(k_tiles, tiles_per_split)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    has_bias = bias is not None
+    kernel[(triton.cdiv(n, cfg["BN"]), split)](
+        x, weight, scale, target, bias if has_bias else out, m, n, k, tiles_per_split,
+        x.stride(0), weight.stride(0), scale.stride(0), target.stride(0) if split > 1 else 0, n,
+        HAS_BIAS=has_bias, SPLIT=split, BLOCK_WN=block[0], BM=bm, BN=cfg["BN"], BK=bk, **extra,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if split > 1:
+        block_elems = 1024
+        _sum_splits_kernel[(triton.cdiv(m * n, block_elems),)](
+            target, out, bias if has_bias else out, m, n, target.stride(0), HAS_BIAS=has_bias, SPLIT=split,
+            BLOCK=block_elems, num_warps=4)
+    return out
+
+
+def _gemv(x, weight, scale, block, bias, cfg):
+    bm = triton.next_power_of_2(x.shape[0])
+    return _split_launch(_gemv_kernel, x, weight, scale, block, bias, cfg, bm, cfg["BK"], {"BLOCK_WK": block[1]})
+
+
+def _stream(x, weight, scale, block, bias, cfg):
+    bm = max(16, triton.next_power_of_2(x.shape[0]))
+    return _split_launch(_stream_kernel, x, weight, scale, block, bias, cfg, bm, block[1], {})
+
+
+def _w8a8(x, weight, scale, block, bias, cfg):
+    m, k = x.shape
+    n = weight.shape[0]
+    a, a_s = quantize_activations(x, block[1])
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    bm, bn = cfg["BM"], cfg["BN"]
+    _w8a8_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](
+        a, a_s, weight, scale, out, bias if bias is not None else out, m, n, k,
+        a.stride(0), a_s.stride(0), weight.stride(0), scale.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_WN=block[0], BM=bm, BN=bn, BK=block[1], GROUP_M=cfg["GROUP_M"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+KERNELS = {"gemv": _gemv, "stream": _stream, "w8a8": _w8a8}
+
+
 def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
-               bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] (bf16/fp16/fp32) · (weight [N, K] FP8 with block scales)ᵀ (+ bias) -> [M, N] in x's dtype."""
+               bias: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """x [M, K] (bf16/fp16/fp32) · (weight [N, K] FP8 with block scales)ᵀ (+ bias) -> [M, N] in x's dtype.
+    `config` overrides the table's tiles (the tuner, tests)."""
     _check_block(weight, scale, block)
     x = x.contiguous()
-    if x.shape[0] <= STREAMING_MAX_ROWS:
-        return _streaming(x, weight, scale, block, bias, _num_sms(x.device))
-    return _w8a8(x, weight, scale, block, bias)
+    m, k = x.shape
+    cfg = config or config_for(m, weight.shape[0], k, block, x.device)
+    if not _runs(cfg, m, block):
+        raise ValueError(f"tiles {cfg} cannot run {m} rows in blocks {block}")
+    return KERNELS[cfg["kernel"]](x, weight, scale, block, bias, cfg)

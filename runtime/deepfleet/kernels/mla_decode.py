@@ -10,7 +10,7 @@ Here a program owns BLOCK_H = 64 heads of one sequence (the value accumulator is
 that stays in registers with 8 warps), so the 576-wide rows are read twice per 128 heads instead of eight times;
 score and value products are two tensor-core dots per KV tile (512 + 64, no padding of 576 to 1024).
 Split KV (flash-decoding) when batch × head tiles leave SMs idle: the split count comes from the launch shape, each
-split covers a fixed range of the block table and skips tiles past the sequence's length (read on the device), so
+split covers an even share of the sequence's own length (read on the device) within a compile-time bound, so
 the launch is CUDA-graph capturable; partial results merge by their log-sum-exp in plain tensor ops.
 Loop trip counts are compile-time (one compilation per block-table width, which the runner buckets to powers of
 two). Reference: softmax attention over the gathered latent rows (tests/unit/kernels/test_kernels_mla_decode.py).
@@ -32,7 +32,8 @@ def _mla_decode_kernel(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr,
                        stride_qt, stride_qh, stride_cb, stride_cs, stride_tb, stride_os, stride_ot, stride_oh,
                        stride_ls, stride_lt,
                        BLOCK_SIZE: tl.constexpr, D_LAT: tl.constexpr, D_ROPE: tl.constexpr, BLOCK_H: tl.constexpr,
-                       BLOCK_N: tl.constexpr, TILES_PER_SPLIT: tl.constexpr):
+                       BLOCK_N: tl.constexpr, TILES_PER_SPLIT: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                       PRECISION: tl.constexpr):
     seq, head_tile, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ctx = tl.load(lens_ptr + seq)
     heads = head_tile * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -44,23 +45,27 @@ def _mla_decode_kernel(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr,
     m = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
     denom = tl.zeros((BLOCK_H,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_H, D_LAT), dtype=tl.float32)
-    first = split * TILES_PER_SPLIT * BLOCK_N
+    # this split's even share of the sequence's own tiles (not of the table's width: a graph captured for the
+    # longest context still spreads a short one over every split); TILES_PER_SPLIT bounds the share
+    per_split = ((ctx + BLOCK_N - 1) // BLOCK_N + NUM_SPLITS - 1) // NUM_SPLITS
+    first = split * per_split * BLOCK_N
     for i in range(0, TILES_PER_SPLIT):
         start = first + i * BLOCK_N
-        if start < ctx:
+        if (i < per_split) & (start < ctx):
             pos = start + tl.arange(0, BLOCK_N)
             valid = pos < ctx
             block = tl.load(tables_ptr + seq * stride_tb + pos // BLOCK_SIZE, mask=valid, other=0)
             row = cache_ptr + block.to(tl.int64) * stride_cb + (pos % BLOCK_SIZE) * stride_cs
             k_lat = tl.load(row[:, None] + d_lat[None, :], mask=valid[:, None], other=0.0)
             k_rope = tl.load(row[:, None] + D_LAT + d_rope[None, :], mask=valid[:, None], other=0.0)
-            scores = tl.dot(q_lat, tl.trans(k_lat)) + tl.dot(q_rope, tl.trans(k_rope))
+            scores = (tl.dot(q_lat, tl.trans(k_lat), input_precision=PRECISION)
+                      + tl.dot(q_rope, tl.trans(k_rope), input_precision=PRECISION))
             scores = tl.where(valid[None, :], scores * sm_scale, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, axis=1))
             p = tl.exp(scores - m_new[:, None])
             alpha = tl.exp(m - m_new)
             denom = denom * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(k_lat.dtype), k_lat)
+            acc = acc * alpha[:, None] + tl.dot(p.to(k_lat.dtype), k_lat, input_precision=PRECISION)
             m = m_new
     # an empty split (sequence shorter than its range) stores lse -inf: weight 0 in the merge
     safe = tl.where(denom > 0, denom, 1.0)
@@ -74,6 +79,11 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
+def fits(kv_lora_rank: int, rope_dim: int) -> bool:
+    """Whether the kernel runs these widths (powers of two >= 16, as tl.dot and tl.arange need)."""
+    return all(d >= 16 and not d & (d - 1) for d in (kv_lora_rank, rope_dim))
+
+
 def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
                scale: float, kv_lora_rank: int) -> torch.Tensor:
     """q [B, H, kv_lora_rank + rope] (absorbed queries, one per decoding sequence); cache [num_blocks, block_size,
@@ -82,7 +92,7 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
     b, heads, dim = q.shape
     d_rope = dim - kv_lora_rank
     for name, d in (("kv_lora_rank", kv_lora_rank), ("qk_rope_head_dim", d_rope)):
-        if d < 16 or d & (d - 1):
+        if not fits(d, 16):
             raise ValueError(f"{name}={d}: the MLA decode kernel needs a power of two >= 16")
     if tuple(cache.shape[2:]) != (1, dim):
         raise ValueError(f"cache rows {tuple(cache.shape[2:])} do not match one latent head of width {dim}")
@@ -102,7 +112,8 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
         q.stride(0), q.stride(1), cache.stride(0), cache.stride(1), block_tables.stride(0),
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
         BLOCK_SIZE=block_size, D_LAT=kv_lora_rank, D_ROPE=d_rope, BLOCK_H=block_h, BLOCK_N=block_n,
-        TILES_PER_SPLIT=tiles_per_split, num_warps=8 if block_h == 64 else 4, num_stages=2,
+        TILES_PER_SPLIT=tiles_per_split, NUM_SPLITS=splits,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=8 if block_h == 64 else 4, num_stages=2,
     )
     if splits == 1:
         return part[0].to(q.dtype)

@@ -25,13 +25,33 @@ from torch import nn
 from deepfleet import quant
 from deepfleet.distributed import parallel_state as ps
 from deepfleet.distributed.layers import expert_inner_split, local_heads, mark_scales, shard_experts
-from deepfleet.models.attention import AttentionMetadata, paged_attention
+from deepfleet.models.attention import AttentionMetadata, paged_attention, write_kv
 from deepfleet.models.base import FUSED_PROJECTIONS, Backbone, CausalLM, decoder_layer_forward
 from deepfleet.models.config import ModelConfig
 from deepfleet.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, _yarn_mscale, linear, silu_and_mul
 from deepfleet.quant import fp8
 
 _EXPERT_SHARDS = {"gate_proj": ("w13", 0), "up_proj": ("w13", 1), "down_proj": ("w2", None)}
+
+
+# Pure-decode steps on CUDA attend with kernels.mla_decode (absorbed MLA, 64-head tiles over the latent rows)
+# instead of the generic paged kernel (16-head tiles): chosen by the H200 comparison in bench/RESULTS.md
+# ("MLA decode"); False keeps every step on the generic kernel.
+MLA_DECODE_KERNEL = True
+
+
+def mla_attention(query: torch.Tensor, key: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
+                  scale: float, kv_lora_rank: int) -> torch.Tensor:
+    """query [T, H, kv_lora + rope] (absorbed), key [T, 1, kv_lora + rope] (latent | rope key) -> [T, H, kv_lora]"""
+    if MLA_DECODE_KERNEL and query.is_cuda and meta.max_query_len == 1 and not meta.prefills:
+        from deepfleet.kernels import mla_decode
+
+        if mla_decode.fits(kv_lora_rank, query.shape[-1] - kv_lora_rank):
+            write_kv(cache, key, meta.slot_mapping)
+            n = meta.num_decodes
+            return mla_decode.mla_decode(query, cache, meta.block_tables[:n], meta.context_lens[:n], scale,
+                                         kv_lora_rank)
+    return paged_attention(query, key, None, cache, None, meta, scale, kv_lora_rank)
 
 
 class MLAttention(nn.Module):
@@ -87,7 +107,7 @@ class MLAttention(nn.Module):
         q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk)
         query = torch.cat([q_latent, q_rope], dim=-1)
         key = torch.cat([latent.view(t, 1, self.kv_lora_rank), k_rope], dim=-1)
-        out_latent = paged_attention(query, key, None, kv_cache[0], None, meta, self.scale, self.kv_lora_rank)
+        out_latent = mla_attention(query, key, kv_cache[0], meta, self.scale, self.kv_lora_rank)
         out = torch.einsum("thc,hvc->thv", out_latent, w_uv)
         return self.o_proj(out.reshape(t, self.num_heads * self.v_dim))
 

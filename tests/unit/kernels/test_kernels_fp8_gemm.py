@@ -1,7 +1,9 @@
 """The block-FP8 GEMM kernels under TRITON_INTERPRET=1 on CPU tensors (set by tests/conftest.py), against the
-dequantize-then-matmul reference: the weight-streaming path (few rows, K split across programs), the FP8×FP8 path
-(per-token 1×128 activation groups), partial blocks in N and K, bias, and the activation quantizer against its
-plain definition."""
+dequantize-then-matmul reference: the GEMV and tensor-core weight-streaming kernels (few rows, K split across
+programs or not), the FP8×FP8 kernel (per-token 1×128 activation groups), partial blocks in N and K, bias, the
+activation quantizer against its plain definition, and every tile choice in the measured tables."""
+
+import json
 
 import pytest
 import torch
@@ -22,12 +24,23 @@ def _rel_err(got, want):
     return ((got - want).abs().max() / want.abs().max()).item()
 
 
-@pytest.mark.parametrize(("m", "n", "k"), [(1, 192, 512), (5, 64, 200)])
-def test_streaming_path_matches_reference(m, n, k):
+GEMV = dict(kernel="gemv", BN=32, BK=256, num_warps=4, num_stages=1)
+STREAM = dict(kernel="stream", BN=32, num_warps=4, num_stages=2)
+
+
+@pytest.mark.parametrize(("m", "n", "k", "cfg"), [
+    (1, 192, 512, None),  # the default choice for one row
+    (3, 160, 600, {**GEMV, "SPLIT": 2}),  # partial K step (600 = 2 x 256 + 88), two splits, partial rows
+    (4, 96, 384, {**GEMV, "SPLIT": 1, "BK": 128}),
+    (5, 64, 200, None),
+    (9, 96, 384, {**STREAM, "SPLIT": 3}),
+    (9, 96, 384, {**STREAM, "SPLIT": 1}),
+])
+def test_streaming_kernels_match_reference(m, n, k, cfg):
     w, s = _weights(n, k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
     bias = torch.randn(n, generator=torch.Generator().manual_seed(2))
-    got = fp8_gemm.fp8_matmul(x, w, s, BLOCK, bias)
+    got = fp8_gemm.fp8_matmul(x, w, s, BLOCK, bias, config=cfg)
     want = x @ dequantize(w, s, BLOCK).T + bias
     assert _rel_err(got, want) < 1e-5
 
@@ -53,6 +66,34 @@ def test_fp8_tensor_core_path_matches_reference():
     assert _rel_err(got, want) < 1e-5
     # and close to the unquantized-activation product: what per-token-group quantization costs
     assert _rel_err(got, x @ dequantize(w, s, BLOCK).T) < 0.05
+
+
+def test_every_measured_tile_choice_runs_and_matches_reference():
+    seen = {}
+    for path in sorted(fp8_gemm.CONFIG_DIR.glob("*.json")):
+        for by_rows in json.loads(path.read_text())["configs"].values():
+            for rows, cfg in by_rows.items():
+                tiles = {key: v for key, v in cfg.items() if key != "SPLIT"}
+                seen.setdefault(json.dumps(tiles, sort_keys=True), (min(int(rows), 3), cfg))
+    w, s = _weights(130, 384, seed=7)
+    wd = dequantize(w, s, BLOCK)
+    for m, cfg in seen.values():
+        x = torch.randn(m, 384, generator=torch.Generator().manual_seed(8))
+        want = x @ wd.T
+        if cfg["kernel"] == "w8a8":
+            want = dequantize(*quantize(x, (1, 128)), (1, 128)) @ wd.T
+        assert _rel_err(fp8_gemm.fp8_matmul(x, w, s, BLOCK, config={**cfg, "SPLIT": 2}), want) < 1e-5, cfg
+
+
+def test_the_nearest_measured_row_count_whose_kernel_fits_is_used():
+    table = {1: {**GEMV, "SPLIT": 1}, 4: {**GEMV, "SPLIT": 2}, 16: {**STREAM, "SPLIT": 1},
+             256: dict(kernel="w8a8", BM=64, BN=128, GROUP_M=8, num_warps=4, num_stages=3)}
+    pick = fp8_gemm.pick_measured
+    assert pick(table, 2, BLOCK) is table[1]
+    assert pick(table, 3, BLOCK) is table[4]
+    assert pick(table, 6, BLOCK) is table[16]  # 4 is nearer, but its GEMV tiles run at most 4 rows
+    assert pick(table, 100, BLOCK) is table[256]  # 16's streaming tiles run at most 64 rows
+    assert pick({4: {**GEMV, "SPLIT": 1, "BN": 64}}, 2, (32, 128)) is None  # 64-row GEMV tiles span two scale rows
 
 
 def test_block_sizes_the_kernels_cannot_run_are_refused():
