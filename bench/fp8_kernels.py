@@ -6,7 +6,7 @@ with their same-run baselines. Prints a table and writes JSON records (bench/res
 1. correctness: fp8_matmul (each kernel), fused_experts (bf16 and FP8) vs reference.
 2. 7B-shaped projections (R1-Distill-Qwen-7B: qkv, o, gate_up, down) per layer, FP8 vs bf16 F.linear, batch
    1 / 64 / 256, timed as CUDA-graph replays over 8 layers of distinct weights (more than L2 holds).
-3. MLA decode at V3 width: kernels.mla_decode vs the generic paged kernel (chooses the V3 decode path below).
+3. MLA decode at V3 width: kernels.mla_decode vs the generic paged kernel.
 4. a tiny FP8 DeepSeek-V3 through the engine with CUDA graphs vs eager (greedy tokens equal), float32 and bf16.
 5. V3 MoE at batch 256 (256 experts, 8 per token, H 7168, I 2048): fused FP8 and bf16 vs the per-expert loop.
 6. V3-shaped decoder layers at full width, random FP8 weights made on the GPU: one MoE layer's decode time at
@@ -179,14 +179,11 @@ def moe_256():
 def mla():
     """Absorbed MLA decode at V3 width (128 heads, latent 512 + rope 64, block 16): kernels.mla_decode vs the generic
     paged kernel, both over a block table as wide as an 8k context (what a captured decode graph holds), on shuffled
-    blocks. Sets deepseek_v3.MLA_DECODE_KERNEL for the later sections from the result at batch 1 and 64."""
+    blocks. The result sets deepseek_v3.MLA_DECODE_MIN_BATCH (by hand)."""
     from deepfleet.kernels.mla_decode import mla_decode
     from deepfleet.kernels.paged_attention import paged_attention
-    from deepfleet.models import deepseek_v3
-
     heads, lat, rope, bs, width = 128, 512, 64, 16, 8192 // 16
     scale = 192**-0.5
-    wins = {}
     for b, ctx in ((1, 512), (1, 4096), (8, 2048), (64, 512), (64, 2048), (256, 512)):
         blocks = b * width + 1
         cache = torch.randn(blocks, bs, 1, lat + rope, device=DEV, dtype=torch.bfloat16)
@@ -204,11 +201,7 @@ def mla():
         record(shape, "mla_decode", "us", t_m * 1e3, "us")
         record(shape, "mla_decode vs generic", "speedup", t_g / t_m, "x")
         record(shape, "mla_decode latent bytes / time", "bandwidth", latent_mb / t_m, "GB/s")
-        wins[(b, ctx)] = t_g / t_m
         del cache
-    deepseek_v3.MLA_DECODE_KERNEL = all(v > 1.0 for v in wins.values())
-    record("MLA decode", "routed into V3 decode for the next sections", "mla_decode_kernel",
-           float(deepseek_v3.MLA_DECODE_KERNEL), "bool")
 
 
 V3 = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 129280,
@@ -274,12 +267,8 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--commit", default="")
     ap.add_argument("--skip", default="")
-    ap.add_argument("--generic-mla", action="store_true", help="V3 decode on the generic paged kernel")
     a = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
-    from deepfleet.models import deepseek_v3
-
-    deepseek_v3.MLA_DECODE_KERNEL = not a.generic_mla  # until the mla section has measured
     for name, fn in (("correctness", correctness), ("dense", dense_7b), ("mla", mla), ("engine", engine_graphs),
                      ("moe", moe_256), ("v3", v3_layers)):
         if name in a.skip.split(","):

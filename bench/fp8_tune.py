@@ -39,11 +39,6 @@ L2_FREE_BYTES = 320 << 20  # weight copies per timed graph: at least this many b
 
 def candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
     out = []
-    if m <= fp8_gemm.GEMV_MAX_ROWS:
-        for bn, bk, warps in ((16, 512, 4), (32, 256, 4), (32, 512, 8), (64, 256, 8)):
-            auto = fp8_gemm.auto_split(-(-n // bn), -(-k // bk), sms)
-            for split in sorted({1, auto, 2 * auto}):
-                out.append(dict(kernel="gemv", BN=bn, BK=bk, SPLIT=split, num_warps=warps, num_stages=1))
     if m <= fp8_gemm.STREAMING_MAX_ROWS:
         for bn, stages in ((32, 4), (64, 4), (128, 3)):
             auto = fp8_gemm.auto_split(-(-n // bn), -(-k // 128), sms)
@@ -68,16 +63,14 @@ def jobs(shape_sets, sms):
 
 
 def compile_key(job) -> tuple:
-    """What makes two candidates one compiled kernel (the constexprs, and M == 1 where M is specialised)."""
+    """What makes two candidates one compiled kernel (the constexprs)."""
     _, _, n, k, m, cfg = job
     if cfg["kernel"] == "w8a8":
         return "w8a8", k, tuple(sorted(cfg.items()))
-    bk = cfg.get("BK", 128)
-    k_tiles = -(-k // bk)
+    k_tiles = -(-k // 128)
     per_split = -(-k_tiles // max(1, min(cfg["SPLIT"], k_tiles)))
-    rows = 1 << (m - 1).bit_length()
-    return cfg["kernel"], k, per_split, -(-k_tiles // per_split), max(rows, 16) if cfg["kernel"] == "stream" \
-        else rows, tuple(sorted(cfg.items())), m == 1
+    return "stream", k, per_split, -(-k_tiles // per_split), max(1 << (m - 1).bit_length(), 16), \
+        tuple(sorted(cfg.items()))
 
 
 def _compile(batch):

@@ -1,25 +1,25 @@
 """Block-scaled FP8 matrix multiply: y = x · Wᵀ with W float8_e4m3fn [N, K] and float32 scales per (BN_q × BK_q)
 block of W (DeepSeek's 128×128). Reference: `deepfleet.quant.fp8.dequantize` then a matmul.
 
-Three kernels; which one and with which tiles is a per-shape choice (`config_for`):
-- "gemv" (a few rows, decode): plain loads and FMAs, no tensor cores. One program owns BN weight rows inside one
-  128-row scale block, so the block scales fold into the (tiny) activation tile, x·s, once per K step; the FP8
-  tile is widened to float32 and reduced along K. Wide K steps (256/512 bytes per row) keep enough bytes in
-  flight; K is split across programs when N alone gives too few programs to keep every SM reading.
-- "stream" (up to 64 rows): the same weight streaming through tensor cores: x stays in the compute dtype, each
-  FP8 tile is widened in registers and the block scale is applied once per 128-wide K step to the partial sum.
-- "w8a8" (prefill, big batches): x is quantized per token and group of 128 features (1×128, DeepSeek's dynamic
-  activation scheme) and both operands go through FP8 tensor cores; per K step the partial sum is scaled by
-  (x group scale) × (W block scale), which is exact for scales constant over the step.
-Split K writes float32 partial sums that one small kernel adds up (with the bias, in the output dtype): a fixed
-order, so results do not change from run to run as atomics would make them.
+Two kernels; which one and with which tiles is a per-shape choice (`config_for`):
+- "stream" (up to 64 rows): weight streaming through tensor cores: x stays in the compute dtype, each FP8 tile
+  is widened in registers and the block scale is applied once per 128-wide K step to the partial sum. K is
+  split across programs when N alone gives too few programs to keep every SM reading; the float32 partial sums
+  are added by one small kernel (with the bias, in the output dtype) in a fixed order, so results do not change
+  from run to run as atomics would make them.
+- "w8a8": x is quantized per token and group of 128 features (1×128, DeepSeek's dynamic activation scheme) and
+  both operands go through FP8 tensor cores; per K step the partial sum is scaled by (x group scale) × (W block
+  scale), which is exact for scales constant over the step. On the H200 this is also the fastest way to stream
+  a big weight (>= 100 MB) at batch 1, with 16-row tiles: no widening in registers.
+A third, tensor-core-free GEMV kernel was among the candidates of the first H200 tuning run and was never the
+fastest for any shape or row count (bench/RESULTS.md, 2026-12-02), so it is gone.
 
 Tiles per (N, K) and row count come from a table measured on the device (kernels/fp8_configs/<device>.json,
-written by bench/fp8_tune.py, the nearest measured row count wins, as vLLM/SGLang do for their block-FP8 GEMM);
+written by bench/fp8_tune.py; the nearest measured row count wins, as vLLM/SGLang do for their block-FP8 GEMM);
 shapes not in it get `default_config`. The K block must be the kernels' K step (a power of two >= 16). K and
 the loop counts are compile-time constants (one compilation per layer shape; also, Triton's interpreter cannot
-loop to a runtime bound under numpy >= 2.4); M stays a runtime value where the kernel allows (not specialised
-on M == 1), so one compiled kernel serves a range of batch sizes."""
+loop to a runtime bound under numpy >= 2.4); M stays a runtime value (not specialised on M == 1), so one
+compiled kernel serves a range of batch sizes."""
 
 from __future__ import annotations
 
@@ -34,7 +34,6 @@ import triton.language as tl
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 STREAMING_MAX_ROWS = 64  # the fused MoE's own choice between weight streaming and FP8 activations
-GEMV_MAX_ROWS = 4
 CONFIG_DIR = Path(__file__).with_name("fp8_configs")
 
 
@@ -103,31 +102,6 @@ def _sum_splits_kernel(partial_ptr, out_ptr, bias_ptr, M, N, stride_ps, HAS_BIAS
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _gemv_kernel(x_ptr, w_ptr, ws_ptr, out_ptr, bias_ptr, M, N, K: tl.constexpr, TILES_PER_SPLIT: tl.constexpr,
-                 stride_xm, stride_wn, stride_wsn, stride_os, stride_om,
-                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_WN: tl.constexpr, BLOCK_WK: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    # BN divides BLOCK_WN: all rows of the program share one row of block scales
-    pid_n, split = tl.program_id(0), tl.program_id(1)
-    offs_m = tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    mask_m, mask_n = offs_m < M, offs_n < N
-    scale_row = ws_ptr + (pid_n * BN // BLOCK_WN) * stride_wsn
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for i in range(0, TILES_PER_SPLIT):
-        offs_k = (split * TILES_PER_SPLIT + i) * BK + tl.arange(0, BK)
-        mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
-                    other=0.0).to(tl.float32)
-        s = tl.load(scale_row + offs_k // BLOCK_WK, mask=mask_k, other=0.0)
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :],
-                    other=0.0).to(tl.float32)
-        acc += tl.sum(w[None, :, :] * (x * s[None, :])[:, None, :], axis=2)
-    _store_or_partial(acc, out_ptr, bias_ptr, split, offs_m, offs_n, mask_m, mask_n, stride_os, stride_om,
-                      HAS_BIAS, SPLIT)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -200,17 +174,15 @@ def auto_split(n_programs: int, k_tiles: int, num_sms: int) -> int:
 
 
 def default_config(m: int, n: int, k: int, block: tuple[int, int], num_sms: int) -> dict:
-    """Tiles for a shape the measured table lacks (choices of the first H200 tuning run's kind)."""
-    if m <= GEMV_MAX_ROWS and block[0] % 32 == 0:
-        bk = max(block[1], 256)
-        return dict(kernel="gemv", BN=32, BK=bk, SPLIT=auto_split(triton.cdiv(n, 32), triton.cdiv(k, bk), num_sms),
-                    num_warps=4, num_stages=1)
-    if m <= STREAMING_MAX_ROWS:
-        bn = 64 if n >= 4096 else 32
+    """Tiles for a shape the measured table lacks, after the H200 table (bench/RESULTS.md): FP8 activations with
+    16-row tiles stream the big weights fastest even for one row; smaller weights want the K split of the
+    streaming kernel; 64-row FP8 tiles above 64 rows."""
+    if m <= 32 and n * k < (100 << 20):
+        bn = 32
         return dict(kernel="stream", BN=bn, SPLIT=auto_split(triton.cdiv(n, bn), triton.cdiv(k, block[1]), num_sms),
                     num_warps=4, num_stages=4)
-    bm = 64 if m <= 128 else 128
-    return dict(kernel="w8a8", BM=bm, BN=128, GROUP_M=8, num_warps=8 if bm == 128 else 4, num_stages=3)
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64
+    return dict(kernel="w8a8", BM=bm, BN=64 if m <= 128 else 128, GROUP_M=8, num_warps=4, num_stages=4)
 
 
 def _device_key(device: torch.device) -> str:
@@ -230,23 +202,21 @@ def _measured_table(device_key: str) -> dict[tuple[int, int], dict[int, dict]]:
     return table
 
 
-def _runs(cfg: dict, m: int, block: tuple[int, int]) -> bool:
-    if cfg["kernel"] == "gemv":
-        return m <= GEMV_MAX_ROWS and block[0] % cfg["BN"] == 0
+def _runs(cfg: dict, m: int) -> bool:
     return cfg["kernel"] != "stream" or m <= STREAMING_MAX_ROWS
 
 
 def config_for(m: int, n: int, k: int, block: tuple[int, int], device: torch.device) -> dict:
     """The measured tiles of the nearest measured row count whose kernel runs m rows; else `default_config`."""
     if device.type == "cuda":
-        picked = pick_measured(_measured_table(_device_key(device)).get((n, k), {}), m, block)
+        picked = pick_measured(_measured_table(_device_key(device)).get((n, k), {}), m)
         if picked is not None:
             return picked
     return default_config(m, n, k, block, _num_sms(device))
 
 
-def pick_measured(measured: dict[int, dict], m: int, block: tuple[int, int]) -> dict | None:
-    usable = [rows for rows, cfg in measured.items() if _runs(cfg, m, block)]
+def pick_measured(measured: dict[int, dict], m: int) -> dict | None:
+    usable = [rows for rows, cfg in measured.items() if _runs(cfg, m)]
     return measured[min(usable, key=lambda rows: (abs(rows - m), rows))] if usable else None
 
 
@@ -257,20 +227,20 @@ def _num_sms(device: torch.device) -> int:
 
 
 # ---- launches ------------------------------------------------------------------------------------------------------
-def _split_launch(kernel, x, weight, scale, block, bias, cfg, bm, bk, extra):
+def _stream(x, weight, scale, block, bias, cfg):
     m, k = x.shape
     n = weight.shape[0]
-    k_tiles = triton.cdiv(k, bk)
+    k_tiles = triton.cdiv(k, block[1])
     tiles_per_split = triton.cdiv(k_tiles, max(1, min(cfg["SPLIT"], k_tiles)))
     split = triton.cdiv(k_tiles, tiles_per_split)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     has_bias = bias is not None
-    kernel[(triton.cdiv(n, cfg["BN"]), split)](
+    _stream_kernel[(triton.cdiv(n, cfg["BN"]), split)](
         x, weight, scale, target, bias if has_bias else out, m, n, k, tiles_per_split,
         x.stride(0), weight.stride(0), scale.stride(0), target.stride(0) if split > 1 else 0, n,
-        HAS_BIAS=has_bias, SPLIT=split, BLOCK_WN=block[0], BM=bm, BN=cfg["BN"], BK=bk, **extra,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        HAS_BIAS=has_bias, SPLIT=split, BLOCK_WN=block[0], BM=max(16, triton.next_power_of_2(m)), BN=cfg["BN"],
+        BK=block[1], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if split > 1:
         block_elems = 1024
@@ -278,16 +248,6 @@ def _split_launch(kernel, x, weight, scale, block, bias, cfg, bm, bk, extra):
             target, out, bias if has_bias else out, m, n, target.stride(0), HAS_BIAS=has_bias, SPLIT=split,
             BLOCK=block_elems, num_warps=4)
     return out
-
-
-def _gemv(x, weight, scale, block, bias, cfg):
-    bm = triton.next_power_of_2(x.shape[0])
-    return _split_launch(_gemv_kernel, x, weight, scale, block, bias, cfg, bm, cfg["BK"], {"BLOCK_WK": block[1]})
-
-
-def _stream(x, weight, scale, block, bias, cfg):
-    bm = max(16, triton.next_power_of_2(x.shape[0]))
-    return _split_launch(_stream_kernel, x, weight, scale, block, bias, cfg, bm, block[1], {})
 
 
 def _w8a8(x, weight, scale, block, bias, cfg):
@@ -305,7 +265,7 @@ def _w8a8(x, weight, scale, block, bias, cfg):
     return out
 
 
-KERNELS = {"gemv": _gemv, "stream": _stream, "w8a8": _w8a8}
+KERNELS = {"stream": _stream, "w8a8": _w8a8}
 
 
 def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
@@ -316,6 +276,6 @@ def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block
     x = x.contiguous()
     m, k = x.shape
     cfg = config or config_for(m, weight.shape[0], k, block, x.device)
-    if not _runs(cfg, m, block):
-        raise ValueError(f"tiles {cfg} cannot run {m} rows in blocks {block}")
+    if not _runs(cfg, m):
+        raise ValueError(f"tiles {cfg} cannot run {m} rows")
     return KERNELS[cfg["kernel"]](x, weight, scale, block, bias, cfg)

@@ -15,8 +15,9 @@ the launch is CUDA-graph capturable; partial results merge by their log-sum-exp 
 Loop trip counts are compile-time (one compilation per block-table width, which the runner buckets to powers of
 two). Reference: softmax attention over the gathered latent rows (tests/unit/kernels/test_kernels_mla_decode.py).
 
-Not yet routed into models/attention.py: it replaces the generic kernel for MLA decode only after an H200 run shows
-it faster; until then it is checked under Triton's interpreter against the reference."""
+Routed (models/deepseek_v3.py, MLA_DECODE_MIN_BATCH) where the H200 measured it faster than the generic kernel:
+decode steps of many sequences. At small batches the generic kernel wins (its 16-head tiles give 8x the programs,
+and its split merge is one kernel, where this one's merge is several tensor ops)."""
 
 from __future__ import annotations
 

@@ -34,16 +34,19 @@ from deepfleet.quant import fp8
 _EXPERT_SHARDS = {"gate_proj": ("w13", 0), "up_proj": ("w13", 1), "down_proj": ("w2", None)}
 
 
-# Pure-decode steps on CUDA attend with kernels.mla_decode (absorbed MLA, 64-head tiles over the latent rows)
-# instead of the generic paged kernel (16-head tiles): chosen by the H200 comparison in bench/RESULTS.md
-# ("MLA decode"); False keeps every step on the generic kernel.
-MLA_DECODE_KERNEL = True
+# Pure-decode steps of at least this many sequences on CUDA attend with kernels.mla_decode (absorbed MLA, 64-head
+# tiles over the latent rows) instead of the generic paged kernel (16-head tiles). H200, V3 width, bf16
+# (bench/RESULTS.md "MLA decode"): mla_decode 1.21x at 256 x 512 tokens, 1.08x at 64 x 2,048, but 0.47-0.69x at
+# 1-64 sequences of 512-4,096 tokens, where the generic kernel's finer split keeps more SMs busy. A captured
+# graph serves every context length, so the choice is by batch size alone.
+MLA_DECODE_MIN_BATCH = 256
 
 
 def mla_attention(query: torch.Tensor, key: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
                   scale: float, kv_lora_rank: int) -> torch.Tensor:
     """query [T, H, kv_lora + rope] (absorbed), key [T, 1, kv_lora + rope] (latent | rope key) -> [T, H, kv_lora]"""
-    if MLA_DECODE_KERNEL and query.is_cuda and meta.max_query_len == 1 and not meta.prefills:
+    decode_only = meta.max_query_len == 1 and not meta.prefills
+    if query.is_cuda and decode_only and meta.num_decodes >= MLA_DECODE_MIN_BATCH:
         from deepfleet.kernels import mla_decode
 
         if mla_decode.fits(kv_lora_rank, query.shape[-1] - kv_lora_rank):

@@ -1,7 +1,7 @@
 """The block-FP8 GEMM kernels under TRITON_INTERPRET=1 on CPU tensors (set by tests/conftest.py), against the
-dequantize-then-matmul reference: the GEMV and tensor-core weight-streaming kernels (few rows, K split across
-programs or not), the FP8×FP8 kernel (per-token 1×128 activation groups), partial blocks in N and K, bias, the
-activation quantizer against its plain definition, and every tile choice in the measured tables."""
+dequantize-then-matmul reference: the weight-streaming kernel (few rows, K split across programs or not), the
+FP8×FP8 kernel (per-token 1×128 activation groups), partial blocks in N and K, bias, the activation quantizer
+against its plain definition, every tile choice of the measured tables, and how a table entry is picked."""
 
 import json
 
@@ -24,14 +24,12 @@ def _rel_err(got, want):
     return ((got - want).abs().max() / want.abs().max()).item()
 
 
-GEMV = dict(kernel="gemv", BN=32, BK=256, num_warps=4, num_stages=1)
 STREAM = dict(kernel="stream", BN=32, num_warps=4, num_stages=2)
 
 
 @pytest.mark.parametrize(("m", "n", "k", "cfg"), [
     (1, 192, 512, None),  # the default choice for one row
-    (3, 160, 600, {**GEMV, "SPLIT": 2}),  # partial K step (600 = 2 x 256 + 88), two splits, partial rows
-    (4, 96, 384, {**GEMV, "SPLIT": 1, "BK": 128}),
+    (3, 160, 600, {**STREAM, "SPLIT": 2}),  # partial K step (600 = 4 x 128 + 88), two splits, partial rows
     (5, 64, 200, None),
     (9, 96, 384, {**STREAM, "SPLIT": 3}),
     (9, 96, 384, {**STREAM, "SPLIT": 1}),
@@ -86,14 +84,14 @@ def test_every_measured_tile_choice_runs_and_matches_reference():
 
 
 def test_the_nearest_measured_row_count_whose_kernel_fits_is_used():
-    table = {1: {**GEMV, "SPLIT": 1}, 4: {**GEMV, "SPLIT": 2}, 16: {**STREAM, "SPLIT": 1},
-             256: dict(kernel="w8a8", BM=64, BN=128, GROUP_M=8, num_warps=4, num_stages=3)}
+    w8a8 = dict(kernel="w8a8", BM=64, BN=128, GROUP_M=8, num_warps=4, num_stages=3)
+    table = {1: {**STREAM, "SPLIT": 1}, 4: {**STREAM, "SPLIT": 2}, 32: {**STREAM, "SPLIT": 1}, 256: w8a8}
     pick = fp8_gemm.pick_measured
-    assert pick(table, 2, BLOCK) is table[1]
-    assert pick(table, 3, BLOCK) is table[4]
-    assert pick(table, 6, BLOCK) is table[16]  # 4 is nearer, but its GEMV tiles run at most 4 rows
-    assert pick(table, 100, BLOCK) is table[256]  # 16's streaming tiles run at most 64 rows
-    assert pick({4: {**GEMV, "SPLIT": 1, "BN": 64}}, 2, (32, 128)) is None  # 64-row GEMV tiles span two scale rows
+    assert pick(table, 2) is table[1]
+    assert pick(table, 18) is table[4]  # a tie (14 rows either way) goes to the smaller count
+    assert pick(table, 3) is table[4]
+    assert pick(table, 100) is table[256]  # 32 is nearer, but the streaming kernel runs at most 64 rows
+    assert pick({16: {**STREAM, "SPLIT": 1}}, 65) is None  # then the defaults
 
 
 def test_block_sizes_the_kernels_cannot_run_are_refused():
