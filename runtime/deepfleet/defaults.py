@@ -18,6 +18,10 @@ CPU_KV_CACHE_BYTES = 4 << 30  # upper bound of the KV cache on CPU hosts
 COLLECTIVE_TIMEOUT_S = 300.0
 # Structured output: a grammar not compiled within this is refused (400); the engine keeps serving meanwhile
 GRAMMAR_COMPILE_TIMEOUT_S = 10.0
+# LoRA (as vLLM's --max-loras / --max-lora-rank): adapter slots held on the device beside the base model (each may
+# be in every batch) and the largest adapter rank they hold (smaller ranks are zero-padded to it)
+MAX_LORAS = 4
+MAX_LORA_RANK = 16
 
 # Server overload control: admission slots default to the engine's max_num_seqs (a smaller default would cap the
 # batch); the source documents' async priority scheduler uses max_concurrent 16, a setting away

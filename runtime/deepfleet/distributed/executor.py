@@ -311,7 +311,7 @@ def check_parallel_config(cfg, size: int, expert_parallel: bool, device: torch.d
 
 def make_runner(model: str, cfg, dtype: torch.dtype, device: torch.device, max_model_len: int, block_size: int,
                 enforce_eager: bool, load_format: str, quantization: str | None = None, size: int = 1,
-                expert_parallel: bool = False, timeout_s: float = 60.0):
+                expert_parallel: bool = False, timeout_s: float = 60.0, max_loras: int = 0, max_lora_rank: int = 0):
     """A ModelRunner (one device: no workers, the layers' group has size 1) or a ParallelRunner over `size`
     devices. The configuration is checked first, so a bad size fails before any process starts."""
     from deepfleet.distributed.worker import build_runner
@@ -321,7 +321,10 @@ def make_runner(model: str, cfg, dtype: torch.dtype, device: torch.device, max_m
     if size == 1:
         if expert_parallel:
             log.info("engine.expert_parallel with tensor_parallel_size=1: every expert is on the one device")
-        return ModelRunner(cfg, dtype, device, max_model_len, block_size, enforce_eager, load_format, quantization)
+        return ModelRunner(cfg, dtype, device, max_model_len, block_size, enforce_eager, load_format, quantization,
+                           max_loras, max_lora_rank)
+    if max_loras:
+        raise ValueError("engine.enable_lora: LoRA adapters with tensor_parallel_size > 1 are not supported yet")
     spec = RunnerSpec(model, dtype, device.type, max_model_len, block_size, enforce_eager, load_format, quantization,
                       size, expert_parallel, local_init_method(), timeout_s, torch.get_num_threads())
     return ParallelRunner(spec, build_runner)

@@ -3,7 +3,8 @@
 A full block is identified by the hash of its tokens chained with the hash of the block before it, so equal hashes
 mean equal whole prefixes. Freed blocks keep their hash and stay findable until they are reused (least recently
 freed first), so a later request with the same prefix (a system prompt, a chat history) skips recomputing it.
-Blocks are reference counted: several running sequences may share a cached prefix block."""
+Blocks are reference counted: several running sequences may share a cached prefix block. A request served with a
+LoRA adapter roots its chain in the adapter's salt, so its KV is never found by another adapter or the base model."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ class BlockManager:
             return 0, 0
         bs = self.block_size
         n_full = (seq.num_tokens - 1) // bs
-        parent = None
+        parent = seq.cache_salt
         for i in range(n_full):
             h = block_hash(parent, seq.token_ids[i * bs : (i + 1) * bs])
             block = self.cached.get(h)
@@ -94,7 +95,7 @@ class BlockManager:
         bs = self.block_size
         while (len(hashes) + 1) * bs <= seq.num_computed_tokens:
             i = len(hashes)
-            h = block_hash(hashes[-1] if hashes else None, seq.token_ids[i * bs : (i + 1) * bs])
+            h = block_hash(hashes[-1] if hashes else seq.cache_salt, seq.token_ids[i * bs : (i + 1) * bs])
             hashes.append(h)
             block = seq.block_table[i]
             if h not in self.cached:

@@ -41,7 +41,7 @@ class TableCache:
 
 
 class _Staging:
-    def __init__(self, max_tokens: int, max_rows: int, width: int, pin: bool):
+    def __init__(self, max_tokens: int, max_rows: int, width: int, pin: bool, lora: bool):
         def buf(shape, dtype):
             return torch.zeros(shape, dtype=dtype, pin_memory=pin)
 
@@ -50,17 +50,22 @@ class _Staging:
         self.tables = buf(max_rows * width, torch.int32)  # filled as one contiguous [rows, used width] block
         self.query_start = buf(max_rows + 2, torch.int32)  # decode segment, then prefill segment
         self.fill_dst, self.fill_src = buf(max_rows, torch.long), buf(max_rows, torch.long)
-        self.np = {name: getattr(self, name).numpy() for name in
-                   ("ids", "positions", "slots", "ctx_lens", "tables", "query_start", "fill_dst", "fill_src")}
+        names = ["ids", "positions", "slots", "ctx_lens", "tables", "query_start", "fill_dst", "fill_src"]
+        if lora:
+            self.lora_slots = buf(max_tokens, torch.long)  # each token's adapter slot (deepfleet/lora/)
+            names.append("lora_slots")
+        self.np = {name: getattr(self, name).numpy() for name in names}
 
 
 class InputBuffers:
     def __init__(self, max_tokens: int, max_rows: int, width: int, scratch_block: int, block_size: int,
-                 device: torch.device):
+                 device: torch.device, lora_null_slot: int | None = None):
+        """`lora_null_slot`: with LoRA on, the "no adapter" slot the token slots start at; None: LoRA off."""
         self.max_tokens, self.max_rows, self.width = max_tokens, max_rows, width
         self.device = device
         pin = device.type == "cuda"
-        self._staging = [_Staging(max_tokens, max_rows, width, pin), _Staging(max_tokens, max_rows, width, pin)]
+        lora = lora_null_slot is not None
+        self._staging = [_Staging(max_tokens, max_rows, width, pin, lora) for _ in range(2)]
         self._turn = 0
         self.ids = torch.zeros(max_tokens, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_tokens, dtype=torch.long, device=device)
@@ -69,6 +74,7 @@ class InputBuffers:
         self.block_tables = torch.full((max_rows, width), scratch_block, dtype=torch.int32, device=device)
         self.query_start = torch.zeros(max_rows + 2, dtype=torch.int32, device=device)
         self.scratch_slot, self.scratch_block = scratch_block * block_size, scratch_block
+        self.lora_slots = torch.full((max_tokens,), lora_null_slot, dtype=torch.long, device=device) if lora else None
 
     def staging(self) -> _Staging:
         """The staging set for the next step (alternating)."""
@@ -83,6 +89,8 @@ class InputBuffers:
         self.ids[:num_tokens].copy_(st.ids[:num_tokens], non_blocking=nb)
         self.positions[:num_tokens].copy_(st.positions[:num_tokens], non_blocking=nb)
         self.slots[:num_tokens].copy_(st.slots[:num_tokens], non_blocking=nb)
+        if self.lora_slots is not None:
+            self.lora_slots[:num_tokens].copy_(st.lora_slots[:num_tokens], non_blocking=nb)
         self.ctx_lens[:num_rows].copy_(st.ctx_lens[:num_rows], non_blocking=nb)
         self.query_start[: num_rows + 2].copy_(st.query_start[: num_rows + 2], non_blocking=nb)
         if used_width:

@@ -56,6 +56,10 @@ class EngineConfig:
     collective_timeout_s: float = defaults.COLLECTIVE_TIMEOUT_S  # a rank silent this long ends the engine
     grammar_compile_timeout_s: float = defaults.GRAMMAR_COMPILE_TIMEOUT_S  # structured output: longer = refused
     async_scheduling: bool = True  # prepare step N+1 while the GPU runs step N (see LLMEngine.step)
+    enable_lora: bool = False  # adapter slots beside the projections (deepfleet/lora/); requests pick one by name
+    max_loras: int = defaults.MAX_LORAS  # adapters resident at once (each may be in every batch)
+    max_lora_rank: int = defaults.MAX_LORA_RANK  # largest adapter rank accepted
+    lora_modules: dict[str, str] | None = None  # adapters loaded at start-up: name -> PEFT adapter directory
 
 
 def _grammar_compiler(config: EngineConfig, vocab_size: int, tokenizer: Tokenizer):
@@ -73,6 +77,17 @@ def _grammar_compiler(config: EngineConfig, vocab_size: int, tokenizer: Tokenize
     return build
 
 
+def _check_lora_supported(config: EngineConfig, arch: str) -> None:
+    """LoRA applies to the bf16/fp16/fp32 single-device projections of the Qwen2/Llama models only."""
+    if arch not in ("qwen2", "llama"):
+        raise StartupError(f"engine.enable_lora: LoRA adapters are served for Qwen2/Llama models, not {arch!r}")
+    if config.quantization is not None:
+        raise StartupError(f"engine.enable_lora: LoRA with quantization {config.quantization!r} is not supported "
+                           "(adapters apply to unquantized projections)")
+    if config.tensor_parallel_size > 1:
+        raise StartupError("engine.enable_lora: LoRA with tensor_parallel_size > 1 is not supported yet")
+
+
 def _check_positive(name: str, value: int | None) -> None:
     if value is not None and value < 1:
         raise ValueError(f"{name}: must be >= 1, got {value}")
@@ -81,7 +96,7 @@ def _check_positive(name: str, value: int | None) -> None:
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         for name in ("max_num_seqs", "max_num_seqs_cap", "max_num_batched_tokens", "block_size", "num_kv_blocks",
-                     "max_model_len", "tensor_parallel_size"):
+                     "max_model_len", "tensor_parallel_size", "max_loras", "max_lora_rank"):
             _check_positive(name, getattr(config, name))
         self.config = config
         model_cfg = load_config(config.model)
@@ -89,6 +104,9 @@ class LLMEngine:
             ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
         )
         dtype = resolve_dtype(config.dtype, model_cfg, device)
+        lora = config.enable_lora or bool(config.lora_modules)
+        if lora:
+            _check_lora_supported(config, model_cfg.arch)
         self.model_name = Path(config.model).resolve().name
         self.max_model_len = min(config.max_model_len or model_cfg.max_position_embeddings,
                                  model_cfg.max_position_embeddings)
@@ -96,7 +114,8 @@ class LLMEngine:
         self.device = device
         self.runner = make_runner(config.model, model_cfg, dtype, device, self.max_model_len, config.block_size,
                                   config.enforce_eager, config.load_format, config.quantization,
-                                  config.tensor_parallel_size, config.expert_parallel, config.collective_timeout_s)
+                                  config.tensor_parallel_size, config.expert_parallel, config.collective_timeout_s,
+                                  config.max_loras if lora else 0, config.max_lora_rank)
         num_blocks, max_num_seqs = self._size_cache(config)
         self.runner.allocate_kv_cache(num_blocks)
         self.runner.init_graphs(max_num_seqs, config.max_num_batched_tokens)
@@ -112,6 +131,11 @@ class LLMEngine:
         self._overlap = config.async_scheduling
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        for name, path in (config.lora_modules or {}).items():
+            try:
+                self.load_lora_adapter(name, path)
+            except ValueError as exc:
+                raise StartupError(f"engine.lora_modules: {exc}") from None
         log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_num_seqs %d", self.model_name,
                  device, dtype, num_blocks, config.block_size, max_num_seqs)
 
@@ -137,8 +161,9 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0,
-                    deadline: float | None = None) -> None:
-        """`deadline`: a time.monotonic() value; past it the request ends with finish_reason "timeout"."""
+                    deadline: float | None = None, lora: str | None = None) -> None:
+        """`deadline`: a time.monotonic() value; past it the request ends with finish_reason "timeout".
+        `lora`: the name of a loaded LoRA adapter to serve the request with; None: the base model."""
         if request_id in self.requests:
             raise ValueError(f"request_id: {request_id!r} is already in use")
         if not isinstance(params, SamplingParams):
@@ -148,6 +173,7 @@ class LLMEngine:
         if params.n != 1:
             raise ValueError(f"n: the engine serves n=1 per request (got {params.n}); fan out one request each")
         self.logits_processors.check(params)
+        adapter = self._adapter(lora) if lora is not None else None
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
@@ -168,6 +194,8 @@ class LLMEngine:
                              f"sequence's KV cache holds at most {capacity} tokens "
                              f"({self.block_manager.num_blocks} blocks of {self.block_manager.block_size})")
         seq = Sequence(request_id, text, ids, params, priority=priority, deadline=deadline)
+        if adapter is not None:
+            seq.lora_slot, seq.cache_salt = adapter.slot, adapter.cache_salt
         if params.seed is not None:
             seq.sampling.generator = make_generator(params.seed, self.device)
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
@@ -176,6 +204,40 @@ class LLMEngine:
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         self.prompt_tokens_total += len(ids)
+
+    # ---- LoRA adapters --------------------------------------------------------------------------------------------
+    def _adapter(self, name: str):
+        if self.runner_lora is None:
+            raise ValueError(f"model: {name!r} is a LoRA adapter, but LoRA is off here (engine.enable_lora)")
+        return self.runner_lora.get(name)
+
+    @property
+    def runner_lora(self):
+        return getattr(self.runner, "lora", None)
+
+    def load_lora_adapter(self, name: str, path: str) -> None:
+        """Load a PEFT adapter into a free slot. ValueError (deepfleet.lora.adapter.AdapterError) naming the
+        reason: LoRA off, no free slot, a bad or mismatched adapter."""
+        if self.runner_lora is None:
+            raise ValueError(f"lora_name: cannot load {name!r}: LoRA is off here (engine.enable_lora)")
+        if not name or name == self.model_name:
+            raise ValueError(f"lora_name: {name!r} must be non-empty and differ from the base model's name")
+        self.runner_lora.load(name, path)
+        log.info("LoRA adapter %r loaded from %s", name, path)
+
+    def unload_lora_adapter(self, name: str) -> None:
+        """Free the adapter's slot; refused while requests it serves are unfinished."""
+        resident = self._adapter(name)
+        users = sum(1 for s in self.requests.values() if s.lora_slot == resident.slot)
+        if users:
+            raise ValueError(f"lora_name: {name!r} serves {users} unfinished request(s): unload it once they end")
+        self.runner_lora.unload(name)
+        log.info("LoRA adapter %r unloaded", name)
+
+    def lora_adapters(self) -> dict[str, str]:
+        """Loaded adapters: name -> the directory it was read from."""
+        lora = self.runner_lora
+        return {} if lora is None else {r.name: str(r.path) for r in lora.resident.values()}
 
     def abort_request(self, request_id: str) -> None:
         seq = self.requests.get(request_id)

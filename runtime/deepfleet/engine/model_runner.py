@@ -9,7 +9,10 @@ On CUDA, pure-decode passes replay CUDA graphs captured at start-up for a ladder
 steps of 8 to 256 and of 16 beyond, up to max_num_seqs), LM head included, reading the full-width block tables
 (the paged-attention kernel reads only the blocks a sequence has). A step that mixes decodes with prefill chunks
 runs as two passes: the decodes replay a graph, the prefill chunks run eagerly; CPU takes the same split so the
-tests cover it."""
+tests cover it.
+
+With LoRA on (max_loras > 0) the projections carry adapter slots (deepfleet/lora/) and every token's slot is
+staged and uploaded beside its position; without it nothing of that runs."""
 
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ from deepfleet.engine.sampler import to_device
 from deepfleet.engine.sampling_params import SamplingParams
 from deepfleet.engine.scheduler import SchedulerOutput
 from deepfleet.engine.sequence import Sequence
+from deepfleet.lora.layers import set_token_slots
+from deepfleet.lora.manager import LoRAManager
 from deepfleet.models.attention import AttentionMetadata
 from deepfleet.models.config import ModelConfig
 from deepfleet.models.layers import use_fused_kernels
@@ -44,12 +49,14 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
 
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_model_len: int,
-                 block_size: int, enforce_eager: bool, load_format: str = "auto", quantization: str | None = None):
+                 block_size: int, enforce_eager: bool, load_format: str = "auto", quantization: str | None = None,
+                 max_loras: int = 0, max_lora_rank: int = 0):
         self.cfg, self.dtype, self.device = cfg, dtype, device
         self.block_size, self.max_model_len = block_size, max_model_len
         self.model = load_model(cfg, dtype, device, max_positions=max(max_model_len, cfg.max_position_embeddings),
                                 load_format=load_format, quantization=quantization)
         self.kv_heads, self.k_dim, self.v_dim = self.model.kv_cache_layout()
+        self.lora = LoRAManager(self.model, max_loras, max_lora_rank) if max_loras else None
         self.has_v_cache = self.v_dim is not None  # None: values are part of the cached keys (MLA)
         self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
         self.use_graphs = device.type == "cuda" and not enforce_eager and getattr(self.model, "cuda_graph_safe", True)
@@ -99,7 +106,8 @@ class ModelRunner:
 
     def _init_buffers(self, max_rows: int, max_tokens: int) -> None:
         self.buffers = InputBuffers(max_tokens, max_rows, self.max_blocks_per_seq, self.scratch_block,
-                                    self.block_size, self.device)
+                                    self.block_size, self.device,
+                                    lora_null_slot=self.lora.null_slot if self.lora else None)
 
     # ---- batch set-up ---------------------------------------------------------------------------------------------
     def init_graphs(self, max_num_seqs: int, max_num_batched_tokens: int = defaults.MAX_NUM_BATCHED_TOKENS) -> None:
@@ -184,7 +192,18 @@ class ModelRunner:
         a["ctx_lens"][:padded] = ctx
         a["fill_dst"][: len(fill_dst)] = fill_dst
         a["fill_src"][: len(fill_src)] = fill_src
+        if self.lora is not None:
+            self._stage_lora_slots(a["lora_slots"], decodes, prefills, padded)
         return st, t, rows, width, len(fill_dst), decode_rows, prefill_rows, prefill_meta
+
+    def _stage_lora_slots(self, out: np.ndarray, decodes, prefills, padded: int) -> None:
+        null = self.lora.null_slot
+        out[: len(decodes)] = [null if s.lora_slot is None else s.lora_slot for s, _ in decodes]
+        out[len(decodes) : padded] = null
+        t = padded
+        for seq, n in prefills:
+            out[t : t + n] = null if seq.lora_slot is None else seq.lora_slot
+            t += n
 
     def _meta(self, rows: slice, tokens: slice, q_start: slice, width: int, num_decodes: int,
               prefills: list[tuple[int, int]]) -> AttentionMetadata:
@@ -215,6 +234,7 @@ class ModelRunner:
                 g.replay()
             else:
                 meta = self._meta(slice(0, nd), slice(0, nd), slice(0, nd + 1), width, nd, [])
+                self._set_lora_tokens(slice(0, nd))
                 logits = self.model.compute_logits(
                     self.model(buf.ids[:nd], buf.positions[:nd], self.kv_caches, meta))
             if decode_rows:
@@ -224,6 +244,7 @@ class ModelRunner:
             tokens = slice(padded, num_tokens)
             meta = self._meta(slice(padded, rows), tokens, slice(padded + 1, padded + 2 + len(prefills)), width, 0,
                               prefill_meta)
+            self._set_lora_tokens(tokens)
             hidden = self.model(buf.ids[tokens], buf.positions[tokens], self.kv_caches, meta)
             if prefill_rows:
                 rows_at = hidden[-1:] if prefill_rows == [num_tokens - padded - 1] else hidden[
@@ -232,6 +253,10 @@ class ModelRunner:
         if not parts:
             return None
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _set_lora_tokens(self, tokens: slice) -> None:
+        if self.lora is not None:
+            set_token_slots(self.buffers.lora_slots[tokens])
 
     # ---- CUDA graphs ----------------------------------------------------------------------------------------------
     def _capture_all(self) -> None:
@@ -246,6 +271,7 @@ class ModelRunner:
         for b in reversed(self.graph_batch_sizes):
             buf.query_start[: b + 1].copy_(torch.arange(b + 1, dtype=torch.int32))
             meta_args = (slice(0, b), slice(0, b), slice(0, b + 1), self.max_blocks_per_seq, b, [])
+            self._set_lora_tokens(slice(0, b))  # the graph reads the slot buffer in place at every replay
             try:
                 # warm-up outside capture (compiles the fused kernels, settles kernel choices for this shape)
                 self.model.compute_logits(

@@ -46,6 +46,8 @@ class Sequence:
     stop_checker: StopChecker | None = None
     pending_row: int = -1  # row of the latest placeholder in its step's sampled-token tensor
     final_pending: bool = False  # its in-flight token is its last (length limit): nothing to schedule until seen
+    lora_slot: int | None = None  # the LoRA adapter's slot (deepfleet/lora/); None: the base model
+    cache_salt: bytes | None = None  # roots its prefix-cache hashes (the adapter's): None for the base model
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
