@@ -19,8 +19,8 @@ import triton.language as tl
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, a_ptr, idx_ptr, h_ptr, K, NR, null_slot, stride_xt, stride_as, stride_ar, stride_ht,
-                   BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def _shrink_kernel(x_ptr, a_ptr, idx_ptr, h_ptr, K: tl.constexpr, NR, null_slot, stride_xt, stride_as, stride_ar,
+                   stride_ht, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     t = tl.program_id(0)
     s = tl.load(idx_ptr + t)
     if s != null_slot:

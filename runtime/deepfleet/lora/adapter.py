@@ -95,7 +95,8 @@ def read_adapter(name: str, path: str | Path, max_rank: int) -> LoRAAdapter:
     scaling = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
     weights_path = path / WEIGHTS_FILE
     if not weights_path.is_file():
-        alt = " (adapter_model.bin is not read: save with safe_serialization)" if (path / "adapter_model.bin").is_file() else ""
+        bin_only = (path / "adapter_model.bin").is_file()
+        alt = " (adapter_model.bin is not read: save with safe_serialization)" if bin_only else ""
         raise _refuse(name, f"missing file {weights_path}{alt}")
     halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     try:
