@@ -16,6 +16,27 @@ _EPILOG = (
 )
 
 
+def _lora_modules(items: list[str]) -> dict[str, str]:
+    """--lora-modules values (NAME=PATH or {"name": ..., "path": ...}) -> name -> path."""
+    modules: dict[str, str] = {}
+    for item in items:
+        if item.lstrip().startswith("{"):
+            try:
+                spec = json.loads(item)
+                name, path = spec["name"], spec["path"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise typer.BadParameter(f"{item!r}: expected {{\"name\": ..., \"path\": ...}} ({exc})",
+                                         param_hint="--lora-modules") from None
+        else:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise typer.BadParameter(f"{item!r}: expected NAME=PATH", param_hint="--lora-modules")
+        if name in modules:
+            raise typer.BadParameter(f"{name!r} given twice", param_hint="--lora-modules")
+        modules[name] = path
+    return modules
+
+
 def register(app: typer.Typer) -> None:
     """Attach this area's commands to the root app."""
 
@@ -59,6 +80,16 @@ def register(app: typer.Typer) -> None:
         tensor_parallel_size: Annotated[int | None, typer.Option(
             "--tensor-parallel-size", "-tp",
             help="GPUs the engine spans, one worker process per GPU (engine.tensor_parallel_size).")] = None,
+        enable_lora: Annotated[
+            bool | None, typer.Option("--enable-lora", help="Serve LoRA adapters (engine.enable_lora).")
+        ] = None,
+        lora_modules: Annotated[list[str] | None, typer.Option(
+            "--lora-modules", help="A LoRA adapter loaded at start-up, NAME=PATH or vLLM's JSON "
+            '{"name": ..., "path": ...}; repeat the flag for more (engine.lora_modules).')] = None,
+        max_loras: Annotated[int | None, typer.Option(help="LoRA adapters loaded at once (engine.max_loras).")] = None,
+        max_lora_rank: Annotated[
+            int | None, typer.Option(help="Largest LoRA rank accepted (engine.max_lora_rank).")
+        ] = None,
         set_: Annotated[
             list[str] | None, typer.Option("--set", help="Any setting, e.g. --set engine.max_num_seqs=64 (repeat).")
         ] = None,
@@ -79,7 +110,9 @@ def register(app: typer.Typer) -> None:
                             "max_num_batched_tokens": max_num_batched_tokens, "block_size": block_size,
                             "enable_prefix_caching": enable_prefix_caching, "enforce_eager": enforce_eager,
                             "device": device, "quantization": quantization,
-                            "tensor_parallel_size": tensor_parallel_size}
+                            "tensor_parallel_size": tensor_parallel_size, "enable_lora": enable_lora,
+                            "max_loras": max_loras, "max_lora_rank": max_lora_rank,
+                            "lora_modules": _lora_modules(lora_modules) if lora_modules else None}
             overrides.update({k: v for k, v in flags.items() if v is not None})
             engine = {k: v for k, v in engine_flags.items() if v is not None}
             if engine:

@@ -53,13 +53,13 @@ class LoRAManager:
     def load(self, name: str, path: str | Path) -> Resident:
         if name in self.resident:
             raise AdapterError(f"LoRA adapter {name!r}: already loaded (from {self.resident[name].path})")
+        adapter = read_adapter(name, path, self.max_rank)
+        self._check_fits(adapter)
         used = {r.slot for r in self.resident.values()}
         free = [s for s in range(self.max_loras) if s not in used]
         if not free:
             raise AdapterError(f"LoRA adapter {name!r}: max_loras {self.max_loras} adapters are already loaded "
                                f"({', '.join(sorted(self.resident))}): unload one first")
-        adapter = read_adapter(name, path, self.max_rank)
-        self._check_fits(adapter)
         slot = free[0]
         for module in self.modules.values():
             module.clear_slot(slot)

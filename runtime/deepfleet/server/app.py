@@ -21,6 +21,7 @@ from deepfleet.server.auth.guard import Guard
 from deepfleet.server.auth.middleware import SecurityMiddleware
 from deepfleet.server.config import ServeSettings
 from deepfleet.server.errors import APIError
+from deepfleet.server.lora_api import router as lora_router
 from deepfleet.server.openai_api import REF_TEMPLATE
 from deepfleet.server.openai_api import router as openai_router
 from deepfleet.server.openapi_errors import probe
@@ -71,6 +72,7 @@ def create_app(settings: ServeSettings, engine_factory: Callable[[ServeSettings]
     app.state.server = state
     app.state.guard = guard
     app.include_router(openai_router)
+    app.include_router(lora_router)
     app.include_router(admin.router)  # refused by the middleware unless auth is on
     app.add_middleware(SecurityMiddleware, guard=guard)
     default_openapi = app.openapi

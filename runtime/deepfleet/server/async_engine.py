@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from deepfleet.server.admission import Admission
-from deepfleet.server.engine_loop import Abort, Accepted, Add, Died, Refused, Stepped
+from deepfleet.server.engine_loop import Abort, Accepted, Add, Died, LoadAdapter, Refused, Stepped, UnloadAdapter
 from deepfleet.server.metrics import LoadSnapshot
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,7 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._pending: dict[str, RequestStream] = {}  # request id -> stream the engine has not accepted yet
         self._routes: dict[str, tuple[RequestStream, int]] = {}  # engine id -> (stream, choice index)
+        self._adapter_calls: dict[str, asyncio.Future] = {}  # load/unload id -> its answer
         self._stats: Any = None  # the engine's latest EngineStats (a fresh object per step: safe to share)
         self.dead: BaseException | None = None
         self.on_death: Callable[[], None] | None = None  # called once the engine died
@@ -115,7 +116,8 @@ class AsyncEngine:
         self.driver.start(self._report)
 
     async def submit(
-        self, prompts: list[Any], params: list[Any], *, priority: int, deadline: float | None, queue_timeout: float
+        self, prompts: list[Any], params: list[Any], *, priority: int, deadline: float | None, queue_timeout: float,
+        lora: str | None = None,
     ) -> RequestStream:
         """Admit and start one HTTP request. Raises QueueFull, TimeoutError (waited too long for a slot),
         ValueError (the engine refused the request) or EngineDead."""
@@ -126,7 +128,7 @@ class AsyncEngine:
         self._pending[stream.request_id] = stream
         self._routes.update((engine_id, (stream, i)) for i, engine_id in enumerate(stream.engine_ids))
         try:
-            self.driver.send(Add(stream.request_id, stream.engine_ids, prompts, params, priority, deadline))
+            self.driver.send(Add(stream.request_id, stream.engine_ids, prompts, params, priority, deadline, lora))
             await stream.accepted
         except BaseException:
             # Cancelled (client gone) or refused: the abort follows the add, so nothing stays in the engine.
@@ -137,6 +139,20 @@ class AsyncEngine:
             self.admission.release()
             raise
         return stream
+
+    async def adapter(self, command: LoadAdapter | UnloadAdapter) -> None:
+        """Load or unload a LoRA adapter in the engine (between two steps). Raises ValueError (refused, with the
+        engine's reason) or EngineDead."""
+        if self.dead is not None:
+            raise EngineDead(str(self.dead))
+        command.request_id = f"adapter-{next(self._ids)}"
+        answer = self._loop.create_future()
+        self._adapter_calls[command.request_id] = answer
+        try:
+            self.driver.send(command)
+            await answer
+        finally:
+            self._adapter_calls.pop(command.request_id, None)
 
     def close(self, stream: RequestStream) -> None:
         """End of the HTTP request: abort what is still running in the engine and free the slot."""
@@ -174,6 +190,9 @@ class AsyncEngine:
         self._pending.clear()
         for stream in streams:
             stream._fail(reason)
+        for answer in self._adapter_calls.values():
+            if not answer.done():
+                answer.set_exception(reason)
 
     def _report(self, event: Any) -> None:
         """Called by the driver (in its thread) with each engine event."""
@@ -194,6 +213,14 @@ class AsyncEngine:
                 stream, index = route
                 if not stream.closed:
                     stream._deliver(index, output)
+        elif isinstance(event, Accepted | Refused) and event.request_id in self._adapter_calls:
+            answer = self._adapter_calls.pop(event.request_id)
+            if answer.done():
+                pass
+            elif isinstance(event, Accepted):
+                answer.set_result(None)
+            else:
+                answer.set_exception(ValueError(event.message))
         elif isinstance(event, Accepted):
             stream = self._pending.pop(event.request_id, None)
             if stream is not None and not stream.accepted.done():

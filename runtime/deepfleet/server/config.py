@@ -70,6 +70,21 @@ class EngineSettings(BaseModel):
     async_scheduling: bool | None = Field(
         None, description="Prepare the next engine step while the GPU runs this one (true unless set false)."
     )
+    enable_lora: bool | None = Field(
+        None, description="Serve LoRA adapters (PEFT format) beside the base model; implied by lora_modules."
+    )
+    max_loras: int | None = Field(
+        None, ge=1, description=f"LoRA adapters loaded at once, each usable in every batch (default "
+        f"{defaults.MAX_LORAS})."
+    )
+    max_lora_rank: int | None = Field(
+        None, ge=1, description=f"Largest LoRA rank accepted (default {defaults.MAX_LORA_RANK}); adapter memory "
+        "grows with it."
+    )
+    lora_modules: dict[str, str] | None = Field(
+        None, description="LoRA adapters loaded at start-up: name -> PEFT adapter directory; requests select one "
+        "by its name in `model`."
+    )
 
     def engine_kwargs(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if v is not None}

@@ -29,11 +29,25 @@ class Add:
     params: list[Any]  # per choice: SamplingParams
     priority: int
     deadline: float | None
+    lora: str | None = None  # the LoRA adapter serving every choice; None: the base model
 
 
 @dataclass
 class Abort:
     engine_ids: list[str]
+
+
+@dataclass
+class LoadAdapter:
+    request_id: str
+    name: str
+    path: str
+
+
+@dataclass
+class UnloadAdapter:
+    request_id: str
+    name: str
 
 
 # ---- events (engine -> server) -------------------------------------------------------------------------------------
@@ -81,7 +95,8 @@ def run_engine_loop(engine: Any, receive: Callable[[bool], list | None], report:
         added: list[str] = []
         try:
             for engine_id, prompt, params in zip(c.engine_ids, c.prompts, c.params, strict=True):
-                engine.add_request(engine_id, prompt, params, priority=c.priority, deadline=c.deadline)
+                lora = {"lora": c.lora} if c.lora is not None else {}
+                engine.add_request(engine_id, prompt, params, priority=c.priority, deadline=c.deadline, **lora)
                 added.append(engine_id)
                 live.add(engine_id)
         except ValueError as exc:
@@ -116,11 +131,26 @@ def run_engine_loop(engine: Any, receive: Callable[[bool], list | None], report:
         gone = set(engine_ids)
         compiling[:] = [e for e in compiling if not gone & set(e[0].engine_ids)]
 
+    def adapter(c: LoadAdapter | UnloadAdapter) -> None:
+        try:
+            if not hasattr(engine, "load_lora_adapter"):
+                raise ValueError("lora_name: this engine serves no LoRA adapters")
+            if isinstance(c, LoadAdapter):
+                engine.load_lora_adapter(c.name, c.path)
+            else:
+                engine.unload_lora_adapter(c.name)
+        except ValueError as exc:
+            report(Refused(c.request_id, str(exc)))
+            return
+        report(Accepted(c.request_id))
+
     while (commands := receive(not engine.has_unfinished_requests() and not compiling)) is not None:
         for command in commands:
             if isinstance(command, Abort):
                 forget_compiling(command.engine_ids)
                 abort(command.engine_ids)
+            elif isinstance(command, LoadAdapter | UnloadAdapter):
+                adapter(command)
             else:
                 add(command)
         if compiling:

@@ -51,6 +51,12 @@ class _Job:
     echo: list[str] | None = None  # completions with echo: each prompt's text, sent before its output
     tool_stream: Callable[[], Any] | None = None  # chat with tools: a fresh tool-call parser per choice
     named_tool: bool = False  # tool_choice named a function: finish_reason stays "stop", as OpenAI's
+    base_model: str = ""  # the served base model's name (any other `model` is an adapter's)
+
+    @property
+    def lora(self) -> str | None:
+        """The LoRA adapter the request's `model` names; None: the base model."""
+        return None if self.body.model == self.base_model else self.body.model
 
     def engine_prompts(self) -> list[list[int]]:
         n = len(self.params) // len(self.prompts)
@@ -168,7 +174,7 @@ def _sampling(state: ServerState, body: p.ChatCompletionRequest | p.CompletionRe
 
 
 def _check_model(state: ServerState, model: str | None) -> None:
-    if model is not None and model != state.model_name:
+    if model is not None and model != state.model_name and model not in state.lora_adapters:
         raise APIError(
             404, f"model: '{model}' is not served here (this server serves '{state.model_name}')",
             param="model", code="model_not_found",
@@ -176,9 +182,11 @@ def _check_model(state: ServerState, model: str | None) -> None:
 
 
 def _common_checks(state: ServerState, body: p.ChatCompletionRequest | p.CompletionRequest) -> None:
-    if body.model != state.model_name:
+    """`model` names the base model or a loaded LoRA adapter (which then serves the request)."""
+    if body.model != state.model_name and body.model not in state.lora_adapters:
+        adapters = f" or the LoRA adapters {', '.join(sorted(state.lora_adapters))}" if state.lora_adapters else ""
         raise APIError(
-            404, f"model: '{body.model}' is not served here (this server serves '{state.model_name}')",
+            404, f"model: '{body.model}' is not served here (this server serves '{state.model_name}'{adapters})",
             param="model", code="model_not_found",
         )
     if body.n > state.settings.max_n:
@@ -256,7 +264,7 @@ async def _start(state: ServerState, job: _Job, record: RequestRecord) -> Reques
     s = state.settings
     try:
         stream = await state.engine.submit(
-            job.engine_prompts(), job.params, priority=job.priority,
+            job.engine_prompts(), job.params, priority=job.priority, lora=job.lora,
             deadline=record.deadline, queue_timeout=max(record.deadline - time.monotonic(), 0),
         )
     except QueueFull:
@@ -351,7 +359,7 @@ async def _chat_json(state: ServerState, request: Request, job: _Job, record: Re
         )
         for i, (cursor, part) in enumerate(zip(cursors, parts, strict=True))
     ]
-    body = p.ChatCompletion(id=record.response_id("chatcmpl"), created=record.created, model=state.model_name,
+    body = p.ChatCompletion(id=record.response_id("chatcmpl"), created=record.created, model=job.body.model,
                             choices=choices, usage=_usage(job, cursors, cached))
     return Response(body.model_dump_json(), media_type="application/json")
 
@@ -382,7 +390,7 @@ async def _completion_json(state: ServerState, request: Request, job: _Job, reco
         )
         for i, cursor in enumerate(cursors)
     ]
-    body = p.Completion(id=record.response_id("cmpl"), created=record.created, model=state.model_name,
+    body = p.Completion(id=record.response_id("cmpl"), created=record.created, model=job.body.model,
                         choices=choices, usage=_usage(job, cursors, cached))
     return Response(body.model_dump_json(), media_type="application/json")
 
@@ -431,7 +439,7 @@ def _chat_stream(state: ServerState, job: _Job, record: RequestRecord, stream: R
     want_logprobs = job.params[0].logprobs is not None
 
     def envelope(choices: list[p.ChatChunkChoice], usage: p.Usage | None = None) -> p.ChatCompletionChunk:
-        return p.ChatCompletionChunk(id=rid, created=record.created, model=state.model_name, choices=choices,
+        return p.ChatCompletionChunk(id=rid, created=record.created, model=job.body.model, choices=choices,
                                      usage=usage)
 
     def first(i: int) -> p.ChatCompletionChunk:
@@ -454,7 +462,7 @@ def _completion_stream(state: ServerState, job: _Job, record: RequestRecord,
     offsets = [0] * len(job.params)
 
     def envelope(choices: list[p.CompletionChoice], usage: p.Usage | None = None) -> p.Completion:
-        return p.Completion(id=rid, created=record.created, model=state.model_name, choices=choices, usage=usage)
+        return p.Completion(id=rid, created=record.created, model=job.body.model, choices=choices, usage=usage)
 
     def chunk(i: int, _reasoning: str, text: str, logprobs: list, finish: str | None, _calls: list) -> p.Completion:
         lp = render.completion_logprobs(logprobs, state.token_text, offsets[i]) if want_logprobs else None
@@ -474,6 +482,7 @@ async def _serve(request: Request, endpoint: str, model: type, prepare: Callable
     body = parse_as(model, await read_json(request, state.settings.max_body_bytes))
     state.check_accepting()
     job = prepare(state, request, body)
+    job.base_model = state.model_name
     if not body.stream:
         try:
             response = await as_json(state, request, job, record)
@@ -545,8 +554,11 @@ async def completions(request: Request) -> Response:
 @router.get("/v1/models", summary="Served models (OpenAI)", response_model=p.ModelList)
 async def models(request: Request) -> p.ModelList:
     state = _state(request)
-    card = p.ModelCard(id=state.model_name, created=state.created, max_model_len=state.max_model_len)
-    return p.ModelList(data=[card])
+    card = p.ModelCard(id=state.model_name, created=state.created, max_model_len=state.max_model_len,
+                       root=state.settings.model)
+    adapters = [p.ModelCard(id=name, created=state.created, max_model_len=state.max_model_len, root=path,
+                            parent=state.model_name) for name, path in sorted(state.lora_adapters.items())]
+    return p.ModelList(data=[card, *adapters])
 
 
 

@@ -561,6 +561,22 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "deepfleet"
     max_model_len: int
+    root: str | None = None  # as vLLM's: where the model (or the LoRA adapter) was read from
+    parent: str | None = None  # a LoRA adapter's base model; None for the base model itself
+
+
+class LoadLoRAAdapterRequest(_Strict):
+    """vLLM's /v1/load_lora_adapter body."""
+
+    lora_name: str = Field(min_length=1, max_length=256)
+    lora_path: str = Field(min_length=1, max_length=4096)
+
+
+class UnloadLoRAAdapterRequest(_Strict):
+    """vLLM's /v1/unload_lora_adapter body (lora_int_id is accepted and unused: adapters are named)."""
+
+    lora_name: str = Field(min_length=1, max_length=256)
+    lora_int_id: int | None = None
 
 
 class ModelList(BaseModel):

@@ -81,6 +81,9 @@ class ServerState:
         self.tokenizer: Any = None
         self.token_text: TokenText | None = None
         self.max_model_len = 0
+        # LoRA adapters a request's `model` may name: name -> directory (the engine loads the start-up ones)
+        self.lora_enabled = bool(settings.engine.enable_lora or settings.engine.lora_modules)
+        self.lora_adapters: dict[str, str] = dict(settings.engine.lora_modules or {})
         self.generation_defaults: dict[str, Any] = {}  # request field -> the model's default (generation_config)
         self.phase = "loading"
         self.error: str | None = None

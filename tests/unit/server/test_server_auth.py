@@ -228,3 +228,15 @@ def test_no_token_or_prompt_in_the_audit_log(secured, issuer):
     text = secured.audit_path.read_text()
     assert token not in text and token.split(".")[1] not in text and PROMPT not in text
     assert secured.audit_path.stat().st_mode & 0o777 == 0o640
+
+
+def test_lora_adapter_routes_need_model_admin_deploy_and_delete(secured, issuer):
+    body = {"lora_name": "ad", "lora_path": "/nonexistent"}
+    for roles in ([], ["inference_user"], ["engineer"]):  # engineer holds predict + update, not deploy/delete
+        token = bearer(issuer.token(sub="eve", roles=roles))
+        assert secured.post("/v1/load_lora_adapter", json=body, headers=token).status_code == 403, roles
+        assert secured.post("/v1/unload_lora_adapter", json={"lora_name": "ad"}, headers=token).status_code == 403
+    admin = bearer(issuer.token(sub="ops", roles=["model_admin"]))
+    r = secured.post("/v1/load_lora_adapter", json=body, headers=admin)  # through the guard: LoRA is off here
+    assert r.status_code == 400 and "LoRA is off" in r.json()["error"]["message"]
+    assert secured.post("/v1/unload_lora_adapter", json={"lora_name": "ad"}, headers=admin).status_code == 404

@@ -24,8 +24,8 @@ ROUTE_ACTIONS: tuple[tuple[str, str], ...] = (
     ("/admin/models/*/load", "deploy"),
     ("/admin/models/*/unload", "delete"),
     ("/admin/policy/reload", "update"),
-    ("/v1/load_lora_adapter", "update"),
-    ("/v1/unload_lora_adapter", "update"),
+    ("/v1/load_lora_adapter", "deploy"),  # LoRA adapters are deployed and removed like models (model_admin)
+    ("/v1/unload_lora_adapter", "delete"),
 )
 DEFAULT_ACTION = "update"
 
