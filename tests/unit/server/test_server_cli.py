@@ -41,3 +41,18 @@ def test_flags_left_out_leave_the_engine_defaults(tmp_path):
 def test_bad_flag_value_names_the_setting(tmp_path):
     r = CliRunner().invoke(app, ["serve", str(tmp_path), "--print-config", "--gpu-memory-utilization", "1.5"])
     assert r.exit_code == 2 and "engine.gpu_memory_utilization" in r.output
+
+
+def test_lora_flags_as_vllm(tmp_path):
+    r = CliRunner().invoke(app, [
+        "serve", str(tmp_path), "--print-config", "--lora-modules", "sql=/adapters/sql",
+        "--lora-modules", '{"name": "chat", "path": "/adapters/chat"}', "--max-loras", "3", "--max-lora-rank", "64"])
+    assert r.exit_code == 0, r.output
+    engine = json.loads(r.output)["engine"]
+    assert engine["lora_modules"] == {"sql": "/adapters/sql", "chat": "/adapters/chat"}
+    assert (engine["max_loras"], engine["max_lora_rank"], engine["enable_lora"]) == (3, 64, None)
+    for bad, why in (("sql", "expected NAME=PATH"), ('{"name": "x"}', "expected {"), ("=p", "expected NAME=PATH")):
+        r = CliRunner().invoke(app, ["serve", str(tmp_path), "--print-config", "--lora-modules", bad])
+        assert r.exit_code == 2 and why in r.output, r.output
+    r = CliRunner().invoke(app, ["serve", str(tmp_path), "--print-config", "--max-loras", "0"])
+    assert r.exit_code == 2 and "engine.max_loras" in r.output
