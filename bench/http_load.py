@@ -8,6 +8,11 @@ directly. Then it serves that engine over HTTP (the real app: admission, async l
 the same closed loop with C concurrent streaming clients, spread over `--client-processes` processes so the
 load generator is not what is measured. Both report requests/s, output tokens/s and TTFT
 P50/P99, so the HTTP + scheduling overhead is the difference. Results go to bench/RESULTS.md.
+
+`--json-schema`: the structured-output overhead instead (issue 17). No offline loop; per concurrency, after a
+warm-up (which also compiles the schema once), the same closed loop over HTTP without a constraint, then with
+`response_format` json_schema (strict) on every request, same server, same prompts' lengths. Both rows report
+TTFT and output tok/s (schema outputs end when the JSON closes, so their token counts are summed as served).
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ from pathlib import Path
 from typing import Any
 
 MODEL_NAME = "bench"
+# long outputs under the grammar: an object holding an array of free strings (a random model closes it at will)
+SCHEMA = {"type": "object", "properties": {"notes": {"type": "array", "items": {"type": "string"}}},
+          "required": ["notes"], "additionalProperties": False}
 
 
 def _prompts(n: int, length: int, seed: int) -> list[list[int]]:
@@ -79,7 +87,14 @@ def bench_engine(args: argparse.Namespace, settings: Any) -> Any:
 
     # "tiny" is the CPU smoke test of this script; the GPU shapes use dummy (random, never read) weights
     gpu = {} if args.shape == "tiny" else {"dtype": "bfloat16", "device": "cuda", "load_format": "dummy"}
+    if args.max_num_seqs:
+        gpu["max_num_seqs"] = args.max_num_seqs  # fewer CUDA graphs to capture: a shorter start
     engine = LLMEngine(EngineConfig(model=settings.model, max_model_len=args.prompt_len + args.output_len + 16, **gpu))
+    if args.json_schema:  # only the HTTP comparison: one warm-up loop per level, no offline figures
+        for c in args.concurrency:
+            offline_closed_loop(engine, c, c, args.prompt_len, args.output_len, seed=99 + c)
+        Path(args.offline_out).write_text("{}")
+        return engine
     for c in args.concurrency:  # warm-up at every level: kernels compiled, CUDA graphs of these batch sizes
         offline_closed_loop(engine, c, c, args.prompt_len, args.output_len, seed=99 + c)
     results = {c: offline_closed_loop(engine, c, _num_requests(c, args), args.prompt_len, args.output_len, c)
@@ -105,7 +120,7 @@ def serve_child(args: argparse.Namespace) -> None:
 
 
 async def _client_share(url: str, indices: list[int], concurrency: int, prompts: list[list[int]],
-                        output_len: int) -> dict:
+                        output_len: int, schema: dict | None = None) -> dict:
     """One load-generator process: `concurrency` streaming clients working through `indices`."""
     import httpx
 
@@ -117,6 +132,9 @@ async def _client_share(url: str, indices: list[int], concurrency: int, prompts:
         nonlocal tokens
         body = {"model": MODEL_NAME, "prompt": prompts[i], "max_tokens": output_len, "temperature": 0,
                 "ignore_eos": True, "stream": True, "logprobs": 0, "stream_options": {"include_usage": True}}
+        if schema is not None:  # the grammar ends the output (EOS once the JSON closed): ignore_eos off
+            body.update(ignore_eos=False, response_format={"type": "json_schema", "json_schema": {
+                "name": "notes", "schema": schema, "strict": True}})
         t = time.monotonic()
         first = True
         async with client.stream("POST", "/v1/completions", json=body) as r:
@@ -147,7 +165,7 @@ def _run_share(args: tuple) -> dict:
 
 
 def http_closed_loop(url: str, concurrency: int, n: int, prompt_len: int, output_len: int, seed: int,
-                     processes: int) -> dict:
+                     processes: int, schema: dict | None = None) -> dict:
     """C streaming clients spread over several processes: one Python process parsing SSE tops out at a few
     thousand events/s, which would measure the load generator instead of the server."""
     from concurrent.futures import ProcessPoolExecutor
@@ -155,7 +173,7 @@ def http_closed_loop(url: str, concurrency: int, n: int, prompt_len: int, output
     prompts = _prompts(n, prompt_len, seed)  # other seeds than the offline run's: no prefix-cache head start
     workers = max(1, min(processes, concurrency))
     shares = [(url, list(range(w, n, workers)), concurrency // workers + (w < concurrency % workers), prompts,
-               output_len) for w in range(workers)]
+               output_len, schema) for w in range(workers)]
     with ProcessPoolExecutor(workers) as pool:
         parts = list(pool.map(_run_share, shares))
     errors = [e for part in parts for e in part["errors"]]
@@ -163,6 +181,7 @@ def http_closed_loop(url: str, concurrency: int, n: int, prompt_len: int, output
     result = _summary([t for part in parts for t in part["ttfts"]], sum(part["tokens"] for part in parts), elapsed,
                       n - len(errors))
     result["errors"] = len(errors)
+    result["tokens_per_request"] = sum(part["tokens"] for part in parts) / max(1, n - len(errors))
     if errors:
         print(f"C={concurrency}: {len(errors)} failed requests, e.g. {errors[0]}")
     return result
@@ -186,6 +205,8 @@ def main() -> None:
     ap.add_argument("--engine-thread", action="store_true", help="run the server's engine in a thread of the server "
                     "process (engine_process: false), the baseline of the default engine process")
     ap.add_argument("--results", help="append JSON records (bench/results.jsonl format) to this file")
+    ap.add_argument("--json-schema", action="store_true", help="measure the structured-output overhead (above)")
+    ap.add_argument("--max-num-seqs", type=int, help="engine max_num_seqs (default: sized from memory)")
     ap.add_argument("--model-dir")
     ap.add_argument("--offline-out")
     args = ap.parse_args()
@@ -208,7 +229,9 @@ def main() -> None:
             [sys.executable, __file__, "serve-child", "--model-dir", str(model_dir), "--offline-out",
              str(offline_out), "--shape", args.shape, "--port", str(args.port), "--prompt-len", str(args.prompt_len),
              "--output-len", str(args.output_len), "--min-requests", str(args.min_requests),
-             *(["--engine-thread"] if args.engine_thread else []), "--concurrency", *map(str, args.concurrency)],
+             *(["--engine-thread"] if args.engine_thread else []), *(["--json-schema"] if args.json_schema else []),
+             *(["--max-num-seqs", str(args.max_num_seqs)] if args.max_num_seqs else []),
+             "--concurrency", *map(str, args.concurrency)],
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
         url = f"http://127.0.0.1:{args.port}"
         try:
@@ -224,6 +247,9 @@ def main() -> None:
                 time.sleep(0.5)
             print(f"server ready after {time.monotonic() - t0:.0f} s (engine init + offline runs + warm-up)")
             offline = {int(k): v for k, v in json.loads(offline_out.read_text()).items()}
+            if args.json_schema:
+                _schema_overhead(args, url)
+                return
             _print_header(args)
             for c in args.concurrency:  # each row as soon as it is measured: a cut-short run keeps what it has
                 online = http_closed_loop(url, c, _num_requests(c, args), args.prompt_len, args.output_len,
@@ -237,6 +263,44 @@ def main() -> None:
         finally:
             child.terminate()
             child.wait(60)
+
+
+def _schema_overhead(args: argparse.Namespace, url: str) -> None:
+    """Per concurrency: a warm-up with the schema (compiles it once), then without and with it (same call)."""
+    print(f"\n== {args.shape}, prompt {args.prompt_len} -> up to {args.output_len} tokens: without / with a "
+          "json_schema ==")
+    print(f"{'C':>4} {'req':>5} {'run':>8} | {'req/s':>7} {'tok/s':>8} {'TTFT p50':>9} {'p99':>8} "
+          f"{'tok/req':>7} {'errors':>6}")
+    for c in args.concurrency:
+        n = _num_requests(c, args)
+        t0 = time.monotonic()
+        http_closed_loop(url, c, c, args.prompt_len, args.output_len, 20_000 + c, args.client_processes, SCHEMA)
+        print(f"warm-up with the schema (first compile included): {time.monotonic() - t0:.2f} s", flush=True)
+        for label, schema in (("none", None), ("schema", SCHEMA)):
+            r = http_closed_loop(url, c, n, args.prompt_len, args.output_len, 10_000 + c, args.client_processes,
+                                 schema)
+            print(f"{c:>4} {n:>5} {label:>8} | {r['req_s']:>7.2f} {r['tok_s']:>8.0f} {r['ttft_p50_ms']:>7.1f}ms "
+                  f"{r['ttft_p99_ms']:>6.1f}ms {r['tokens_per_request']:>7.1f} {r['errors']:>6}", flush=True)
+            if args.results:
+                _append_schema_records(args, c, label, r)
+
+
+def _append_schema_records(args: argparse.Namespace, c: int, label: str, r: dict) -> None:
+    import datetime
+
+    import torch
+
+    base = dict(date=datetime.date.today().isoformat(), device=torch.cuda.get_device_name(),
+                commit=os.environ.get("DEEPFLEET_COMMIT", "unknown"),
+                shape=f"R1-Distill-Qwen-{args.shape.upper()} bf16",
+                workload=f"http closed loop C={c}, {args.prompt_len}->{args.output_len}, "
+                         f"{'json_schema strict' if label == 'schema' else 'no constraint'}")
+    with open(args.results, "a") as f:
+        for metric, value, unit in (("http_tok_s", r["tok_s"], "tok/s"), ("http_ttft_p50_ms", r["ttft_p50_ms"], "ms"),
+                                    ("http_ttft_p99_ms", r["ttft_p99_ms"], "ms"),
+                                    ("tokens_per_request", r["tokens_per_request"], "tokens"),
+                                    ("http_errors", r["errors"], "count")):
+            f.write(json.dumps({**base, "metric": metric, "value": round(value, 3), "unit": unit}) + "\n")
 
 
 def _append_records(args: argparse.Namespace, c: int, offline: dict, online: dict) -> None:
