@@ -48,3 +48,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def interpreter_scalar_index(monkeypatch):
+    """Triton 3.6's interpreter turns a scalar into an int with int() of a 1-element array, which numpy >= 2.4
+    refuses ("only 0-dimensional arrays…"); the paged-attention kernel's loop bounds are device values and need
+    it. Same value. Used by the tests that run that kernel under the interpreter."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    from triton.runtime import interpreter
+
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patched)

@@ -9,6 +9,13 @@ MAX_NUM_SEQS_CPU = 32
 KV_BLOCK_SIZE = 16
 MAX_NUM_SEQS_GPU_CAP = 1024  # GPU default max_num_seqs: KV tokens / GPU_TOKENS_PER_SEQ, capped here
 GPU_TOKENS_PER_SEQ = 1024
+# CUDA graphs for prefill passes (a TTFT of one short prompt is otherwise ~25 ms of eager kernel launches): token
+# buckets up to this many tokens, for steps with at most PREFILL_GRAPH_MAX_SEQS prefill chunks
+PREFILL_GRAPH_MAX_TOKENS = 4096
+PREFILL_GRAPH_MAX_SEQS = 64
+# A prefill pass whose every chunk is at least this long runs eagerly with torch SDPA (cuDNN / flash attention),
+# which is ~2.5x the Triton paged kernel's rate on long fresh prompts; shorter chunks keep the paged kernel
+LONG_PREFILL_TOKENS = 2048
 GPU_MEMORY_UTILIZATION = 0.9
 GPU_MEMORY_RESERVE_BYTES = 1 << 30  # CUDA graphs' activations, allocator slack
 SAMPLER_VOCAB_TEMPORARIES = 4  # [max_num_seqs, vocab] float32 tensors a non-greedy draw holds at once (+ the logits)

@@ -314,7 +314,8 @@ def run_shape(shape: str, workloads: tuple[str, ...], commit: str, bandwidth: fl
         bench.record("startup", "ready_s", time.perf_counter() - t0, "s")
         bench.record("startup", "max_num_seqs", engine.max_num_seqs, "sequences")
         bench.record("startup", "kv_blocks", engine.block_manager.num_blocks, "blocks")
-        bench.record("startup", "cuda_graphs", len(engine.runner.graphs), "graphs")
+        bench.record("startup", "cuda_graphs", len(engine.runner.graphs), "graphs")  # decode batches
+        bench.record("startup", "prefill_cuda_graphs", len(engine.runner.prefill_graphs), "graphs")
         n = lambda count: max(16, int(count * scale))  # noqa: E731
         done = 0
         for w in ("startup", *workloads):

@@ -5,14 +5,23 @@ it asynchronously, so the host can prepare step N+1 while the GPU still runs ste
 token was sampled by the previous step, and is not yet known on the host, reads it on the device from that step's
 sampled-token tensor (`prev_token_ids`).
 
-On CUDA, pure-decode passes replay CUDA graphs captured at start-up for a ladder of batch sizes (1, 2, 4, 8, then
-steps of 8 to 256 and of 16 beyond, up to max_num_seqs), LM head included, reading the full-width block tables
-(the paged-attention kernel reads only the blocks a sequence has). A step that mixes decodes with prefill chunks
-runs as two passes: the decodes replay a graph, the prefill chunks run eagerly; CPU takes the same split so the
-tests cover it.
+On CUDA, both passes of a step replay CUDA graphs captured at start-up (an eager pass of a 28-layer model costs
+~25 ms of kernel launches on the host, more than the GPU needs for a 512-token prompt):
+- decodes: a ladder of batch sizes (1, 2, 4, 8, then steps of 8 to 64, of 16 to 256 and of 32 beyond, up to
+  max_num_seqs), LM head included, reading the full-width block tables (the paged-attention kernel reads only the
+  blocks a sequence has);
+- prefill chunks: token-count buckets (16, 32, … up to PREFILL_GRAPH_MAX_TOKENS) for up to PREFILL_GRAPH_MAX_SEQS
+  chunks. The chunks' tokens are padded to the bucket with tokens that belong to no sequence (the attention kernel
+  skips them, their keys go to the scratch slot, their rows are never read) and the chunk list to the graph's
+  sequence count with empty chunks; the LM head runs eagerly on the rows that are sampled.
+Prefill passes outside the buckets run eagerly; a pass of long chunks only (LONG_PREFILL_TOKENS) attends with
+torch SDPA (models/attention.py). The prefill rows sit at a fixed offset in the buffers (after the largest decode
+batch), so a prefill graph reads the same addresses whatever the step's decode count. CPU takes the same split
+(eagerly) so the tests cover it.
 
 With LoRA on (max_loras > 0) the projections carry adapter slots (deepfleet/lora/) and every token's slot is
-staged and uploaded beside its position; without it nothing of that runs."""
+staged and uploaded beside its position (a prefill graph's padding tokens take the "no adapter" slot); without it
+nothing of that runs."""
 
 from __future__ import annotations
 
@@ -42,9 +51,16 @@ log = logging.getLogger(__name__)
 
 
 def graph_batch_sizes(max_batch: int) -> list[int]:
-    """1, 2, 4, 8, then every 8 up to 256 and every 16 beyond, capped at (and including) max_batch."""
-    ladder = [1, 2, 4, *range(8, 257, 8), *range(272, max_batch + 16, 16)]
+    """1, 2, 4, 8, then every 8 up to 64, every 16 up to 256 and every 32 beyond, capped at (and including)
+    max_batch: 47 graphs at 1024 (padding a batch costs at most 1/8 of its rows above 256, 3% at 1024)."""
+    ladder = [1, 2, 4, *range(8, 65, 8), *range(80, 257, 16), *range(288, max_batch + 32, 32)]
     return sorted({min(b, max_batch) for b in ladder})
+
+
+def prefill_token_buckets(max_tokens: int = defaults.PREFILL_GRAPH_MAX_TOKENS) -> list[int]:
+    """16, 32, 64, 128, 256, 512, then every 256 up to 1024 and every 512 beyond, up to max_tokens."""
+    ladder = [16, 32, 64, 128, 256, 512, 768, *range(1024, max_tokens + 1, 512)]
+    return [t for t in ladder if t <= max_tokens]
 
 
 class ModelRunner:
@@ -65,6 +81,10 @@ class ModelRunner:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # batch size -> (graph, logits)
         self.graph_batch_sizes: list[int] = []
         self.graph_max_batch = 0  # set by init_graphs once max_num_seqs is known
+        # prefill token bucket -> (graph, hidden states [bucket, hidden]); graphs hold PREFILL_GRAPH_MAX_SEQS chunks
+        self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.prefill_buckets: list[int] = []
+        self.prefill_graph_seqs = defaults.PREFILL_GRAPH_MAX_SEQS
         self.buffers: InputBuffers | None = None
         self._tables: dict[str, TableCache] = {}  # request id -> its block table as an array (incremental)
 
@@ -78,6 +98,7 @@ class ModelRunner:
         (engine/memory.py), before the sampler's share that depends on max_num_seqs."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
         n = min(max_num_batched_tokens, self.max_model_len)
         blocks = math.ceil(n / self.block_size)
         self.allocate_kv_cache(blocks)
@@ -87,6 +108,10 @@ class ModelRunner:
         self.execute(SchedulerOutput(scheduled=[(seq, n)]))
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
+        # the prefill graphs keep the activations of their largest bucket in their memory pool, beside what an
+        # eager pass of the full token budget needs: counted at the measured activations' rate per token
+        if self.use_graphs:
+            peak += (peak - before) * min(defaults.PREFILL_GRAPH_MAX_TOKENS, n) // n
         self.kv_caches, self.buffers = [], None
         self._tables.clear()
         torch.cuda.empty_cache()
@@ -109,14 +134,22 @@ class ModelRunner:
                                     self.block_size, self.device,
                                     lora_null_slot=self.lora.null_slot if self.lora else None)
 
+    def _prefill_base(self, padded: int) -> int:
+        """First token/row of the prefill chunks: fixed (after the largest decode batch) where graphs read it."""
+        return self.graph_max_batch if self.use_graphs else padded
+
     # ---- batch set-up ---------------------------------------------------------------------------------------------
     def init_graphs(self, max_num_seqs: int, max_num_batched_tokens: int = defaults.MAX_NUM_BATCHED_TOKENS) -> None:
         """After the KV cache: allocate the input buffers for batches of up to `max_num_seqs` sequences and, on
         CUDA, capture the decode graphs of the whole batch-size ladder (before the server reports ready)."""
         self.graph_max_batch = max_num_seqs if self.use_graphs else 0
         self.graph_batch_sizes = graph_batch_sizes(max_num_seqs) if self.use_graphs else []
-        # rows: padded decodes plus prefill chunks; tokens likewise
-        self._init_buffers(max_rows=2 * max_num_seqs, max_tokens=max_num_seqs + max_num_batched_tokens)
+        self.prefill_buckets = prefill_token_buckets(min(defaults.PREFILL_GRAPH_MAX_TOKENS, max_num_batched_tokens,
+                                                         self.max_model_len)) if self.use_graphs else []
+        # rows: padded decodes plus prefill chunks (a prefill graph's up to its sequence count); tokens: padded
+        # decodes plus the token budget or the largest prefill bucket
+        self._init_buffers(max_rows=2 * max_num_seqs + self.prefill_graph_seqs,
+                           max_tokens=max_num_seqs + max(max_num_batched_tokens, *self.prefill_buckets, 0))
         if self.use_graphs:
             self._capture_all()
 
@@ -134,16 +167,19 @@ class ModelRunner:
             cache = self._tables[request_id] = TableCache()
         return cache.view(seq.block_table)
 
-    def _stage(self, decodes, prefills, padded: int):
+    def _stage(self, decodes, prefills, padded: int, pbase: int, bucket: int | None):
         """Fill a staging set; returns it with (tokens, rows, width, fills, sampled decode rows, sampled prefill
-        rows, prefill metadata)."""
+        rows relative to pbase, prefill metadata). `bucket`: the prefill graph's token count (its padding tokens
+        write to the scratch slot; its empty chunks end where the last real one does), or None (eager)."""
         buf = self.buffers
         st = buf.staging()
         a = st.np
         bs = self.block_size
         tables = [self._table(s) for s, _ in decodes] + [self._table(s) for s, _ in prefills]
         width = max(len(t) for t in tables)
-        rows = padded + len(prefills)
+        # rows: the decodes, then from pbase the chunks (a graph's all its chunks: empty ones' metadata is uploaded
+        # too, as the graph reads its whole query_start_loc)
+        rows = pbase + (self.prefill_graph_seqs if bucket is not None else len(prefills)) if prefills else padded
         tab = a["tables"][: rows * width].reshape(rows, width)
         ids, positions, slots, ctx = [], [], [], []
         fill_dst, fill_src, decode_rows = [], [], []
@@ -169,9 +205,9 @@ class ModelRunner:
         ctx += [1] * pad
         tab[nd:padded, :1] = buf.scratch_block
         a["query_start"][: padded + 1] = np.arange(padded + 1)
-        prefill_meta, prefill_rows, q_start = [], [], padded + 1
+        prefill_meta, prefill_rows, q_start = [], [], pbase + 1
         a["query_start"][q_start] = 0
-        t = padded
+        t = pbase
         for j, (seq, n) in enumerate(prefills):
             start = seq.num_computed_tokens
             table = tables[nd + j]
@@ -179,13 +215,20 @@ class ModelRunner:
             a["ids"][t : t + n] = seq.token_ids[start : start + n]
             a["positions"][t : t + n] = pos
             a["slots"][t : t + n] = table[pos // bs] * bs + pos % bs
-            a["ctx_lens"][padded + j] = start + n
-            a["query_start"][q_start + j + 1] = t + n - padded
-            tab[padded + j, : len(table)] = table
+            a["ctx_lens"][pbase + j] = start + n
+            a["query_start"][q_start + j + 1] = t + n - pbase
+            tab[pbase + j, : len(table)] = table
             prefill_meta.append((n, start + n))
             if start + n == seq.num_tokens:
-                prefill_rows.append(t + n - 1 - padded)
+                prefill_rows.append(t + n - 1 - pbase)
             t += n
+        if bucket is not None:  # the graph's padding: tokens of no sequence, empty chunks
+            a["query_start"][q_start + len(prefills) + 1 : q_start + self.prefill_graph_seqs + 1] = t - pbase
+            end = pbase + bucket
+            a["ids"][t:end] = 0
+            a["positions"][t:end] = 0
+            a["slots"][t:end] = buf.scratch_slot
+            t = end
         a["ids"][:padded] = ids
         a["positions"][:padded] = positions
         a["slots"][:padded] = slots
@@ -193,25 +236,45 @@ class ModelRunner:
         a["fill_dst"][: len(fill_dst)] = fill_dst
         a["fill_src"][: len(fill_src)] = fill_src
         if self.lora is not None:
-            self._stage_lora_slots(a["lora_slots"], decodes, prefills, padded)
-        return st, t, rows, width, len(fill_dst), decode_rows, prefill_rows, prefill_meta
+            self._stage_lora_slots(a["lora_slots"], decodes, prefills, padded, pbase, t)
+        return st, t if prefills else padded, rows, width, len(fill_dst), decode_rows, prefill_rows, prefill_meta
 
-    def _stage_lora_slots(self, out: np.ndarray, decodes, prefills, padded: int) -> None:
+    def _stage_lora_slots(self, out: np.ndarray, decodes, prefills, padded: int, pbase: int, end: int) -> None:
+        """Each token's adapter slot; `end`: past the last prefill token staged (a graph's padding included)."""
         null = self.lora.null_slot
         out[: len(decodes)] = [null if s.lora_slot is None else s.lora_slot for s, _ in decodes]
         out[len(decodes) : padded] = null
-        t = padded
+        t = pbase
         for seq, n in prefills:
             out[t : t + n] = null if seq.lora_slot is None else seq.lora_slot
             t += n
+        out[t:end] = null
 
     def _meta(self, rows: slice, tokens: slice, q_start: slice, width: int, num_decodes: int,
-              prefills: list[tuple[int, int]]) -> AttentionMetadata:
+              prefills: list[tuple[int, int]], max_query_len: int | None = None) -> AttentionMetadata:
         buf = self.buffers
+        if max_query_len is None:
+            max_query_len = max((n for n, _ in prefills), default=1)
         return AttentionMetadata(
             num_decodes=num_decodes, slot_mapping=buf.slots[tokens], context_lens=buf.ctx_lens[rows],
             block_tables=buf.block_tables[rows, :width], block_size=self.block_size, prefills=prefills,
-            query_start_loc=buf.query_start[q_start], max_query_len=max((n for n, _ in prefills), default=1))
+            query_start_loc=buf.query_start[q_start], max_query_len=max_query_len)
+
+    def _prefill_meta(self, pbase: int, bucket: int) -> AttentionMetadata:
+        """A prefill graph's metadata: its sequence count of chunks over `bucket` tokens, full-width tables."""
+        seqs = self.prefill_graph_seqs
+        return self._meta(slice(pbase, pbase + seqs), slice(pbase, pbase + bucket),
+                          slice(pbase + 1, pbase + seqs + 2), self.max_blocks_per_seq, 0, [], max_query_len=bucket)
+
+    def _prefill_bucket(self, prefills: list[tuple[Sequence, int]]) -> int | None:
+        """The prefill graph for these chunks, or None (eager: too many chunks or tokens, or only long chunks,
+        which attend faster through SDPA)."""
+        if not self.prefill_buckets or len(prefills) > self.prefill_graph_seqs:
+            return None
+        if all(n >= defaults.LONG_PREFILL_TOKENS for _, n in prefills):
+            return None
+        tokens = sum(n for _, n in prefills)
+        return next((b for b in self.prefill_buckets if b >= tokens), None)
 
     # ---- execution ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -223,8 +286,10 @@ class ModelRunner:
         decodes, prefills = out.scheduled[:nd], out.scheduled[nd:]
         graph = self.use_graphs and 0 < nd <= self.graph_max_batch
         padded = next(b for b in self.graph_batch_sizes if b >= nd) if graph else nd
+        pbase = self._prefill_base(padded)
+        bucket = self._prefill_bucket(prefills) if prefills else None
         st, num_tokens, rows, width, fills, decode_rows, prefill_rows, prefill_meta = self._stage(
-            decodes, prefills, padded)
+            decodes, prefills, padded, pbase, bucket)
         buf = self.buffers
         buf.upload(st, num_tokens, rows, width, fills, prev_token_ids)
         parts = []
@@ -241,13 +306,18 @@ class ModelRunner:
                 parts.append(logits[:nd] if len(decode_rows) == nd else logits[to_device(torch.tensor(decode_rows),
                                                                                         self.device)])
         if prefills:
-            tokens = slice(padded, num_tokens)
-            meta = self._meta(slice(padded, rows), tokens, slice(padded + 1, padded + 2 + len(prefills)), width, 0,
-                              prefill_meta)
-            self._set_lora_tokens(tokens)
-            hidden = self.model(buf.ids[tokens], buf.positions[tokens], self.kv_caches, meta)
+            real = sum(n for n, _ in prefill_meta)
+            if bucket is not None:
+                g, hidden = self.prefill_graphs[bucket]
+                g.replay()
+            else:
+                tokens = slice(pbase, pbase + real)
+                meta = self._meta(slice(pbase, rows), tokens, slice(pbase + 1, pbase + 2 + len(prefills)), width, 0,
+                                  prefill_meta)
+                self._set_lora_tokens(tokens)
+                hidden = self.model(buf.ids[tokens], buf.positions[tokens], self.kv_caches, meta)
             if prefill_rows:
-                rows_at = hidden[-1:] if prefill_rows == [num_tokens - padded - 1] else hidden[
+                rows_at = hidden[real - 1 : real] if prefill_rows == [real - 1] else hidden[
                     to_device(torch.tensor(prefill_rows), self.device)]
                 parts.append(self.model.compute_logits(rows_at))
         if not parts:
@@ -260,34 +330,57 @@ class ModelRunner:
 
     # ---- CUDA graphs ----------------------------------------------------------------------------------------------
     def _capture_all(self) -> None:
-        """Largest batch first: the smaller graphs then fit in the memory pool the largest one left."""
+        """Prefill buckets, then decode batches, largest first: the smaller graphs then fit in the memory pool the
+        larger ones left."""
         buf = self.buffers
         pool = torch.cuda.graph_pool_handle()
-        # every graph writes its logits into rows of this one buffer: a graph's own output tensor would stay
-        # allocated for as long as the graph lives, and the whole ladder's would add up to tens of GB
+        # every graph writes its output into rows of one buffer: a graph's own output tensor would stay allocated
+        # for as long as the graph lives, and the whole ladder's would add up to tens of GB
         shared = torch.empty(self.graph_max_batch, self.cfg.vocab_size, dtype=torch.float32, device=self.device)
+        hidden = torch.empty(max(self.prefill_buckets, default=0), self.cfg.hidden_size, dtype=self.dtype,
+                             device=self.device)
         torch.cuda.synchronize()
         t0, mem0 = time.perf_counter(), torch.cuda.mem_get_info()[0]
+        pbase, seqs = self._prefill_base(0), self.prefill_graph_seqs
+        for t in reversed(self.prefill_buckets):
+            # one chunk of t tokens over the scratch block (the buffers' initial tables), the other chunks empty
+            buf.query_start[pbase + 1 : pbase + seqs + 2].fill_(t)
+            buf.query_start[pbase + 1] = 0
+            buf.ctx_lens[pbase : pbase + seqs].fill_(t)
+            tokens = slice(pbase, pbase + t)
+            self._set_lora_tokens(tokens)  # the graph reads the slot buffer in place at every replay
+
+            def forward(out=hidden[:t], tokens=tokens, t=t):
+                out.copy_(self.model(buf.ids[tokens], buf.positions[tokens], self.kv_caches,
+                                     self._prefill_meta(pbase, t)))
+
+            self.prefill_graphs[t] = (self._capture(forward, pool, f"prefill bucket {t} tokens"), hidden[:t])
         for b in reversed(self.graph_batch_sizes):
             buf.query_start[: b + 1].copy_(torch.arange(b + 1, dtype=torch.int32))
             meta_args = (slice(0, b), slice(0, b), slice(0, b + 1), self.max_blocks_per_seq, b, [])
             self._set_lora_tokens(slice(0, b))  # the graph reads the slot buffer in place at every replay
-            try:
-                # warm-up outside capture (compiles the fused kernels, settles kernel choices for this shape)
-                self.model.compute_logits(
-                    self.model(buf.ids[:b], buf.positions[:b], self.kv_caches, self._meta(*meta_args)))
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    shared[:b].copy_(self.model.compute_logits(
-                        self.model(buf.ids[:b], buf.positions[:b], self.kv_caches, self._meta(*meta_args))))
-            except torch.OutOfMemoryError as exc:
-                raise StartupError(
-                    f"out of GPU memory while capturing the CUDA graph for decode batch {b} (max_num_seqs "
-                    f"{self.graph_max_batch}): lower max_num_seqs or gpu_memory_utilization, or set "
-                    f"enforce_eager") from exc
-            self.graphs[b] = (graph, shared[:b])
+
+            def forward(out=shared[:b], b=b, meta_args=meta_args):
+                out.copy_(self.model.compute_logits(
+                    self.model(buf.ids[:b], buf.positions[:b], self.kv_caches, self._meta(*meta_args))))
+
+            self.graphs[b] = (self._capture(forward, pool, f"decode batch {b}"), shared[:b])
         torch.cuda.synchronize()
         used = mem0 - torch.cuda.mem_get_info()[0]
-        log.info("captured %d CUDA graphs (decode batch 1..%d) in %.1f s, %.2f GiB", len(self.graphs),
-                 self.graph_max_batch, time.perf_counter() - t0, used / 2**30)
+        log.info("captured %d CUDA graphs (decode batch 1..%d, prefill 16..%d tokens) in %.1f s, %.2f GiB",
+                 len(self.graphs) + len(self.prefill_graphs), self.graph_max_batch,
+                 max(self.prefill_buckets, default=0), time.perf_counter() - t0, used / 2**30)
+
+    def _capture(self, forward, pool, what: str) -> torch.cuda.CUDAGraph:
+        try:
+            forward()  # warm-up outside capture (compiles the fused kernels, settles kernel choices for this shape)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                forward()
+        except torch.OutOfMemoryError as exc:
+            raise StartupError(
+                f"out of GPU memory while capturing the CUDA graph for {what} (max_num_seqs "
+                f"{self.graph_max_batch}): lower max_num_seqs or gpu_memory_utilization, or set "
+                f"enforce_eager") from exc
+        return graph

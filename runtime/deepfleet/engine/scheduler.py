@@ -36,6 +36,9 @@ class Scheduler:
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
+        # Order is kept between steps: running sequences' urgency is fixed while they run, and waiting ones all age
+        # at the same rate, so a list needs sorting only after sequences joined it
+        self._running_sorted = self._waiting_sorted = True
         self.num_preemptions = 0
 
     @staticmethod
@@ -45,6 +48,7 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
         self.waiting.append(seq)
+        self._waiting_sorted = False
 
     def remove(self, seq: Sequence) -> None:
         """Take a sequence out (finished, aborted, timed out) and free its blocks."""
@@ -62,14 +66,18 @@ class Scheduler:
         self.blocks.free_seq(seq)
         seq.status, seq.waited_steps = Status.WAITING, 0
         self.waiting.append(seq)
+        self._waiting_sorted = False
         out.preempted.append(seq)
         self.num_preemptions += 1
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        self.running.sort(key=self.urgency)
-        scheduled: set[int] = set()
+        if not self._running_sorted:
+            self.running.sort(key=self.urgency)
+            self._running_sorted = True
+        chunks = False  # any scheduled prefill chunk (else the decodes-first order below holds already)
+        bs = self.blocks.block_size
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -77,6 +85,11 @@ class Scheduler:
                 i += 1
                 continue
             n = min(seq.num_uncomputed, budget)
+            if n == 1 and seq.num_computed_tokens < len(seq.block_table) * bs:  # a decode with room in its block
+                out.scheduled.append((seq, 1))
+                budget -= 1
+                i += 1
+                continue
             while not self.blocks.allocate(seq, n):
                 victim = self.running[-1]  # least urgent, newest
                 self._preempt(victim, out)
@@ -84,11 +97,13 @@ class Scheduler:
                     break
             if seq.status is Status.RUNNING:
                 out.scheduled.append((seq, n))
-                scheduled.add(id(seq))
+                chunks = chunks or n != 1
                 budget -= n
                 i += 1
         # admit waiting sequences while budget, sequence slots and blocks allow
-        self.waiting.sort(key=self.urgency)
+        if not self._waiting_sorted:
+            self.waiting.sort(key=self.urgency)
+            self._waiting_sorted = True
         admitted: list[Sequence] = []
         for seq in self.waiting:
             if budget <= 0 or len(self.running) + len(admitted) >= self.max_num_seqs:
@@ -107,14 +122,18 @@ class Scheduler:
             seq.status = Status.RUNNING
             admitted.append(seq)
             out.scheduled.append((seq, n))
+            chunks = chunks or n != 1
             budget -= n
         for seq in admitted:
             self.waiting.remove(seq)
-        self.running.extend(admitted)
+        if admitted:
+            self.running.extend(admitted)
+            self._running_sorted = False
         for seq in self.waiting:
             seq.waited_steps += 1
         # decodes first: the attention batches them in one call
-        out.scheduled.sort(key=lambda sn: sn[1] != 1)
+        if chunks:
+            out.scheduled.sort(key=lambda sn: sn[1] != 1)
         return out
 
     def update_after_step(self, out: SchedulerOutput) -> None:

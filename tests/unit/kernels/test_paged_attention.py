@@ -18,7 +18,8 @@ from deepfleet.kernels.paged_attention import paged_attention
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # an empty flash-decoding split stores log2(0) = -inf on purpose (its merge weight is 0); numpy warns about it
-pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning"),
+              pytest.mark.usefixtures("interpreter_scalar_index")]
 DEVICE = "cpu" if INTERPRETED else "cuda"
 
 # (name, heads, kv_heads, k_dim, v_dim or None = k_dim, mla, [(query_len, seq_len)], options)
@@ -93,23 +94,6 @@ def _expected(case) -> torch.Tensor:
         scores = scores.masked_fill(pos[None, None, :] > query_pos[None, :, None], float("-inf"))
         rows.append(torch.einsum("hql,lhd->qhd", scores.softmax(-1), values))
     return torch.cat(rows)
-
-
-@pytest.fixture(autouse=True)
-def _interpreter_scalar_index(monkeypatch):
-    """Triton 3.6's interpreter turns a scalar into an int with int() of a 1-element array, which numpy >= 2.4
-    refuses ("only 0-dimensional arrays…"); this kernel's loop bounds are device values and need it. Same value."""
-    if not INTERPRETED:
-        return
-    from triton.runtime import interpreter
-
-    patch_tensor = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patched)
 
 
 def _on_device(case):
