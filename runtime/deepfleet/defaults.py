@@ -29,6 +29,12 @@ GRAMMAR_COMPILE_TIMEOUT_S = 10.0
 # be in every batch) and the largest adapter rank they hold (smaller ranks are zero-padded to it)
 MAX_LORAS = 4
 MAX_LORA_RANK = 16
+# Speculative decoding (engine.speculative): drafts per step (DeepSeek's MTP is trained for 1; vLLM's default for
+# prompt lookup is also small), the n-gram lengths prompt lookup tries (vLLM's prompt_lookup_min/max)
+NUM_SPECULATIVE_TOKENS = 2
+MAX_SPECULATIVE_TOKENS = 8
+PROMPT_LOOKUP_MIN = 1
+PROMPT_LOOKUP_MAX = 3
 
 # Server overload control: admission slots default to the engine's max_num_seqs (a smaller default would cap the
 # batch); the source documents' async priority scheduler uses max_concurrent 16, a setting away

@@ -90,6 +90,10 @@ def register(app: typer.Typer) -> None:
         max_lora_rank: Annotated[
             int | None, typer.Option(help="Largest LoRA rank accepted (engine.max_lora_rank).")
         ] = None,
+        speculative_method: Annotated[str | None, typer.Option(
+            help="ngram or mtp: speculative decoding (engine.speculative.method).")] = None,
+        num_speculative_tokens: Annotated[int | None, typer.Option(
+            help="Drafts per step with --speculative-method (engine.speculative.num_speculative_tokens).")] = None,
         set_: Annotated[
             list[str] | None, typer.Option("--set", help="Any setting, e.g. --set engine.max_num_seqs=64 (repeat).")
         ] = None,
@@ -115,6 +119,13 @@ def register(app: typer.Typer) -> None:
                             "lora_modules": _lora_modules(lora_modules) if lora_modules else None}
             overrides.update({k: v for k, v in flags.items() if v is not None})
             engine = {k: v for k, v in engine_flags.items() if v is not None}
+            if speculative_method is not None or num_speculative_tokens is not None:
+                if speculative_method is None:
+                    raise typer.BadParameter("--num-speculative-tokens needs --speculative-method (ngram or mtp)")
+                speculative = {"method": speculative_method}
+                if num_speculative_tokens is not None:
+                    speculative["num_speculative_tokens"] = num_speculative_tokens
+                engine["speculative"] = speculative
             if engine:
                 overrides["engine"] = {**overrides.get("engine", {}), **engine}
             overrides["model"] = str(model_dir)

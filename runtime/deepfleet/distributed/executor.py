@@ -47,7 +47,7 @@ from deepfleet.distributed.step import StepInputs
 log = logging.getLogger(__name__)
 
 # methods of ModelRunner that must run on every rank (they allocate per-rank state or run forwards)
-ALL_RANKS = frozenset({"allocate_kv_cache", "profile_kv_budget", "init_graphs", "capture_graphs"})
+ALL_RANKS = frozenset({"allocate_kv_cache", "profile_kv_budget", "init_graphs", "capture_graphs", "propose_mtp"})
 _WATCH_INTERVAL_S = 0.2
 
 
@@ -63,6 +63,7 @@ class RunnerSpec:
     enforce_eager: bool
     load_format: str
     quantization: str | None
+    mtp_layers: int
     size: int
     expert_parallel: bool
     init_method: str
@@ -311,7 +312,8 @@ def check_parallel_config(cfg, size: int, expert_parallel: bool, device: torch.d
 
 def make_runner(model: str, cfg, dtype: torch.dtype, device: torch.device, max_model_len: int, block_size: int,
                 enforce_eager: bool, load_format: str, quantization: str | None = None, size: int = 1,
-                expert_parallel: bool = False, timeout_s: float = 60.0, max_loras: int = 0, max_lora_rank: int = 0):
+                expert_parallel: bool = False, timeout_s: float = 60.0, max_loras: int = 0, max_lora_rank: int = 0,
+                mtp_layers: int = 0):
     """A ModelRunner (one device: no workers, the layers' group has size 1) or a ParallelRunner over `size`
     devices. The configuration is checked first, so a bad size fails before any process starts."""
     from deepfleet.distributed.worker import build_runner
@@ -322,9 +324,9 @@ def make_runner(model: str, cfg, dtype: torch.dtype, device: torch.device, max_m
         if expert_parallel:
             log.info("engine.expert_parallel with tensor_parallel_size=1: every expert is on the one device")
         return ModelRunner(cfg, dtype, device, max_model_len, block_size, enforce_eager, load_format, quantization,
-                           max_loras, max_lora_rank)
+                           max_loras, max_lora_rank, mtp_layers)
     if max_loras:
         raise ValueError("engine.enable_lora: LoRA adapters with tensor_parallel_size > 1 are not supported yet")
     spec = RunnerSpec(model, dtype, device.type, max_model_len, block_size, enforce_eager, load_format, quantization,
-                      size, expert_parallel, local_init_method(), timeout_s, torch.get_num_threads())
+                      mtp_layers, size, expert_parallel, local_init_method(), timeout_s, torch.get_num_threads())
     return ParallelRunner(spec, build_runner)

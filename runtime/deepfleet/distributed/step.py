@@ -30,6 +30,7 @@ class SeqView:
     token_ids: _Window
     block_table: list[int]
     pending_row: int  # a placeholder (-1) token's row in the previous step's sampled tokens
+    num_draft_tokens: int = 0  # speculative drafts at the end of the new tokens: their rows get logits too
 
 
 @dataclass
@@ -38,15 +39,17 @@ class StepInputs:
     driver; `prev_rows` is the size of that step's sampled-token tensor, which the driver broadcasts (device to
     device, no host round trip) right after this message so each rank fills its placeholders from it."""
 
-    seqs: list[tuple[int, int, list[int], list[int], int]]  # (start, num_tokens, new tokens, block table, row)
+    # (start, num_tokens, new tokens, block table, placeholder row, speculative drafts among the new tokens)
+    seqs: list[tuple[int, int, list[int], list[int], int, int]]
     prev_rows: int = 0
 
     @classmethod
     def of(cls, out: SchedulerOutput, prev_token_ids=None) -> StepInputs:
         return cls([(s.num_computed_tokens, s.num_tokens,
-                     s.token_ids[s.num_computed_tokens : s.num_computed_tokens + n], s.block_table, s.pending_row)
+                     s.token_ids[s.num_computed_tokens : s.num_computed_tokens + n], s.block_table, s.pending_row,
+                     s.num_draft_tokens)
                     for s, n in out.scheduled], 0 if prev_token_ids is None else prev_token_ids.numel())
 
     def scheduler_output(self) -> SchedulerOutput:
-        return SchedulerOutput(scheduled=[(SeqView(start, total, _Window(start, new), table, row), len(new))
-                                          for start, total, new, table, row in self.seqs])
+        return SchedulerOutput(scheduled=[(SeqView(start, total, _Window(start, new), table, row, drafts), len(new))
+                                          for start, total, new, table, row, drafts in self.seqs])

@@ -27,6 +27,9 @@ from deepfleet.engine.sampler import Sampler, SampleResult, make_generator
 from deepfleet.engine.sampling_params import SamplingParams
 from deepfleet.engine.scheduler import Scheduler
 from deepfleet.engine.sequence import Sequence, Status
+from deepfleet.engine.spec_decode import config as spec_config
+from deepfleet.engine.spec_decode.config import SpeculativeConfig
+from deepfleet.engine.spec_decode.speculator import Speculator
 from deepfleet.models.config import load_config, resolve_dtype
 from deepfleet.models.tokenizer import Tokenizer
 from deepfleet.watermark.config import WatermarkConfig
@@ -60,6 +63,8 @@ class EngineConfig:
     max_loras: int = defaults.MAX_LORAS  # adapters resident at once (each may be in every batch)
     max_lora_rank: int = defaults.MAX_LORA_RANK  # largest adapter rank accepted
     lora_modules: dict[str, str] | None = None  # adapters loaded at start-up: name -> PEFT adapter directory
+    # speculative decoding, e.g. {"method": "ngram", "num_speculative_tokens": 2}; spec_decode/config.py
+    speculative: SpeculativeConfig | dict | None = None
 
 
 def _grammar_compiler(config: EngineConfig, vocab_size: int, tokenizer: Tokenizer):
@@ -112,10 +117,13 @@ class LLMEngine:
                                  model_cfg.max_position_embeddings)
         self.tokenizer = Tokenizer(config.model, generation_eos_ids=model_cfg.eos_token_ids)
         self.device = device
+        speculative = spec_config.parse(config.speculative)
         self.runner = make_runner(config.model, model_cfg, dtype, device, self.max_model_len, config.block_size,
                                   config.enforce_eager, config.load_format, config.quantization,
                                   config.tensor_parallel_size, config.expert_parallel, config.collective_timeout_s,
-                                  config.max_loras if lora else 0, config.max_lora_rank)
+                                  config.max_loras if lora else 0, config.max_lora_rank,
+                                  spec_config.check_model(speculative, model_cfg) if speculative else 0)
+        self.speculator = Speculator(speculative, self.max_model_len) if speculative else None
         num_blocks, max_num_seqs = self._size_cache(config)
         self.runner.allocate_kv_cache(num_blocks)
         self.runner.init_graphs(max_num_seqs, config.max_num_batched_tokens)
@@ -127,8 +135,9 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
         self._aborted: list[Sequence] = []  # reported (finish_reason "abort") by the next step
         self._in_flight: _Launched | None = None  # the launched step whose tokens are not taken in yet
-        # tensor-parallel workers get the in-flight tokens by a device broadcast (distributed/step.py)
-        self._overlap = config.async_scheduling
+        # tensor-parallel workers get the in-flight tokens by a device broadcast (distributed/step.py); drafts
+        # depend on the previous step's tokens, so speculation runs serial steps
+        self._overlap = config.async_scheduling and not speculative
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         for name, path in (config.lora_modules or {}).items():
@@ -152,7 +161,8 @@ class LLMEngine:
         budget = self.runner.profile_kv_budget(config.max_num_batched_tokens, config.gpu_memory_utilization)
         block_bytes = self.runner.block_bytes()
         seqs = config.max_num_seqs or memory.default_max_num_seqs(memory.num_kv_blocks(budget, block_bytes), bs, cap)
-        blocks = memory.num_kv_blocks(budget - memory.sampler_bytes(seqs, self.runner.cfg.vocab_size), block_bytes)
+        rows = seqs * (1 + (self.speculator.cfg.num_speculative_tokens if self.speculator else 0))  # verify rows
+        blocks = memory.num_kv_blocks(budget - memory.sampler_bytes(rows, self.runner.cfg.vocab_size), block_bytes)
         if blocks < per_seq:
             raise StartupError(f"not enough GPU memory for one {self.max_model_len}-token sequence ({blocks} KV "
                                f"blocks of {bs} tokens fit, {per_seq} needed, with max_num_seqs {seqs}): lower "
@@ -263,6 +273,8 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
+            spec_decode=replace(self.speculator.stats, accepted_per_position=list(
+                self.speculator.stats.accepted_per_position)) if self.speculator else None,
         )
 
     # ---- stepping -------------------------------------------------------------------------------------------------
@@ -285,7 +297,12 @@ class LLMEngine:
                 self._finish(seq, "timeout")
                 ended.append(seq)
         prev, self._in_flight = self._in_flight, None
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running)
         out = self.scheduler.schedule()
+        if self.speculator is not None:
+            self.speculator.fit(out)
+            return [self._output(s) for s in (*ended, *(self._speculative_step(out) if out.scheduled else []))]
         launched = self._launch(out, prev) if out.scheduled else None
         advanced = self._resolve(prev) if prev is not None else []
         if out.scheduled:
@@ -315,6 +332,33 @@ class LLMEngine:
                             or s.params.frequency_penalty != 0.0 or s.sampling.logits_processors
                             for s in self.scheduler.running)
         return _Launched(entries, result, needs_history)
+
+    def _speculative_step(self, out) -> list[Sequence]:
+        """Serial step with drafts (spec_decode/speculator.py): run, verify, append the emitted tokens, count only
+        the kept positions as computed, then (MTP) draft for the next step."""
+        spec = self.speculator
+        logits = self.runner.execute(out)
+        computed = list(out.scheduled)
+        sampled = [s for s, n in computed if s.num_computed_tokens + n == s.num_tokens]
+        emitted = spec.sample(logits, sampled, self.sampler) if sampled else []
+        kept = {}
+        for seq, tokens in zip(sampled, emitted, strict=True):
+            drafts = spec.take_drafts_back(seq)
+            kept[id(seq)] = len(tokens) - 1 - drafts  # rejected drafts' positions are not computed
+            for tok in tokens:
+                seq.append_token(tok.token_id)
+                self._append(seq, seq.num_tokens - 1, tok)
+                if seq.is_finished:
+                    break
+        out.scheduled = [(s, n + kept.get(id(s), 0)) for s, n in computed]
+        mtp = spec.mtp_requests(computed, [n for _, n in out.scheduled]) if spec.cfg.method == "mtp" else []
+        self.scheduler.update_after_step(out)
+        if mtp:
+            for seq, request in mtp:  # chained drafts write provisional KV one position on per draft
+                if request.num_drafts > 1 and not self.block_manager.allocate(seq, request.num_drafts - 1):
+                    request.num_drafts = 1
+            spec.keep_mtp_drafts(mtp, self.runner.propose_mtp([r for _, r in mtp]))
+        return sampled
 
     def _resolve(self, launched: _Launched) -> list[Sequence]:
         """The step's tokens reach the host (its one device->host transfer); requests that ended meanwhile

@@ -66,16 +66,23 @@ def prefill_token_buckets(max_tokens: int = defaults.PREFILL_GRAPH_MAX_TOKENS) -
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_model_len: int,
                  block_size: int, enforce_eager: bool, load_format: str = "auto", quantization: str | None = None,
-                 max_loras: int = 0, max_lora_rank: int = 0):
+                 max_loras: int = 0, max_lora_rank: int = 0, mtp_layers: int = 0):
+        """`mtp_layers`: also build DeepSeek-V3's multi-token-prediction layers (speculative drafts,
+        spec_decode/mtp.py): they get KV caches of their own, and steps keep the target's hidden states for them."""
         self.cfg, self.dtype, self.device = cfg, dtype, device
         self.block_size, self.max_model_len = block_size, max_model_len
         self.model = load_model(cfg, dtype, device, max_positions=max(max_model_len, cfg.max_position_embeddings),
-                                load_format=load_format, quantization=quantization)
+                                load_format=load_format, quantization=quantization, mtp_layers=mtp_layers)
+        self.num_draft_layers = len(getattr(self.model, "mtp", ()))
+        self.draft_kv_caches: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self.step_hidden: torch.Tensor | None = None  # with MTP: the last step's hidden states, in token order
         self.kv_heads, self.k_dim, self.v_dim = self.model.kv_cache_layout()
         self.lora = LoRAManager(self.model, max_loras, max_lora_rank) if max_loras else None
         self.has_v_cache = self.v_dim is not None  # None: values are part of the cached keys (MLA)
         self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
-        self.use_graphs = device.type == "cuda" and not enforce_eager and getattr(self.model, "cuda_graph_safe", True)
+        # MTP drafts read every token's hidden state, which the decode graphs do not keep: eager (for now)
+        self.use_graphs = (device.type == "cuda" and not enforce_eager and getattr(self.model, "cuda_graph_safe", True)
+                           and not self.num_draft_layers)
         use_fused_kernels(device.type == "cuda" and not enforce_eager)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # batch size -> (graph, logits)
@@ -90,7 +97,8 @@ class ModelRunner:
 
     # ---- KV cache -------------------------------------------------------------------------------------------------
     def block_bytes(self) -> int:
-        return memory.kv_block_bytes((self.kv_heads, self.k_dim, self.v_dim), self.cfg.num_layers, self.block_size,
+        layers = self.cfg.num_layers + self.num_draft_layers
+        return memory.kv_block_bytes((self.kv_heads, self.k_dim, self.v_dim), layers, self.block_size,
                                      torch.finfo(self.dtype).bits // 8)
 
     def profile_kv_budget(self, max_num_batched_tokens: int, memory_utilization: float) -> int:
@@ -112,7 +120,7 @@ class ModelRunner:
         # eager pass of the full token budget needs: counted at the measured activations' rate per token
         if self.use_graphs:
             peak += (peak - before) * min(defaults.PREFILL_GRAPH_MAX_TOKENS, n) // n
-        self.kv_caches, self.buffers = [], None
+        self.kv_caches, self.draft_kv_caches, self.buffers = [], [], None
         self._tables.clear()
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
@@ -123,11 +131,12 @@ class ModelRunner:
         """`num_blocks` usable blocks plus one scratch block (id num_blocks) that padding rows write to."""
         self.scratch_block = num_blocks
         shape = (num_blocks + 1, self.block_size, self.kv_heads)
-        self.kv_caches = [
+        caches = [
             (torch.zeros(*shape, self.k_dim, dtype=self.dtype, device=self.device),
              torch.zeros(*shape, self.v_dim, dtype=self.dtype, device=self.device) if self.has_v_cache else None)
-            for _ in range(self.cfg.num_layers)
+            for _ in range(self.cfg.num_layers + self.num_draft_layers)
         ]
+        self.kv_caches, self.draft_kv_caches = caches[: self.cfg.num_layers], caches[self.cfg.num_layers :]
 
     def _init_buffers(self, max_rows: int, max_tokens: int) -> None:
         self.buffers = InputBuffers(max_tokens, max_rows, self.max_blocks_per_seq, self.scratch_block,
@@ -219,8 +228,9 @@ class ModelRunner:
             a["query_start"][q_start + j + 1] = t + n - pbase
             tab[pbase + j, : len(table)] = table
             prefill_meta.append((n, start + n))
-            if start + n == seq.num_tokens:
-                prefill_rows.append(t + n - 1 - pbase)
+            if start + n == seq.num_tokens:  # sampled: its last row, or every row that scores a draft and the last
+                drafts = seq.num_draft_tokens
+                prefill_rows.extend(range(t + n - 1 - drafts - pbase, t + n - pbase))
             t += n
         if bucket is not None:  # the graph's padding: tokens of no sequence, empty chunks
             a["query_start"][q_start + len(prefills) + 1 : q_start + self.prefill_graph_seqs + 1] = t - pbase
@@ -300,8 +310,10 @@ class ModelRunner:
             else:
                 meta = self._meta(slice(0, nd), slice(0, nd), slice(0, nd + 1), width, nd, [])
                 self._set_lora_tokens(slice(0, nd))
-                logits = self.model.compute_logits(
-                    self.model(buf.ids[:nd], buf.positions[:nd], self.kv_caches, meta))
+                decode_hidden = self.model(buf.ids[:nd], buf.positions[:nd], self.kv_caches, meta)
+                logits = self.model.compute_logits(decode_hidden)
+                if self.num_draft_layers:
+                    self.step_hidden = decode_hidden
             if decode_rows:
                 parts.append(logits[:nd] if len(decode_rows) == nd else logits[to_device(torch.tensor(decode_rows),
                                                                                         self.device)])
@@ -316,6 +328,8 @@ class ModelRunner:
                                   prefill_meta)
                 self._set_lora_tokens(tokens)
                 hidden = self.model(buf.ids[tokens], buf.positions[tokens], self.kv_caches, meta)
+            if self.num_draft_layers:
+                self.step_hidden = hidden[:real] if not nd else torch.cat([self.step_hidden, hidden[:real]])
             if prefill_rows:
                 rows_at = hidden[real - 1 : real] if prefill_rows == [real - 1] else hidden[
                     to_device(torch.tensor(prefill_rows), self.device)]
@@ -327,6 +341,13 @@ class ModelRunner:
     def _set_lora_tokens(self, tokens: slice) -> None:
         if self.lora is not None:
             set_token_slots(self.buffers.lora_slots[tokens])
+
+    def propose_mtp(self, inputs) -> list[list[int]]:
+        """Run the MTP layers over the last step's accepted tokens; the drafts of the sequences that asked for
+        them (spec_decode/mtp.py). A method here so tensor-parallel workers run it too."""
+        from deepfleet.engine.spec_decode.mtp import propose
+
+        return propose(self, inputs)
 
     # ---- CUDA graphs ----------------------------------------------------------------------------------------------
     def _capture_all(self) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from deepfleet.engine.spec_decode.metrics import SpecDecodeStats
+
 
 @dataclass
 class CompletionOutput:
@@ -36,3 +38,4 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens_total: int
     generation_tokens_total: int
+    spec_decode: SpecDecodeStats | None = None  # engine.speculative set: acceptance counters

@@ -48,6 +48,7 @@ class Sequence:
     final_pending: bool = False  # its in-flight token is its last (length limit): nothing to schedule until seen
     lora_slot: int | None = None  # the LoRA adapter's slot (deepfleet/lora/); None: the base model
     cache_salt: bytes | None = None  # roots its prefix-cache hashes (the adapter's): None for the base model
+    num_draft_tokens: int = 0  # speculative drafts at the end of token_ids, scored (not yet accepted) this step
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

@@ -28,6 +28,7 @@ from deepfleet.distributed.layers import expert_inner_split, local_heads, mark_s
 from deepfleet.models.attention import AttentionMetadata, paged_attention, write_kv
 from deepfleet.models.base import FUSED_PROJECTIONS, Backbone, CausalLM, decoder_layer_forward
 from deepfleet.models.config import ModelConfig
+from deepfleet.models.deepseek_mtp import MtpLayer
 from deepfleet.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, _yarn_mscale, linear, silu_and_mul
 from deepfleet.quant import fp8
 
@@ -286,21 +287,27 @@ class DeepseekV3ForCausalLM(CausalLM):
     fused_names = FUSED_PROJECTIONS
     cuda_graph_safe = True  # routing and the fused MoE stay on the device (no host sync)
 
-    def __init__(self, cfg: ModelConfig, max_positions: int):
+    def __init__(self, cfg: ModelConfig, max_positions: int, mtp_layers: int = 0):
+        """`mtp_layers`: multi-token-prediction layers to build (speculative decoding's draft); 0 skips them."""
         rope_dim = cfg.require("qk_rope_head_dim")
         scaling = cfg.get("rope_scaling")
         rotary = RotaryEmbedding(rope_dim, max_positions, cfg.get("rope_theta", 10000.0), scaling,
                                  interleaved=cfg.get("rope_interleave", True))
         super().__init__(cfg, Backbone(cfg, DecoderLayer, rotary))
         self.kv_lora_rank, self.rope_dim = cfg.require("kv_lora_rank"), rope_dim
+        self.mtp = nn.ModuleList([MtpLayer(cfg, cfg.num_layers + i, rotary, DecoderLayer) for i in range(mtp_layers)])
 
     def kv_cache_layout(self) -> tuple[int, int, int | None]:
         return 1, self.kv_lora_rank + self.rope_dim, None  # values are the latent part of the cached keys
 
     def param_for(self, name: str) -> tuple[str, object] | None:
         parts = name.split(".")
-        if "layers" in parts and int(parts[parts.index("layers") + 1]) >= self.cfg.num_layers:
-            return None  # multi-token-prediction layers (model.layers.61 in V3) are not used for decoding
+        if "layers" in parts and (layer := int(parts[parts.index("layers") + 1])) >= self.cfg.num_layers:
+            # multi-token-prediction layers (model.layers.61 in V3): loaded only when speculation drafts with them
+            if layer - self.cfg.num_layers >= len(self.mtp):
+                return None
+            parts = ["mtp", str(layer - self.cfg.num_layers), *parts[parts.index("layers") + 2 :]]
+            name = ".".join(parts)
         if "experts" in parts:
             i = parts.index("experts")
             if i + 3 < len(parts) and parts[i + 1].isdigit() and parts[i + 2] in _EXPERT_SHARDS:

@@ -154,20 +154,21 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
 
 
 def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int,
-                quantization: QuantSpec | None = None) -> nn.Module:
+                quantization: QuantSpec | None = None, mtp_layers: int = 0) -> nn.Module:
     """The model with uninitialised parameters in `dtype` on `device` (the "meta" device: shapes only, no memory);
-    under `quantization` its projections are FP8 layers (default: the checkpoint's own quantization_config)."""
+    under `quantization` its projections are FP8 layers (default: the checkpoint's own quantization_config).
+    `mtp_layers`: DeepSeek-V3's multi-token-prediction layers to build too (speculative decoding's draft)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with device, building(quantization or cfg.quantization):
-            return model_class(cfg)(cfg, max_positions)
+            return model_class(cfg)(cfg, max_positions, **({"mtp_layers": mtp_layers} if mtp_layers else {}))
     finally:
         torch.set_default_dtype(previous)
 
 
 def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int,
-               load_format: str = "auto", quantization: str | None = None) -> nn.Module:
+               load_format: str = "auto", quantization: str | None = None, mtp_layers: int = 0) -> nn.Module:
     """`quantization`: engine.quantization ("fp8" quantizes a bf16 checkpoint on load; None: as the checkpoint)."""
     if load_format not in ("auto", "dummy"):
         raise ValueError(f"load_format: {load_format!r} is not supported (auto, dummy)")
@@ -175,7 +176,7 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_p
     check_device(spec, device)
     if load_format == "auto":
         verify_manifest_if_present(cfg.path)
-    model = build_model(cfg, dtype, device, max_positions, spec)
+    model = build_model(cfg, dtype, device, max_positions, spec, mtp_layers)
     if load_format == "dummy":
         init_dummy_weights(model)
     else:

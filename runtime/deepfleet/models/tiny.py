@@ -103,6 +103,7 @@ CONFIGS = {
         "norm_topk_prob": True,
         "first_k_dense_replace": 1,
         "moe_layer_freq": 1,
+        "num_nextn_predict_layers": 1,
         "topk_method": "noaux_tc",
         "scoring_func": "sigmoid",
         "attention_bias": False,
@@ -139,8 +140,8 @@ FP8_QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant
 
 def _fp8_quantized(name: str) -> bool:
     """Which tensors DeepSeek's FP8 release stores in FP8: the attention and MLP/expert projections (not the
-    router `mlp.gate`, the embeddings, lm_head or the norms)."""
-    return name.endswith(("_proj.weight", "_proj_with_mqa.weight"))
+    router `mlp.gate`, the embeddings, lm_head, the norms, or the MTP layer's eh_proj)."""
+    return name.endswith(("_proj.weight", "_proj_with_mqa.weight")) and not name.endswith("eh_proj.weight")
 
 
 def _write_checkpoint(out: Path, tensors: dict[str, torch.Tensor], shards: int) -> None:
@@ -191,7 +192,7 @@ def _hf_tensor_shapes(cfg: dict, arch: str) -> dict[str, tuple[int, ...]]:
         shapes[f"{prefix}.up_proj.weight"] = (inner, h)
         shapes[f"{prefix}.down_proj.weight"] = (h, inner)
 
-    for i in range(cfg["num_hidden_layers"]):
+    def layer(i: int) -> None:
         p = f"model.layers.{i}"
         shapes[f"{p}.input_layernorm.weight"] = (h,)
         shapes[f"{p}.post_attention_layernorm.weight"] = (h,)
@@ -225,6 +226,16 @@ def _hf_tensor_shapes(cfg: dict, arch: str) -> dict[str, tuple[int, ...]]:
                 shapes[f"{a}.k_proj.bias"] = (nkv * hd,)
                 shapes[f"{a}.v_proj.bias"] = (nkv * hd,)
             mlp(f"{p}.mlp", inter)
+
+    for i in range(cfg["num_hidden_layers"]):
+        layer(i)
+    # DeepSeek-V3's multi-token-prediction layers follow the decoder layers (model.layers.61 in V3)
+    for i in range(cfg["num_hidden_layers"], cfg["num_hidden_layers"] + cfg.get("num_nextn_predict_layers", 0)):
+        layer(i)
+        p = f"model.layers.{i}"
+        shapes.update({f"{p}.enorm.weight": (h,), f"{p}.hnorm.weight": (h,), f"{p}.eh_proj.weight": (h, 2 * h),
+                       f"{p}.embed_tokens.weight": (v, h), f"{p}.shared_head.norm.weight": (h,),
+                       f"{p}.shared_head.head.weight": (v, h)})
     return shapes
 
 
@@ -237,6 +248,30 @@ def _random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> t
         return 0.05 * torch.randn(shape, generator=gen)
     # std large enough that logits are spread out: greedy choices are then stable under float32 rounding
     return torch.randn(shape, generator=gen) * (1.0 / shape[-1] ** 0.5)
+
+
+def write_tokenizer(out: Path, cfg: dict, vocab_size: int) -> tuple[int, int]:
+    """The tiny byte-level tokenizer (`vocab_size` ids, at most cfg's), its tokenizer_config.json with the R1-style
+    chat template and generation_config.json into `out`; returns (bos id, eos id)."""
+    tok = build_tokenizer(min(cfg["vocab_size"], vocab_size))
+    if tok.get_vocab_size() > cfg["vocab_size"]:
+        raise ValueError(f"vocab_size: {cfg['vocab_size']} is smaller than the tokenizer's {tok.get_vocab_size()}")
+    bos_id, eos_id = tok.token_to_id(BOS), tok.token_to_id(EOS)
+    tok.save(str(out / "tokenizer.json"))
+    tok_cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": EOS,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "model_max_length": cfg["max_position_embeddings"],
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
+    gen_cfg = {"bos_token_id": bos_id, "eos_token_id": eos_id, "do_sample": True, "temperature": 0.6, "top_p": 0.95}
+    (out / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
+    return bos_id, eos_id
 
 
 def make_tiny_model(out_dir: str | Path, arch: str, seed: int = 0, fp8: bool = False, shards: int = 1,
@@ -253,12 +288,8 @@ def make_tiny_model(out_dir: str | Path, arch: str, seed: int = 0, fp8: bool = F
     cfg = {**CONFIGS[arch], **(FP8_DEEPSEEK_V3 if fp8 else {}), **overrides}
     if fp8:
         cfg["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
-    tok = build_tokenizer(min(cfg["vocab_size"], CONFIGS[arch]["vocab_size"]))
-    if tok.get_vocab_size() > cfg["vocab_size"]:
-        raise ValueError(f"vocab_size: {cfg['vocab_size']} is smaller than the tokenizer's {tok.get_vocab_size()}")
-    bos_id, eos_id = tok.token_to_id(BOS), tok.token_to_id(EOS)
-    cfg.update(bos_token_id=bos_id, eos_token_id=eos_id)
-
+    cfg.update(zip(("bos_token_id", "eos_token_id"), write_tokenizer(out, cfg, CONFIGS[arch]["vocab_size"]),
+                   strict=True))
     gen = torch.Generator().manual_seed(seed)
     tensors = {n: _random_tensor(n, s, gen).contiguous() for n, s in _hf_tensor_shapes(cfg, arch).items()}
     if fp8:
@@ -266,19 +297,5 @@ def make_tiny_model(out_dir: str | Path, arch: str, seed: int = 0, fp8: bool = F
         for name in [n for n in tensors if _fp8_quantized(n)]:
             tensors[name], tensors[name + SCALE_SUFFIX] = quantize(tensors[name], block)
     _write_checkpoint(out, tensors, shards)
-    tok.save(str(out / "tokenizer.json"))
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    tok_cfg = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": BOS,
-        "eos_token": EOS,
-        "pad_token": EOS,
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "model_max_length": cfg["max_position_embeddings"],
-        "chat_template": CHAT_TEMPLATE,
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
-    gen_cfg = {"bos_token_id": bos_id, "eos_token_id": eos_id, "do_sample": True, "temperature": 0.6, "top_p": 0.95}
-    (out / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
     return out

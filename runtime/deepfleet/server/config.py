@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from deepfleet import defaults
+from deepfleet.engine.spec_decode import config as spec_config
 from deepfleet.security.keys import WeightsSettings
 from deepfleet.server.auth.settings import AuditSettings, AuthSettings
 from deepfleet.server.tls import TLSSettings
@@ -85,6 +86,17 @@ class EngineSettings(BaseModel):
         None, description="LoRA adapters loaded at start-up: name -> PEFT adapter directory; requests select one "
         "by its name in `model`."
     )
+    speculative: dict[str, Any] | None = Field(
+        None, description="Speculative decoding, e.g. {method: ngram, num_speculative_tokens: 2}: method ngram "
+        "(prompt lookup, any model; prompt_lookup_min/max) or mtp (DeepSeek-V3/R1's MTP layer); unset = off. "
+        "Steps run serially while it is on."
+    )
+
+    @field_validator("speculative")
+    @classmethod
+    def _check_speculative(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        spec_config.parse(value)  # refuses naming engine.speculative.<key>
+        return value
 
     def engine_kwargs(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if v is not None}

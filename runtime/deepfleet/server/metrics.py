@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from deepfleet.engine.spec_decode.metrics import SpecDecodeStats
 from deepfleet.server.vllm_metrics import VllmView
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class LoadSnapshot:
     prompt_tokens_total: int
     generation_tokens_total: int
     ready: bool
+    spec_decode: SpecDecodeStats | None = None  # engine.speculative set: acceptance counters
 
 
 class _LoadCollector(Collector):

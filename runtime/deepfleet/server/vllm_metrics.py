@@ -58,6 +58,17 @@ class VllmView(Collector):
         family.add_metric(self._model, buckets, total)
         return family
 
+    def _spec_decode(self, spec) -> Iterator[Any]:
+        """vLLM v1's speculative-decoding counters (engine.speculative set)."""
+        yield self._counter("spec_decode_num_drafts", "Sequence-steps that verified drafts", spec.num_drafts)
+        yield self._counter("spec_decode_num_draft_tokens", "Draft tokens scored", spec.num_draft_tokens)
+        yield self._counter("spec_decode_num_accepted_tokens", "Draft tokens accepted", spec.num_accepted_tokens)
+        family = CounterMetricFamily(P + "spec_decode_num_accepted_tokens_per_pos", "Draft tokens accepted, by "
+                                     "position in the draft", labels=["model_name", "position"])
+        for position, count in enumerate(spec.accepted_per_position):
+            family.add_metric([*self._model, str(position)], count)
+        yield family
+
     def collect(self) -> Iterator[Any]:
         s = self._snapshot()
         yield self._gauge("num_requests_running", "Requests the engine is running", s.num_running)
@@ -72,6 +83,8 @@ class VllmView(Collector):
         yield self._counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
                             s.prefix_cache_queries)
         yield self._counter("prefix_cache_hits", "Prompt tokens found in the prefix cache", s.prefix_cache_hits)
+        if s.spec_decode is not None:
+            yield from self._spec_decode(s.spec_decode)
         yield self._histogram("time_to_first_token_seconds", "Time to first token", "ttft")
         yield self._histogram("request_time_per_output_token_seconds", "Mean time per output token, per request",
                               "tpot")
