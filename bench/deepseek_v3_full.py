@@ -45,6 +45,7 @@ import json  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from datetime import UTC, datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -246,8 +247,9 @@ def main() -> None:
     args = ap.parse_args()
     phases = set(args.phases.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.jsonl").unlink(missing_ok=True)
     torch.set_num_threads(min(8, os.cpu_count() or 1))
-    mdir = model_dir(args, args.out / "model")
+    mdir = model_dir(args, Path(tempfile.mkdtemp(prefix="v3-")))  # config + tokenizer only; not brought back
     cfg = json.loads((mdir / "config.json").read_text())
     device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     shape = (f"deepseek-v3 {cfg['num_hidden_layers']} layers, {cfg['n_routed_experts']} experts, hidden "
@@ -263,6 +265,10 @@ def main() -> None:
         lines.append(f"  {workload:<34} {metric:<32} {value:>12.4g} {unit}" if isinstance(value, float | int)
                      else f"  {workload:<34} {metric:<32} {value} {unit}")
         print(lines[-1], flush=True)
+        # written as they come: a later phase that fails or runs out of time keeps the earlier figures
+        with (args.out / "results.jsonl").open("a") as f:
+            f.write(json.dumps(rows[-1]) + "\n")
+        (args.out / "table.txt").write_text("\n".join(lines) + "\n")
 
     from deepfleet.engine.llm_engine import LLMEngine
 
@@ -336,10 +342,6 @@ def main() -> None:
         for key in ("ready_s", "latency_s", "reasoning_chars", "content_chars"):
             if key in res:
                 row(key, res[key], "s" if key.endswith("_s") else "chars", "deepfleet serve + openai client")
-    with (args.out / "results.jsonl").open("w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    (args.out / "table.txt").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
