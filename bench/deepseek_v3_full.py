@@ -19,11 +19,14 @@ Phases (`--phases`, in this order; the first four share one engine, mtp builds a
   batch1      batch-1 decode tok/s per user: a 128-token prompt -> --batch1-tokens greedy tokens, decode time only
   throughput  --input-len in / --output-len out (default 1k / 2k) at each --concurrency (default 256, 1024): all
               requests arrive at once; output and total (in + out) tok/s, TTFT P50/P99 from arrival
-  mtp         batch-1 with engine.speculative {method: mtp, k}: (a) the real MTP drafts (random weights: acceptance
-              ~0, the cost when the draft never agrees), (b) drafts replaced by the greedy continuation the first
-              engine produced (the draft always agrees: the upper bound, MTP layer cost included); acceptance rate
+  mtp         batch-1 with engine.speculative {method: mtp, k}, after a warm-up request: (a) the real MTP drafts
+              (random weights: acceptance ~0, the cost when the draft never agrees), (b) drafts replaced by the
+              greedy continuation the first engine produced (the draft always agrees: the upper bound, MTP layer
+              cost included); acceptance rate
   serve       `deepfleet serve` of the model (dummy weights, same TP) answering the official openai client's chat
-              completion; reasoning_content / content as split by the deepseek_r1 parser
+              completion; reasoning_content / content as split by the deepseek_r1 parser (the tiny tokenizer
+              decodes 544 of the 129,280 ids, so random weights' text is mostly empty: the split itself is
+              tested in tests/unit/server)
 
 NVLink multicast stays off: NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1 are set
 here before torch loads and pass to every child (tensor-parallel workers take them from deepfleet's
@@ -47,6 +50,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+import urllib.request  # noqa: E402
 from datetime import UTC, datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -81,13 +85,15 @@ def model_dir(args, root: Path) -> Path:
 
 
 def engine_config(mdir: Path, args, **extra):
+    """Prefix caching off: the MTP runs repeat the batch-1 prompt, and a prefix hit computes its last tokens along
+    another numerical path, which in bf16 on random weights can flip a near tie and end the comparison."""
     from deepfleet.engine.llm_engine import EngineConfig
 
     return EngineConfig(model=str(mdir), device=args.device, dtype="bfloat16" if args.device == "cuda" else "float32",
                         load_format="dummy", tensor_parallel_size=args.tp, expert_parallel=args.expert_parallel,
                         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                         max_num_seqs_cap=max(args.concurrency), enforce_eager=args.enforce_eager,
-                        num_kv_blocks=args.num_kv_blocks, **extra)
+                        num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=False, **extra)
 
 
 def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -186,14 +192,13 @@ def serve_check(mdir: Path, args, log_path: Path) -> dict:
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
-            import httpx
-
             end = time.monotonic() + args.serve_timeout
             while time.monotonic() < end and proc.poll() is None:
                 try:
-                    if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
+                        if r.status == 200:
+                            break
+                except OSError:  # refused while starting, 503 until ready
                     pass
                 time.sleep(1)
             res["ready_s"] = args.serve_timeout - (end - time.monotonic())
@@ -314,6 +319,8 @@ def main() -> None:
         speculative = {"method": "mtp", "num_speculative_tokens": args.mtp_tokens}
         engine = LLMEngine(engine_config(mdir, args, speculative=speculative))
         try:
+            # warm-up: the verify and MTP shapes compile their kernels at first use (no graphs are captured)
+            run(engine, [(prompts(1, 128, vocab, seed=2)[0], 16)], "warm", args.device)
             rate, out = batch1(engine, b1_prompt, args.batch1_tokens, args.device)
             s = engine.stats().spec_decode
             work = f"batch 1, 128 -> {args.batch1_tokens}, MTP k={args.mtp_tokens}"
@@ -339,9 +346,10 @@ def main() -> None:
     if "serve" in phases:
         res = serve_check(mdir, args, args.out / "serve.log")
         row("openai_chat_answered", res.get("answered", 0), "bool", "deepfleet serve + openai client")
-        for key in ("ready_s", "latency_s", "reasoning_chars", "content_chars"):
+        for key in ("ready_s", "latency_s", "completion_tokens", "reasoning_chars", "content_chars"):
             if key in res:
-                row(key, res[key], "s" if key.endswith("_s") else "chars", "deepfleet serve + openai client")
+                unit = "s" if key.endswith("_s") else "tokens" if key == "completion_tokens" else "chars"
+                row(key, res[key], unit, "deepfleet serve + openai client")
 
 
 if __name__ == "__main__":
