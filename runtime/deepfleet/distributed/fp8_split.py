@@ -11,9 +11,11 @@ the same model. A split bound inside a block is refused: the rank's scales would
 
 Every split here is even (rank r holds [r·n, (r+1)·n), or one whole replicated unit [u·w, (u+1)·w)), so all
 ranks' bounds are block multiples exactly when rank 0's `stop` is (n or w a multiple of the block): checking
-rank 0's model, built on the meta device (shapes only, no memory), checks every rank. Every real model served here
-splits cleanly: DeepSeek-V3 at 8 ranks (moe_intermediate_size 2048 / 8 = 256, 16 heads × 192 q rows), and the
-R1 distills quantized on load at 2 and 4 ranks (e.g. 7B: intermediate 18944 / 4 = 4736 = 37 × 128)."""
+rank 0's model, built on the meta device (shapes only, no memory), checks every rank. Checked with the published
+configs (plan/presets.py): DeepSeek-V3/R1 splits at 2 to 16 ranks, with or without expert parallelism (at 8:
+moe_intermediate_size 2048 / 8 = 256, 16 heads × 192 q rows); the R1 distills quantized on load split at 2 and 4
+ranks (70B and 32B at 8 too; e.g. 7B: intermediate 18944 / 4 = 4736 = 37 × 128) except 1.5B at 4, refused
+(intermediate 8960 / 4 = 2240 = 17.5 blocks)."""
 
 from __future__ import annotations
 
