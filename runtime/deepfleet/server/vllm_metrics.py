@@ -83,7 +83,7 @@ class VllmView(Collector):
         yield self._counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
                             s.prefix_cache_queries)
         yield self._counter("prefix_cache_hits", "Prompt tokens found in the prefix cache", s.prefix_cache_hits)
-        if s.spec_decode is not None:
+        if s.spec_decode:  # None (or a placeholder 0) without engine.speculative
             yield from self._spec_decode(s.spec_decode)
         yield self._histogram("time_to_first_token_seconds", "Time to first token", "ttft")
         yield self._histogram("request_time_per_output_token_seconds", "Mean time per output token, per request",

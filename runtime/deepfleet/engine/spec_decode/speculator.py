@@ -10,8 +10,9 @@ bookkeeping, block hashing for the prefix cache and the next step's inputs see o
 rejected drafts stay in the sequence's blocks and are overwritten by the next step's tokens at those positions;
 blocks allocated for them stay with the sequence, which grows into them.
 
-Engine steps are serial while speculating (no async scheduling: drafts depend on the previous step's tokens) and
-the verify rows run eagerly (they are not pure decodes, so no decode graph serves them)."""
+Engine steps are serial while speculating (no async scheduling: drafts depend on the previous step's tokens). The
+verify rows are prefill-path chunks, not pure decodes: on CUDA a prefill graph serves them where one of its token
+buckets fits, else they run eagerly; with MTP the runner captures no graphs (spec_decode/mtp.py)."""
 
 from __future__ import annotations
 
