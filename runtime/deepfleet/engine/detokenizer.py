@@ -71,8 +71,10 @@ class StopChecker:
         self._held = ""  # released text's tail that is a prefix of some stop string (< longest characters)
         self.matched: str | None = None  # the stop string that ended the text (OpenAI's stop_reason)
 
-    def feed(self, delta: str, finished: bool = False) -> tuple[bool, str]:
-        """Given the new output text, return (stopped, text now safe to emit).
+    def feed(self, delta: str, finished: bool = False, armed: bool = True) -> tuple[bool, str]:
+        """Given the new output text, return (stopped, text now safe to emit). While not `armed` (fewer than
+        min_tokens generated, as vLLM) no stop string ends the text; the tail is still held back, so a stop string
+        completed by the first armed token is found (vLLM searches the new text plus a stop string's length back).
 
         On a stop the text is cut before the earliest stop string. Otherwise, while streaming, the longest tail
         that is a prefix of some stop string is held back (at most len(longest stop) - 1 characters); once
@@ -82,7 +84,7 @@ class StopChecker:
         if not self.stop:
             return False, delta
         window = self._held + delta
-        hits = [(i, s) for i, s in ((window.find(s), s) for s in self.stop) if i >= 0]
+        hits = [(i, s) for i, s in ((window.find(s), s) for s in self.stop) if i >= 0] if armed else []
         if hits:
             position, self.matched = min(hits, key=lambda hit: hit[0])
             self._held = ""

@@ -390,7 +390,8 @@ class LLMEngine:
             finish = ("length", None)
         if finish is not None:
             delta += seq.detokenizer.flush()
-        stopped, safe = seq.stop_checker.feed(delta, finished=finish is not None)
+        stopped, safe = seq.stop_checker.feed(delta, finished=finish is not None,
+                                              armed=len(seq.output_token_ids) >= params.min_tokens)
         seq.text += safe
         if stopped:
             self._finish(seq, "stop", seq.stop_checker.matched)
