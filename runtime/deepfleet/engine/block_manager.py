@@ -59,7 +59,7 @@ class BlockManager:
         looked up, tokens found). At least one token is always left to compute so the step yields logits."""
         assert not seq.block_table and seq.num_computed_tokens == 0
         self.seq_hashes[seq.request_id] = []
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.prompt_logprobs is not None:  # prompt logprobs need every position
             return 0, 0
         bs = self.block_size
         n_full = (seq.num_tokens - 1) // bs

@@ -183,6 +183,8 @@ class LLMEngine:
         if params.n != 1:
             raise ValueError(f"n: the engine serves n=1 per request (got {params.n}); fan out one request each")
         self.logits_processors.check(params)
+        if params.prompt_logprobs is not None and not hasattr(self.runner, "prompt_logprobs"):
+            raise ValueError("prompt_logprobs: not served with tensor_parallel_size > 1")
         adapter = self._adapter(lora) if lora is not None else None
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt)
@@ -318,6 +320,7 @@ class LLMEngine:
         """Run the model and the sampler for `out` without waiting for the GPU; every sampled sequence gets a
         placeholder token that the next step reads on the device and `_resolve` later replaces."""
         logits = self.runner.execute(out) if prev is None else self.runner.execute(out, prev.result.token_ids)
+        self._take_prompt_logprobs()
         if logits is None:
             return None
         to_sample = [s for s, n in out.scheduled if s.num_computed_tokens + n == s.num_tokens]
@@ -338,6 +341,7 @@ class LLMEngine:
         the kept positions as computed, then (MTP) draft for the next step."""
         spec = self.speculator
         logits = self.runner.execute(out)
+        self._take_prompt_logprobs()
         computed = list(out.scheduled)
         sampled = [s for s, n in computed if s.num_computed_tokens + n == s.num_tokens]
         emitted = spec.sample(logits, sampled, self.sampler) if sampled else []
@@ -359,6 +363,16 @@ class LLMEngine:
                     request.num_drafts = 1
             spec.keep_mtp_drafts(mtp, self.runner.propose_mtp([r for _, r in mtp]))
         return sampled
+
+    def _take_prompt_logprobs(self) -> None:
+        """The step's prompt logprobs to the host (a wait for the GPU, only in steps that computed some)."""
+        for seq, first, tensors in getattr(self.runner, "prompt_logprobs", ()):
+            targets, chosen, ranks, *top = (t.tolist() for t in tensors)
+            if first != len(seq.prompt_logprobs):  # recomputed after a preemption: already scored
+                continue
+            for i, (token, lp, rank) in enumerate(zip(targets, chosen, ranks, strict=True)):
+                tops = dict(zip(top[0][i], top[1][i], strict=True)) if top else {}
+                seq.prompt_logprobs.append({"token_id": token, "logprob": lp, "rank": rank, "top_logprobs": tops})
 
     def _resolve(self, launched: _Launched) -> list[Sequence]:
         """The step's tokens reach the host (its one device->host transfer); requests that ended meanwhile
@@ -407,7 +421,7 @@ class LLMEngine:
             logprobs=seq.logprobs, stop_reason=seq.stop_reason,
         )
         return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [completion], seq.is_finished,
-                             seq.num_cached_tokens)
+                             seq.num_cached_tokens, seq.prompt_logprobs)
 
 
 @dataclass

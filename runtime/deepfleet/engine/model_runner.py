@@ -94,6 +94,9 @@ class ModelRunner:
         self.prefill_graph_seqs = defaults.PREFILL_GRAPH_MAX_SEQS
         self.buffers: InputBuffers | None = None
         self._tables: dict[str, TableCache] = {}  # request id -> its block table as an array (incremental)
+        # prompt logprobs of the last step's prefill chunks: (sequence, index of the first prompt token they score,
+        # device tensors: the tokens' logprobs, ranks, top ids, top logprobs); the engine takes them after execute
+        self.prompt_logprobs: list[tuple[Sequence, int, tuple[torch.Tensor, ...]]] = []
 
     # ---- KV cache -------------------------------------------------------------------------------------------------
     def block_bytes(self) -> int:
@@ -292,6 +295,7 @@ class ModelRunner:
         """Run one step. Returns logits [num sampled sequences, vocab] (float32), or None if none is sampled.
         `prev_token_ids`: the previous step's sampled tokens on the device, for decode rows whose input token is
         still a placeholder (Sequence.pending_row names its row there)."""
+        self.prompt_logprobs = []
         nd = next((i for i, (_, n) in enumerate(out.scheduled) if n != 1), len(out.scheduled))  # decodes first
         decodes, prefills = out.scheduled[:nd], out.scheduled[nd:]
         graph = self.use_graphs and 0 < nd <= self.graph_max_batch
@@ -330,6 +334,8 @@ class ModelRunner:
                 hidden = self.model(buf.ids[tokens], buf.positions[tokens], self.kv_caches, meta)
             if self.num_draft_layers:
                 self.step_hidden = hidden[:real] if not nd else torch.cat([self.step_hidden, hidden[:real]])
+            if any(s.prompt_logprobs is not None for s, _ in prefills):
+                self.prompt_logprobs = self._prompt_logprobs(prefills, hidden)
             if prefill_rows:
                 rows_at = hidden[real - 1 : real] if prefill_rows == [real - 1] else hidden[
                     to_device(torch.tensor(prefill_rows), self.device)]
@@ -337,6 +343,24 @@ class ModelRunner:
         if not parts:
             return None
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _prompt_logprobs(self, prefills, hidden: torch.Tensor) -> list:
+        """Score each prompt token after the first from the hidden state before it (vLLM's prompt_logprobs)."""
+        found, t = [], 0
+        for seq, n in prefills:
+            start, prompt_len = seq.num_computed_tokens, len(seq.prompt_token_ids)
+            end = min(start + n, prompt_len - 1)  # hidden at position p scores prompt token p + 1
+            if seq.prompt_logprobs is not None and end > start:
+                lp = torch.log_softmax(self.model.compute_logits(hidden[t : t + end - start]).float(), dim=-1)
+                targets = to_device(torch.tensor(seq.prompt_token_ids[start + 1 : end + 1]), self.device)
+                chosen = lp.gather(1, targets[:, None])
+                ranks = (lp > chosen).sum(dim=1) + 1
+                k = seq.params.prompt_logprobs
+                top = lp.topk(k, dim=-1) if k else None
+                found.append((seq, start + 1, (targets, chosen[:, 0], ranks,
+                                               *((top.indices, top.values) if top is not None else ()))))
+            t += n
+        return found
 
     def _set_lora_tokens(self, tokens: slice) -> None:
         if self.lora is not None:

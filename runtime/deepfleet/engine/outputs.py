@@ -26,6 +26,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    # with prompt_logprobs: per prompt token (None for the first), {"token_id", "logprob", "rank", "top_logprobs"}
+    prompt_logprobs: list[dict | None] | None = None
 
 
 @dataclass

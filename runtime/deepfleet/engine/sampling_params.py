@@ -44,6 +44,7 @@ class SamplingParams:
     ignore_eos: bool = False
     max_tokens: int = 16
     logprobs: int | None = None  # number of top logprobs to return per token, 0..20
+    prompt_logprobs: int | None = None  # vLLM's: logprob of every prompt token (and its top ones), 0..20
     skip_special_tokens: bool = True
     watermark: WatermarkConfig | None = None  # green-list watermark of this request's output (off when None)
     # applied by engine/logits_processors.py
@@ -73,6 +74,9 @@ class SamplingParams:
             raise ValueError(f"max_tokens: must be >= 1, got {self.max_tokens}")
         if self.logprobs is not None and not 0 <= _integer("logprobs", self.logprobs) <= MAX_LOGPROBS:
             raise ValueError(f"logprobs: must be in 0..{MAX_LOGPROBS}, got {self.logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= _integer("prompt_logprobs", self.prompt_logprobs) <= (
+                MAX_LOGPROBS):
+            raise ValueError(f"prompt_logprobs: must be in 0..{MAX_LOGPROBS}, got {self.prompt_logprobs}")
         if not 0 <= _integer("min_tokens", self.min_tokens) <= self.max_tokens:
             raise ValueError(f"min_tokens: must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
         for token_id, bias in (self.logit_bias or {}).items():

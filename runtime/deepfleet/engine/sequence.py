@@ -49,6 +49,7 @@ class Sequence:
     lora_slot: int | None = None  # the LoRA adapter's slot (deepfleet/lora/); None: the base model
     cache_salt: bytes | None = None  # roots its prefix-cache hashes (the adapter's): None for the base model
     num_draft_tokens: int = 0  # speculative drafts at the end of token_ids, scored (not yet accepted) this step
+    prompt_logprobs: list[dict | None] | None = None  # with params.prompt_logprobs: filled as the prompt is computed
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -57,6 +58,8 @@ class Sequence:
             self.sampling.logits_processors.append(GreenListProcessor(self.params.watermark, self.prompt_token_ids[-1]))
         if self.params.logprobs is not None:
             self.logprobs = []
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]  # the first prompt token has nothing before it
 
     @property
     def output_token_ids(self) -> list[int]:

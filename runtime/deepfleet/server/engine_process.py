@@ -51,6 +51,7 @@ class _Delta:
     stop_reason: str | int | None
     finished: bool
     num_cached_tokens: int
+    prompt_logprobs: list | None = None  # sent once, with the request's first delta
 
 
 @dataclass
@@ -58,6 +59,7 @@ class _Sent:
     chars: int = 0
     tokens: int = 0
     logprobs: int = 0
+    prompt_logprobs: bool = False  # sent already
 
 
 class _DeltaEncoder:
@@ -78,7 +80,9 @@ class _DeltaEncoder:
             s = self._sent.setdefault(out.request_id, _Sent())
             deltas.append(_Delta(out.request_id, c.text[s.chars:], c.token_ids[s.tokens:],
                                  None if c.logprobs is None else c.logprobs[s.logprobs:], c.finish_reason,
-                                 c.stop_reason, out.finished, out.num_cached_tokens))
+                                 c.stop_reason, out.finished, out.num_cached_tokens,
+                                 None if s.prompt_logprobs else out.prompt_logprobs))
+            s.prompt_logprobs = out.prompt_logprobs is not None
             s.chars, s.tokens, s.logprobs = len(c.text), len(c.token_ids), len(c.logprobs or ())
             if out.finished:
                 del self._sent[out.request_id]
@@ -109,6 +113,8 @@ class _DeltaDecoder:
                 c.logprobs.extend(d.logprobs)
             c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
             out.finished, out.num_cached_tokens = d.finished, d.num_cached_tokens
+            if d.prompt_logprobs is not None:
+                out.prompt_logprobs = d.prompt_logprobs
             outputs.append(out)
         return outputs
 

@@ -158,6 +158,7 @@ def _sampling(state: ServerState, body: p.ChatCompletionRequest | p.CompletionRe
                 seed=None if body.seed is None else body.seed + i,
                 stop=body.stop,
                 stop_token_ids=body.stop_token_ids,
+                prompt_logprobs=body.prompt_logprobs,
                 ignore_eos=body.ignore_eos,
                 max_tokens=max_tokens,
                 logprobs=logprobs,
@@ -191,6 +192,8 @@ def _common_checks(state: ServerState, body: p.ChatCompletionRequest | p.Complet
         )
     if body.n > state.settings.max_n:
         raise bad_request(f"n: at most {state.settings.max_n} choices per request", param="n")
+    if body.prompt_logprobs is not None and body.stream:
+        raise bad_request("prompt_logprobs: not served with stream (ask without it)", param="prompt_logprobs")
 
 
 def _chat_prompt(state: ServerState, messages: list[p.ChatMessage], template_kwargs: dict[str, Any] | None,
@@ -333,11 +336,13 @@ async def _chat_json(state: ServerState, request: Request, job: _Job, record: Re
     cursors = _cursors(job)
     parts = [{"reasoning": [], "content": [], "logprobs": []} for _ in cursors]
     cached = 0
+    prompt_lps: list[Any] = [None]
 
     def on_update(batch: dict[int, Any]) -> None:
         nonlocal cached
         for i, out in batch.items():
             cached = max(cached, out.num_cached_tokens)
+            prompt_lps[0] = prompt_lps[0] or out.prompt_logprobs
             reasoning, content, logprobs = cursors[i].advance(out.outputs[0])
             parts[i]["reasoning"].append(reasoning)
             parts[i]["content"].append(content)
@@ -360,20 +365,27 @@ async def _chat_json(state: ServerState, request: Request, job: _Job, record: Re
         for i, (cursor, part) in enumerate(zip(cursors, parts, strict=True))
     ]
     body = p.ChatCompletion(id=record.response_id("chatcmpl"), created=record.created, model=job.body.model,
-                            choices=choices, usage=_usage(job, cursors, cached))
+                            choices=choices, usage=_usage(job, cursors, cached),
+                            prompt_logprobs=_prompt_logprobs(state, prompt_lps[0]))
     return Response(body.model_dump_json(), media_type="application/json")
+
+
+def _prompt_logprobs(state: ServerState, entries: list | None) -> p.PromptLogprobs | None:
+    return None if entries is None else render.prompt_logprobs(entries, state.token_text)
 
 
 async def _completion_json(state: ServerState, request: Request, job: _Job, record: RequestRecord) -> Response:
     cursors = _cursors(job)
     texts: list[list[str]] = [[job.echo_text(i)] for i in range(len(cursors))]
     logprobs: list[list[dict[str, Any]]] = [[] for _ in cursors]
+    prompt_lps: list[Any] = [None] * len(cursors)
     cached = 0
 
     def on_update(batch: dict[int, Any]) -> None:
         nonlocal cached
         for i, out in batch.items():
             cached = max(cached, out.num_cached_tokens)
+            prompt_lps[i] = prompt_lps[i] or out.prompt_logprobs
             _, content, lps = cursors[i].advance(out.outputs[0])
             texts[i].append(content)
             logprobs[i].extend(lps)
@@ -387,6 +399,7 @@ async def _completion_json(state: ServerState, request: Request, job: _Job, reco
             text="".join(texts[i]),
             logprobs=render.completion_logprobs(logprobs[i], state.token_text, 0) if want_logprobs else None,
             finish_reason=cursor.finish_reason,
+            prompt_logprobs=_prompt_logprobs(state, prompt_lps[i]),
         )
         for i, cursor in enumerate(cursors)
     ]

@@ -156,6 +156,7 @@ class _SamplingFields(_Strict):
 
     model: str
     n: int = Field(1, ge=1)
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's; not with stream
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
@@ -373,7 +374,8 @@ class CompletionRequest(_SamplingFields):
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of: only best_of == n is supported")
         if self.echo and self.logprobs is not None:
-            raise ValueError("echo: with logprobs it would need the prompt's logprobs, which are not served")
+            raise ValueError("echo: not with logprobs (OpenAI's prompt-token logprobs in the choice's logprobs are "
+                             "not served; ask for vLLM's prompt_logprobs instead)")
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -498,6 +500,17 @@ class ChatChoice(BaseModel):
     finish_reason: str | None
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's: one candidate at a prompt position (the prompt's own token, with its rank, and the top ones)."""
+
+    logprob: float
+    rank: int
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]  # per prompt token (None for the first), token id -> it
+
+
 class ChatCompletion(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -506,6 +519,7 @@ class ChatCompletion(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, with the request's prompt_logprobs
 
 
 class ChatDelta(BaseModel):
@@ -543,6 +557,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, with the request's prompt_logprobs
 
 
 class Completion(BaseModel):

@@ -110,6 +110,22 @@ def completion_logprobs(entries: list[dict[str, Any]], token_text: TokenText, of
     return out
 
 
+def prompt_logprobs(entries: list[dict[str, Any] | None], token_text: TokenText) -> p.PromptLogprobs:
+    """The engine's per-prompt-token entries in vLLM's shape: the prompt token with its rank, plus the top ones
+    (ranks 1..k in order)."""
+    out: p.PromptLogprobs = []
+    for e in entries:
+        if e is None:
+            out.append(None)
+            continue
+        ranked = {tid: p.PromptLogprob(logprob=lp, rank=r, decoded_token=token_text(tid))
+                  for r, (tid, lp) in enumerate((e.get("top_logprobs") or {}).items(), start=1)}
+        ranked.setdefault(e["token_id"], p.PromptLogprob(logprob=e["logprob"], rank=e["rank"],
+                                                         decoded_token=token_text(e["token_id"])))
+        out.append({str(tid): v for tid, v in ranked.items()})
+    return out
+
+
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> p.Usage:
     return p.Usage(
         prompt_tokens=prompt_tokens,

@@ -1,5 +1,6 @@
 """The remaining OpenAI/vLLM request parameters against the real server (real engine, tiny model): logit_bias,
-min_tokens, echo, batched prompts, /tokenize and /detokenize; bad values are 400s naming the field."""
+min_tokens, echo, batched prompts, prompt_logprobs, /tokenize and /detokenize; bad values are 400s naming the
+field."""
 
 from __future__ import annotations
 
@@ -93,6 +94,8 @@ def test_tokenize_and_detokenize(server, tok):
     ("/v1/completions", {"prompt": "hi", "min_tokens": 20, "max_tokens": 4}, "min_tokens"),
     ("/v1/completions", {"prompt": "hi", "min_tokens": -1}, "min_tokens"),
     ("/v1/completions", {"prompt": "hi", "echo": True, "logprobs": 2}, "echo"),
+    ("/v1/completions", {"prompt": "hi", "prompt_logprobs": 21}, "prompt_logprobs"),
+    ("/v1/completions", {"prompt": "hi", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
     ("/v1/completions", {"prompt": [[1, 2], [99999]]}, "prompt[1]"),
     ("/v1/completions", {"prompt": [[]]}, "prompt"),
     ("/v1/completions", {"prompt": ["a"] * 9, "n": 2}, "prompt"),
@@ -104,3 +107,34 @@ def test_bad_values_are_400_naming_the_field(server, path, body, param):
     r = _post(server, path, body)
     assert r.status_code in (400, 404), r.text
     assert r.json()["error"]["param"] == param, r.text
+
+
+def test_prompt_logprobs_equal_transformers_over_the_prompt(server, tok):
+    """vLLM's prompt_logprobs: per prompt token after the first, its logprob and rank under the tokens before it
+    plus the top k; expected from HF transformers' forward over the prompt (float32, as the server's CPU engine).
+    The prompt is longer than a prefill chunk would be on a loaded server and repeats: prefix-cache hits would
+    leave positions unscored, so such requests skip the cache."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    prompt = [(i * 37) % 500 + 10 for i in range(40)]
+    model = transformers.AutoModelForCausalLM.from_pretrained(server.settings.model, dtype=torch.float32)
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), dim=-1)
+    for _ in range(2):  # the second time the prompt's blocks are in the prefix cache
+        r = _post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 1, "prompt_logprobs": 2}).json()
+        (choice,) = r["choices"]
+        got = choice["prompt_logprobs"]
+        assert len(got) == len(prompt) and got[0] is None
+        for i in range(1, len(prompt)):
+            row = lp[i - 1]
+            entry = got[i][str(prompt[i])]
+            assert abs(entry["logprob"] - row[prompt[i]].item()) < 1e-4
+            assert entry["rank"] == int((row > row[prompt[i]]).sum()) + 1
+            assert entry["decoded_token"] == server.state.token_text(prompt[i])
+            top = row.topk(2)
+            for rank, (tid, value) in enumerate(zip(top.indices.tolist(), top.values.tolist(), strict=True), 1):
+                assert got[i][str(tid)]["rank"] == rank and abs(got[i][str(tid)]["logprob"] - value) < 1e-4
+    chat = _post(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 1, "prompt_logprobs": 0})
+    body = chat.json()
+    assert len(body["prompt_logprobs"]) == body["usage"]["prompt_tokens"] and body["prompt_logprobs"][0] is None
+    assert all(len(e) == 1 for e in body["prompt_logprobs"][1:])  # k = 0: the prompt token alone
