@@ -426,8 +426,9 @@ async def _sse(state: ServerState, job: _Job, record: RequestRecord, stream: Req
                     cached = max(cached, out.num_cached_tokens)
                     reasoning, content, logprobs = cursors[i].advance(out.outputs[0])
                     finish = cursors[i].finish_reason  # set once the output ended (may be "tool_calls")
-                    if reasoning or content or logprobs or finish:
-                        yield render.sse(chunk(i, reasoning, content, logprobs, finish, cursors[i].tool_calls))
+                    calls = cursors[i].call_deltas
+                    if reasoning or content or logprobs or finish or calls:
+                        yield render.sse(chunk(i, reasoning, content, logprobs, finish, calls))
         except DeadlineExceeded:
             for i, cursor in enumerate(cursors):
                 if cursor.finish_reason is None:
@@ -461,7 +462,7 @@ def _chat_stream(state: ServerState, job: _Job, record: RequestRecord, stream: R
     def chunk(i: int, reasoning: str, content: str, logprobs: list, finish: str | None,
               calls: list[Any]) -> p.ChatCompletionChunk:
         delta = p.ChatDelta(content=content or None, reasoning_content=reasoning or None,
-                            tool_calls=render.delta_tool_calls(calls, [call_id() for _ in calls]))
+                            tool_calls=calls or None)
         lp = render.chat_logprobs(logprobs, state.token_text) if want_logprobs else None
         return envelope([p.ChatChunkChoice(index=i, delta=delta, logprobs=lp, finish_reason=finish)])
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from deepfleet.server import protocol as p
 from deepfleet.server.reasoning import ReasoningParser
+from deepfleet.server.tool_calls import call_id
 
 
 class TokenText:
@@ -38,6 +39,8 @@ class ChoiceCursor:
         self.num_tokens = 0
         self.finish_reason: str | None = None
         self.tool_calls: list[Any] = []  # parsed calls, set when the output ends
+        self._announced: list[list] = []  # streamed calls: [id, name, arguments sent]
+        self.call_deltas: list[p.DeltaToolCall] = []  # the tool_calls deltas of the last advance (streaming)
 
     @property
     def saw_reasoning(self) -> bool:
@@ -55,6 +58,7 @@ class ChoiceCursor:
             reasoning, content = "", text
         else:
             reasoning, content = self._reasoning.feed(text)
+        self.call_deltas = []
         if self._tools is not None:
             content = self._tools.feed(content)
         if completion.finish_reason is not None:
@@ -68,7 +72,26 @@ class ChoiceCursor:
                 content += tail
                 if self.tool_calls and self._calls_finish and self.finish_reason == "stop":
                     self.finish_reason = "tool_calls"
+                self._stream_calls([(c.name, c.arguments) for c in self.tool_calls])
+        elif self._tools is not None:
+            self._stream_calls(self._tools.progress())
         return reasoning, content, logprobs
+
+    def _stream_calls(self, progress: list[tuple[str, str]]) -> None:
+        """OpenAI's deltas for what the calls gained: a new call's id, type and name (with its arguments so
+        far), then pieces of its arguments."""
+        for k, (name, arguments) in enumerate(progress):
+            if k == len(self._announced):
+                self._announced.append([call_id(), name, arguments])
+                self.call_deltas.append(p.DeltaToolCall(index=k, id=self._announced[k][0], type="function",
+                                                        function=p.ResponseFunctionCall(name=name,
+                                                                                        arguments=arguments)))
+                continue
+            _, sent_name, sent = self._announced[k]
+            if sent_name == name and arguments.startswith(sent) and len(arguments) > len(sent):
+                self._announced[k][2] = arguments
+                self.call_deltas.append(p.DeltaToolCall(
+                    index=k, function=p.ResponseFunctionCall(arguments=arguments[len(sent):])))
 
 
 def tool_calls(calls: list[Any], ids: list[str]) -> list[p.ResponseToolCall] | None:
@@ -76,14 +99,6 @@ def tool_calls(calls: list[Any], ids: list[str]) -> list[p.ResponseToolCall] | N
         return None
     return [p.ResponseToolCall(id=i, function=p.ResponseFunctionCall(name=c.name, arguments=c.arguments))
             for c, i in zip(calls, ids, strict=True)]
-
-
-def delta_tool_calls(calls: list[Any], ids: list[str]) -> list[p.DeltaToolCall] | None:
-    if not calls:
-        return None
-    return [p.DeltaToolCall(index=k, id=i, type="function",
-                            function=p.ResponseFunctionCall(name=c.name, arguments=c.arguments))
-            for k, (c, i) in enumerate(zip(calls, ids, strict=True))]
 
 
 def chat_logprobs(entries: list[dict[str, Any]], token_text: TokenText) -> p.ChatLogprobs:

@@ -73,7 +73,9 @@ def test_tool_calls_streamed_and_not(serve):
                                             tool_choice={"type": "function", "function": {"name": "get_weather"}},
                                             stream=True, seed=2)
     deltas = [d for chunk in stream for c in chunk.choices for d in c.delta.tool_calls or []]
-    assert [d.function.name for d in deltas] == ["get_weather"] and deltas[0].id.startswith("call_")
+    # OpenAI's shape: the id and name first, then argument pieces
+    assert deltas[0].function.name == "get_weather" and deltas[0].id.startswith("call_") and len(deltas) > 1
+    assert all(d.function.name is None and d.id is None and d.index == 0 for d in deltas[1:])
     assert json.loads("".join(d.function.arguments for d in deltas))["city"] in ("Paris", "Oslo")
 
 

@@ -14,7 +14,15 @@ import pytest
 from server_fakes import ScriptedEngine
 from server_helpers import MODEL_NAME, live_server, settings_for
 
-from deepfleet.server.tool_calls import DeepSeekV3Format, HermesFormat, ToolCallStream, format_for_templates
+from deepfleet.engine.outputs import CompletionOutput
+from deepfleet.server.render import ChoiceCursor
+from deepfleet.server.tool_calls import (
+    DeepSeekV3Format,
+    ForcedCallStream,
+    HermesFormat,
+    ToolCallStream,
+    format_for_templates,
+)
 
 WEATHER = {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}, "days": {"enum": [1, 2, 3]}},
            "required": ["city", "days"], "additionalProperties": False}
@@ -52,6 +60,37 @@ def test_parsers_split_content_and_calls_at_any_chunking(step):
     # not a call after all: everything is content, nothing lost
     assert _stream(HermesFormat(), "a <tool_call> {broken", step) == ("a <tool_call> {broken", [])
     assert _stream(HermesFormat(), "x <tool_cal", step) == ("x <tool_cal", [])
+
+
+FORCED_REQUIRED = ('[{"name":"get_weather","parameters":{"city":"Paris","days":2}},'
+                   '{"name":"get_time","parameters":{"zone":"UTC"}}]')
+
+
+@pytest.mark.parametrize("step", [1, 3, 1000])
+@pytest.mark.parametrize(("stream", "text"), [
+    (lambda: ToolCallStream(HermesFormat()), HERMES), (lambda: ToolCallStream(DeepSeekV3Format()), DEEPSEEK),
+    (lambda: ToolCallStream(DeepSeekV3Format()), DEEPSEEK_V31), (lambda: ForcedCallStream(None), FORCED_REQUIRED),
+    (lambda: ForcedCallStream("get_time"), '{"zone":"UTC"}')])
+def test_streamed_call_deltas_accumulate_to_the_final_calls(stream, text, step):
+    """OpenAI's streaming shape at any chunking: per call a first delta with id, type and name, then argument
+    pieces; concatenated they are exactly the non-streamed calls' arguments."""
+    cursor = ChoiceCursor(None, stream())
+    deltas = []
+    for end in [*range(step, len(text), step), len(text)]:
+        cursor.advance(CompletionOutput(0, text[:end], [0] * end, None if end < len(text) else "stop"))
+        deltas += cursor.call_deltas
+    calls: dict[int, list] = {}
+    for d in deltas:
+        if d.index not in calls:
+            assert d.id.startswith("call_") and d.type == "function" and d.function.name
+            calls[d.index] = [d.function.name, ""]
+        else:
+            assert d.id is None and d.function.name is None
+        calls[d.index][1] += d.function.arguments
+    assert [tuple(v) for _, v in sorted(calls.items())] == [(c.name, c.arguments) for c in cursor.tool_calls]
+    assert cursor.tool_calls and cursor.finish_reason == "tool_calls"
+    if step == 1:
+        assert len(deltas) > 2 * len(calls)  # pieces while written, not one delta per call at the end
 
 
 def test_format_is_chosen_from_the_chat_template():
@@ -156,13 +195,22 @@ def test_auto_tool_calls_parsed_streamed_and_not(scripted):
     assert choice.finish_reason == "tool_calls"
     assert choice.message.content == script.split("<")[0]
     _check_calls(choice.message.tool_calls, set(SCHEMAS))
-    streamed_content, streamed_calls = "", []
+    streamed_content, streamed, pieces = "", {}, 0
     for chunk in client.chat.completions.create(stream=True, **kw):
         for c in chunk.choices:
             streamed_content += c.delta.content or ""
-            streamed_calls += [(d.function.name, json.loads(d.function.arguments)) for d in c.delta.tool_calls or []]
+            for d in c.delta.tool_calls or []:
+                if d.index not in streamed:  # the first delta of a call: id, type and name
+                    assert d.id.startswith("call_") and d.type == "function" and d.function.name
+                    streamed[d.index] = [d.function.name, ""]
+                else:
+                    assert d.id is None and d.function.name is None
+                streamed[d.index][1] += d.function.arguments or ""
+                pieces += 1
     assert streamed_content == choice.message.content
-    assert streamed_calls == [(t.function.name, json.loads(t.function.arguments)) for t in choice.message.tool_calls]
+    assert [tuple(v) for _, v in sorted(streamed.items())] == [
+        (t.function.name, t.function.arguments) for t in choice.message.tool_calls]
+    assert pieces >= len(streamed)
     # tool_choice none: the same text is plain content
     plain = client.chat.completions.create(tool_choice="none", **kw).choices[0]
     assert plain.message.content == script and plain.message.tool_calls is None and plain.finish_reason == "stop"
