@@ -46,7 +46,7 @@ def main() -> None:
         load_s = time.perf_counter() - t
         weights_allocated = torch.cuda.memory_allocated() - sum(
             k.numel() * k.element_size() + (v.numel() * v.element_size() if v is not None else 0)
-            for k, v in engine.runner.kv_caches)
+            for k, v, *_ in engine.runner.kv_caches)
         engine_blocks = engine.block_manager.num_blocks
         context = engine.max_model_len
         cfg, _ = model_config(raw, model_dir)

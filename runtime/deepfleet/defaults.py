@@ -7,6 +7,7 @@ API_PORT = 8000  # OpenAI API, /healthz, /readyz and /metrics share this port
 MAX_NUM_BATCHED_TOKENS = 4096
 MAX_NUM_SEQS_CPU = 32
 KV_BLOCK_SIZE = 16
+KV_CACHE_DTYPE = "auto"  # "auto": the compute dtype; "fp8": e4m3 (deepfleet/quant/kv_cache.py)
 MAX_NUM_SEQS_GPU_CAP = 1024  # GPU default max_num_seqs: KV tokens / GPU_TOKENS_PER_SEQ, capped here
 GPU_TOKENS_PER_SEQ = 1024
 # CUDA graphs for prefill passes (a TTFT of one short prompt is otherwise ~25 ms of eager kernel launches): token

@@ -77,6 +77,9 @@ def register(app: typer.Typer) -> None:
         quantization: Annotated[
             str | None, typer.Option(help="fp8: quantize weights to block FP8 on load (engine.quantization).")
         ] = None,
+        kv_cache_dtype: Annotated[
+            str | None, typer.Option(help="auto or fp8: KV cache in e4m3, half the bytes (engine.kv_cache_dtype).")
+        ] = None,
         tensor_parallel_size: Annotated[int | None, typer.Option(
             "--tensor-parallel-size", "-tp",
             help="GPUs the engine spans, one worker process per GPU (engine.tensor_parallel_size).")] = None,
@@ -113,7 +116,7 @@ def register(app: typer.Typer) -> None:
                             "gpu_memory_utilization": gpu_memory_utilization, "max_num_seqs": max_num_seqs,
                             "max_num_batched_tokens": max_num_batched_tokens, "block_size": block_size,
                             "enable_prefix_caching": enable_prefix_caching, "enforce_eager": enforce_eager,
-                            "device": device, "quantization": quantization,
+                            "device": device, "quantization": quantization, "kv_cache_dtype": kv_cache_dtype,
                             "tensor_parallel_size": tensor_parallel_size, "enable_lora": enable_lora,
                             "max_loras": max_loras, "max_lora_rank": max_lora_rank,
                             "lora_modules": _lora_modules(lora_modules) if lora_modules else None}

@@ -43,6 +43,7 @@ import torch
 from deepfleet.distributed import parallel_state as ps
 from deepfleet.distributed.nccl_env import child_env
 from deepfleet.distributed.step import StepInputs
+from deepfleet.quant import kv_cache
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class RunnerSpec:
     init_method: str
     timeout_s: float
     num_threads: int
+    kv_cache_dtype: str = "auto"
 
 
 def device_for(device_type: str, rank: int) -> torch.device:
@@ -313,20 +315,23 @@ def check_parallel_config(cfg, size: int, expert_parallel: bool, device: torch.d
 def make_runner(model: str, cfg, dtype: torch.dtype, device: torch.device, max_model_len: int, block_size: int,
                 enforce_eager: bool, load_format: str, quantization: str | None = None, size: int = 1,
                 expert_parallel: bool = False, timeout_s: float = 60.0, max_loras: int = 0, max_lora_rank: int = 0,
-                mtp_layers: int = 0):
+                mtp_layers: int = 0,
+                kv_cache_dtype: str = "auto"):
     """A ModelRunner (one device: no workers, the layers' group has size 1) or a ParallelRunner over `size`
     devices. The configuration is checked first, so a bad size fails before any process starts."""
     from deepfleet.distributed.worker import build_runner
     from deepfleet.engine.model_runner import ModelRunner
 
     check_parallel_config(cfg, size, expert_parallel, device, quantization)
+    kv_cache.cache_dtype(kv_cache_dtype, dtype, cfg.raw, device)  # refused before any process starts
     if size == 1:
         if expert_parallel:
             log.info("engine.expert_parallel with tensor_parallel_size=1: every expert is on the one device")
         return ModelRunner(cfg, dtype, device, max_model_len, block_size, enforce_eager, load_format, quantization,
-                           max_loras, max_lora_rank, mtp_layers)
+                           max_loras, max_lora_rank, mtp_layers, kv_cache_dtype)
     if max_loras:
         raise ValueError("engine.enable_lora: LoRA adapters with tensor_parallel_size > 1 are not supported yet")
     spec = RunnerSpec(model, dtype, device.type, max_model_len, block_size, enforce_eager, load_format, quantization,
-                      mtp_layers, size, expert_parallel, local_init_method(), timeout_s, torch.get_num_threads())
+                      mtp_layers, size, expert_parallel, local_init_method(), timeout_s, torch.get_num_threads(),
+                      kv_cache_dtype)
     return ParallelRunner(spec, build_runner)

@@ -34,7 +34,8 @@ def build_runner(spec: RunnerSpec, rank: int):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return ModelRunner(load_config(spec.model), spec.dtype, device, spec.max_model_len, spec.block_size,
-                       spec.enforce_eager, spec.load_format, spec.quantization, mtp_layers=spec.mtp_layers)
+                       spec.enforce_eager, spec.load_format, spec.quantization, mtp_layers=spec.mtp_layers,
+                       kv_cache_dtype=spec.kv_cache_dtype)
 
 
 def _heartbeat(beats: Heartbeats, rank: int) -> None:

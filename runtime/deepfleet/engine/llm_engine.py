@@ -54,6 +54,7 @@ class EngineConfig:
     load_format: str = "auto"  # "dummy": random weights, for benchmarks of real shapes
     watermark_key: str | None = None  # per-deployment green-list watermark of every request without its own
     quantization: str | None = None  # "fp8": block-FP8 weights quantized on load; None: as the checkpoint is
+    kv_cache_dtype: str = defaults.KV_CACHE_DTYPE  # "fp8": keys/values stored in e4m3 (deepfleet/quant/kv_cache.py)
     tensor_parallel_size: int = 1  # devices (ranks) one engine spans; deepfleet/distributed/
     expert_parallel: bool = False  # MoE layers: whole experts split over the ranks instead of each expert's slices
     collective_timeout_s: float = defaults.COLLECTIVE_TIMEOUT_S  # a rank silent this long ends the engine
@@ -122,7 +123,8 @@ class LLMEngine:
                                   config.enforce_eager, config.load_format, config.quantization,
                                   config.tensor_parallel_size, config.expert_parallel, config.collective_timeout_s,
                                   config.max_loras if lora else 0, config.max_lora_rank,
-                                  spec_config.check_model(speculative, model_cfg) if speculative else 0)
+                                  spec_config.check_model(speculative, model_cfg) if speculative else 0,
+                                  config.kv_cache_dtype)
         self.speculator = Speculator(speculative, self.max_model_len) if speculative else None
         num_blocks, max_num_seqs = self._size_cache(config)
         self.runner.allocate_kv_cache(num_blocks)

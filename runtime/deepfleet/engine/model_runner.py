@@ -46,6 +46,7 @@ from deepfleet.models.attention import AttentionMetadata
 from deepfleet.models.config import ModelConfig
 from deepfleet.models.layers import use_fused_kernels
 from deepfleet.models.loader import load_model
+from deepfleet.quant import kv_cache
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,12 @@ def prefill_token_buckets(max_tokens: int = defaults.PREFILL_GRAPH_MAX_TOKENS) -
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_model_len: int,
                  block_size: int, enforce_eager: bool, load_format: str = "auto", quantization: str | None = None,
-                 max_loras: int = 0, max_lora_rank: int = 0, mtp_layers: int = 0):
+                 max_loras: int = 0, max_lora_rank: int = 0, mtp_layers: int = 0,
+                 kv_cache_dtype: str = defaults.KV_CACHE_DTYPE):
         """`mtp_layers`: also build DeepSeek-V3's multi-token-prediction layers (speculative drafts,
         spec_decode/mtp.py): they get KV caches of their own, and steps keep the target's hidden states for them."""
         self.cfg, self.dtype, self.device = cfg, dtype, device
+        self.cache_dtype = kv_cache.cache_dtype(kv_cache_dtype, dtype, cfg.raw, device)  # refused before loading
         self.block_size, self.max_model_len = block_size, max_model_len
         self.model = load_model(cfg, dtype, device, max_positions=max(max_model_len, cfg.max_position_embeddings),
                                 load_format=load_format, quantization=quantization, mtp_layers=mtp_layers)
@@ -84,7 +87,8 @@ class ModelRunner:
         self.use_graphs = (device.type == "cuda" and not enforce_eager and getattr(self.model, "cuda_graph_safe", True)
                            and not self.num_draft_layers)
         use_fused_kernels(device.type == "cuda" and not enforce_eager)
-        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        # per layer: (k_cache, v_cache or None) or, for an FP8 cache, (k_cache, v_cache, k_scale, v_scale)
+        self.kv_caches: list[tuple] = []
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # batch size -> (graph, logits)
         self.graph_batch_sizes: list[int] = []
         self.graph_max_batch = 0  # set by init_graphs once max_num_seqs is known
@@ -102,7 +106,7 @@ class ModelRunner:
     def block_bytes(self) -> int:
         layers = self.cfg.num_layers + self.num_draft_layers
         return memory.kv_block_bytes((self.kv_heads, self.k_dim, self.v_dim), layers, self.block_size,
-                                     torch.finfo(self.dtype).bits // 8)
+                                     self.cache_dtype.itemsize)
 
     def profile_kv_budget(self, max_num_batched_tokens: int, memory_utilization: float) -> int:
         """GPU: run the largest prefill once to measure activation memory; returns the bytes left for KV blocks
@@ -134,12 +138,18 @@ class ModelRunner:
         """`num_blocks` usable blocks plus one scratch block (id num_blocks) that padding rows write to."""
         self.scratch_block = num_blocks
         shape = (num_blocks + 1, self.block_size, self.kv_heads)
+        dtype = self.cache_dtype
         caches = [
-            (torch.zeros(*shape, self.k_dim, dtype=self.dtype, device=self.device),
-             torch.zeros(*shape, self.v_dim, dtype=self.dtype, device=self.device) if self.has_v_cache else None)
+            (torch.zeros(*shape, self.k_dim, dtype=dtype, device=self.device),
+             torch.zeros(*shape, self.v_dim, dtype=dtype, device=self.device) if self.has_v_cache else None)
+            + (self._fp8_scales() if dtype == kv_cache.FP8 else ())
             for _ in range(self.cfg.num_layers + self.num_draft_layers)
         ]
         self.kv_caches, self.draft_kv_caches = caches[: self.cfg.num_layers], caches[self.cfg.num_layers :]
+
+    def _fp8_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's (k_scale, v_scale) per KV head (deepfleet.quant.kv_cache says why they are 1.0)."""
+        return kv_cache.default_scales(self.kv_heads, self.device), kv_cache.default_scales(self.kv_heads, self.device)
 
     def _init_buffers(self, max_rows: int, max_tokens: int) -> None:
         self.buffers = InputBuffers(max_tokens, max_rows, self.max_blocks_per_seq, self.scratch_block,

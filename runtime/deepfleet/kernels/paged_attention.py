@@ -31,7 +31,10 @@ FlashInfer's paged kernels):
   product, rather than padding 576 to 1024. Value dims are padded to a power of two and masked.
 - The KV tile (TILE_N keys) is independent of the cache block size: each key's block id is looked up in the block
   table, so any block size works and the block tables can be in any order.
-- float32 caches (the GPU parity tests) use IEEE dot products, not TF32, so they match the float32 reference."""
+- float32 caches (the GPU parity tests) use IEEE dot products, not TF32, so they match the float32 reference.
+- FP8 caches (engine.kv_cache_dtype fp8: half the bytes per token) store k / k_scale and v / v_scale in e4m3 with
+  float32 scales per KV head; a tile is widened to the query's dtype after its load, k_scale folds into the
+  softmax scale and v_scale into the output, so the inner loop does no extra multiply."""
 
 from __future__ import annotations
 
@@ -63,7 +66,7 @@ def _find_sequence(query_start_loc, tile, num_seqs, BLOCK_Q: tl.constexpr):
 @triton.jit
 def _paged_attention_kernel(
     out, part_out, part_lse,  # out [T, H, DV]; parts [num_splits, T, H, DV] fp32 and [num_splits, T, H] fp32
-    q, k_cache, v_cache,
+    q, k_cache, v_cache, k_scale, v_scale,  # scales: float32 per KV head of an FP8 cache (FP8_KV), else unused
     block_tables, seq_lens, query_start_loc,
     num_seqs, num_splits, qk_scale,  # qk_scale: softmax scale times log2(e) (the kernel works in base 2)
     stride_qt, stride_qh, stride_ot, stride_oh,
@@ -72,7 +75,7 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, HEADS_PER_PROG: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     K_DIM: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, SPLIT: tl.constexpr, ONE_ROW_PER_SEQ: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, FP8_KV: tl.constexpr,
 ):
     tile = tl.program_id(0)
     HEAD_BLOCKS: tl.constexpr = (GROUP + HEADS_PER_PROG - 1) // HEADS_PER_PROG
@@ -117,6 +120,8 @@ def _paged_attention_kernel(
     first = split * per_split
     last = tl.minimum(first + per_split, num_tiles)
 
+    if FP8_KV:  # stored keys are k / k_scale: the scale folds into the softmax scale, v_scale into the output
+        qk_scale = qk_scale * tl.load(k_scale + kv_head)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
@@ -131,9 +136,13 @@ def _paged_attention_kernel(
             k_main = tl.load(k_ptrs + d[:, None], mask=in_range[None, :] & (d < K_DIM)[:, None], other=0.0)
         else:
             k_main = tl.load(k_ptrs + d[:, None], mask=in_range[None, :], other=0.0)
+        if FP8_KV:
+            k_main = k_main.to(q_main.dtype)
         s = tl.dot(q_main, k_main, input_precision=PRECISION)
         if D_TAIL > 0:
             k_tail = tl.load(k_ptrs + d_tail[:, None], mask=in_range[None, :] & (d_tail < K_DIM)[:, None], other=0.0)
+            if FP8_KV:
+                k_tail = k_tail.to(q_tail.dtype)
             s += tl.dot(q_tail, k_tail, input_precision=PRECISION)
         visible = row_ok[:, None] & in_range[None, :] & (pos[None, :] <= q_pos[:, None])
         s = tl.where(visible, s * qk_scale, float("-inf"))
@@ -144,10 +153,14 @@ def _paged_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v_ptrs = v_cache + block[:, None] * stride_vb + slot[:, None] * stride_vs + kv_head * stride_vh
         v = tl.load(v_ptrs + dv[None, :], mask=in_range[:, None] & (dv < DV)[None, :], other=0.0)
+        if FP8_KV:
+            v = v.to(q_main.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
     result = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if FP8_KV:
+        result = result * tl.load(v_scale + kv_head)
     store_mask = row_ok[:, None] & (dv < DV)[None, :]
     if not SPLIT:
         o_ptrs = out + token[:, None] * stride_ot + head[:, None] * stride_oh + dv[None, :]
@@ -203,11 +216,15 @@ def paged_attention(
     max_query_len: int,
     scale: float,
     num_splits: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [T, H, Dk] -> [T, H, v_dim]. Caches [num_blocks, block_size, kv_heads, dim] (v_cache None: values are the
     first v_dim features of the keys); block_tables [B, W] int32, seq_lens [B] int32 (tokens in the cache after this
     step), query_start_loc [B + 1] int32, all on q's device. `max_query_len` (host) only chooses the tile shape: 1
-    selects the decode launch. `num_splits` overrides the flash-decoding split (tests, benchmarks)."""
+    selects the decode launch. `num_splits` overrides the flash-decoding split (tests, benchmarks). An FP8
+    (float8_e4m3fn) cache holds k / k_scale and v / v_scale with float32 scales per KV head (`k_scale`, `v_scale`
+    [kv_heads]; v_scale unused without a value cache, whose values are keys): tiles are widened to q's dtype."""
     num_tokens, num_heads, k_dim = q.shape
     _, block_size, kv_heads, cache_k_dim = k_cache.shape
     if cache_k_dim != k_dim or num_heads % kv_heads:
@@ -221,6 +238,12 @@ def paged_attention(
     if num_tokens == 0:
         return out
     values = k_cache if v_cache is None else v_cache
+    fp8_kv = k_cache.dtype == torch.float8_e4m3fn
+    if fp8_kv:
+        if k_scale is None or (v_cache is not None and v_scale is None):
+            raise ValueError("paged_attention: an FP8 KV cache needs its k_scale (and v_scale) per KV head")
+        if v_cache is None:
+            v_scale = k_scale
 
     wide = k_dim > 256  # MLA's 576: smaller tiles keep the loaded keys and the accumulator in registers/shared memory
     heads_per_prog = min(triton.next_power_of_2(group), 16 if wide else 64)
@@ -250,7 +273,8 @@ def paged_attention(
         part_out = part_lse = out  # unused
 
     _paged_attention_kernel[(tiles, kv_heads * head_blocks, num_splits)](
-        out, part_out, part_lse, q, k_cache, values, block_tables, seq_lens, query_start_loc,
+        out, part_out, part_lse, q, k_cache, values, k_scale if fp8_kv else q, v_scale if fp8_kv else q,
+        block_tables, seq_lens, query_start_loc,
         num_seqs, num_splits, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), values.stride(0), values.stride(1), values.stride(2),
@@ -258,7 +282,7 @@ def paged_attention(
         GROUP=group, HEADS_PER_PROG=heads_per_prog, BLOCK_Q=block_q, BLOCK_M=block_m,
         K_DIM=k_dim, D_MAIN=d_main, D_TAIL=d_tail, DV=v_dim, DV_PAD=dv_pad,
         BLOCK_SIZE=block_size, TILE_N=tile_n, SPLIT=num_splits > 1, ONE_ROW_PER_SEQ=decode,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8_KV=fp8_kv,
         num_warps=4 if decode or wide else 8, num_stages=2 if wide or fp32 else 3,
     )
     if num_splits > 1:

@@ -1,7 +1,9 @@
 """Paged attention: the one interface the models call.
 
 The KV cache of a layer is `k_cache[num_blocks, block_size, kv_heads, k_dim]` (+ `v_cache` likewise, or None when
-values are the first `v_dim` features of the keys, as in MLA's compressed cache). A batch is flattened: the first
+values are the first `v_dim` features of the keys, as in MLA's compressed cache). An FP8 cache
+(engine.kv_cache_dtype fp8, deepfleet.quant.kv_cache) comes with float32 `k_scale`/`v_scale` per KV head: a
+layer's cache entry is then (k_cache, v_cache, k_scale, v_scale). A batch is flattened: the first
 `num_decodes` rows are sequences with one new token each, the rest are prefill chunks of any length.
 
 New keys/values are first scattered into their cache slots. Then:
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from deepfleet import defaults
+from deepfleet.quant import kv_cache
 
 
 @dataclass
@@ -53,22 +56,30 @@ class AttentionMetadata:
         return self._decode_mask
 
 
-def write_kv(cache: torch.Tensor, new: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_kv(cache: torch.Tensor, new: torch.Tensor, slot_mapping: torch.Tensor,
+             scale: torch.Tensor | None = None) -> None:
+    """new [T, kv_heads, dim] into the cache slots; an FP8 cache stores new / scale (per KV head) in e4m3."""
+    if cache.dtype == kv_cache.FP8:  # as bytes: index_copy_ has no float8 implementation on CPU
+        cache, new = cache.view(torch.uint8), kv_cache.quantize(new, scale).view(torch.uint8)
     cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping, new.to(cache.dtype))
 
 
-def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
-    """[..., W] block ids -> [..., W * block_size, heads, dim]"""
-    g = cache[block_table]
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, scale: torch.Tensor | None,
+            dtype: torch.dtype) -> torch.Tensor:
+    """[..., W] block ids -> [..., W * block_size, heads, dim] in `dtype` (an FP8 cache's rows dequantized)"""
+    if cache.dtype == kv_cache.FP8:  # indexed as bytes (no float8 indexing on CPU), then dequantized
+        g = kv_cache.dequantize(cache.view(torch.uint8)[block_table].view(kv_cache.FP8), scale, dtype)
+    else:
+        g = cache[block_table]
     return g.flatten(-4, -3)
 
 
-def _decode(q, k_cache, v_cache, v_dim, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def _decode(q, k_cache, v_cache, v_dim, meta: AttentionMetadata, scale: float, k_scale, v_scale) -> torch.Tensor:
     n = meta.num_decodes
     kv_heads = k_cache.shape[2]
     group = q.shape[1] // kv_heads
-    k = _gather(k_cache, meta.block_tables[:n])  # [n, L, Hkv, Dk]
-    v = k[..., :v_dim] if v_cache is None else _gather(v_cache, meta.block_tables[:n])
+    k = _gather(k_cache, meta.block_tables[:n], k_scale, q.dtype)  # [n, L, Hkv, Dk]
+    v = k[..., :v_dim] if v_cache is None else _gather(v_cache, meta.block_tables[:n], v_scale, q.dtype)
     qg = q.view(n, kv_heads, group, q.shape[-1])  # the group's query heads act as the query "length"
     out = F.scaled_dot_product_attention(
         qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=meta.decode_mask(k.shape[1], q.device), scale=scale
@@ -76,15 +87,16 @@ def _decode(q, k_cache, v_cache, v_dim, meta: AttentionMetadata, scale: float) -
     return out.reshape(n, q.shape[1], v_dim)
 
 
-def _prefill_one(q, k_new, v_new, k_cache, v_cache, v_dim, table, ctx, scale) -> torch.Tensor:
+def _prefill_one(q, k_new, v_new, k_cache, v_cache, v_dim, table, ctx, scale, k_scale, v_scale) -> torch.Tensor:
     qlen, heads = q.shape[0], q.shape[1]
-    if ctx == qlen:  # nothing cached before this chunk: attend to the fresh keys
+    # nothing cached before this chunk: attend to the fresh keys (an FP8 cache's rounded ones, as the kernel does)
+    if ctx == qlen and k_cache.dtype != kv_cache.FP8:
         k, v = k_new, (k_new[..., :v_dim] if v_new is None else v_new)
         mask, causal = None, True
     else:
         nblocks = -(-ctx // k_cache.shape[1])
-        k = _gather(k_cache, table[:nblocks])[:ctx]
-        v = k[..., :v_dim] if v_cache is None else _gather(v_cache, table[:nblocks])[:ctx]
+        k = _gather(k_cache, table[:nblocks], k_scale, q.dtype)[:ctx]
+        v = k[..., :v_dim] if v_cache is None else _gather(v_cache, table[:nblocks], v_scale, q.dtype)[:ctx]
         # query i sits at position ctx - qlen + i and sees keys up to there
         qpos = torch.arange(ctx - qlen, ctx, device=q.device)[:, None]
         mask, causal = torch.arange(ctx, device=q.device)[None, :] <= qpos, False
@@ -109,13 +121,16 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     v_dim: int,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q [T, H, Dk], k [T, Hkv, Dk], v [T, Hkv, Dv] or None (values inside the keys) -> [T, H, Dv]"""
-    write_kv(k_cache, k, meta.slot_mapping)
+    """q [T, H, Dk], k [T, Hkv, Dk], v [T, Hkv, Dv] or None (values inside the keys) -> [T, H, Dv].
+    `k_scale`/`v_scale` [Hkv]: an FP8 cache's scales."""
+    write_kv(k_cache, k, meta.slot_mapping, k_scale)
     if v is not None:
-        write_kv(v_cache, v, meta.slot_mapping)
+        write_kv(v_cache, v, meta.slot_mapping, v_scale)
     attend = _kernel_attention if q.is_cuda else reference_attention
-    return attend(q, k, v, k_cache, v_cache, meta, scale, v_dim)
+    return attend(q, k, v, k_cache, v_cache, meta, scale, v_dim, k_scale, v_scale)
 
 
 @functools.cache
@@ -125,11 +140,12 @@ def _triton_kernel():
     return paged_attention
 
 
-def _kernel_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, v_dim: int) -> torch.Tensor:
-    if is_long_prefill(meta) and v is not None and q.shape[-1] == v_dim:
+def _kernel_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, v_dim: int,
+                      k_scale=None, v_scale=None) -> torch.Tensor:
+    if is_long_prefill(meta) and v is not None and q.shape[-1] == v_dim and k_cache.dtype != kv_cache.FP8:
         return long_prefill_attention(q, k, v, k_cache, v_cache, meta, scale)
     return _triton_kernel()(q, k_cache, v_cache, v_dim, meta.block_tables, meta.context_lens, meta.query_start_loc,
-                            meta.max_query_len, scale)
+                            meta.max_query_len, scale, k_scale=k_scale, v_scale=v_scale)
 
 
 def is_long_prefill(meta: AttentionMetadata) -> bool:
@@ -161,7 +177,8 @@ def long_prefill_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, s
                 keys, values, mask, causal = k[start:end], v[start:end], None, True
             else:
                 blocks = meta.block_tables[i, : -(-ctx // k_cache.shape[1])]
-                keys, values = _gather(k_cache, blocks)[:ctx], _gather(v_cache, blocks)[:ctx]
+                keys = _gather(k_cache, blocks, None, q.dtype)[:ctx]
+                values = _gather(v_cache, blocks, None, q.dtype)[:ctx]
                 mask, causal = causal_lower_right(qlen, ctx), False
             out = F.scaled_dot_product_attention(
                 q[start:end].transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
@@ -171,19 +188,20 @@ def long_prefill_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, s
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-def reference_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, v_dim: int) -> torch.Tensor:
+def reference_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, v_dim: int,
+                        k_scale=None, v_scale=None) -> torch.Tensor:
     """The plain-PyTorch implementation (CPU), over caches that already hold this step's keys/values."""
     n = meta.num_decodes
     if not meta.prefills:
-        return _decode(q, k_cache, v_cache, v_dim, meta, scale)
-    parts = [_decode(q[:n], k_cache, v_cache, v_dim, meta, scale)] if n else []
+        return _decode(q, k_cache, v_cache, v_dim, meta, scale, k_scale, v_scale)
+    parts = [_decode(q[:n], k_cache, v_cache, v_dim, meta, scale, k_scale, v_scale)] if n else []
     start = n
     for i, (qlen, ctx) in enumerate(meta.prefills):
         end = start + qlen
         parts.append(
             _prefill_one(
                 q[start:end], k[start:end], None if v is None else v[start:end],
-                k_cache, v_cache, v_dim, meta.block_tables[n + i], ctx, scale,
+                k_cache, v_cache, v_dim, meta.block_tables[n + i], ctx, scale, k_scale, v_scale,
             )
         )
         start = end

@@ -51,6 +51,10 @@ class EngineSettings(BaseModel):
     quantization: Literal["fp8"] | None = Field(
         None, description="fp8: quantize a bf16 checkpoint's weights to block FP8 on load; unset = as published."
     )
+    kv_cache_dtype: Literal["auto", "fp8"] | None = Field(
+        None, description="fp8: store keys/values in e4m3, half the bytes per token (not for MLA); unset = auto, "
+        "the compute dtype."
+    )
     load_format: Literal["auto", "dummy"] | None = Field(
         None, description="dummy: random weights of the checkpoint's shapes (benchmarks without the weight files)."
     )

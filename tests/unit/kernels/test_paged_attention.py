@@ -111,6 +111,40 @@ def test_kernel_matches_reference(index):
     assert err <= tol * max(1.0, expected.abs().max().item()), f"{CASES[index][0]}: max error {err}"
 
 
+FP8_CASES = [
+    ("fp8-decode-2-splits", 12, 2, 32, None, False, [(1, 9), (1, 40)], {"num_splits": 2}),
+    ("fp8-mixed-fp16", 8, 2, 16, None, False, [(1, 20), (7, 19)], {"dtype": torch.float16}),
+]
+
+
+def _to_fp8(cache, scale):
+    return (cache.float() / scale[:, None]).to(torch.float8_e4m3fn)
+
+
+@pytest.mark.parametrize("index", range(len(FP8_CASES)), ids=[c[0] for c in FP8_CASES])
+def test_fp8_cache_matches_reference_on_its_dequantized_values(index):
+    case = _build(*FP8_CASES[index][1:], seed=100 + index)
+    kv_heads = case["k_cache"].shape[2]
+    # a scale per KV head (not one for all): each head's largest value lands near e4m3's 448
+    for name, scale_name in (("k_cache", "k_scale"), ("v_cache", "v_scale")):
+        scale = case[name].float().abs().amax(dim=(0, 1, 3)) / 400 * torch.linspace(1, 2, kv_heads)
+        case[name], case[scale_name] = _to_fp8(case[name], scale), scale
+    out = paged_attention(**_on_device(case)).cpu()
+    dequantized = {**case, "k_cache": case["k_cache"].double() * case["k_scale"].double()[:, None],
+                   "v_cache": case["v_cache"].double() * case["v_scale"].double()[:, None]}
+    expected = _expected(dequantized)
+    tol = 4e-3 if out.dtype == torch.float16 else 2e-5
+    err = (out.double() - expected).abs().max().item()
+    assert err <= tol * max(1.0, expected.abs().max().item()), f"{FP8_CASES[index][0]}: max error {err}"
+
+
+def test_fp8_cache_without_scales_is_refused():
+    case = _build(*FP8_CASES[0][1:], seed=0)
+    case["k_cache"] = case["k_cache"].to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="FP8 KV cache needs its k_scale"):
+        paged_attention(**case)
+
+
 def test_bad_shapes_are_named():
     case = _build(*CASES[0][1:], seed=0)
     case["q"] = case["q"][..., :64]

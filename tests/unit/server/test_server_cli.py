@@ -21,7 +21,8 @@ def test_vllm_flag_names_map_to_the_same_settings(tmp_path):
         "serve", str(tmp_path), "--print-config", "--served-model-name", "r1", "--dtype", "bfloat16",
         "--max-model-len", "4096", "--gpu-memory-utilization", "0.85", "--max-num-seqs", "48",
         "--max-num-batched-tokens", "2048", "--block-size", "32", "--no-enable-prefix-caching", "--enforce-eager",
-        "--device", "cpu", "--quantization", "fp8", "--generation-config", "vllm", "--set", "engine.num_kv_blocks=99"])
+        "--device", "cpu", "--quantization", "fp8", "--kv-cache-dtype", "fp8", "--generation-config", "vllm",
+        "--set", "engine.num_kv_blocks=99"])
     assert r.exit_code == 0, r.output
     settings = json.loads(r.output)
     assert settings["served_model_name"] == "r1" and settings["generation_config"] == "vllm"
@@ -29,7 +30,8 @@ def test_vllm_flag_names_map_to_the_same_settings(tmp_path):
     assert given == {"dtype": "bfloat16", "device": "cpu", "max_num_seqs": 48,
                                   "max_num_batched_tokens": 2048, "block_size": 32, "num_kv_blocks": 99,
                                   "gpu_memory_utilization": 0.85, "enable_prefix_caching": False,
-                                  "max_model_len": 4096, "enforce_eager": True, "quantization": "fp8"}
+                                  "max_model_len": 4096, "enforce_eager": True, "quantization": "fp8",
+                                  "kv_cache_dtype": "fp8"}
 
 
 def test_flags_left_out_leave_the_engine_defaults(tmp_path):
