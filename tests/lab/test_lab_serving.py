@@ -152,3 +152,52 @@ def test_prometheus_scrapes_the_runtime_targets(lab):
             break
         time.sleep(3)
     assert up == {h.name: "1" for h in lab.hosts}
+
+
+class StatusLog:
+    """Every 0.2 s on the load balancer: each runtime server's HAProxy status, one line per sample."""
+
+    def __init__(self, lab):
+        self.lab, self.host = lab, lb_host(lab)
+
+    def __enter__(self):
+        sample = (f"echo 'show stat' | socat stdio unix-connect:{ADMIN_SOCKET}"
+                  f" | awk -F, '$1 == \"{BACKEND}\" && $2 != \"BACKEND\" && $2 != \"FRONTEND\""
+                  " {printf \"%s=%s \", $2, $18} END {print \"\"}' >> /tmp/lb-status")
+        loop = f"while [ ! -e /tmp/lb-status-stop ]; do {sample}; sleep 0.2; done"
+        cmd = (f"rm -f /tmp/lb-status /tmp/lb-status-stop; nohup bash -c {shlex.quote(loop)} >/dev/null 2>&1 &"
+               " echo $! > /tmp/lb-status.pid")
+        assert self.lab.ssh(self.host, cmd).returncode == 0
+        return self
+
+    def samples(self) -> list[dict[str, str]]:
+        out = self.lab.ssh(self.host, "cat /tmp/lb-status 2>/dev/null").stdout
+        return [dict(f.split("=", 1) for f in line.split()) for line in out.splitlines() if line.strip()]
+
+    def __exit__(self, *exc):
+        self.lab.ssh(self.host, "touch /tmp/lb-status-stop; pid=$(cat /tmp/lb-status.pid);"
+                                " while kill -0 $pid 2>/dev/null; do sleep 0.2; done")
+
+
+def test_rolling_gpu_upgrade_drill_drops_no_request_and_keeps_one_host_up(lab):
+    """playbooks/gpu.yml with gpu_upgrade_force (the lab has no GPU, so no driver differs): each runtime host in
+    turn is drained, its runtime restarted, waited for and put back, while requests flow through HAProxy."""
+    if len(lab.hosts) < 2:
+        pytest.skip("needs two runtime hosts (DEEPFLEET_LAB_HOSTS >= 2)")
+    wait_all_up(lab)
+    before = service_start_times(lab)
+    with StatusLog(lab) as status, RequestLoop(lab) as loop:
+        loop.wait_for(3)
+        rc, out = lab.ansible("playbooks/gpu.yml", "-e", json.dumps({"gpu_upgrade_force": True}))
+        assert rc == 0, out[-3000:]
+        loop.wait_for(len(loop.codes()) + 3)
+    after = service_start_times(lab)
+    samples = status.samples()
+    names = {h.name for h in lab.hosts}
+    assert all(before[h] != after[h] for h in before), (before, after)  # every host was restarted
+    out_of_service = {h for s in samples for h, state in s.items() if state != "UP"}
+    assert out_of_service == names, f"not every host left service during the roll: {samples}"
+    both_down = [s for s in samples if set(s) == names and "UP" not in s.values()]
+    assert not both_down, f"no runtime host was UP in HAProxy at some point: {both_down[:3]}"
+    codes = loop.codes()
+    assert set(codes) == {"200"}, f"requests failed during the rolling upgrade: {codes}"

@@ -1,0 +1,46 @@
+"""playbooks/gpu.yml rolls over the GPU hosts: a batch size of 0 is refused before any change, naming
+gpu_upgrade_serial, and one failing host stops the roll (the next host is never touched). Run for real in
+check mode against this machine under two inventory names."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[3]
+BIN = Path(sys.executable).parent
+
+
+def _play(tmp_path: Path, hosts: dict, *extra: str) -> tuple[int, str]:
+    local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
+    inventory = {"all": {"children": {"gpu_nodes": {"hosts": {n: {**local, **v} for n, v in hosts.items()}}}}}
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
+    env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
+    env["PATH"] = f"{BIN}:{env['PATH']}"
+    res = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(tmp_path / "hosts.yml"), "--check",
+                          str(REPO / "playbooks/gpu.yml"), *extra],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    return res.returncode, res.stdout + res.stderr
+
+
+def test_serial_zero_is_refused_before_any_change(tmp_path):
+    rc, out = _play(tmp_path, {"gpu-a": {}}, "-e", json.dumps({"gpu_upgrade_serial": 0}))
+    flat = " ".join(out.split())
+    assert rc != 0
+    assert "gpu_upgrade_serial=0: hosts upgraded at a time must be at least 1" in flat, out
+    assert re.search(r"gpu-a\s+: ok=\d+\s+changed=0\s+unreachable=0\s+failed=1", out), out
+
+
+def test_a_failing_host_stops_the_roll(tmp_path):
+    # gpu-a's settings are wrong (CUDA 13.0 on driver 570): the roll stops there and gpu-b is never started
+    rc, out = _play(tmp_path, {"gpu-a": {"nvidia_driver_branch": "570", "cuda_version": "13.0"}, "gpu-b": {}})
+    assert rc != 0
+    assert "cuda_version=13.0 needs" in " ".join(out.split()), out
+    assert "ok: [gpu-b]" not in out and "changed: [gpu-b]" not in out, out
+    assert re.search(r"gpu-a\s+: ok=\d+\s+changed=0\s+unreachable=0\s+failed=1", out), out
