@@ -42,6 +42,7 @@ def main() -> dict:
             net.vpc.id,
             net.private_subnets,
             storage.kms_key.arn,
+            cfg.autoscaling.scale_down_cooldown_s,
             opts,
         )
         provider, node_label = eks.provider, (ACCELERATOR_LABEL, "nvidia")

@@ -1,6 +1,7 @@
 """EKS: the cluster (private + allow-listed public endpoint, KMS-encrypted secrets, audit logs), a system node
 group, one GPU node group per pool (NVIDIA AMI, GPU taint, labels, EFA launch template from gpu_capacity),
-and the device plugins (NVIDIA GPU, EFA) plus the FSx CSI driver as Helm releases."""
+the device plugins (NVIDIA GPU, EFA) plus the FSx CSI driver as Helm releases, and the node autoscaler
+(node_autoscaler: cluster-autoscaler over the GPU node groups)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ from infra import helm
 from infra.config import Aws, Model, Networks, Storage
 from infra.gpu_capacity import IMDS_V2, GpuCapacity
 from infra.gpu_catalog import ACCELERATOR_LABEL, GPU_RESOURCE, GPU_TOLERATION
+from infra.node_autoscaler import SYSTEM_NODES, NodeAutoscaler
 from infra.storage import ROOT_DEVICE
 
 GPU_TAINT = {"key": GPU_RESOURCE, "value": "true", "effect": "NO_SCHEDULE"}
 EFA_LABEL = "deepfleet.io/efa"
 POOL_LABEL = "deepfleet.io/pool"
 
-ADDONS = ("vpc-cni", "coredns", "kube-proxy")
+# eks-pod-identity-agent: IAM roles for pods (the node autoscaler's) without an OIDC provider.
+ADDONS = ("vpc-cni", "coredns", "kube-proxy", "eks-pod-identity-agent")
 # The VPC CNI enforces NetworkPolicy only with its network-policy agent on (the workload's NetworkPolicy is
 # otherwise accepted and ignored).
 ADDON_CONFIG = {"vpc-cni": json.dumps({"enableNetworkPolicy": "true"})}
@@ -90,6 +93,7 @@ class EksCluster(pulumi.ComponentResource):
         vpc_id: pulumi.Input[str],
         private_subnets: dict[str, aws.ec2.Subnet],
         kms_key_arn: pulumi.Input[str],
+        scale_down_unneeded_s: int,
         opts: pulumi.ResourceOptions | None = None,
     ) -> None:
         super().__init__("deepfleet:aws:EksCluster", name, None, opts)
@@ -148,7 +152,7 @@ class EksCluster(pulumi.ComponentResource):
             ami_type="AL2023_x86_64_STANDARD",
             launch_template={"id": system_lt.id, "version": system_lt.latest_version.apply(str)},
             scaling_config=_scaling(cfg.system_pool),
-            labels={"deepfleet.io/role": "system"},
+            labels=SYSTEM_NODES,
             opts=child,
         )
         self.gpu_node_groups: dict[str, aws.eks.NodeGroup] = {}
@@ -182,6 +186,15 @@ class EksCluster(pulumi.ComponentResource):
             f"{name}-k8s", kubeconfig=self.kubeconfig, opts=pulumi.ResourceOptions(parent=self, depends_on=[system])
         )
         self._plugins(name, cfg)
+        self.autoscaler = NodeAutoscaler(
+            f"{name}-node-autoscaler",
+            cfg,
+            self.cluster,
+            self.gpu_node_groups,
+            scale_down_unneeded_s,
+            pulumi.ResourceOptions(provider=self.provider, depends_on=[system]),
+            opts=child,
+        )
         self.register_outputs({"cluster_name": self.cluster.name, "endpoint": self.cluster.endpoint})
 
     def _plugins(self, name: str, cfg: Aws) -> None:

@@ -14,6 +14,7 @@ class Chart:
     repo: str
     chart: str
     version: str
+    app_version: str = ""  # where the image must match something of ours (cluster-autoscaler: Kubernetes minor)
 
 
 NVIDIA_DEVICE_PLUGIN = Chart(
@@ -31,6 +32,10 @@ PROMETHEUS_STACK = Chart(
 )
 PROMETHEUS_ADAPTER = Chart(
     "prometheus-adapter", "https://prometheus-community.github.io/helm-charts", "prometheus-adapter", "4.11.0"
+)
+# appVersion 1.31.0: cluster-autoscaler simulates the scheduler of its own Kubernetes minor (aws.kubernetes_version).
+CLUSTER_AUTOSCALER = Chart(
+    "cluster-autoscaler", "https://kubernetes.github.io/autoscaler", "cluster-autoscaler", "9.38.0", "1.31.0"
 )
 DCGM_EXPORTER = Chart("dcgm-exporter", "https://nvidia.github.io/dcgm-exporter/helm-charts", "dcgm-exporter", "3.6.1")
 

@@ -63,6 +63,8 @@ def _computed(args: pulumi.runtime.MockResourceArgs) -> dict[str, Any]:
         out["mountName"] = "abcdefgh"
     elif args.typ == "aws:ec2/launchTemplate:LaunchTemplate":
         out["latestVersion"] = 1
+    elif args.typ == "aws:eks/nodeGroup:NodeGroup":
+        out["resources"] = [{"autoscalingGroups": [{"name": f"eks-{args.name}-asg"}]}]
     elif args.typ == "aws:s3/bucket:Bucket":
         out["bucket"] = args.inputs.get("bucket", f"{args.name}-0a1b2c")
     return out
