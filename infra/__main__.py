@@ -66,7 +66,7 @@ def main() -> dict:
         }
     elif cfg.workload:
         provider = k8s.Provider("deepfleet-k8s", context=cfg.workload.kubeconfig_context)
-        OnpremGpuStack("deepfleet-gpu", cfg.workload.gpu_stack, provider)
+        OnpremGpuStack("deepfleet-gpu", cfg.workload.gpu_stack, cfg.workload.mig_strategy, provider)
     if cfg.workload and provider:
         workload = InferenceWorkload(
             "deepfleet",

@@ -230,7 +230,20 @@ class Workload(Strict):
     # discovery (the driver and container toolkit come from Ansible); gpu_operator: NVIDIA's GPU Operator
     # (device plugin, GFD, DCGM, MIG manager) with its driver and toolkit containers off for the same reason.
     gpu_stack: Literal["device_plugin", "gpu_operator"] = "device_plugin"
+    # On-prem clusters whose GPU hosts roles/nvidia_mig partitions alike (nvidia_mig_layout): single advertises
+    # each MIG device as one nvidia.com/gpu. MIG devices have no NCCL path to each other, so one per pod.
+    # ("mixed", per-profile resource names, is not offered: the pod would have to name a profile.)
+    mig_strategy: Literal["none", "single"] = "none"
     security: WorkloadSecurity = WorkloadSecurity()
+
+    @model_validator(mode="after")
+    def _mig(self) -> Workload:
+        if self.mig_strategy == "single" and self.resources.gpus != 1:
+            raise ValueError(
+                f"resources.gpus: {self.resources.gpus} with mig_strategy single: a pod gets one MIG device (MIG "
+                "devices cannot run tensor parallelism together: NCCL has no path between them)"
+            )
+        return self
 
 
 class Autoscaling(Strict):
@@ -390,6 +403,11 @@ class StackConfig(Strict):
             raise ValueError("storage: required when aws is set (FSx hot tier, warm cache, S3 cold tier)")
         if self.workload and not (self.aws or self.workload.kubeconfig_context):
             raise ValueError("workload.kubeconfig_context: required without an aws section (no EKS to deploy to)")
+        if self.aws and self.workload and self.workload.mig_strategy != "none":
+            raise ValueError(
+                "workload.mig_strategy: EKS GPU nodes are not MIG-partitioned by this stack (roles/nvidia_mig "
+                "partitions on-prem hosts): leave it none with an aws section"
+            )
         if self.aws and self.workload:
             per_node = min(p.spec.gpus for p in self.aws.gpu_pools)
             if self.workload.resources.gpus > per_node:

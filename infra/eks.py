@@ -14,7 +14,7 @@ import pulumi_kubernetes as k8s
 from infra import helm
 from infra.config import Aws, Model, Networks, Storage
 from infra.gpu_capacity import IMDS_V2, GpuCapacity
-from infra.gpu_catalog import ACCELERATOR_LABEL, GPU_RESOURCE, GPU_TOLERATION
+from infra.gpu_catalog import ACCELERATOR_LABEL, GPU_RESOURCE, GPU_TOLERATION, device_plugin_config
 from infra.node_autoscaler import SYSTEM_NODES, NodeAutoscaler
 from infra.storage import ROOT_DEVICE
 
@@ -217,7 +217,7 @@ class EksCluster(pulumi.ComponentResource):
             {
                 "tolerations": [GPU_TOLERATION],
                 "affinity": gpu_nodes,
-                "config": {"map": {"default": "version: v1\nflags:\n  migStrategy: none\n"}},
+                "config": device_plugin_config("none"),  # EKS GPU nodes are not MIG-partitioned
             },
             opts,
         )

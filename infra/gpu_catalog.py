@@ -9,6 +9,14 @@ from dataclasses import dataclass
 # tolerate it (GPU workloads, device plugins, dcgm-exporter) land there.
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+
+
+def device_plugin_config(mig_strategy: str) -> dict:
+    """NVIDIA device plugin (and GPU feature discovery) config: how MIG devices are advertised. none: whole
+    GPUs; single: every GPU of a node split alike (roles/nvidia_mig), each MIG device one nvidia.com/gpu."""
+    return {"map": {"default": f"version: v1\nflags:\n  migStrategy: {mig_strategy}\n"}}
+
+
 # The extended resource the AWS EFA device plugin advertises (one per EFA interface of the node).
 EFA_RESOURCE = "vpc.amazonaws.com/efa"
 # GPU nodes: EKS node groups carry ACCELERATOR_LABEL (infra/eks.py); on-prem nodes carry the label NVIDIA's

@@ -9,37 +9,41 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from infra import helm
-from infra.gpu_catalog import GPU_TOLERATION
+from infra.gpu_catalog import GPU_TOLERATION, device_plugin_config
 
 NAMESPACE = "kube-system"
 OPERATOR_NAMESPACE = "gpu-operator"
 
 
-def device_plugin_values() -> dict:
+def device_plugin_values(mig_strategy: str) -> dict:
     return {
         "tolerations": [GPU_TOLERATION],
         "gfd": {"enabled": True},  # also deploys node-feature-discovery, which gfd's labels need
-        "config": {"map": {"default": "version: v1\nflags:\n  migStrategy: none\n"}},
+        "config": device_plugin_config(mig_strategy),
     }
 
 
-def gpu_operator_values() -> dict:
+def gpu_operator_values(mig_strategy: str) -> dict:
     return {
         "driver": {"enabled": False},  # roles/nvidia_driver
         "toolkit": {"enabled": False},  # roles/container_runtime
         "dcgmExporter": {"enabled": False},  # infra/monitoring.py deploys it with the repository's fields
+        "mig": {"strategy": mig_strategy},
+        "migManager": {"enabled": False},  # roles/nvidia_mig partitions the GPUs (nvidia_mig_layout)
         "daemonsets": {"tolerations": [GPU_TOLERATION]},
     }
 
 
 class OnpremGpuStack(pulumi.ComponentResource):
-    def __init__(self, name: str, gpu_stack: str, provider: k8s.Provider, opts: pulumi.ResourceOptions | None = None):
+    def __init__(self, name: str, gpu_stack: str, mig_strategy: str, provider: k8s.Provider,
+                 opts: pulumi.ResourceOptions | None = None):
         super().__init__("deepfleet:k8s:OnpremGpuStack", name, None, opts)
         child = pulumi.ResourceOptions(parent=self, provider=provider)
         if gpu_stack == "gpu_operator":
             ns = k8s.core.v1.Namespace(f"{name}-ns", metadata={"name": OPERATOR_NAMESPACE}, opts=child)
-            helm.release(f"{name}-operator", helm.GPU_OPERATOR, OPERATOR_NAMESPACE, gpu_operator_values(),
+            helm.release(f"{name}-operator", helm.GPU_OPERATOR, OPERATOR_NAMESPACE, gpu_operator_values(mig_strategy),
                          pulumi.ResourceOptions(parent=self, provider=provider, depends_on=[ns]))
         else:
-            helm.release(f"{name}-device-plugin", helm.NVIDIA_DEVICE_PLUGIN, NAMESPACE, device_plugin_values(), child)
+            values = device_plugin_values(mig_strategy)
+            helm.release(f"{name}-device-plugin", helm.NVIDIA_DEVICE_PLUGIN, NAMESPACE, values, child)
         self.register_outputs({})

@@ -7,10 +7,11 @@ from __future__ import annotations
 import copy
 
 import kubernetes_validate
+import pytest
 from infra_capture import k8s_manifests
 
 from infra import helm
-from infra.config import read_stack_file
+from infra.config import ConfigError, parse, read_stack_file
 from infra.mocks import Capture, run
 
 RELEASE = "kubernetes:helm.sh/v3:Release"
@@ -42,3 +43,33 @@ def test_gpu_operator_option_leaves_driver_toolkit_and_exporter_to_the_repositor
     values = operator["values"]
     assert values["driver"] == {"enabled": False} and values["toolkit"] == {"enabled": False}
     assert values["dcgmExporter"] == {"enabled": False}
+
+
+def test_device_plugin_advertises_whole_gpus_unless_mig_single_is_declared(onprem_stack: Capture) -> None:
+    plugin = _releases(onprem_stack)["nvidia-device-plugin"]
+    assert plugin["values"]["config"] == {"map": {"default": "version: v1\nflags:\n  migStrategy: none\n"}}
+    raw = copy.deepcopy(read_stack_file("onprem"))
+    raw["workload"]["mig_strategy"] = "single"
+    raw["workload"]["resources"]["gpus"] = 1
+    plugin = _releases(run("onprem", raw))["nvidia-device-plugin"]
+    assert plugin["values"]["config"] == {"map": {"default": "version: v1\nflags:\n  migStrategy: single\n"}}
+    raw["workload"]["gpu_stack"] = "gpu_operator"
+    operator = _releases(run("onprem", raw))["gpu-operator"]["values"]
+    assert operator["mig"] == {"strategy": "single"}
+    assert operator["migManager"] == {"enabled": False}  # roles/nvidia_mig partitions the hosts
+
+
+def test_mig_single_with_tensor_parallel_pods_is_refused() -> None:
+    raw = copy.deepcopy(read_stack_file("onprem"))
+    raw["workload"]["mig_strategy"] = "single"
+    raw["workload"]["resources"]["gpus"] = 2
+    with pytest.raises(ConfigError, match=r"resources.gpus: 2 with mig_strategy single: a pod gets one MIG device"):
+        parse(raw)
+
+
+def test_mig_strategy_on_eks_is_refused() -> None:
+    raw = copy.deepcopy(read_stack_file("aws"))
+    raw["workload"]["mig_strategy"] = "single"
+    raw["workload"]["resources"]["gpus"] = 1
+    with pytest.raises(ConfigError, match=r"workload.mig_strategy: EKS GPU nodes are not MIG-partitioned"):
+        parse(raw)
