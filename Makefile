@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help deps venv lint test test-fast test-lab lab lab-down lab-status plan drill
+.PHONY: help deps venv lint test test-fast test-lab lab lab-down lab-status plan drill image image-test
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -53,3 +53,10 @@ plan: venv ## print the resource tree a Pulumi stack would create (STACK=aws|onp
 
 drill: venv ## failover drill on the running lab (make lab first): kill and hang a runtime host under load
 	$(PY) bench/drill.py $(if $(SCENARIO),--scenario $(SCENARIO))
+
+# Not part of `make test` (minutes of apt and pip work): the runtime's container image, built and served here.
+image: venv ## build runtime/Dockerfile with buildah from a local Debian base and .wheelhouse (root; apt: buildah)
+	scripts/build-image.sh
+
+image-test: venv ## serve the tiny model from the built image (systemd-nspawn on its root filesystem), one request
+	scripts/image-serve-test.sh

@@ -15,6 +15,8 @@ import yaml
 from pulumi.runtime import config as runtime_config
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+import deepfleet
+from deepfleet.defaults import IMAGE_REPOSITORY
 from infra import gpu_catalog
 
 NAMESPACE = "deepfleet"  # the Pulumi project name, the prefix of every config key
@@ -221,7 +223,9 @@ class WorkloadSecurity(Strict):
 
 
 class Workload(Strict):
-    image: str
+    # The pods run <image_registry>/deepfleet.defaults.IMAGE_REPOSITORY:<runtime version>, the name and tag
+    # scripts/build-image.sh gives its build (push it there).
+    image_registry: str = Field(default="ghcr.io", pattern=r"^[a-z0-9.-]+(:[0-9]+)?(/[a-z0-9._-]+)*$")
     namespace: str = "deepfleet"
     resources: Resources
     # Without an aws section the workload goes to this kubeconfig context (e.g. an on-prem cluster).
@@ -235,6 +239,10 @@ class Workload(Strict):
     # ("mixed", per-profile resource names, is not offered: the pod would have to name a profile.)
     mig_strategy: Literal["none", "single"] = "none"
     security: WorkloadSecurity = WorkloadSecurity()
+
+    @property
+    def image(self) -> str:
+        return f"{self.image_registry}/{IMAGE_REPOSITORY}:{deepfleet.__version__}"
 
     @model_validator(mode="after")
     def _mig(self) -> Workload:

@@ -2,6 +2,9 @@
 read these values; tests guard that the copies Ansible needs in YAML stay equal to them."""
 
 API_PORT = 8000  # OpenAI API, /healthz, /readyz and /metrics share this port
+# The runtime's container image (runtime/Dockerfile): <registry>/IMAGE_REPOSITORY:<deepfleet.__version__>.
+# scripts/build-image.sh tags its build so, infra's workload runs it from workload.image_registry.
+IMAGE_REPOSITORY = "deepfleet/runtime"
 
 # Engine (source documents: token-budget batcher max_tokens 4096, max_batch 32)
 MAX_NUM_BATCHED_TOKENS = 4096

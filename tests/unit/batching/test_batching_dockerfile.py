@@ -1,5 +1,6 @@
-"""Static checks of runtime/Dockerfile (no Docker engine on the build machines, so it is never built here):
-CUDA base, non-root user, a healthcheck, and the exposed port equal to deepfleet.defaults.API_PORT."""
+"""Static checks of runtime/Dockerfile (`make image` builds it with buildah, `make image-test` serves from it;
+both outside `make test`): CUDA base by default, non-root user, a healthcheck, the exposed port equal to
+deepfleet.defaults.API_PORT, an offline build from wheels/, and one name for the image."""
 
 import re
 from pathlib import Path
@@ -31,5 +32,30 @@ def test_healthcheck_and_port_match_the_runtime_defaults():
 
 def test_copies_only_what_the_runtime_package_needs():
     copied = [c for c in _instructions("COPY") if not c.startswith("--from")]
-    assert copied == ["pyproject.toml README.md /src/", "deepfleet /src/deepfleet"]
+    assert copied == ["wheels /wheels", "pyproject.toml README.md /src/", "deepfleet /src/deepfleet"]
     assert (RUNTIME / "pyproject.toml").is_file() and (RUNTIME / "deepfleet").is_dir()
+    # wheels/ exists (empty, ignored) so a plain `docker build runtime/` works as well as make image's context
+    assert (RUNTIME / "wheels" / ".gitignore").read_text().splitlines()[1:] == ["*", "!.gitignore"]
+
+
+def test_offline_build_switches():
+    assert "ARG PIP_NO_INDEX=0" in DOCKERFILE and "PIP_FIND_LINKS=/wheels PIP_NO_INDEX=${PIP_NO_INDEX}" in DOCKERFILE
+    assert "ARG EXTRAS=onnx,gpu" in DOCKERFILE and 'pip install "/src${EXTRAS:+[$EXTRAS]}"' in DOCKERFILE
+    script = (RUNTIME.parent / "scripts" / "build-image.sh").read_text()
+    assert "--build-arg PIP_NO_INDEX=1" in script and "-f runtime/Dockerfile" in script
+
+
+def test_one_name_for_the_image_in_the_build_and_the_stacks():
+    import deepfleet
+    from deepfleet.defaults import IMAGE_REPOSITORY
+    from infra.config import parse, read_stack_file
+
+    for script in ("build-image.sh", "image-serve-test.sh"):
+        text = (RUNTIME.parent / "scripts" / script).read_text()
+        assert 'IMAGE=localhost/$("$PY" -c \'import deepfleet, deepfleet.defaults as d; ' \
+               'print(f"{d.IMAGE_REPOSITORY}:{deepfleet.__version__}")\')' in text, script
+    images = {stack: parse(read_stack_file(stack)).workload.image for stack in ("aws", "hybrid", "onprem")}
+    assert images == {"aws": f"ghcr.io/{IMAGE_REPOSITORY}:{deepfleet.__version__}",
+                      "hybrid": f"ghcr.io/{IMAGE_REPOSITORY}:{deepfleet.__version__}",
+                      "onprem": f"registry.dc.example/{IMAGE_REPOSITORY}:{deepfleet.__version__}"}
+    assert images["aws"] == "ghcr.io/deepfleet/runtime:0.1.0"  # written down: the name pushed and pulled
