@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help deps venv lint test test-fast test-lab lab lab-down lab-status plan drill image image-test
+.PHONY: help deps venv lint test test-fast test-lab lab lab-down lab-status plan drill image image-test raid0-vm
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -60,3 +60,6 @@ image: venv ## build runtime/Dockerfile with buildah from a local Debian base an
 
 image-test: venv ## serve the tiny model from the built image (systemd-nspawn on its root filesystem), one request
 	scripts/image-serve-test.sh
+
+raid0-vm: venv ## storage_tiers' md RAID0 for real: qemu VM, Debian's kernel, two virtio disks, role + compliance (root)
+	scripts/raid0-vm-proof.sh

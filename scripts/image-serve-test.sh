@@ -30,14 +30,20 @@ cleanup() {
   [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
   buildah umount "$ctr" >/dev/null 2>&1 || true
   buildah rm "$ctr" >/dev/null 2>&1 || true
+  rm -rf build/image-model
 }
 trap cleanup EXIT
 
-mkdir -p build
+# a readable copy for the image's non-root user (the controller's model cache is root-only)
+model_copy=build/image-model/$MODEL
+rm -rf build/image-model
+mkdir -p build/image-model
+cp -r "$MODEL_DIR" "$model_copy"
+chmod -R a+rX build/image-model
 t0=$(date +%s)
 # shellcheck disable=SC2086  # the entrypoint is a word list
-systemd-nspawn -q --register=no --as-pid2 -D "$mnt" --user="${user%%:*}" --chdir="$workdir" "${setenv[@]}" \
-  --bind-ro="$PWD/$MODEL_DIR:/models/$MODEL" \
+systemd-nspawn -q --register=no --keep-unit --link-journal=no --resolv-conf=off --console=pipe --as-pid2 -D "$mnt" --user="${user%%:*}" --chdir="$workdir" "${setenv[@]}" \
+  --bind-ro="$PWD/$model_copy:/models/$MODEL" \
   $entrypoint serve "/models/$MODEL" --host 127.0.0.1 --port "$port" >"$LOG" 2>&1 &
 pid=$!
 echo "==> $IMAGE: $entrypoint serve /models/$MODEL on 127.0.0.1:$port (user $user, nspawn pid $pid)"
