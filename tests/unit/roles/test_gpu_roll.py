@@ -44,3 +44,12 @@ def test_a_failing_host_stops_the_roll(tmp_path):
     assert "cuda_version=13.0 needs" in " ".join(out.split()), out
     assert "ok: [gpu-b]" not in out and "changed: [gpu-b]" not in out, out
     assert re.search(r"gpu-a\s+: ok=\d+\s+changed=0\s+unreachable=0\s+failed=1", out), out
+
+
+def test_a_mig_layout_for_gpus_the_host_lacks_is_refused_before_any_change(tmp_path):
+    layout = [{"devices": [0], "mig-enabled": True, "mig-devices": {"1g.18gb": 7}}]
+    rc, out = _play(tmp_path, {"gpu-a": {"nvidia_mig_layout": layout}})
+    flat = " ".join(out.split())
+    assert rc != 0
+    assert "gpu-a: nvidia_mig_layout[0].devices: GPU index [0] not on this host (no GPU detected)" in flat, out
+    assert re.search(r"gpu-a\s+: ok=\d+\s+changed=0\s+unreachable=0\s+failed=1", out), out
