@@ -344,7 +344,8 @@ class ModelRunner:
                 hidden = self.model(buf.ids[tokens], buf.positions[tokens], self.kv_caches, meta)
             if self.num_draft_layers:
                 self.step_hidden = hidden[:real] if not nd else torch.cat([self.step_hidden, hidden[:real]])
-            if any(s.prompt_logprobs is not None for s, _ in prefills):
+            # (a tensor-parallel worker's SeqView has no prompt_logprobs: the driver refuses them at TP > 1)
+            if any(getattr(s, "prompt_logprobs", None) is not None for s, _ in prefills):
                 self.prompt_logprobs = self._prompt_logprobs(prefills, hidden)
             if prefill_rows:
                 rows_at = hidden[real - 1 : real] if prefill_rows == [real - 1] else hidden[
