@@ -34,8 +34,9 @@ cleanup() {
 trap cleanup EXIT
 cache="$WORK/cache"
 
-# The VM's root disk is built once (kept in $WORK/cache, ~5 min: apt installs the kernel) and copied fresh
-# for every run, so each proof starts from a host that never saw the role.
+# The VM's root disk is built once (kept in $WORK/cache, ~5 min: apt installs the kernel, and mdadm + xfsprogs
+# natively here, since apt under emulation takes most of an hour: the role then finds its tools installed) and
+# is copied fresh for every run, so each proof starts from a host the role never configured.
 if [ ! -f "$cache/root.img" ]; then
   stamp "root filesystem: copy of $rootfs + linux-image-amd64 (cached in $cache)"
   rm -rf "$cache"
@@ -44,11 +45,14 @@ if [ ! -f "$cache/root.img" ]; then
   for m in proc sys dev dev/pts; do mount --bind "/$m" "$root/$m"; done
   cp /etc/resolv.conf "$root/etc/resolv.conf"
   chroot "$root" env DEBIAN_FRONTEND=noninteractive sh -c \
-    'apt-get -q update && apt-get -q install -y linux-image-amd64 initramfs-tools' >"$cache/chroot-apt.log" 2>&1 \
+    'apt-get -q update && apt-get -q install -y linux-image-amd64 initramfs-tools mdadm xfsprogs' \
+    >"$cache/chroot-apt.log" 2>&1 \
     || { tail -20 "$cache/chroot-apt.log" >&2; exit 1; }
   for m in dev/pts dev proc sys; do umount -l "$root/$m"; done
   cp "$root"/boot/vmlinuz-* "$cache/vmlinuz"
   cp "$root"/boot/initrd.img-* "$cache/initrd.img"
+  # Emulated, a full initramfs rebuild (the role's md handler) takes 20+ min: only this VM's modules inside.
+  echo MODULES=dep >"$root/etc/initramfs-tools/conf.d/deepfleet-vm"
   # identity: name, SSH (a key of this cache), DHCP on the VM's NIC (qemu user networking: 10.0.2.0/24, DNS .3)
   echo raid0-vm >"$root/etc/hostname"
   printf '127.0.0.1 localhost\n127.0.1.1 raid0-vm\n' >"$root/etc/hosts"
