@@ -169,6 +169,20 @@ def test_the_serial_loop_at_two_ranks_gives_the_serial_one_process_tokens(models
     assert got == want
 
 
+@pytest.mark.parametrize(("arch", "method"), [("deepseek_v3", "mtp"), ("qwen2", "ngram")])
+def test_speculative_decoding_at_two_ranks_gives_the_one_process_tokens(models, reference, arch, method):
+    """engine.speculative: the verify rows' logits and the MTP layer (a call every rank runs) stay in lock-step."""
+    engine = _engine(models[arch], 2, speculative={"method": method, "num_speculative_tokens": 2})
+    try:
+        got = _scripted_run(engine)
+        spec = engine.stats().spec_decode
+    finally:
+        engine.runner.close()
+    assert got["done"].pop("gone")[0] == "abort"  # after more tokens than without drafts: several per step
+    assert got["done"] == {r: v for r, v in reference[arch]["done"].items() if r != "gone"}
+    assert spec.num_drafts > 0
+
+
 def _wait_for(pred, timeout: float) -> float:
     start = time.monotonic()
     while not pred():
