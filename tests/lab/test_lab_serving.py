@@ -1,12 +1,15 @@
 """Lab end-to-end for serving: HAProxy on the load balancer in front of the runtime hosts serving a tiny
-model. A completion goes through it; requests keep succeeding while a runtime host is stopped and while
-a model revision switch restarts every host one by one; Prometheus scrapes the runtime targets."""
+model, with everything on (TLS 1.3 on both hops, JWT + policy, audit log: lab/pki.py). A completion with a
+token goes through it, one without is refused and audited with the client's address; requests keep
+succeeding while a runtime host is stopped and while a model revision switch restarts every host one by
+one; Prometheus scrapes the runtime targets over TLS."""
 
 from __future__ import annotations
 
 import json
 import shlex
 import time
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +19,9 @@ pytestmark = [pytest.mark.lab, pytest.mark.timeout(1800)]
 
 MODEL = objectstore.MODEL  # the lab's model (roles/inference_runtime: inference_runtime_model_name)
 MODEL_ROOT = f"/models/{MODEL}"  # roles/inference_runtime: inference_runtime_model_root
-LB_PORT = 8080  # roles/loadbalancer: loadbalancer_port
+LB_TLS_PORT = 8443  # roles/loadbalancer: loadbalancer_tls_port (the lab serves TLS only: loadbalancer_http false)
+CA_FILE = "/etc/ssl/certs/deepfleet-ca.pem"  # playbooks/group_vars/all: deepfleet_ca_file
+AUDIT_LOG = "/var/log/deepfleet-audit/audit.jsonl"  # roles/inference_runtime: inference_runtime_audit_path
 BACKEND = "deepfleet_runtime"  # playbooks/group_vars/all: deepfleet_lb_backend
 ADMIN_SOCKET = "/run/haproxy/admin.sock"  # playbooks/group_vars/all: deepfleet_lb_admin_socket
 BODY = json.dumps({"model": MODEL, "prompt": "The fleet", "max_tokens": 4, "temperature": 0})
@@ -30,9 +35,16 @@ def client(lab):
     return lab.hosts[-1]  # requests come from another lab host, over the lab network
 
 
-def curl_completion(lab) -> str:
-    url = f"http://{lb_host(lab).ip}:{LB_PORT}/v1/completions"
-    return f"curl -sS -m 60 -H 'Content-Type: application/json' -d {shlex.quote(BODY)} {url}"
+def token(lab, role: str = "lab_load") -> str:
+    """A token lab/pki.py signed for `role` (lab_load: the policy's rate limit for request loops)."""
+    return (Path(lab.state.state_dir) / "pki" / "tokens" / f"{role}.jwt").read_text().strip()
+
+
+def curl_completion(lab, role: str | None = "lab_load") -> str:
+    url = f"https://{lb_host(lab).ip}:{LB_TLS_PORT}/v1/completions"
+    auth = f"-H {shlex.quote('Authorization: Bearer ' + token(lab, role))} " if role else ""
+    return (f"curl -sS -m 60 --tlsv1.3 --cacert {CA_FILE} {auth}-H 'Content-Type: application/json' "
+            f"-d {shlex.quote(BODY)} {url}")
 
 
 def haproxy_status(lab) -> dict[str, str]:
@@ -90,6 +102,22 @@ def test_completion_through_the_load_balancer(lab):
     assert body["model"] == MODEL
     assert isinstance(body["choices"][0]["text"], str)
     assert 0 < body["usage"]["completion_tokens"] <= 4
+
+
+def test_request_without_a_token_is_refused_and_audited_with_the_client_address(lab):
+    wait_all_up(lab)
+    res = lab.ssh(client(lab), curl_completion(lab, role=None) + " -o /dev/null -w '%{http_code}'")
+    assert res.stdout == "401", (res.stdout, res.stderr)
+    res = lab.ssh(client(lab), curl_completion(lab, role="no_role") + " -o /dev/null -w '%{http_code}'")
+    assert res.stdout == "403", (res.stdout, res.stderr)
+    events = []
+    for h in lab.hosts:
+        lines = lab.ssh(h, f"cat {AUDIT_LOG}").stdout.splitlines()
+        events += [json.loads(line) for line in lines]
+    refused = [e for e in events if e["event"] == "AUTH_FAILED" and e["path"] == "/v1/completions"]
+    assert refused and refused[-1]["ip"] == client(lab).ip  # X-Forwarded-For from the trusted load balancer
+    denied = [e for e in events if e["event"] == "ACCESS_DENIED"]
+    assert denied and denied[-1]["user"] == "lab-no_role"
 
 
 def test_requests_succeed_with_a_runtime_host_stopped(lab):
