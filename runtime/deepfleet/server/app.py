@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -17,10 +18,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deepfleet import __version__
 from deepfleet.server import protocol
 from deepfleet.server.auth import admin
+from deepfleet.server.auth import openapi as auth_openapi
 from deepfleet.server.auth.guard import Guard
 from deepfleet.server.auth.middleware import SecurityMiddleware
 from deepfleet.server.config import ServeSettings
-from deepfleet.server.errors import APIError
+from deepfleet.server.errors import APIError, bad_request
 from deepfleet.server.lora_api import router as lora_router
 from deepfleet.server.openai_api import REF_TEMPLATE
 from deepfleet.server.openai_api import router as openai_router
@@ -54,6 +56,29 @@ async def _start_audited(state: ServerState, guard: Guard) -> None:
                           auth="on" if guard.enabled else "off")
 
 
+def _parameter_error(exc: RequestValidationError) -> APIError:
+    """A query or path parameter FastAPI refused (the admin routes'): 400 in OpenAI's shape, not FastAPI's 422."""
+    first = exc.errors()[0]
+    param = ".".join(str(p) for p in first["loc"][1:]) or None
+    return bad_request(f"{param}: {first['msg']}" if param else str(first["msg"]), param=param,
+                       code="invalid_parameter")
+
+
+def _parameter_errors(doc: dict[str, Any]) -> dict[str, Any]:
+    """The document says 400 where FastAPI would list its 422 (see _parameter_error)."""
+    for item in doc.get("paths", {}).values():
+        for op in item.values():
+            if isinstance(op, dict) and op.get("responses", {}).pop("422", None) is not None:
+                op["responses"].setdefault("400", {
+                    "description": "A query or path parameter of the wrong type or out of range (invalid_parameter; "
+                                   "`error.param` names it).",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}})
+    schemas = doc.get("components", {}).get("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    return doc
+
+
 def create_app(settings: ServeSettings, engine_factory: Callable[[ServeSettings], Any] = build_engine) -> FastAPI:
     state = ServerState(settings, engine_factory)
     guard = Guard(settings)  # reads and checks JWKS, policy and audit path: a bad one stops the start here
@@ -83,7 +108,7 @@ def create_app(settings: ServeSettings, engine_factory: Callable[[ServeSettings]
             schemas = doc.setdefault("components", {}).setdefault("schemas", {})
             for model in protocol.DOCUMENTED_REQUESTS:
                 schemas.update(model.model_json_schema(ref_template=REF_TEMPLATE).get("$defs", {}))
-            app.openapi_schema = doc
+            app.openapi_schema = auth_openapi.document(_parameter_errors(doc))  # + the middleware's 401/403/429
         return app.openapi_schema
 
     app.openapi = openapi
@@ -111,6 +136,10 @@ def create_app(settings: ServeSettings, engine_factory: Callable[[ServeSettings]
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
         _record(request, exc.status)
         return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def parameter_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _parameter_error(exc).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -1,6 +1,6 @@
 """The error responses each operation really sends, for the OpenAPI document (FastAPI's `responses=`): every
-status with OpenAI's error body and what causes it. Routes list the statuses they can answer (401/403 are
-described here for the routes authentication will guard)."""
+status with OpenAI's error body and what causes it. Routes list the statuses they can answer; the security
+middleware's 401/403/429 are added to every operation it guards by server/auth/openapi.py."""
 
 from __future__ import annotations
 
@@ -13,11 +13,9 @@ WHY = {
          "the schema states (e.g. a user message needs content) or one only the server can check (prompt beyond "
          "the context, token ids beyond the vocabulary, a schema or grammar that cannot be compiled in time, a "
          "tool_choice naming an undefined tool). `error.param` names the field.",
-    401: "Missing or invalid credentials.",
-    403: "The credentials do not allow this operation.",
     404: "`model` is not the served model.",
     413: "Request body larger than max_body_bytes.",
-    429: "Admission queue full (or the rate limit); see Retry-After.",
+    429: "Admission queue full; see Retry-After.",
     500: "Internal error (also an engine failure after a stream started, as an SSE error event).",
     503: "Not ready (loading, warming up), draining after SIGTERM, no slot within the request timeout, or the "
          "engine died; Retry-After where retrying helps.",

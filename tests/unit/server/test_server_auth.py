@@ -10,6 +10,7 @@ import json
 import time
 
 import httpx
+import jsonschema
 import jwt as pyjwt
 import pytest
 from auth_helpers import AUDIENCE, ISSUER, Issuer, audit_lines, auth_settings, bearer
@@ -240,3 +241,53 @@ def test_lora_adapter_routes_need_model_admin_deploy_and_delete(secured, issuer)
     r = secured.post("/v1/load_lora_adapter", json=body, headers=admin)  # through the guard: LoRA is off here
     assert r.status_code == 400 and "LoRA is off" in r.json()["error"]["message"]
     assert secured.post("/v1/unload_lora_adapter", json={"lora_name": "ad"}, headers=admin).status_code == 404
+
+
+# What each refusal of the middleware must look like (written down here, not read from the code).
+REFUSALS = {
+    401: ("authentication_error", "invalid_token", {"WWW-Authenticate"}),
+    403: ("permission_error", "forbidden", {"X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset"}),
+    429: ("rate_limit_error", "rate_limit_exceeded",
+          {"Retry-After", "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset"}),
+}
+
+
+def test_openapi_documents_the_401_403_429_the_server_sends(secured, issuer, monkeypatch):
+    doc = secured.get("/openapi.json", headers=bearer(issuer.token(sub="reader"))).json()
+    assert doc["components"]["securitySchemes"]["bearerJWT"]["scheme"] == "bearer"
+    guard = secured.live.app.state.guard
+    monkeypatch.setattr(guard.limiter, "_clock", lambda: 2000.0)
+    spent = issuer.token(sub="doc-spent")
+    for _ in range(100):  # the real limiter's bucket for this subject, emptied without 100 round trips
+        guard.limiter.hit("doc-spent", 100)
+    answers = {
+        401: ("/v1/models", "get", secured.get("/v1/models")),
+        403: ("/admin/audit", "get", secured.get("/admin/audit", headers=bearer(issuer.token(sub="doc-nobody")))),
+        429: ("/v1/chat/completions", "post", chat(secured, spent)),
+    }
+    for status, (path, method, r) in answers.items():
+        kind, code, headers = REFUSALS[status]
+        assert r.status_code == status, r.text
+        assert r.json()["error"]["type"] == kind and r.json()["error"]["code"] == code
+        assert all(h in r.headers for h in headers), (status, dict(r.headers))  # case-insensitive
+        op = doc["paths"][path][method]
+        assert op["security"][0] == {"bearerJWT": []}
+        documented = op["responses"][str(status)]
+        assert headers <= set(documented["headers"]), (status, documented["headers"])
+        media = documented["content"]["application/json"]
+        validator = jsonschema.Draft202012Validator({**media["schema"], "components": doc["components"]})
+        assert not list(validator.iter_errors(r.json())), (status, r.json())
+        assert code in {e["value"]["error"]["code"] for e in media["examples"].values()}
+    # the missing-token and the rate-limit examples are the very bodies sent
+    examples = doc["paths"]["/v1/models"]["get"]["responses"]["401"]["content"]["application/json"]["examples"]
+    assert examples["missing_token"]["value"] == answers[401][2].json()
+    examples = doc["paths"]["/v1/chat/completions"]["post"]["responses"]["429"]["content"]["application/json"]
+    assert examples["examples"]["rate_limited"]["value"] == answers[429][2].json()
+    for probe in ("/healthz", "/readyz"):  # open: no token, no refusals
+        assert "security" not in doc["paths"][probe]["get"] and "401" not in doc["paths"][probe]["get"]["responses"]
+
+
+def test_admin_query_parameters_are_refused_with_a_400_in_the_error_shape(secured, issuer):
+    r = secured.get("/admin/audit", params={"limit": 0}, headers=bearer(issuer.token(sub="aud", roles=["auditor"])))
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "limit" and r.json()["error"]["code"] == "invalid_parameter"

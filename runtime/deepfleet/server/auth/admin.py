@@ -14,10 +14,17 @@ from fastapi import APIRouter, Query, Request
 from deepfleet.security.errors import SecurityConfigError
 from deepfleet.server.auth.guard import Guard
 from deepfleet.server.errors import APIError
+from deepfleet.server.protocol import ErrorResponse
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/admin", tags=["admin"])
 DRAIN_POLL_S = 0.05
+# The answers of these routes besides 200 (401/403/429 of the middleware: server/auth/openapi.py).
+NOT_SERVED = {404: {"model": ErrorResponse, "description": "`name` is not the served model (model_not_found)."}}
+
+
+def _conflict(why: str) -> dict[int | str, dict[str, Any]]:
+    return {409: {"model": ErrorResponse, "description": f"{why} (conflict)."}}
 
 
 def _context(request: Request) -> tuple[Guard, Any, str | None, str | None]:
@@ -42,7 +49,8 @@ async def _drain(state: Any, timeout_s: float) -> int:
     return 0 if state.engine is None else state.engine.admission.active
 
 
-@router.post("/models/{name}/unload", summary="Unload the served model after draining (model_admin: delete)")
+@router.post("/models/{name}/unload", summary="Unload the served model after draining (model_admin: delete)",
+             responses={**NOT_SERVED, **_conflict("The model is not ready")})
 async def unload(request: Request, name: str) -> dict[str, Any]:
     guard, state, user, ip = _context(request)
     _served(guard, name)
@@ -56,7 +64,9 @@ async def unload(request: Request, name: str) -> dict[str, Any]:
     return {"model": name, "status": "unloaded", "aborted_requests": left}
 
 
-@router.post("/models/{name}/load", summary="Load the served model again (model_admin: deploy)")
+@router.post("/models/{name}/load", summary="Load the served model again (model_admin: deploy)",
+             responses={**NOT_SERVED, **_conflict("The model is not unloaded"),
+                        503: {"model": ErrorResponse, "description": "Loading failed (load_failed), and why."}})
 async def load(request: Request, name: str) -> dict[str, Any]:
     guard, state, user, ip = _context(request)
     _served(guard, name)
@@ -71,7 +81,10 @@ async def load(request: Request, name: str) -> dict[str, Any]:
     return {"model": name, "status": "ready"}
 
 
-@router.post("/policy/reload", summary="Re-read auth.policy_file (model_admin: update)")
+@router.post("/policy/reload", summary="Re-read auth.policy_file (model_admin: update)",
+             responses={400: {"model": ErrorResponse,
+                              "description": "The file does not parse or validate (invalid_policy); the previous "
+                                             "policy stays in force."}})
 async def reload_policy(request: Request) -> dict[str, Any]:
     guard, _state, user, ip = _context(request)
     try:

@@ -13,9 +13,9 @@ import json
 from typing import Any
 
 from deepfleet.server.auth.actions import ADMIN_PREFIX, METRICS, OPEN, action_for
+from deepfleet.server.auth.errors import admin_disabled, forbidden, rate_limited, unauthenticated
 from deepfleet.server.auth.guard import Guard
 from deepfleet.server.auth.tokens import AuthError
-from deepfleet.server.errors import APIError
 
 ABNORMAL = {400: "malformed or invalid request", 413: "request body too large", 431: "headers too large"}
 
@@ -35,9 +35,7 @@ class SecurityMiddleware:
         guard, path = self.guard, scope["path"]
         ip = guard.client_ip(scope)
         if not guard.enabled and path.startswith(ADMIN_PREFIX):
-            error = APIError(403, f"{path}: admin routes need authentication (set auth.jwks_file)",
-                             type="permission_error", code="auth_disabled")
-            await error.response()(scope, receive, send)
+            await admin_disabled(path).response()(scope, receive, send)
             return
         if path in OPEN or (path == METRICS and not guard.settings.protect_metrics) or not guard.enabled:
             await self.app(scope, receive, self._observing(send, scope, None, ip, {}))
@@ -47,9 +45,7 @@ class SecurityMiddleware:
             principal = guard.verifier.verify(_header(scope, b"authorization"))
         except AuthError as e:
             audit.event("AUTH_FAILED", ip=ip, model_id=guard.model_name, path=path, reason=e.reason)
-            error = APIError(401, f"authentication required: {e.reason}", type="authentication_error",
-                             code="invalid_token", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
-            await error.response()(scope, receive, send)
+            await unauthenticated(e.reason).response()(scope, receive, send)
             return
         user = principal.subject
         rate = guard.limiter.hit(user, guard.policy.rate_limit(principal.roles, guard.settings.rate_limit_per_minute))
@@ -57,10 +53,7 @@ class SecurityMiddleware:
         if not rate.allowed:
             audit.event("RATE_LIMITED", user=user, ip=ip, model_id=guard.model_name, path=path,
                         limit_per_minute=rate.limit)
-            error = APIError(429, f"rate limit of {rate.limit} requests per minute exceeded; retry in "
-                             f"{rate.retry_after_s} s", type="rate_limit_error", code="rate_limit_exceeded",
-                             headers=headers)
-            await error.response()(scope, receive, send)
+            await rate_limited(rate.limit, rate.retry_after_s, headers).response()(scope, receive, send)
             return
         if path != METRICS:
             action = action_for(path)
@@ -69,9 +62,7 @@ class SecurityMiddleware:
                 audit.event("ACCESS_DENIED", user=user, ip=ip, model_id=guard.model_name, path=path,
                             action=action, resource=guard.resource, roles=sorted(principal.roles),
                             reason=decision.reason)
-                error = APIError(403, f"{action} on {guard.resource} denied: {decision.reason}",
-                                 type="permission_error", code="forbidden", headers=headers)
-                await error.response()(scope, receive, send)
+                await forbidden(action, guard.resource, decision.reason, headers).response()(scope, receive, send)
                 return
         scope.setdefault("state", {})["principal"] = principal
         await self.app(scope, receive, self._observing(send, scope, user, ip, headers))
