@@ -218,6 +218,37 @@ def wrap_key(
     typer.echo(f"wrote the data key wrapped by {key_label!r} of token {token_label!r} to {out}")
 
 
+@weights_app.command("vault-wrap-key")
+def vault_wrap_key(
+    key_file: Annotated[Path, typer.Argument(help="the data key (as written by `keygen`, raw or hex)")],
+    out: Annotated[Path, typer.Argument(help="where the ciphertext goes (weights.vault.wrapped_key_file)")],
+    address: Annotated[str, typer.Option("--address", help="Vault's (or OpenBao's) URL")],
+    key_name: Annotated[str, typer.Option("--key-name", help="transit key that encrypts the data key")],
+    mount_point: Annotated[str, typer.Option("--mount-point", help="mount path of the transit engine")] = "transit",
+    token_file: Annotated[Path | None, typer.Option("--token-file", help="Vault token file (else $VAULT_TOKEN)")]
+    = None,
+    ca_file: Annotated[Path | None, typer.Option("--ca-file", help="CA of Vault's TLS certificate")] = None,
+) -> None:
+    """Encrypt a data key with a Vault transit key; serve with weights.vault.* pointing at OUT (then the plain
+    key file can be destroyed)."""
+    import os
+
+    from deepfleet.security.errors import SecurityConfigError
+    from deepfleet.security.vault_store import VaultSettings, wrap_data_key
+
+    cfg = VaultSettings(address=address, key_name=key_name, wrapped_key_file=out, mount_point=mount_point,
+                        token_file=token_file, ca_file=ca_file)
+    try:
+        raw = key_file.read_bytes()
+        ciphertext = wrap_data_key(cfg, raw if len(raw) in (16, 32) else bytes.fromhex(raw.decode().strip()))
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except (SecurityConfigError, OSError, ValueError) as e:
+        raise _fail(e) from None
+    with os.fdopen(fd, "w") as f:
+        f.write(ciphertext + "\n")
+    typer.echo(f"wrote the data key encrypted by transit key {key_name!r} of {address} to {out}")
+
+
 def register(app: typer.Typer) -> None:
     """Attach `deepfleet weights` to the root app."""
     app.add_typer(weights_app, name="weights")
