@@ -80,7 +80,8 @@ def lab() -> Lab:
     try:
         rc, recap, seconds = handle.site()
         handle.timings["first converge"] = seconds
-        assert rc == 0, f"{playbook.name} failed on the fresh lab (exit {rc}): {recap}"
+        # the end of the output names the failed task and its message (the recap alone does not)
+        assert rc == 0, f"{playbook.name} failed on the fresh lab (exit {rc}): {recap}\n{handle.last_output[-6000:]}"
         yield handle
     finally:
         recorded = list(state.resources)
