@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from fp8_kernels import graph_time_ms  # bench/ is the script's own directory
 
 from deepfleet.kernels import fp8_gemm
 from deepfleet.quant.fp8 import dequantize, quantize
@@ -88,23 +89,6 @@ def _compile(batch):
     return failed
 
 
-def graph_us(fn, reps: int = 10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps * 1e3
-
-
 def rel(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
@@ -144,7 +128,7 @@ def main():
                 x = torch.randn(m, k, device=dev, generator=gen, dtype=torch.bfloat16)
                 want = F.linear(x, ref_w)
                 want_a8 = F.linear(dequantize(*quantize(x, (1, 128)), (1, 128), torch.bfloat16), ref_w)
-                t_bf = graph_us(lambda x=x, bf=bf: [F.linear(x, w) for w in bf]) / copies
+                t_bf = 1e3 * graph_time_ms(lambda x=x, bf=bf: [F.linear(x, w) for w in bf]) / copies
                 best = None
                 for cfg in candidates(m, n, k, sms):
                     try:
@@ -153,8 +137,8 @@ def main():
                         if not err < 3e-2:
                             print(f"  rejected (error {err:.3g}): {cfg}", flush=True)
                             continue
-                        t = graph_us(lambda x=x, cfg=cfg, ws=ws: [fp8_gemm.fp8_matmul(x, *w, BLOCK, config=cfg)
-                                                           for w in ws]) / copies
+                        t = 1e3 * graph_time_ms(lambda x=x, cfg=cfg, ws=ws: [
+                            fp8_gemm.fp8_matmul(x, *w, BLOCK, config=cfg) for w in ws]) / copies
                     except Exception as e:  # a tile choice that does not compile or run here
                         print(f"  failed: {cfg}: {e!r:.200}", flush=True)
                         continue
