@@ -12,10 +12,6 @@ from deepfleet.models.base import FUSED_PROJECTIONS, Backbone, CausalLM, decoder
 from deepfleet.models.config import ModelConfig
 from deepfleet.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, linear
 
-# checkpoint projection name -> (fused module, shard index)
-_FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
-
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding):
