@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -330,13 +331,28 @@ def _ready(url: str) -> bool:
         return False
 
 
-def test_a_rank_that_cannot_join_the_group_is_named_with_the_setting():
-    from deepfleet.distributed import parallel_state
+# Run in a child process: a failed rendezvous leaves torch's process-group counter raised in the process that tried,
+# so a later gloo group in this pytest process would wait on other store keys (default_pg/1) than its fresh workers.
+_JOIN_A_GROUP_NOBODY_HOLDS = """
+import socket, torch
+from deepfleet.distributed import parallel_state
+with socket.socket() as s:  # a port nobody listens on: rank 1 waits for a rank 0 that never comes
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+try:
+    parallel_state.init(1, 2, f"tcp://127.0.0.1:{port}", torch.device("cpu"), timeout_s=1)
+except RuntimeError as e:
+    print(e)
+else:
+    raise SystemExit("joined a group nobody holds")
+print("group size after the failure:", parallel_state.group().size)
+"""
 
-    with socket.socket() as s:  # a port nobody listens on: rank 1 waits for a rank 0 that never comes
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with pytest.raises(RuntimeError, match=r"engine.tensor_parallel_size=2: rank 1 could not join the gloo process "
-                                           r"group at tcp://127.0.0.1:\d+"):
-        parallel_state.init(1, 2, f"tcp://127.0.0.1:{port}", torch.device("cpu"), timeout_s=1)
-    assert parallel_state.group().size == 1
+
+def test_a_rank_that_cannot_join_the_group_is_named_with_the_setting():
+    r = subprocess.run([sys.executable, "-c", _JOIN_A_GROUP_NOBODY_HOLDS], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"engine.tensor_parallel_size=2: rank 1 could not join the gloo process group at "
+                     r"tcp://127.0.0.1:\d+", r.stdout), r.stdout
+    assert "group size after the failure: 1" in r.stdout
