@@ -23,6 +23,19 @@ def _fail(error: Exception) -> typer.Exit:
     return typer.Exit(1)
 
 
+def _new_secret_file(path: Path, mode: str = "wb"):
+    """A file that did not exist before, readable by its owner only: a key is never overwritten nor widened."""
+    import os
+
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), mode)
+
+
+def _data_key(key_file: Path) -> bytes:
+    """The data key as `keygen` writes it (raw 16/32 bytes) or as hex text."""
+    raw = key_file.read_bytes()
+    return raw if len(raw) in (16, 32) else bytes.fromhex(raw.decode().strip())
+
+
 @weights_app.command("manifest")
 def manifest(model_dir: Annotated[Path, typer.Argument(help="model directory")]) -> None:
     """Write deepfleet-manifest.json (sha256 + size of every file) into MODEL_DIR."""
@@ -53,16 +66,14 @@ def keygen(
     cipher: Annotated[str, typer.Option("--cipher", help=_CIPHER_HELP)] = "aes-256-gcm",
 ) -> None:
     """Write a new random key for CIPHER (for a lab; production keys come from a KMS or Vault)."""
-    import os
-
     from deepfleet.security.crypto import WeightCryptoError, generate_key
 
     try:
         key = generate_key(cipher)
-        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        f = _new_secret_file(key_file)
     except (WeightCryptoError, OSError) as e:
         raise _fail(e) from None
-    with os.fdopen(fd, "wb") as f:
+    with f:
         f.write(key)
     typer.echo(f"wrote a {len(key)}-byte {cipher} key to {key_file}")
 
@@ -196,8 +207,6 @@ def wrap_key(
 ) -> None:
     """Wrap a data key with a key-encryption key that never leaves the PKCS#11 token; serve with
     weights.pkcs11.* pointing at OUT (then the plain key file can be destroyed)."""
-    import os
-
     from deepfleet.security.errors import SecurityConfigError
     from deepfleet.security.keys import Pkcs11Settings
     from deepfleet.security.pkcs11_store import create_kek as make_kek
@@ -208,12 +217,11 @@ def wrap_key(
     try:
         if create_kek:
             make_kek(cfg)
-        raw = key_file.read_bytes()
-        blob = wrap_data_key(cfg, raw if len(raw) in (16, 32) else bytes.fromhex(raw.decode().strip()))
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        blob = wrap_data_key(cfg, _data_key(key_file))
+        f = _new_secret_file(out)
     except (SecurityConfigError, OSError, ValueError) as e:
         raise _fail(e) from None
-    with os.fdopen(fd, "wb") as f:
+    with f:
         f.write(blob)
     typer.echo(f"wrote the data key wrapped by {key_label!r} of token {token_label!r} to {out}")
 
@@ -231,20 +239,17 @@ def vault_wrap_key(
 ) -> None:
     """Encrypt a data key with a Vault transit key; serve with weights.vault.* pointing at OUT (then the plain
     key file can be destroyed)."""
-    import os
-
     from deepfleet.security.errors import SecurityConfigError
     from deepfleet.security.vault_store import VaultSettings, wrap_data_key
 
     cfg = VaultSettings(address=address, key_name=key_name, wrapped_key_file=out, mount_point=mount_point,
                         token_file=token_file, ca_file=ca_file)
     try:
-        raw = key_file.read_bytes()
-        ciphertext = wrap_data_key(cfg, raw if len(raw) in (16, 32) else bytes.fromhex(raw.decode().strip()))
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        ciphertext = wrap_data_key(cfg, _data_key(key_file))
+        f = _new_secret_file(out, "w")
     except (SecurityConfigError, OSError, ValueError) as e:
         raise _fail(e) from None
-    with os.fdopen(fd, "w") as f:
+    with f:
         f.write(ciphertext + "\n")
     typer.echo(f"wrote the data key encrypted by transit key {key_name!r} of {address} to {out}")
 
