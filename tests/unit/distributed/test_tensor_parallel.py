@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 import torch
+from scripted_requests import drive
 from typer.testing import CliRunner
 
 from deepfleet.cli import app as cli_app
@@ -62,16 +63,7 @@ def _scripted_run(engine: LLMEngine) -> dict:
     prompts = _prompts()
     params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=24)
     arrivals = {0: ["a", "long", "gone"], 3: ["b"], 5: ["c"]}
-    done, step = {}, 0
-    while step == 0 or engine.has_unfinished_requests():
-        for rid in arrivals.get(step, []):
-            engine.add_request(rid, prompts[rid], params)
-        if step == 6:
-            engine.abort_request("gone")
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = (out.outputs[0].finish_reason, out.outputs[0].token_ids)
-        step += 1
+    done = drive(engine, prompts, arrivals, lambda rid: params)
     stats = engine.stats()
     return {"done": done, "preemptions": stats.num_preemptions, "prefix_hits": stats.prefix_cache_hits}
 

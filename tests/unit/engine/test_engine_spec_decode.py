@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from scripted_requests import drive
 
 from deepfleet.engine.llm_engine import EngineConfig, LLMEngine
 from deepfleet.engine.sampling_params import SamplingParams
@@ -52,18 +53,8 @@ def _scripted_run(engine: LLMEngine) -> dict:
     prompts = _prompts()
     params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=24)
     arrivals = {0: ["a", "long", "gone"], 3: ["b"], 5: ["c", "pen"]}
-    done, step = {}, 0
-    while step == 0 or engine.has_unfinished_requests():
-        for rid in arrivals.get(step, []):
-            p = SamplingParams(temperature=0, ignore_eos=True, max_tokens=24, repetition_penalty=1.3) \
-                if rid == "pen" else params
-            engine.add_request(rid, prompts[rid], p)
-        if step == 6:
-            engine.abort_request("gone")
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = (out.outputs[0].finish_reason, out.outputs[0].token_ids)
-        step += 1
+    penalty = SamplingParams(temperature=0, ignore_eos=True, max_tokens=24, repetition_penalty=1.3)
+    done = drive(engine, prompts, arrivals, lambda rid: penalty if rid == "pen" else params)
     s = engine.stats()
     return {"done": done, "preemptions": s.num_preemptions, "prefix_hits": s.prefix_cache_hits, "spec": s.spec_decode}
 
