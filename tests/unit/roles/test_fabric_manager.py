@@ -4,31 +4,15 @@ and the NVSwitch scan reads PCI class 0x0680 only."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
-
-REPO = Path(__file__).resolve().parents[3]
-BIN = Path(sys.executable).parent
+from role_check import check_role
 
 
 def _run(tmp_path: Path, extra: dict) -> tuple[int, str]:
-    play = [{"name": "fabric manager", "hosts": "localhost", "gather_facts": False,
-             "tasks": [{"ansible.builtin.include_role": {"name": "fabric_manager"}}]}]
-    (tmp_path / "play.yml").write_text(yaml.safe_dump(play))
-    (tmp_path / "vars.yml").write_text(yaml.safe_dump({"nvidia_driver_branch": "580", **extra}))
-    env = dict(os.environ, ANSIBLE_ROLES_PATH=str(REPO / "roles"), ANSIBLE_NOCOLOR="1")
-    env["PATH"] = f"{BIN}:{env['PATH']}"
-    res = subprocess.run([str(BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local", "--check",
-                          "-e", f"ansible_python_interpreter={sys.executable}", "-e", f"@{tmp_path / 'vars.yml'}",
-                          str(tmp_path / "play.yml")], capture_output=True, text=True, env=env, cwd=tmp_path,
-                         timeout=180)
-    return res.returncode, " ".join((res.stdout + res.stderr).split())
+    return check_role(tmp_path, "fabric_manager", {"nvidia_driver_branch": "580", **extra})
 
 
 def _has_nvswitch() -> bool:

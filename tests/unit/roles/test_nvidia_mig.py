@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from role_check import check_role
 
 REPO = Path(__file__).resolve().parents[3]
 ROLE = REPO / "roles" / "nvidia_mig"
@@ -79,17 +80,7 @@ def test_a_later_entry_overrides_an_earlier_one_for_its_gpus():
 
 
 def _play(tmp_path: Path, tasks_from: str, extra: dict) -> tuple[int, str]:
-    task = {"ansible.builtin.include_role": {"name": "nvidia_mig", "tasks_from": tasks_from}}
-    play = [{"name": "mig", "hosts": "localhost", "gather_facts": False, "tasks": [task]}]
-    (tmp_path / "play.yml").write_text(yaml.safe_dump(play))
-    (tmp_path / "vars.yml").write_text(yaml.safe_dump(extra))
-    env = dict(os.environ, ANSIBLE_ROLES_PATH=str(REPO / "roles"), ANSIBLE_NOCOLOR="1")
-    env["PATH"] = f"{BIN}:{env['PATH']}"
-    res = subprocess.run([str(BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local", "--check",
-                          "-e", f"ansible_python_interpreter={sys.executable}", "-e", f"@{tmp_path / 'vars.yml'}",
-                          str(tmp_path / "play.yml")], capture_output=True, text=True, env=env, cwd=tmp_path,
-                         timeout=180)
-    return res.returncode, " ".join((res.stdout + res.stderr).split())
+    return check_role(tmp_path, "nvidia_mig", extra, tasks_from)
 
 
 def test_role_refuses_a_profile_the_gpu_lacks_before_any_change(tmp_path):
