@@ -10,9 +10,10 @@ load generator is not what is measured. Both report requests/s, output tokens/s 
 P50/P99, so the HTTP + scheduling overhead is the difference. Results go to bench/RESULTS.md.
 
 `--json-schema`: the structured-output overhead instead (issue 17). No offline loop; per concurrency, after a
-warm-up (which also compiles the schema once), the same closed loop over HTTP without a constraint, then with
-`response_format` json_schema (strict) on every request, same server, same prompts' lengths. Both rows report
-TTFT and output tok/s (schema outputs end when the JSON closes, so their token counts are summed as served).
+warm-up (which also compiles the schema once), the same closed loop over HTTP without a constraint, with
+`response_format` json_schema (strict) on every request, with it on every other request, and without again; same
+server, same prompts' lengths, fresh prompts per row. Rows report TTFT and output tok/s (schema outputs end when
+the JSON closes, so their token counts are summed as served).
 """
 
 from __future__ import annotations
@@ -120,19 +121,22 @@ def serve_child(args: argparse.Namespace) -> None:
 
 
 async def _client_share(url: str, indices: list[int], concurrency: int, prompts: list[list[int]],
-                        output_len: int, schema: dict | None = None) -> dict:
-    """One load-generator process: `concurrency` streaming clients working through `indices`."""
+                        output_len: int, schema: dict | None = None, schema_every: int = 1) -> dict:
+    """One load-generator process: `concurrency` streaming clients working through `indices`; with a schema,
+    request i is constrained when i % schema_every == 0 (1: all of them)."""
     import httpx
 
     queue = list(indices)
     ttfts: list[float] = []
+    schema_ttfts: list[float] = []  # of the constrained requests, when only some are
     tokens, errors = 0, []
 
     async def one_request(client: httpx.AsyncClient, i: int) -> None:
         nonlocal tokens
         body = {"model": MODEL_NAME, "prompt": prompts[i], "max_tokens": output_len, "temperature": 0,
                 "ignore_eos": True, "stream": True, "logprobs": 0, "stream_options": {"include_usage": True}}
-        if schema is not None:  # the grammar ends the output (EOS once the JSON closed): ignore_eos off
+        constrained = schema is not None and i % schema_every == 0
+        if constrained:  # the grammar ends the output (EOS once the JSON closed): ignore_eos off
             body.update(ignore_eos=False, response_format={"type": "json_schema", "json_schema": {
                 "name": "notes", "schema": schema, "strict": True}})
         t = time.monotonic()
@@ -140,8 +144,8 @@ async def _client_share(url: str, indices: list[int], concurrency: int, prompts:
         async with client.stream("POST", "/v1/completions", json=body) as r:
             r.raise_for_status()
             async for line in r.aiter_lines():
-                if first and line.startswith("data: "):
-                    ttfts.append(time.monotonic() - t)  # an event is sent per step with new tokens
+                if first and line.startswith("data: "):  # an event is sent per step with new tokens
+                    (schema_ttfts if constrained and schema_every > 1 else ttfts).append(time.monotonic() - t)
                     first = False
                 if line.startswith('data: {"id"') and '"choices":[]' in line:
                     tokens += json.loads(line[6:])["usage"]["completion_tokens"]
@@ -157,7 +161,8 @@ async def _client_share(url: str, indices: list[int], concurrency: int, prompts:
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=600) as client:
         start = time.monotonic()
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
-    return {"ttfts": ttfts, "tokens": tokens, "errors": errors, "start": start, "end": time.monotonic()}
+    return {"ttfts": ttfts, "schema_ttfts": schema_ttfts, "tokens": tokens, "errors": errors, "start": start,
+            "end": time.monotonic()}
 
 
 def _run_share(args: tuple) -> dict:
@@ -165,7 +170,7 @@ def _run_share(args: tuple) -> dict:
 
 
 def http_closed_loop(url: str, concurrency: int, n: int, prompt_len: int, output_len: int, seed: int,
-                     processes: int, schema: dict | None = None) -> dict:
+                     processes: int, schema: dict | None = None, schema_every: int = 1) -> dict:
     """C streaming clients spread over several processes: one Python process parsing SSE tops out at a few
     thousand events/s, which would measure the load generator instead of the server."""
     from concurrent.futures import ProcessPoolExecutor
@@ -173,7 +178,7 @@ def http_closed_loop(url: str, concurrency: int, n: int, prompt_len: int, output
     prompts = _prompts(n, prompt_len, seed)  # other seeds than the offline run's: no prefix-cache head start
     workers = max(1, min(processes, concurrency))
     shares = [(url, list(range(w, n, workers)), concurrency // workers + (w < concurrency % workers), prompts,
-               output_len, schema) for w in range(workers)]
+               output_len, schema, schema_every) for w in range(workers)]
     with ProcessPoolExecutor(workers) as pool:
         parts = list(pool.map(_run_share, shares))
     errors = [e for part in parts for e in part["errors"]]
@@ -182,6 +187,9 @@ def http_closed_loop(url: str, concurrency: int, n: int, prompt_len: int, output
                       n - len(errors))
     result["errors"] = len(errors)
     result["tokens_per_request"] = sum(part["tokens"] for part in parts) / max(1, n - len(errors))
+    schema_ttfts = [t for part in parts for t in part["schema_ttfts"]]
+    if schema_ttfts:  # the row's TTFT figures above are then the unconstrained requests' alone
+        result["schema_ttft_p50_ms"], result["schema_ttft_p99_ms"] = (1e3 * _pct(schema_ttfts, q) for q in (50, 99))
     if errors:
         print(f"C={concurrency}: {len(errors)} failed requests, e.g. {errors[0]}")
     return result
@@ -276,13 +284,19 @@ def _schema_overhead(args: argparse.Namespace, url: str) -> None:
         t0 = time.monotonic()
         http_closed_loop(url, c, c, args.prompt_len, args.output_len, 20_000 + c, args.client_processes, SCHEMA)
         print(f"warm-up with the schema (first compile included): {time.monotonic() - t0:.2f} s", flush=True)
-        # the unconstrained loop runs before and after the constrained one: the first 7B run on the H200 showed an
-        # order effect (the first measured loop carried one-time costs), which a repeat makes visible
-        for label, schema in (("none", None), ("schema", SCHEMA), ("none", None)):
-            r = http_closed_loop(url, c, n, args.prompt_len, args.output_len, 10_000 + c, args.client_processes,
-                                 schema)
+        # The unconstrained loop runs before and after the constrained ones, each row on prompts of its own (a
+        # repeated prompt would find its blocks in the prefix cache: a shorter prefill, a TTFT head start). "mixed":
+        # every other request constrained, in the same batches as unconstrained ones; its TTFT columns are the
+        # unconstrained requests' (the constrained ones' follow on the next line).
+        rows = (("none", None, 1), ("schema", SCHEMA, 1), ("mixed", SCHEMA, 2), ("none", None, 1))
+        for k, (label, schema, every) in enumerate(rows):
+            r = http_closed_loop(url, c, n, args.prompt_len, args.output_len, 10_000 + 1_000 * k + c,
+                                 args.client_processes, schema, every)
             print(f"{c:>4} {n:>5} {label:>8} | {r['req_s']:>7.2f} {r['tok_s']:>8.0f} {r['ttft_p50_ms']:>7.1f}ms "
                   f"{r['ttft_p99_ms']:>6.1f}ms {r['tokens_per_request']:>7.1f} {r['errors']:>6}", flush=True)
+            if "schema_ttft_p50_ms" in r:
+                print(f"{'':>11}constrained half: TTFT p50 {r['schema_ttft_p50_ms']:.1f}ms p99 "
+                      f"{r['schema_ttft_p99_ms']:.1f}ms", flush=True)
             if args.results:
                 _append_schema_records(args, c, label, r)
 
@@ -295,13 +309,17 @@ def _append_schema_records(args: argparse.Namespace, c: int, label: str, r: dict
     base = dict(date=datetime.date.today().isoformat(), device=torch.cuda.get_device_name(),
                 commit=os.environ.get("DEEPFLEET_COMMIT", "unknown"),
                 shape=f"R1-Distill-Qwen-{args.shape.upper()} bf16",
-                workload=f"http closed loop C={c}, {args.prompt_len}->{args.output_len}, "
-                         f"{'json_schema strict' if label == 'schema' else 'no constraint'}")
+                workload=f"http closed loop C={c}, {args.prompt_len}->{args.output_len}, " + {
+                    "none": "no constraint", "schema": "json_schema strict",
+                    "mixed": "every other request json_schema strict (TTFT: the unconstrained ones)"}[label])
+    figures = [("http_tok_s", r["tok_s"], "tok/s"), ("http_ttft_p50_ms", r["ttft_p50_ms"], "ms"),
+               ("http_ttft_p99_ms", r["ttft_p99_ms"], "ms"), ("tokens_per_request", r["tokens_per_request"], "tokens"),
+               ("http_errors", r["errors"], "count")]
+    if "schema_ttft_p50_ms" in r:
+        figures += [("constrained_ttft_p50_ms", r["schema_ttft_p50_ms"], "ms"),
+                    ("constrained_ttft_p99_ms", r["schema_ttft_p99_ms"], "ms")]
     with open(args.results, "a") as f:
-        for metric, value, unit in (("http_tok_s", r["tok_s"], "tok/s"), ("http_ttft_p50_ms", r["ttft_p50_ms"], "ms"),
-                                    ("http_ttft_p99_ms", r["ttft_p99_ms"], "ms"),
-                                    ("tokens_per_request", r["tokens_per_request"], "tokens"),
-                                    ("http_errors", r["errors"], "count")):
+        for metric, value, unit in figures:
             f.write(json.dumps({**base, "metric": metric, "value": round(value, 3), "unit": unit}) + "\n")
 
 
