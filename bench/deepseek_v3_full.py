@@ -96,6 +96,23 @@ def engine_config(mdir: Path, args, **extra):
                         num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=False, **extra)
 
 
+def with_engine(config, device: str, phase):
+    """Runs phase(engine) on an engine of its own and tears it down after (worker processes, graphs, cached GPU
+    memory). Only this frame and phase's hold the engine, so none outlives its phase: at 671B two would not fit."""
+    from deepfleet.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(config)
+    try:
+        return phase(engine)
+    finally:
+        if hasattr(engine.runner, "close"):
+            engine.runner.close()
+        del engine
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
 def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(100, min(vocab, 500) - 1, (n, length), generator=g).tolist()
@@ -275,74 +292,65 @@ def main() -> None:
             f.write(json.dumps(rows[-1]) + "\n")
         (args.out / "table.txt").write_text("\n".join(lines) + "\n")
 
-    from deepfleet.engine.llm_engine import LLMEngine
-
     vocab = cfg["vocab_size"]
     b1_prompt = prompts(1, 128, vocab, seed=1)[0]
+    started = time.perf_counter()
+
+    def base(engine) -> list[int]:
+        """load, batch1, throughput on one engine; returns the batch-1 greedy continuation (mtp's oracle)."""
+        row("start_s", time.perf_counter() - started, "s", "engine start (dummy weights, graphs)")
+        reference: list[int] = []
+        if "load" in phases:
+            for rank, gib in enumerate(gpu_memory_used()):
+                row(f"gpu{rank}_memory_used", gib, "GiB", "after start-up (weights, KV, graphs)")
+            row("rank0_weight_bytes", weight_bytes(engine) / 2**30, "GiB", "weights + buffers held by rank 0")
+            bm = engine.block_manager
+            row("kv_capacity_tokens", bm.num_blocks * bm.block_size, "tokens", "KV cache (latent, replicated)")
+            row("max_num_seqs", engine.max_num_seqs, "seqs", "engine batch capacity")
+        # batch1 always runs when mtp follows: its tokens are the oracle's continuation
+        if phases & {"batch1", "mtp"}:
+            rate, out = batch1(engine, b1_prompt, args.batch1_tokens, args.device)
+            reference = b1_prompt + out
+            row("decode_tok_s_per_user", rate, "tok/s", f"batch 1, 128 -> {args.batch1_tokens}, no MTP")
+        if "throughput" in phases:
+            for c in args.concurrency:
+                reqs = [(p, args.output_len) for p in prompts(c, args.input_len, vocab, seed=c)]
+                res = run(engine, reqs, f"c{c}", args.device)
+                out_tokens = sum(len(v) for v in res["done"].values())
+                work = f"{args.input_len} in / {args.output_len} out, concurrency {c}"
+                row("output_tok_s", out_tokens / res["wall"], "tok/s", work)
+                row("total_tok_s", (out_tokens + c * args.input_len) / res["wall"], "tok/s", work)
+                row("ttft_p50", percentile(res["ttft"], 0.5), "s", work)
+                row("ttft_p99", percentile(res["ttft"], 0.99), "s", work)
+                row("preemptions", engine.stats().num_preemptions, "total", work)
+        return reference
+
+    def mtp(engine, reference: list[int]) -> None:
+        # warm-up: the verify and MTP shapes compile their kernels at first use (no graphs are captured)
+        run(engine, [(prompts(1, 128, vocab, seed=2)[0], 16)], "warm", args.device)
+        rate, out = batch1(engine, b1_prompt, args.batch1_tokens, args.device)
+        s = engine.stats().spec_decode
+        work = f"batch 1, 128 -> {args.batch1_tokens}, MTP k={args.mtp_tokens}"
+        row("decode_tok_s_per_user", rate, "tok/s", work + " (real drafts: lower bound)")
+        row("acceptance_rate", s.acceptance_rate, "ratio", work + " (real drafts)")
+        row("greedy_identical", int(b1_prompt + out == reference), "bool", work + " vs no MTP")
+        Oracle(engine.speculator, reference)
+        before = engine.stats().spec_decode
+        rate, out = batch1(engine, b1_prompt, args.batch1_tokens, args.device)
+        s = engine.stats().spec_decode
+        accepted = (s.num_accepted_tokens - before.num_accepted_tokens) / max(
+            1, s.num_draft_tokens - before.num_draft_tokens)
+        row("decode_tok_s_per_user", rate, "tok/s", work + " (always-agreeing drafts: upper bound)")
+        row("acceptance_rate", accepted, "ratio", work + " (always-agreeing drafts)")
+        row("greedy_identical", int(b1_prompt + out == reference), "bool", work + " oracle vs no MTP")
+
     reference: list[int] = []
-    if phases & {"load", "batch1", "throughput"} or "mtp" in phases:
-        t = time.perf_counter()
-        engine = LLMEngine(engine_config(mdir, args))
-        row("start_s", time.perf_counter() - t, "s", "engine start (dummy weights, graphs)")
-        try:
-            if "load" in phases:
-                for rank, gib in enumerate(gpu_memory_used()):
-                    row(f"gpu{rank}_memory_used", gib, "GiB", "after start-up (weights, KV, graphs)")
-                row("rank0_weight_bytes", weight_bytes(engine) / 2**30, "GiB", "weights + buffers held by rank 0")
-                bm = engine.block_manager
-                row("kv_capacity_tokens", bm.num_blocks * bm.block_size, "tokens", "KV cache (latent, replicated)")
-                row("max_num_seqs", engine.max_num_seqs, "seqs", "engine batch capacity")
-            # batch1 always runs when mtp follows: its tokens are the oracle's continuation
-            if phases & {"batch1", "mtp"}:
-                rate, out = batch1(engine, b1_prompt, args.batch1_tokens, args.device)
-                reference = b1_prompt + out
-                row("decode_tok_s_per_user", rate, "tok/s", f"batch 1, 128 -> {args.batch1_tokens}, no MTP")
-            if "throughput" in phases:
-                for c in args.concurrency:
-                    reqs = [(p, args.output_len) for p in prompts(c, args.input_len, vocab, seed=c)]
-                    res = run(engine, reqs, f"c{c}", args.device)
-                    out_tokens = sum(len(v) for v in res["done"].values())
-                    work = f"{args.input_len} in / {args.output_len} out, concurrency {c}"
-                    row("output_tok_s", out_tokens / res["wall"], "tok/s", work)
-                    row("total_tok_s", (out_tokens + c * args.input_len) / res["wall"], "tok/s", work)
-                    row("ttft_p50", percentile(res["ttft"], 0.5), "s", work)
-                    row("ttft_p99", percentile(res["ttft"], 0.99), "s", work)
-                    row("preemptions", engine.stats().num_preemptions, "total", work)
-        finally:
-            if hasattr(engine.runner, "close"):
-                engine.runner.close()
-            del engine
-            gc.collect()
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
+    if phases & {"load", "batch1", "throughput", "mtp"}:
+        reference = with_engine(engine_config(mdir, args), args.device, base)
     if "mtp" in phases:
         speculative = {"method": "mtp", "num_speculative_tokens": args.mtp_tokens}
-        engine = LLMEngine(engine_config(mdir, args, speculative=speculative))
-        try:
-            # warm-up: the verify and MTP shapes compile their kernels at first use (no graphs are captured)
-            run(engine, [(prompts(1, 128, vocab, seed=2)[0], 16)], "warm", args.device)
-            rate, out = batch1(engine, b1_prompt, args.batch1_tokens, args.device)
-            s = engine.stats().spec_decode
-            work = f"batch 1, 128 -> {args.batch1_tokens}, MTP k={args.mtp_tokens}"
-            row("decode_tok_s_per_user", rate, "tok/s", work + " (real drafts: lower bound)")
-            row("acceptance_rate", s.acceptance_rate, "ratio", work + " (real drafts)")
-            row("greedy_identical", int(b1_prompt + out == reference), "bool", work + " vs no MTP")
-            Oracle(engine.speculator, reference)
-            before = engine.stats().spec_decode
-            rate, out = batch1(engine, b1_prompt, args.batch1_tokens, args.device)
-            s = engine.stats().spec_decode
-            accepted = (s.num_accepted_tokens - before.num_accepted_tokens) / max(
-                1, s.num_draft_tokens - before.num_draft_tokens)
-            row("decode_tok_s_per_user", rate, "tok/s", work + " (always-agreeing drafts: upper bound)")
-            row("acceptance_rate", accepted, "ratio", work + " (always-agreeing drafts)")
-            row("greedy_identical", int(b1_prompt + out == reference), "bool", work + " oracle vs no MTP")
-        finally:
-            if hasattr(engine.runner, "close"):
-                engine.runner.close()
-            del engine
-            gc.collect()
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
+        with_engine(engine_config(mdir, args, speculative=speculative), args.device,
+                    lambda engine: mtp(engine, reference))
     if "serve" in phases:
         res = serve_check(mdir, args, args.out / "serve.log")
         row("openai_chat_answered", res.get("answered", 0), "bool", "deepfleet serve + openai client")
