@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
+from role_check import check_playbook
 
 from infra import onprem
 from infra.config import parse, read_stack_file
@@ -71,19 +72,13 @@ def test_gpu_playbook_says_why_the_edge_is_skipped():
 
 @pytest.mark.parametrize("role", ["nvidia_driver", "cuda"])
 def test_gpu_roles_refuse_an_edge_host_before_any_change(tmp_path, role):
-    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(
-        {"all": {"children": {"edge": {"hosts": {"localhost": {"ansible_connection": "local",
-                                                                "ansible_python_interpreter": sys.executable}}}}}}))
     play = [{"name": "edge", "hosts": "all", "gather_facts": False,
              "tasks": [{"ansible.builtin.include_role": {"name": role}}]}]
     (tmp_path / "play.yml").write_text(yaml.safe_dump(play))
-    env = dict(_env(), ANSIBLE_ROLES_PATH=str(REPO / "roles"))
     # cuda's defaults follow nvidia_driver_branch, which gpu.yml's nvidia_driver role brings into the play.
-    res = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(tmp_path / "hosts.yml"), "--check",
-                          "-e", "nvidia_driver_branch=535", str(tmp_path / "play.yml")],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
-    out = res.stdout + res.stderr
-    assert res.returncode != 0, out
+    rc, out = check_playbook(tmp_path, tmp_path / "play.yml", {"edge": {"localhost": {}}},
+                             "-e", "nvidia_driver_branch=535")
+    assert rc != 0, out
     assert f"localhost is in the edge group (Jetson): JetPack ships its driver and CUDA, the {role}" in out
     assert re.search(r"localhost\s+: ok=\d+\s+changed=0\s+unreachable=0\s+failed=1", out), out
 

@@ -5,28 +5,14 @@ check mode against this machine under two inventory names."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
-import yaml
-
-REPO = Path(__file__).resolve().parents[3]
-BIN = Path(sys.executable).parent
+from role_check import REPO, check_playbook
 
 
 def _play(tmp_path: Path, hosts: dict, *extra: str) -> tuple[int, str]:
-    local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
-    inventory = {"all": {"children": {"gpu_nodes": {"hosts": {n: {**local, **v} for n, v in hosts.items()}}}}}
-    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
-    env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
-    env["PATH"] = f"{BIN}:{env['PATH']}"
-    res = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(tmp_path / "hosts.yml"), "--check",
-                          str(REPO / "playbooks/gpu.yml"), *extra],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    return res.returncode, res.stdout + res.stderr
+    return check_playbook(tmp_path, REPO / "playbooks/gpu.yml", {"gpu_nodes": hosts}, *extra)
 
 
 def test_serial_zero_is_refused_before_any_change(tmp_path):

@@ -4,30 +4,17 @@ run for real (check mode, local connection) against this machine declared as a G
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
-
-REPO = Path(__file__).resolve().parents[3]
-BIN = Path(sys.executable).parent
+from role_check import REPO, check_playbook
 
 
 def run_gpu_playbook(tmp_path: Path, extra: dict) -> str:
-    local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
-    inventory = {"all": {"children": {"gpu_nodes": {"hosts": {"localhost": local}}}}}
-    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
-    env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
-    env["PATH"] = f"{BIN}:{env['PATH']}"
-    res = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(tmp_path / "hosts.yml"), "--check",
-                          str(REPO / "playbooks/gpu.yml"), "-e", json.dumps(extra)],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
-    out = res.stdout + res.stderr
-    assert res.returncode != 0, out
+    rc, out = check_playbook(tmp_path, REPO / "playbooks/gpu.yml", {"gpu_nodes": {"localhost": {}}},
+                             "-e", json.dumps(extra))
+    assert rc != 0, out
     assert re.search(r"localhost\s+: ok=\d+\s+changed=0\s+unreachable=0\s+failed=1", out), out
     return " ".join(out.split())
 
