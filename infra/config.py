@@ -214,6 +214,9 @@ class WorkloadSecurity(Strict):
     audience: str | None = None
     # Secret with weights.key: the data key of an encrypted model directory
     weights_key_secret: str | None = None
+    # The audit log on the pod's emptyDir: the runtime rotates it at this size (audit.max_bytes) and keeps
+    # deepfleet.defaults.AUDIT_BACKUPS rotated files, so the emptyDir's sizeLimit is never reached (eviction)
+    audit_max_mib: int = Field(default=64, ge=1, le=4096)
 
     @model_validator(mode="after")
     def _issuer_needs_auth(self) -> WorkloadSecurity:

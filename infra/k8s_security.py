@@ -1,18 +1,23 @@
 """The runtime's security in Kubernetes: the Secrets of `workload.security` mounted read-only (mode 0440, the
 pod's fsGroup reads them), the runtime settings that point at them (validated against the runtime's own schema),
-the audit log on a writable emptyDir, and what changes with TLS: HTTPS probes, the `https` port of the
-container and the Service, and the ServiceMonitor scraping over TLS with the Secret's CA."""
+the audit log on a writable emptyDir bounded twice (the runtime's own rotation at audit.max_bytes keeps it below
+the emptyDir's sizeLimit, past which the kubelet would evict the pod), and what changes with TLS: HTTPS probes,
+the `https` port of the container and the Service, and the ServiceMonitor scraping over TLS with the Secret's CA."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+from deepfleet.defaults import AUDIT_BACKUPS
 from deepfleet.server.config import ServeSettings
 from infra.config import WorkloadSecurity
 
 MOUNT_ROOT = "/etc/deepfleet"
 AUDIT_DIR = "/var/log/deepfleet"
 SECRET_MODE = 0o440
+# sizeLimit over the files' own bound: filesystem blocks, and the kubelet measures only now and then
+AUDIT_HEADROOM = 1.25
 
 
 @dataclass
@@ -29,9 +34,9 @@ def _secret(name: str, secret: str, items: list[str]) -> dict:
 
 def pod_security(sec: WorkloadSecurity, model_path: str) -> PodSecurity:
     out = PodSecurity()
-    out.volumes.append({"name": "audit", "emptyDir": {}})
+    out.volumes.append({"name": "audit", "emptyDir": {"sizeLimit": f"{audit_size_limit_mib(sec)}Mi"}})
     out.mounts.append({"name": "audit", "mountPath": AUDIT_DIR})
-    out.settings["audit"] = {"path": f"{AUDIT_DIR}/audit.jsonl"}
+    out.settings["audit"] = {"path": f"{AUDIT_DIR}/audit.jsonl", "max_bytes": sec.audit_max_mib << 20}
     mounts = [("tls", sec.tls_secret, ["tls.crt", "tls.key"]),
               ("auth", sec.auth_secret, ["jwks.json", "policy.yaml"]),
               ("weights-key", sec.weights_key_secret, ["weights.key"])]
@@ -49,6 +54,11 @@ def pod_security(sec: WorkloadSecurity, model_path: str) -> PodSecurity:
         out.settings["weights"] = {"key_file": f"{MOUNT_ROOT}/weights-key/weights.key"}
     ServeSettings.model_validate({"model": model_path, **out.settings})  # a key the runtime lacks fails here
     return out
+
+
+def audit_size_limit_mib(sec: WorkloadSecurity) -> int:
+    """The audit emptyDir's sizeLimit: the current file and AUDIT_BACKUPS rotated ones of audit_max_mib each."""
+    return math.ceil((AUDIT_BACKUPS + 1) * sec.audit_max_mib * AUDIT_HEADROOM)
 
 
 def port_name(sec: WorkloadSecurity) -> str:

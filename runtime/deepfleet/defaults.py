@@ -46,6 +46,8 @@ SOURCE_DOCS_MAX_CONCURRENT = 16
 # On SIGTERM the server finishes in-flight requests for this long; k8s terminationGracePeriodSeconds must exceed it.
 SHUTDOWN_GRACE_S = 30
 RATE_LIMIT_PER_MINUTE = 100
+# Rotated audit files kept when the runtime rotates its audit log itself (audit.max_bytes, e.g. in a pod).
+AUDIT_BACKUPS = 4
 
 # Generic dynamic batcher (source documents: max_batch 32, max wait 5 ms; grow x1.5 < 30 %, shrink x0.7 > 80 %)
 BATCHER_MAX_BATCH_SIZE = 32

@@ -64,6 +64,20 @@ def test_without_secrets_the_pod_serves_plain_http_with_an_audit_log(onprem_stac
     assert "audit.path=/var/log/deepfleet/audit.jsonl" in runtime["command"]
 
 
+def test_audit_log_is_bounded_below_its_emptydir_limit(aws_stack: Capture) -> None:
+    pod, runtime = _runtime(aws_stack)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    # default 64 MiB per file, the current one and 4 rotated ones: 320 MiB, with a quarter on top
+    assert volumes["audit"]["emptyDir"] == {"sizeLimit": "400Mi"}
+    command = runtime["command"]
+    assert command[command.index("audit.max_bytes=67108864") - 1] == "--set"
+    small = pod_security(WorkloadSecurity(audit_max_mib=8), "/models/m")
+    assert small.settings["audit"]["max_bytes"] == 8 << 20
+    assert small.volumes[0] == {"name": "audit", "emptyDir": {"sizeLimit": "50Mi"}}
+    with pytest.raises(ValueError, match="audit_max_mib"):
+        WorkloadSecurity(audit_max_mib=0)
+
+
 def test_weights_key_secret_and_bad_security_config() -> None:
     sec = pod_security(WorkloadSecurity(weights_key_secret="model-key"), "/models/m")
     assert sec.settings["weights"] == {"key_file": "/etc/deepfleet/weights-key/weights.key"}

@@ -37,7 +37,7 @@ class Guard:
         except ValueError as e:
             raise SecurityConfigError(f"auth.trusted_proxies: {e}") from None
         self.limiter = RateLimiter()
-        self.audit = AuditLog(settings.audit.path)
+        self.audit = AuditLog(settings.audit.path, settings.audit.max_bytes, settings.audit.backups)
 
     @property
     def enabled(self) -> bool:

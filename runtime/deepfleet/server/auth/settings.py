@@ -45,3 +45,11 @@ class AuditSettings(BaseModel):
     path: Path | None = Field(
         None, description="JSON-lines audit log (created mode 0640); unset = audit events go to the server log."
     )
+    max_bytes: int | None = Field(
+        None, ge=4096, description="Rotate the log itself before a line would take it past this size (for hosts "
+        "without logrotate, e.g. a pod's emptyDir); unset = never (rotation by logrotate is detected either way)."
+    )
+    backups: int = Field(
+        defaults.AUDIT_BACKUPS, ge=1, description="Rotated files kept by max_bytes rotation (path.1 newest); the "
+        "log takes at most (backups + 1) x max_bytes."
+    )
