@@ -40,10 +40,31 @@ class ModelConfig:
     def get(self, key: str, default: Any = None) -> Any:
         return self.raw.get(key, default)
 
+    @property
+    def rope_theta(self) -> float:
+        """The RoPE base: transformers >= 5 writes it inside `rope_parameters`, earlier versions (and most published
+        checkpoints) at the top level."""
+        return float(_rope_parameters(self.raw).get("rope_theta", self.raw.get("rope_theta", 10000.0)))
+
+    @property
+    def rope_scaling(self) -> dict[str, Any] | None:
+        """The RoPE scaling variant and its parameters, None for plain RoPE: `rope_parameters` (transformers >= 5)
+        or the older `rope_scaling`."""
+        params = _rope_parameters(self.raw) or self.raw.get("rope_scaling") or {}
+        return params if (params.get("rope_type") or params.get("type") or "default") != "default" else None
+
     def require(self, key: str) -> Any:
         if key not in self.raw or self.raw[key] is None:
             raise ValueError(f"{self.path / 'config.json'}: field {key!r} is required for {self.arch}")
         return self.raw[key]
+
+
+def _rope_parameters(raw: dict[str, Any], path: str = "config.json") -> dict[str, Any]:
+    params = raw.get("rope_parameters") or {}
+    if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+        # transformers keys rope_parameters by layer type for models that mix attention kinds: not these
+        raise ValueError(f"{path}: rope_parameters={params!r} is not supported (one set for every layer)")
+    return params
 
 
 def load_config(model_dir: str | Path) -> ModelConfig:
@@ -93,6 +114,7 @@ def parse_config(raw: dict[str, Any], model_dir: Path) -> ModelConfig:
     cfg.max_position_embeddings = int(cfg.require("max_position_embeddings"))
     if raw.get("hidden_act", "silu") not in ("silu", "swish"):
         raise ValueError(f"{path}: hidden_act={raw['hidden_act']!r} is not supported (silu)")
+    _rope_parameters(raw, str(path))  # refused here, before any weight is read
     if raw.get("use_sliding_window"):
         raise ValueError(f"{path}: use_sliding_window=true is not supported (full attention only)")
     if cfg.num_heads % cfg.num_kv_heads:

@@ -83,7 +83,7 @@ class MLAttention(nn.Module):
         self.o_proj = linear(cfg.num_heads * self.v_dim, h, bias=bias, parallel="row")
         self.rotary = rotary
         scale = (self.nope + self.rope) ** -0.5
-        scaling = cfg.get("rope_scaling") or {}
+        scaling = cfg.rope_scaling or {}
         if scaling.get("mscale_all_dim"):
             scale *= _yarn_mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
         self.scale = scale
@@ -290,8 +290,7 @@ class DeepseekV3ForCausalLM(CausalLM):
     def __init__(self, cfg: ModelConfig, max_positions: int, mtp_layers: int = 0):
         """`mtp_layers`: multi-token-prediction layers to build (speculative decoding's draft); 0 skips them."""
         rope_dim = cfg.require("qk_rope_head_dim")
-        scaling = cfg.get("rope_scaling")
-        rotary = RotaryEmbedding(rope_dim, max_positions, cfg.get("rope_theta", 10000.0), scaling,
+        rotary = RotaryEmbedding(rope_dim, max_positions, cfg.rope_theta, cfg.rope_scaling,
                                  interleaved=cfg.get("rope_interleave", True))
         super().__init__(cfg, Backbone(cfg, DecoderLayer, rotary))
         self.kv_lora_rank, self.rope_dim = cfg.require("kv_lora_rank"), rope_dim

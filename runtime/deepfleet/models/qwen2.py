@@ -60,7 +60,7 @@ class Qwen2ForCausalLM(CausalLM):
 
     def __init__(self, cfg: ModelConfig, max_positions: int):
         head_dim = cfg.get("head_dim") or cfg.hidden_size // cfg.num_heads
-        rotary = RotaryEmbedding(head_dim, max_positions, cfg.get("rope_theta", 10000.0), cfg.get("rope_scaling"))
+        rotary = RotaryEmbedding(head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         super().__init__(cfg, Backbone(cfg, lambda c, _i, r: DecoderLayer(c, r), rotary))
         self.head_dim = head_dim
 
