@@ -29,8 +29,9 @@ CPU_KV_CACHE_BYTES = 4 << 30  # upper bound of the KV cache on CPU hosts
 COLLECTIVE_TIMEOUT_S = 300.0
 # Structured output: a grammar not compiled within this is refused (400); the engine keeps serving meanwhile
 GRAMMAR_COMPILE_TIMEOUT_S = 10.0
-# LoRA (as vLLM's --max-loras / --max-lora-rank): adapter slots held on the device beside the base model (each may
-# be in every batch) and the largest adapter rank they hold (smaller ranks are zero-padded to it)
+# LoRA (as vLLM's --max-loras / --max-lora-rank): adapter slots held on the device beside the base model (adapters
+# resident at once, each may be in every batch; more may be loaded, lora/manager.py evicts the least recently used
+# idle one) and the largest adapter rank they hold (smaller ranks are zero-padded to it)
 MAX_LORAS = 4
 MAX_LORA_RANK = 16
 # Speculative decoding (engine.speculative): drafts per step (DeepSeek's MTP is trained for 1; vLLM's default for

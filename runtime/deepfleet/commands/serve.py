@@ -89,7 +89,9 @@ def register(app: typer.Typer) -> None:
         lora_modules: Annotated[list[str] | None, typer.Option(
             "--lora-modules", help="A LoRA adapter loaded at start-up, NAME=PATH or vLLM's JSON "
             '{"name": ..., "path": ...}; repeat the flag for more (engine.lora_modules).')] = None,
-        max_loras: Annotated[int | None, typer.Option(help="LoRA adapters loaded at once (engine.max_loras).")] = None,
+        max_loras: Annotated[
+            int | None, typer.Option(help="LoRA adapters resident at once (engine.max_loras).")
+        ] = None,
         max_lora_rank: Annotated[
             int | None, typer.Option(help="Largest LoRA rank accepted (engine.max_lora_rank).")
         ] = None,

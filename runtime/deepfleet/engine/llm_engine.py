@@ -61,7 +61,7 @@ class EngineConfig:
     grammar_compile_timeout_s: float = defaults.GRAMMAR_COMPILE_TIMEOUT_S  # structured output: longer = refused
     async_scheduling: bool = True  # prepare step N+1 while the GPU runs step N (see LLMEngine.step)
     enable_lora: bool = False  # adapter slots beside the projections (deepfleet/lora/); requests pick one by name
-    max_loras: int = defaults.MAX_LORAS  # adapters resident at once (each may be in every batch)
+    max_loras: int = defaults.MAX_LORAS  # adapter slots: adapters resident at once (each may be in every batch)
     max_lora_rank: int = defaults.MAX_LORA_RANK  # largest adapter rank accepted
     lora_modules: dict[str, str] | None = None  # adapters loaded at start-up: name -> PEFT adapter directory
     # speculative decoding, e.g. {"method": "ngram", "num_speculative_tokens": 2}; spec_decode/config.py
@@ -175,7 +175,8 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0,
                     deadline: float | None = None, lora: str | None = None) -> None:
         """`deadline`: a time.monotonic() value; past it the request ends with finish_reason "timeout".
-        `lora`: the name of a loaded LoRA adapter to serve the request with; None: the base model."""
+        `lora`: the name of a loaded LoRA adapter to serve the request with (placed in a slot if it holds none);
+        None: the base model. Raises ValueError (invalid here) or SlotsBusy (no adapter slot can be had now)."""
         if request_id in self.requests:
             raise ValueError(f"request_id: {request_id!r} is already in use")
         if not isinstance(params, SamplingParams):
@@ -187,7 +188,8 @@ class LLMEngine:
         self.logits_processors.check(params)
         if params.prompt_logprobs is not None and not hasattr(self.runner, "prompt_logprobs"):
             raise ValueError("prompt_logprobs: not served with tensor_parallel_size > 1")
-        adapter = self._adapter(lora) if lora is not None else None
+        if lora is not None:
+            self._lora(lora).get(lora)  # a request for an unknown adapter is refused before any other check
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
@@ -208,7 +210,8 @@ class LLMEngine:
                              f"sequence's KV cache holds at most {capacity} tokens "
                              f"({self.block_manager.num_blocks} blocks of {self.block_manager.block_size})")
         seq = Sequence(request_id, text, ids, params, priority=priority, deadline=deadline)
-        if adapter is not None:
+        if lora is not None:  # last: a request refused above takes no slot from an idle adapter
+            adapter = self.runner_lora.acquire(lora, {s.lora_slot for s in self.requests.values()} - {None})
             seq.lora_slot, seq.cache_salt = adapter.slot, adapter.cache_salt
         if params.seed is not None:
             seq.sampling.generator = make_generator(params.seed, self.device)
@@ -220,18 +223,19 @@ class LLMEngine:
         self.prompt_tokens_total += len(ids)
 
     # ---- LoRA adapters --------------------------------------------------------------------------------------------
-    def _adapter(self, name: str):
+    def _lora(self, name: str):
         if self.runner_lora is None:
             raise ValueError(f"model: {name!r} is a LoRA adapter, but LoRA is off here (engine.enable_lora)")
-        return self.runner_lora.get(name)
+        return self.runner_lora
 
     @property
     def runner_lora(self):
         return getattr(self.runner, "lora", None)
 
     def load_lora_adapter(self, name: str, path: str) -> None:
-        """Load a PEFT adapter into a free slot. ValueError (deepfleet.lora.adapter.AdapterError) naming the
-        reason: LoRA off, no free slot, a bad or mismatched adapter."""
+        """Check and register a PEFT adapter (resident at once if a slot is free). ValueError
+        (deepfleet.lora.adapter.AdapterError) naming the reason: LoRA off, a taken name, a bad or mismatched
+        adapter."""
         if self.runner_lora is None:
             raise ValueError(f"lora_name: cannot load {name!r}: LoRA is off here (engine.enable_lora)")
         if not name or name == self.model_name:
@@ -240,18 +244,20 @@ class LLMEngine:
         log.info("LoRA adapter %r loaded from %s", name, path)
 
     def unload_lora_adapter(self, name: str) -> None:
-        """Free the adapter's slot; refused while requests it serves are unfinished."""
-        resident = self._adapter(name)
-        users = sum(1 for s in self.requests.values() if s.lora_slot == resident.slot)
+        """Forget the adapter (and free its slot); refused while requests it serves are unfinished."""
+        lora = self._lora(name)
+        lora.get(name)
+        resident = lora.resident.get(name)
+        users = 0 if resident is None else sum(1 for s in self.requests.values() if s.lora_slot == resident.slot)
         if users:
             raise ValueError(f"lora_name: {name!r} serves {users} unfinished request(s): unload it once they end")
-        self.runner_lora.unload(name)
+        lora.unload(name)
         log.info("LoRA adapter %r unloaded", name)
 
     def lora_adapters(self) -> dict[str, str]:
-        """Loaded adapters: name -> the directory it was read from."""
+        """Loaded adapters (resident or not): name -> the directory it is read from."""
         lora = self.runner_lora
-        return {} if lora is None else {r.name: str(r.path) for r in lora.resident.values()}
+        return {} if lora is None else {name: str(path) for name, path in lora.loaded.items()}
 
     def abort_request(self, request_id: str) -> None:
         seq = self.requests.get(request_id)

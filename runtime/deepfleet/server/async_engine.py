@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from deepfleet.engine.errors import SlotsBusy
 from deepfleet.server.admission import Admission
 from deepfleet.server.engine_loop import Abort, Accepted, Add, Died, LoadAdapter, Refused, Stepped, UnloadAdapter
 from deepfleet.server.metrics import LoadSnapshot
@@ -120,7 +121,7 @@ class AsyncEngine:
         lora: str | None = None,
     ) -> RequestStream:
         """Admit and start one HTTP request. Raises QueueFull, TimeoutError (waited too long for a slot),
-        ValueError (the engine refused the request) or EngineDead."""
+        ValueError (the engine refused the request), SlotsBusy (refused for now) or EngineDead."""
         if self.dead is not None:
             raise EngineDead(str(self.dead))
         await self.admission.acquire(priority, queue_timeout)
@@ -230,7 +231,7 @@ class AsyncEngine:
             stream = self._pending.pop(event.request_id, None)
             if stream is not None:
                 self._forget(stream)
-                stream._fail(ValueError(event.message))
+                stream._fail(SlotsBusy(event.message) if event.busy else ValueError(event.message))
         elif isinstance(event, Died) and self.dead is None:
             log.error("engine died: %s", event.message)
             self.dead = EngineDead(event.message)

@@ -79,8 +79,9 @@ class EngineSettings(BaseModel):
         None, description="Serve LoRA adapters (PEFT format) beside the base model; implied by lora_modules."
     )
     max_loras: int | None = Field(
-        None, ge=1, description=f"LoRA adapters loaded at once, each usable in every batch (default "
-        f"{defaults.MAX_LORAS})."
+        None, ge=1, description=f"LoRA adapters resident at once, each usable in every batch (default "
+        f"{defaults.MAX_LORAS}); more may be loaded: a request for one that is not resident takes the slot of the "
+        "least recently used adapter that serves no unfinished request (503 while every slot does)."
     )
     max_lora_rank: int | None = Field(
         None, ge=1, description=f"Largest LoRA rank accepted (default {defaults.MAX_LORA_RANK}); adapter memory "

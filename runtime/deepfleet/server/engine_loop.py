@@ -15,6 +15,8 @@ from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
 
+from deepfleet.engine.errors import SlotsBusy
+
 log = logging.getLogger(__name__)
 
 
@@ -61,7 +63,8 @@ class Accepted:
 @dataclass
 class Refused:
     request_id: str
-    message: str  # the engine's ValueError: the request is invalid for this engine
+    message: str  # the engine's ValueError (the request is invalid for this engine) or SlotsBusy
+    busy: bool = False  # SlotsBusy: refused for now, the same request may be served later
 
 
 @dataclass
@@ -99,9 +102,9 @@ def run_engine_loop(engine: Any, receive: Callable[[bool], list | None], report:
                 engine.add_request(engine_id, prompt, params, priority=c.priority, deadline=c.deadline, **lora)
                 added.append(engine_id)
                 live.add(engine_id)
-        except ValueError as exc:
+        except (ValueError, SlotsBusy) as exc:
             abort(added)
-            report(Refused(c.request_id, str(exc)))
+            report(Refused(c.request_id, str(exc), busy=isinstance(exc, SlotsBusy)))
             return
         report(Accepted(c.request_id))
 

@@ -27,8 +27,8 @@ def _responses(not_found: str | None) -> dict:
     docs = {
         200: {"description": "Done: one line of text, as vLLM answers.",
               "content": {"text/plain": {"schema": {"type": "string"}}}},
-        400: {"model": p.ErrorResponse, "description": "LoRA is off, the name is taken or is the base model's, no "
-              "free slot (max_loras), or the adapter cannot be served: missing file, rank above max_lora_rank, "
+        400: {"model": p.ErrorResponse, "description": "LoRA is off, the name is taken or is the base model's, "
+              "or the adapter cannot be served: missing file, rank above max_lora_rank, "
               "a module other than q/k/v/o/gate/up/down_proj, another base model's shapes (`error.message` says "
               "which)."},
         413: {"model": p.ErrorResponse, "description": WHY[413]},

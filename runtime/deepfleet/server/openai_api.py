@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from jinja2.exceptions import TemplateError
 
+from deepfleet.engine.errors import SlotsBusy
 from deepfleet.engine.sampling_params import SamplingParams
 from deepfleet.server import protocol as p
 from deepfleet.server import render
@@ -277,6 +278,8 @@ async def _start(state: ServerState, job: _Job, record: RequestRecord) -> Reques
     except asyncio.TimeoutError:
         raise overloaded(503, f"no capacity within the request timeout ({s.request_timeout_s:g} s); retry later",
                          "queue_timeout", s.retry_after_s) from None
+    except SlotsBusy as exc:
+        raise overloaded(503, str(exc), "lora_slots_busy", s.retry_after_s) from None
     except ValueError as exc:
         raise from_value_error(exc) from None
     except EngineDead as exc:

@@ -17,7 +17,8 @@ WHY = {
     413: "Request body larger than max_body_bytes.",
     429: "Admission queue full; see Retry-After.",
     500: "Internal error (also an engine failure after a stream started, as an SSE error event).",
-    503: "Not ready (loading, warming up), draining after SIGTERM, no slot within the request timeout, or the "
+    503: "Not ready (loading, warming up), draining after SIGTERM, no slot within the request timeout, every "
+         "LoRA adapter slot serving unfinished requests while `model` names an adapter that holds none, or the "
          "engine died; Retry-After where retrying helps.",
 }
 

@@ -4,15 +4,17 @@ Adapters are made and saved by PEFT itself (adapter_config.json + adapter_model.
 they change the output); the expected tokens are greedy decoding of the model PEFT merged the adapter into
 (merge_and_unload), run by HF transformers over the full sequence each step. Then: a batch mixing the base model
 and four adapters (ranks 4/8/16, rsLoRA, q/v-only) equals each request alone; prefix-cache hits never cross
-adapters; bad adapters are refused naming the reason; dynamic load/unload."""
+adapters; bad adapters are refused naming the reason; dynamic load/unload; more adapters loaded than slots
+(least recently used idle adapter evicted, busy slots refused for now)."""
 
 import json
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from deepfleet.engine.errors import StartupError
+from deepfleet.engine.errors import SlotsBusy, StartupError
 from deepfleet.engine.llm_engine import EngineConfig, LLMEngine
 from deepfleet.engine.sampling_params import SamplingParams
 
@@ -145,11 +147,7 @@ def test_bad_adapters_are_refused_with_the_reason(setup, tmp_path):
     with pytest.raises(ValueError, match="not a directory"):
         engine.load_lora_adapter("nowhere", str(tmp_path / "nowhere"))
     assert engine.lora_adapters() == {}  # nothing half-loaded
-    # slots: two fit; a third is refused naming max_loras
     engine.load_lora_adapter("one", str(dirs["r8"]))
-    engine.load_lora_adapter("two", str(dirs["r2-mlp"]))
-    with pytest.raises(ValueError, match="max_loras 2 adapters are already loaded"):
-        engine.load_lora_adapter("three", str(dirs["r4-rslora"]))
     with pytest.raises(ValueError, match="already loaded"):
         engine.load_lora_adapter("one", str(dirs["r8"]))
     # a request for an unknown adapter is refused; unload waits for the adapter's requests to end
@@ -161,8 +159,69 @@ def test_bad_adapters_are_refused_with_the_reason(setup, tmp_path):
     while engine.has_unfinished_requests():
         engine.step()
     engine.unload_lora_adapter("one")
-    engine.load_lora_adapter("three", str(dirs["r4-rslora"]))
-    assert set(engine.lora_adapters()) == {"two", "three"}
+    assert engine.lora_adapters() == {}
+
+
+def _collect(engine, outputs):
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                outputs[o.request_id] = o.outputs[0].token_ids
+
+
+def test_least_recently_used_idle_adapter_gives_its_slot(setup, tmp_path):
+    """max_loras 2, five adapters loaded: a request for one that holds no slot takes the slot of the least recently
+    used adapter serving no unfinished request (an adapter in use is never evicted), is refused for now when every
+    slot is in use, and outputs stay those of PEFT's merged models throughout."""
+    model_dir, dirs, expected = setup
+    engine = _engine(model_dir, enable_lora=True, max_loras=2, enable_prefix_caching=False)
+    lora = engine.runner.lora
+    for name in ("r8", "r2-mlp", "r16-qv", "r4-rslora"):
+        engine.load_lora_adapter(name, str(dirs[name]))  # a load beyond the slots registers the adapter
+    assert list(lora.resident) == ["r8", "r2-mlp"] and set(engine.lora_adapters()) == set(ADAPTERS)
+
+    def alone(name):
+        return _run(engine, [(f"alone-{name}-{len(lora.resident)}", _prompt(PROMPTS[name]), name)]).popitem()[1][0]
+
+    assert alone("r8") == expected["r8"]  # r8 used last: r2-mlp is the least recently used
+    # r16-qv (q/v only) takes r2-mlp's slot (MLP only): nothing r2-mlp wrote there may remain
+    assert alone("r16-qv") == expected["r16-qv"]
+    assert list(lora.resident) == ["r8", "r16-qv"]
+    # an evicted adapter stays loaded and comes back on demand, read again from its directory
+    assert alone("r2-mlp") == expected["r2-mlp"]
+    assert list(lora.resident) == ["r16-qv", "r2-mlp"]
+
+    greedy = SamplingParams(temperature=0, ignore_eos=True, max_tokens=NEW_TOKENS)
+    engine.add_request("long", _prompt(9), SamplingParams(temperature=0, ignore_eos=True, max_tokens=30),
+                       lora="r16-qv")
+    engine.add_request("short", _prompt(8), SamplingParams(temperature=0, ignore_eos=True, max_tokens=1),
+                       lora="r2-mlp")
+    with pytest.raises(SlotsBusy, match=r"'r8' is loaded but not resident, and all max_loras 2 adapter slots serve "
+                                        r"unfinished requests \(r16-qv, r2-mlp\)"):
+        engine.add_request("refused", _prompt(PROMPTS["r8"]), greedy, lora="r8")
+    assert "refused" not in engine.requests
+    outputs = {}
+    while "short" in engine.requests:
+        outputs.update((o.request_id, o.outputs[0].token_ids) for o in engine.step() if o.finished)
+    assert "long" in engine.requests  # r16-qv is now the least recently used, but still busy: r2-mlp goes
+    engine.add_request("r8-now", _prompt(PROMPTS["r8"]), greedy, lora="r8")
+    assert list(lora.resident) == ["r16-qv", "r8"]
+    _collect(engine, outputs)
+    assert outputs["r8-now"] == expected["r8"]
+    # the running request was not disturbed by the slot beside it changing hands
+    assert _run(engine, [("long-alone", _prompt(9), "r16-qv")])["long-alone"][0] == outputs["long"][:NEW_TOKENS]
+
+    # an adapter whose directory no longer holds a servable adapter is refused on placement, and takes no slot
+    shutil.copytree(dirs["r4-rslora"], tmp_path / "gone")
+    engine.load_lora_adapter("gone", str(tmp_path / "gone"))
+    (tmp_path / "gone" / "adapter_model.safetensors").unlink()
+    with pytest.raises(ValueError, match="'gone': missing file"):
+        engine.add_request("g", _prompt(5), greedy, lora="gone")
+    assert list(lora.resident) == ["r8", "r16-qv"]  # r16-qv used last (long-alone)
+    engine.unload_lora_adapter("gone")  # not resident: only forgotten
+    engine.unload_lora_adapter("r8")  # resident: its slot is free again, and the next placement evicts no one
+    assert alone("r4-rslora") == expected["r4-rslora"]
+    assert list(lora.resident) == ["r16-qv", "r4-rslora"]
 
 
 def test_lora_off_or_unsupported_is_said_plainly(tiny_models):

@@ -5,6 +5,8 @@ the same adapter (whose parity with PEFT's merged model tests/unit/engine/test_e
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -85,21 +87,56 @@ def test_adapters_listed_selected_loaded_and_unloaded(server, adapters, expected
     assert (r.status_code, r.text) == (200, "Success: LoRA adapter 'ad-b' added successfully.")
     assert _complete(client, "ad-b") == expected["ad-b"]
     assert {m.id for m in client.models.list().data} == {MODEL_NAME, "ad-a", "ad-b"}
-    # refused, naming why: the rank limit, a taken name, a full set of slots, a missing directory
+    # refused, naming why: the rank limit, a taken name, the base model's name, a missing directory
     cases = [({"lora_name": "big", "lora_path": adapters["too-big"]}, "lora_path", "rank 16 exceeds max_lora_rank 8"),
              ({"lora_name": "ad-a", "lora_path": adapters["ad-b"]}, "lora_name", "already loaded"),
-             ({"lora_name": "c", "lora_path": adapters["ad-b"]}, "lora_path", "max_loras 2 adapters are already"),
              ({"lora_name": MODEL_NAME, "lora_path": adapters["ad-b"]}, "lora_name", "base model's name"),
              ({"lora_name": "c", "lora_path": "/nowhere"}, "lora_path", "not a directory")]
-    for body, param, why in cases[:4]:
+    for body, param, why in cases[:3]:
         r = http.post("/v1/load_lora_adapter", json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param and why in r.json()["error"]["message"]
     assert http.post("/v1/load_lora_adapter", json={"lora_name": "x"}).status_code == 400  # lora_path missing
     r = http.post("/v1/unload_lora_adapter", json={"lora_name": "ad-a"})
     assert (r.status_code, r.text) == (200, "Success: LoRA adapter 'ad-a' removed successfully.")
-    r = http.post("/v1/load_lora_adapter", json=cases[4][0])
-    assert r.status_code == 400 and cases[4][2] in r.json()["error"]["message"]
+    r = http.post("/v1/load_lora_adapter", json=cases[3][0])
+    assert r.status_code == 400 and cases[3][2] in r.json()["error"]["message"]
     with pytest.raises(openai.NotFoundError):
         _complete(client, "ad-a")
     assert http.post("/v1/unload_lora_adapter", json={"lora_name": "ad-a"}).status_code == 404
     assert _complete(client, "ad-b") == expected["ad-b"] and _complete(client, MODEL_NAME) == expected[None]
+
+
+def test_more_adapters_than_slots(tiny_model, adapters, expected):
+    """Three adapters on two slots (max_loras 2): while both slots serve streams, a request for the third is a 503
+    with Retry-After naming the busy adapters; once they end it takes the least recently used adapter's slot, and
+    the evicted adapter answers again when asked for (placed again from its directory)."""
+    modules = {"ad-a": adapters["ad-a"], "ad-b": adapters["ad-b"], "c": adapters["ad-b"]}  # c: ad-b's weights
+    settings = settings_for(tiny_model, engine={"lora_modules": modules, "max_loras": 2, "max_lora_rank": 8,
+                                                "dtype": "float32"}, retry_after_s=3)
+    with live_server(settings) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        assert {m.id for m in client.models.list().data} == {MODEL_NAME, "ad-a", "ad-b", "c"}
+        streams = [client.completions.create(model=m, prompt=PROMPT, max_tokens=450, temperature=0, stream=True,
+                                             extra_body={"ignore_eos": True}) for m in ("ad-a", "ad-b")]
+        for stream in streams:
+            next(iter(stream))  # both requests are running: each holds its adapter's slot
+        with pytest.raises(openai.InternalServerError) as exc:
+            _complete(client, "c")
+        assert exc.value.status_code == 503 and exc.value.response.headers["retry-after"] == "3"
+        error = exc.value.body
+        assert error["code"] == "lora_slots_busy" and error["type"] == "overloaded_error"
+        assert "'c' is loaded but not resident, and all max_loras 2 adapter slots serve unfinished requests" in \
+            error["message"]
+        for stream in streams:
+            stream.close()  # the server aborts them once it sees the client gone
+        for _ in range(100):
+            try:
+                text = _complete(client, "c")
+                break
+            except openai.InternalServerError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("the adapter slots stayed busy 10 s after both streams were closed")
+        assert text == expected["ad-b"]
+        assert _complete(client, "ad-a") == expected["ad-a"] and _complete(client, "ad-b") == expected["ad-b"]
+        assert _complete(client, "c") == expected["ad-b"]
