@@ -298,10 +298,10 @@ def _schema_overhead(args: argparse.Namespace, url: str) -> None:
                 print(f"{'':>11}constrained half: TTFT p50 {r['schema_ttft_p50_ms']:.1f}ms p99 "
                       f"{r['schema_ttft_p99_ms']:.1f}ms", flush=True)
             if args.results:
-                _append_schema_records(args, c, label, r)
+                _append_schema_records(args, c, label, r, f"row {k + 1} of {len(rows)}")
 
 
-def _append_schema_records(args: argparse.Namespace, c: int, label: str, r: dict) -> None:
+def _append_schema_records(args: argparse.Namespace, c: int, label: str, r: dict, row: str) -> None:
     import datetime
 
     import torch
@@ -311,7 +311,8 @@ def _append_schema_records(args: argparse.Namespace, c: int, label: str, r: dict
                 shape=f"R1-Distill-Qwen-{args.shape.upper()} bf16",
                 workload=f"http closed loop C={c}, {args.prompt_len}->{args.output_len}, " + {
                     "none": "no constraint", "schema": "json_schema strict",
-                    "mixed": "every other request json_schema strict (TTFT: the unconstrained ones)"}[label])
+                    "mixed": "every other request json_schema strict (TTFT: the unconstrained ones)"}[label]
+                + f", {row}")
     figures = [("http_tok_s", r["tok_s"], "tok/s"), ("http_ttft_p50_ms", r["ttft_p50_ms"], "ms"),
                ("http_ttft_p99_ms", r["ttft_p99_ms"], "ms"), ("tokens_per_request", r["tokens_per_request"], "tokens"),
                ("http_errors", r["errors"], "count")]
