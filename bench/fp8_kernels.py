@@ -4,8 +4,10 @@ with their same-run baselines. Prints a table and writes JSON records (bench/res
   python bench/fp8_kernels.py --out results.jsonl [--commit SHA]
 
 1. correctness: fp8_matmul (each kernel), fused_experts (bf16 and FP8) vs reference.
+   dispatch: the path each row count of two 7B projections takes, its error, CUDA graph replay == eager; which
+   row counts torch._scaled_mm's block scaling runs.
 2. 7B-shaped projections (R1-Distill-Qwen-7B: qkv, o, gate_up, down) per layer, FP8 vs bf16 F.linear, batch
-   1 / 64 / 256, timed as CUDA-graph replays over 8 layers of distinct weights (more than L2 holds).
+   1 / 64 / 256 / 1,024 / 4,096, timed as CUDA-graph replays over 8 layers of distinct weights (more than L2 holds).
 3. MLA decode at V3 width: kernels.mla_decode vs the generic paged kernel.
 4. a tiny FP8 DeepSeek-V3 through the engine with CUDA graphs vs eager (greedy tokens equal), float32 and bf16.
 5. V3 MoE at batch 256 (256 experts, 8 per token, H 7168, I 2048): fused FP8 and bf16 vs the per-expert loop.
@@ -26,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from deepfleet.kernels import fp8_gemm
 from deepfleet.kernels.fp8_gemm import config_for, fp8_matmul
 from deepfleet.kernels.fused_moe import fused_experts
 from deepfleet.models.deepseek_v3 import experts_reference
@@ -74,8 +77,8 @@ def correctness():
     wd = dequantize(w, s, BLOCK, torch.bfloat16)
     for m in (1, 4, 16, 64, 256):
         x = torch.randn(m, k, device=DEV, generator=g, dtype=torch.bfloat16)
-        kernel = config_for(m, n, k, BLOCK, DEV)["kernel"]
-        xq = dequantize(*quantize(x, (1, 128)), (1, 128), torch.bfloat16) if kernel == "w8a8" else x
+        kernel = config_for(x, n, BLOCK)["kernel"]
+        xq = dequantize(*quantize(x, (1, 128)), (1, 128), torch.bfloat16) if kernel != "stream" else x
         record(f"fp8_matmul {m}x{n}x{k} ({kernel})", "vs dequantized reference (bf16)", "max_rel_err",
                rel(fp8_matmul(x, w, s, BLOCK), F.linear(xq, wd)), "ratio")
     e, h, inner = 16, 1024, 512
@@ -94,6 +97,43 @@ def correctness():
         record(f"fused_experts fp8 T={t} E={e} k=4", "vs per-expert loop (dequantized)", "max_rel_err",
                rel(fused_experts(x, q13, q2, ids, wts, s13, s2, BLOCK), experts_reference(x, d13, d2, ids, wts)),
                "ratio")
+
+
+def dispatch():
+    """Which path each row count of the 7B projections gets (the table), its error against the reference, and the
+    same call captured in a CUDA graph and replayed (as the engine's graphs run it): equal to eager. Then the row
+    counts torch._scaled_mm's block scaling takes, called directly (the dispatcher sends it multiples of 4)."""
+    g = torch.Generator(device=DEV).manual_seed(1)
+    for proj, (n, k) in {"qkv": (4608, 3584), "down": (3584, 18944)}.items():
+        w, s = quantize(torch.randn(n, k, device=DEV, generator=g) / k**0.5, BLOCK)
+        wd = dequantize(w, s, BLOCK, torch.bfloat16)
+        bias = torch.randn(n, device=DEV, generator=g, dtype=torch.bfloat16) if proj == "qkv" else None
+        for m in (1, 3, 64, 66, 256, 1024, 4096):
+            x = torch.randn(m, k, device=DEV, generator=g, dtype=torch.bfloat16)
+            kernel = config_for(x, n, BLOCK)["kernel"]
+            xq = dequantize(*quantize(x, (1, 128)), (1, 128), torch.bfloat16) if kernel != "stream" else x
+            eager = fp8_matmul(x, w, s, BLOCK, bias)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured = fp8_matmul(x, w, s, BLOCK, bias)
+            graph.replay()
+            torch.cuda.synchronize()
+            shape = f"7B {proj} {m}x{n}x{k} ({kernel})"
+            record(shape, "vs dequantized reference (bf16)", "max_rel_err", rel(eager, F.linear(xq, wd, bias)),
+                   "ratio")
+            record(shape, "CUDA graph replay vs eager", "max_abs_diff", (captured - eager).abs().max().item(), "abs")
+    n, k = 4608, 3584
+    w, s = quantize(torch.randn(n, k, device=DEV, generator=g) / k**0.5, BLOCK)
+    for m in (1, 2, 3, 5, 6, 8, 65, 66, 68):
+        x = torch.randn(m, k, device=DEV, generator=g, dtype=torch.bfloat16)
+        try:
+            fp8_gemm.KERNELS["scaled_mm"](x, w, s, BLOCK, None, {})
+            torch.cuda.synchronize()
+            ok = 1.0
+        except Exception as e:
+            print(f"scaled_mm at {m} rows: {e!r:.300}", flush=True)
+            ok = 0.0
+        record(f"torch._scaled_mm 1x128 x 128x128, {m}x{n}x{k}", "runs", "ok", ok, "bool")
 
 
 def engine_graphs():
@@ -135,7 +175,7 @@ def dense_7b():
     bf_w = [{k: torch.randn(n, kk, device=DEV, dtype=torch.bfloat16) * 0.02 for k, (n, kk) in shapes.items()}
             for _ in range(layers)]
     fp8_bytes = sum(n * kk for n, kk in shapes.values())
-    for m in (1, 64, 256):
+    for m in (1, 64, 256, 1024, 4096):
         xs = {k: torch.randn(m, kk, device=DEV, dtype=torch.bfloat16) for k, (_, kk) in shapes.items()}
         t_bf = graph_time_ms(lambda xs=xs: [F.linear(xs[k], lw[k]) for lw in bf_w for k in shapes]) / layers
         t_8 = graph_time_ms(lambda xs=xs: [fp8_matmul(xs[k], *lw[k], BLOCK) for lw in fp8_w for k in shapes]) / layers
@@ -269,7 +309,8 @@ def main():
     ap.add_argument("--skip", default="")
     a = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
-    for name, fn in (("correctness", correctness), ("dense", dense_7b), ("mla", mla), ("engine", engine_graphs),
+    for name, fn in (("correctness", correctness), ("dispatch", dispatch), ("dense", dense_7b), ("mla", mla),
+                     ("engine", engine_graphs),
                      ("moe", moe_256), ("v3", v3_layers)):
         if name in a.skip.split(","):
             continue

@@ -5,7 +5,12 @@ L2 holds none of them), the fastest kept. bf16 F.linear (cuBLAS) on the same sha
 the baseline. Writes the table the kernels read (kernels/fp8_configs/<device>.json: --configs-dir, default the
 package's own) and one JSON record per shape and M (bench/results.jsonl format) to --out.
 
-  python bench/fp8_tune.py --out tune.jsonl [--configs-dir DIR] [--commit SHA] [--shapes 7b v3]
+  python bench/fp8_tune.py --out tune.jsonl [--configs-dir DIR] [--commit SHA] [--shapes 7b v3] [--min-rows 16]
+
+Candidates: the Triton kernels' tile choices and, where it takes the call, torch._scaled_mm's cuBLASLt block
+scaling ("scaled_mm"). Besides the fastest per (N, K, M), the records hold the fastest Triton choice and the
+scaled_mm time on their own, so the two large-row paths are compared in the same run. --min-rows re-tunes only
+row counts from there up; the table keeps the other rows' measured entries.
 
 Compilation is the slow part (K and the loop counts are compile-time constants), so worker processes first
 compile every candidate into Triton's on-disk cache in parallel; the timing process then only loads them."""
@@ -34,11 +39,12 @@ SHAPES = {  # (N, K) of each FP8 projection
            "dense gate_up": (36864, 7168), "dense down": (7168, 18432), "shared gate_up": (4096, 7168),
            "shared down": (7168, 2048)},
 }
-ROWS = {"7b": (1, 4, 16, 32, 64, 128, 256, 1024), "v3": (1, 64, 256)}
+# 7B: decode batches up to 1,024 rows (MAX_NUM_SEQS_GPU_CAP) and prefill passes up to 4,096 tokens
+ROWS = {"7b": (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096), "v3": (1, 64, 256)}
 L2_FREE_BYTES = 320 << 20  # weight copies per timed graph: at least this many bytes, so L2 (50 MB) holds none
 
 
-def candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
+def candidates(m: int, n: int, k: int, sms: int, x: torch.Tensor) -> list[dict]:
     out = []
     if m <= fp8_gemm.STREAMING_MAX_ROWS:
         for bn, stages in ((32, 4), (64, 4), (128, 3)):
@@ -49,18 +55,25 @@ def candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
     if 16 < m <= 128:
         tiles += [(64, 64, 4, 4), (64, 128, 4, 3), (64, 128, 8, 4)]
     if m > 64:
-        tiles += [(64, 256, 8, 3), (128, 128, 8, 3), (128, 128, 4, 4), (128, 256, 8, 3), (64, 128, 4, 4)]
+        tiles += [(64, 128, 4, 4), (64, 256, 8, 3), (128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4),
+                  (128, 256, 8, 3)]
     for bm, bn, warps, stages in tiles:
         out.append(dict(kernel="w8a8", BM=bm, BN=bn, GROUP_M=8, num_warps=warps, num_stages=stages))
+    if fp8_gemm.scaled_mm_fits(m, n, k, BLOCK, x):
+        out.append(dict(kernel="scaled_mm"))
     return out
 
 
-def jobs(shape_sets, sms):
+def jobs(shape_sets, sms, min_rows):
     for name in shape_sets:
         for proj, (n, k) in SHAPES[name].items():
             for m in ROWS[name]:
-                for cfg in candidates(m, n, k, sms):
-                    yield name, proj, n, k, m, cfg
+                if m < min_rows:
+                    continue
+                x = torch.empty(m, k, dtype=torch.bfloat16, device="cuda")
+                for cfg in candidates(m, n, k, sms, x):
+                    if cfg["kernel"] != "scaled_mm":  # cuBLASLt: nothing to compile
+                        yield name, proj, n, k, m, cfg
 
 
 def compile_key(job) -> tuple:
@@ -100,12 +113,13 @@ def main():
     ap.add_argument("--commit", default="")
     ap.add_argument("--shapes", nargs="+", default=["7b", "v3"], choices=sorted(SHAPES))
     ap.add_argument("--workers", type=int, default=min(14, os.cpu_count() or 1))
+    ap.add_argument("--min-rows", type=int, default=1, help="tune only row counts from this one up")
     a = ap.parse_args()
     dev = torch.device("cuda")
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     device_name = torch.cuda.get_device_name()
     distinct = {}
-    for job in jobs(a.shapes, sms):
+    for job in jobs(a.shapes, sms, a.min_rows):
         distinct.setdefault(compile_key(job), job)
     todo = list(distinct.values())
     t0 = time.time()
@@ -125,15 +139,17 @@ def main():
             bf = [dequantize(*w, BLOCK, torch.bfloat16) for w in ws]
             by_rows = table.setdefault(f"N={n},K={k}", {})
             for m in ROWS[name]:
+                if m < a.min_rows:
+                    continue
                 x = torch.randn(m, k, device=dev, generator=gen, dtype=torch.bfloat16)
                 want = F.linear(x, ref_w)
                 want_a8 = F.linear(dequantize(*quantize(x, (1, 128)), (1, 128), torch.bfloat16), ref_w)
                 t_bf = 1e3 * graph_time_ms(lambda x=x, bf=bf: [F.linear(x, w) for w in bf]) / copies
-                best = None
-                for cfg in candidates(m, n, k, sms):
+                best, fastest = None, {}  # fastest: per path family (Triton, cuBLASLt)
+                for cfg in candidates(m, n, k, sms, x):
                     try:
                         err = rel(fp8_gemm.fp8_matmul(x, *ws[0], BLOCK, config=cfg),
-                                  want_a8 if cfg["kernel"] == "w8a8" else want)
+                                  want if cfg["kernel"] == "stream" else want_a8)
                         if not err < 3e-2:
                             print(f"  rejected (error {err:.3g}): {cfg}", flush=True)
                             continue
@@ -142,6 +158,8 @@ def main():
                     except Exception as e:  # a tile choice that does not compile or run here
                         print(f"  failed: {cfg}: {e!r:.200}", flush=True)
                         continue
+                    family = "scaled_mm" if cfg["kernel"] == "scaled_mm" else "triton"
+                    fastest[family] = min(fastest.get(family, t), t)
                     if best is None or t < best[0]:
                         best = (t, cfg, err)
                 if best is None:
@@ -149,14 +167,16 @@ def main():
                 t8, cfg, err = best
                 by_rows[str(m)] = cfg
                 tiles = " ".join(f"{key}={v}" for key, v in cfg.items())
-                print(f"{name + ' ' + proj:<22}{m:>5}{t_bf:>9.1f}{t8:>9.1f}{t_bf / t8:>6.2f}{err:>8.4f}  {tiles}",
-                      flush=True)
+                others = " ".join(f"{f}={v:.1f}" for f, v in sorted(fastest.items()))
+                print(f"{name + ' ' + proj:<22}{m:>5}{t_bf:>9.1f}{t8:>9.1f}{t_bf / t8:>6.2f}{err:>8.4f}  {tiles}"
+                      f"  [{others}]", flush=True)
                 shape = f"{name} {proj} N={n} K={k} M={m}"
                 for workload, metric, value, unit in (
                         ("bf16 F.linear (baseline)", "us", t_bf, "us"),
                         ("fp8_matmul, tuned tiles", "us", t8, "us"),
                         ("fp8 vs bf16", "speedup", t_bf / t8, "x"),
-                        ("fp8 weight bytes / time", "bandwidth", n * k / t8 / 1e3, "GB/s")):
+                        ("fp8 weight bytes / time", "bandwidth", n * k / t8 / 1e3, "GB/s"),
+                        *((f"fp8 fastest {family} path", "us", v, "us") for family, v in sorted(fastest.items()))):
                     records.append(dict(shape=shape, workload=workload, metric=metric, value=round(value, 4),
                                         unit=unit))
             del ws, bf, ref_w
@@ -166,7 +186,8 @@ def main():
     path = a.configs_dir / f"{key}.json"
     old = json.loads(path.read_text())["configs"] if path.is_file() else {}
     doc = {"device": device_name, "date": datetime.date.today().isoformat(), "commit": a.commit,
-           "tool": "bench/fp8_tune.py", "configs": {**old, **table}}
+           "tool": "bench/fp8_tune.py",
+           "configs": {shape: {**old.get(shape, {}), **table.get(shape, {})} for shape in {*old, *table}}}
     path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
     with open(a.out, "w") as f:
         for r in records:

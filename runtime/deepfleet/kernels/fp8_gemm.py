@@ -1,7 +1,7 @@
 """Block-scaled FP8 matrix multiply: y = x · Wᵀ with W float8_e4m3fn [N, K] and float32 scales per (BN_q × BK_q)
 block of W (DeepSeek's 128×128). Reference: `deepfleet.quant.fp8.dequantize` then a matmul.
 
-Two kernels; which one and with which tiles is a per-shape choice (`config_for`):
+Three paths; which one and with which tiles is a per-shape, per-row-count choice (`config_for`):
 - "stream" (up to 64 rows): weight streaming through tensor cores: x stays in the compute dtype, each FP8 tile
   is widened in registers and the block scale is applied once per 128-wide K step to the partial sum. K is
   split across programs when N alone gives too few programs to keep every SM reading; the float32 partial sums
@@ -10,8 +10,13 @@ Two kernels; which one and with which tiles is a per-shape choice (`config_for`)
 - "w8a8": x is quantized per token and group of 128 features (1×128, DeepSeek's dynamic activation scheme) and
   both operands go through FP8 tensor cores; per K step the partial sum is scaled by (x group scale) × (W block
   scale), which is exact for scales constant over the step. On the H200 this is also the fastest way to stream
-  a big weight (>= 100 MB) at batch 1, with 16-row tiles: no widening in registers.
-A third, tensor-core-free GEMV kernel was among the candidates of the first H200 tuning run and was never the
+  a big weight (>= 100 MB) at batch 1, with 16-row tiles: no widening in registers. The K loop has no masks
+  (edge rows and columns load wrapped-around copies that are never stored; K in whole steps when it can be).
+- "scaled_mm": the same 1×128 activation quantization, then torch._scaled_mm's DeepSeek scaling (cuBLASLt's
+  1×128 × 128×128 block-scaled FP8 GEMM on SM90), on the weight and its scales as they are (`scaled_mm_fits`
+  says which calls it takes). Not a Triton kernel: the tuner checks it against the reference on the device before
+  it enters a table.
+A tensor-core-free GEMV kernel was among the candidates of the first H200 tuning run and was never the
 fastest for any shape or row count (bench/RESULTS.md, 2026-12-02), so it is gone.
 
 Tiles per (N, K) and row count come from a table measured on the device (kernels/fp8_configs/<device>.json,
@@ -51,7 +56,7 @@ def _round_to_e4m3(x):
 
 
 @triton.jit
-def _quant_groups_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, GROUP: tl.constexpr,
+def _quant_groups_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, stride_sg, GROUP: tl.constexpr,
                          GROUPS_PER_PROG: tl.constexpr):
     row, g0 = tl.program_id(0), tl.program_id(1) * GROUPS_PER_PROG
     groups = g0 + tl.arange(0, GROUPS_PER_PROG)
@@ -61,19 +66,24 @@ def _quant_groups_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm
     scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-10) / 448.0
     q = _round_to_e4m3(tl.clamp(x / scale[:, None], -448.0, 448.0))
     tl.store(q_ptr + row * stride_qm + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(s_ptr + row * stride_sm + groups, scale, mask=groups * GROUP < K)
+    tl.store(s_ptr + row * stride_sm + groups * stride_sg, scale, mask=groups * GROUP < K)
 
 
-def quantize_activations(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (FP8 [M, K], float32 scales [M, K/group]): per token and group of `group` features."""
+def quantize_activations(x: torch.Tensor, group: int, rows_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (FP8 [M, K], float32 scales [M, K/group]): per token and group of `group` features.
+    `rows_major`: the scales laid out with the rows adjacent (strides (1, M)), as cuBLASLt's 1x128 scaling wants
+    them and the FP8xFP8 kernel reads them fastest (one contiguous load per K step)."""
     m, k = x.shape
     groups = triton.cdiv(k, group)
     per_prog = min(8, triton.next_power_of_2(groups))
     q = torch.empty(m, k, dtype=FP8, device=x.device)
-    s = torch.empty(m, groups, dtype=torch.float32, device=x.device)
+    if rows_major:
+        s = torch.empty(groups, m, dtype=torch.float32, device=x.device).t()
+    else:
+        s = torch.empty(m, groups, dtype=torch.float32, device=x.device)
     if m:
         _quant_groups_kernel[(m, triton.cdiv(groups, per_prog))](
-            x, q, s, k, x.stride(0), q.stride(0), s.stride(0), GROUP=group, GROUPS_PER_PROG=per_prog)
+            x, q, s, k, x.stride(0), q.stride(0), s.stride(0), s.stride(1), GROUP=group, GROUPS_PER_PROG=per_prog)
     return q, s
 
 
@@ -130,7 +140,7 @@ def _stream_kernel(x_ptr, w_ptr, ws_ptr, out_ptr, bias_ptr, M, N, K: tl.constexp
 
 @triton.jit(do_not_specialize=["M"])
 def _w8a8_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, c_ptr, bias_ptr, M, N, K: tl.constexpr,
-                 stride_am, stride_asm, stride_wn, stride_wsn, stride_cm,
+                 stride_am, stride_asm, stride_asg, stride_wn, stride_wsn, stride_cm,
                  HAS_BIAS: tl.constexpr, BLOCK_WN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                  BK: tl.constexpr, GROUP_M: tl.constexpr):
     # grouped launch order: GROUP_M row tiles share each weight tile while it is in L2
@@ -143,19 +153,23 @@ def _w8a8_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, c_ptr, bias_ptr, M, N, K: tl.cons
     pid_n = (pid % width) // rows_in_group
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
-    mask_m, mask_n = offs_m < M, offs_n < N
+    # loads read rows/columns past the edge as their wrapped-around copies (stored nowhere): no masks in the loop
+    load_m, load_n = offs_m % M, offs_n % N
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for t in range(0, (K + BK - 1) // BK):
         offs_k = t * BK + tl.arange(0, BK)
-        mask_k = offs_k < K
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
-                    other=0.0)
-        w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None], mask=mask_n[None, :] & mask_k[:, None],
-                    other=0.0)
-        a_s = tl.load(as_ptr + offs_m * stride_asm + t, mask=mask_m, other=0.0)
-        w_s = tl.load(ws_ptr + (offs_n // BLOCK_WN) * stride_wsn + t, mask=mask_n, other=0.0)
+        a_ptrs = a_ptr + load_m[:, None] * stride_am + offs_k[None, :]
+        w_ptrs = w_ptr + load_n[None, :] * stride_wn + offs_k[:, None]
+        if K % BK == 0:
+            a = tl.load(a_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < K, other=0.0)
+            w = tl.load(w_ptrs, mask=offs_k[:, None] < K, other=0.0)
+        a_s = tl.load(as_ptr + load_m * stride_asm + t * stride_asg)
+        w_s = tl.load(ws_ptr + (load_n // BLOCK_WN) * stride_wsn + t)
         acc += tl.dot(a, w) * a_s[:, None] * w_s[None, :]
-    _store_or_partial(acc, c_ptr, bias_ptr, 0, offs_m, offs_n, mask_m, mask_n, 0, stride_cm, HAS_BIAS, 1)
+    _store_or_partial(acc, c_ptr, bias_ptr, 0, offs_m, offs_n, offs_m < M, offs_n < N, 0, stride_cm, HAS_BIAS, 1)
 
 
 def _check_block(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> None:
@@ -202,21 +216,37 @@ def _measured_table(device_key: str) -> dict[tuple[int, int], dict[int, dict]]:
     return table
 
 
-def _runs(cfg: dict, m: int) -> bool:
-    return cfg["kernel"] != "stream" or m <= STREAMING_MAX_ROWS
+def scaled_mm_fits(m: int, n: int, k: int, block: tuple[int, int], x: torch.Tensor) -> bool:
+    """What torch._scaled_mm's 1x128 x 128x128 scaling takes (torch 2.11, ScaledBlas.cpp): CUDA, 128x128 blocks,
+    K in whole blocks whose count is a multiple of 4 (scale_b's stride), N a multiple of 16, a 16-bit output; rows
+    a multiple of 4 keep scale_a's column stride 16-byte aligned (other counts use the Triton kernels)."""
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and tuple(block) == (128, 128)
+            and k % 512 == 0 and n % 16 == 0 and m % 4 == 0 and m > 0)
 
 
-def config_for(m: int, n: int, k: int, block: tuple[int, int], device: torch.device) -> dict:
-    """The measured tiles of the nearest measured row count whose kernel runs m rows; else `default_config`."""
-    if device.type == "cuda":
-        picked = pick_measured(_measured_table(_device_key(device)).get((n, k), {}), m)
+def _runs(cfg: dict, m: int, n: int, k: int, block: tuple[int, int], x: torch.Tensor) -> bool:
+    if cfg["kernel"] == "stream":
+        return m <= STREAMING_MAX_ROWS
+    if cfg["kernel"] == "scaled_mm":
+        return scaled_mm_fits(m, n, k, block, x)
+    return True
+
+
+def config_for(x: torch.Tensor, n: int, block: tuple[int, int]) -> dict:
+    """Tiles for x [M, K] times an [N, K] weight: the measured entry of the nearest measured row count whose kernel
+    runs this call, else `default_config`."""
+    m, k = x.shape
+    if x.device.type == "cuda":
+        picked = pick_measured(_measured_table(_device_key(x.device)).get((n, k), {}), m,
+                               lambda cfg: _runs(cfg, m, n, k, block, x))
         if picked is not None:
             return picked
-    return default_config(m, n, k, block, _num_sms(device))
+    return default_config(m, n, k, block, _num_sms(x.device))
 
 
-def pick_measured(measured: dict[int, dict], m: int) -> dict | None:
-    usable = [rows for rows, cfg in measured.items() if _runs(cfg, m)]
+def pick_measured(measured: dict[int, dict], m: int, runs) -> dict | None:
+    """The entry of the measured row count nearest m (ties: the smaller) among those `runs(cfg)` accepts."""
+    usable = [rows for rows, cfg in measured.items() if runs(cfg)]
     return measured[min(usable, key=lambda rows: (abs(rows - m), rows))] if usable else None
 
 
@@ -253,19 +283,34 @@ def _stream(x, weight, scale, block, bias, cfg):
 def _w8a8(x, weight, scale, block, bias, cfg):
     m, k = x.shape
     n = weight.shape[0]
-    a, a_s = quantize_activations(x, block[1])
+    a, a_s = quantize_activations(x, block[1], rows_major=True)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     bm, bn = cfg["BM"], cfg["BN"]
     _w8a8_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](
         a, a_s, weight, scale, out, bias if bias is not None else out, m, n, k,
-        a.stride(0), a_s.stride(0), weight.stride(0), scale.stride(0), out.stride(0),
+        a.stride(0), a_s.stride(0), a_s.stride(1), weight.stride(0), scale.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_WN=block[0], BM=bm, BN=bn, BK=block[1], GROUP_M=cfg["GROUP_M"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
 
 
-KERNELS = {"stream": _stream, "w8a8": _w8a8}
+def scaled_mm_operands(x, weight, scale, block):
+    """(A, B, scale_a, scale_b) for torch._scaled_mm's DeepSeek scaling (1x128 activations x 128x128 weight blocks,
+    cuBLASLt on SM90): A [M, K] FP8 row-major, B = Wᵀ [K, N] column-major, scale_a [M, K/128] with strides (1, M),
+    scale_b = scaleᵀ [K/128, N/128] with strides (1, K/128), which torch accepts when K/128 is a multiple of 4
+    (`scaled_mm_fits`). No copies of the weight or its scales."""
+    a, a_s = quantize_activations(x, block[1], rows_major=True)
+    return a, weight.t(), a_s, scale.t()
+
+
+def _scaled_mm(x, weight, scale, block, bias, cfg):
+    a, b, a_s, b_s = scaled_mm_operands(x, weight, scale, block)
+    out = torch._scaled_mm(a, b, scale_a=a_s, scale_b=b_s, out_dtype=x.dtype)
+    return out if bias is None else out.add_(bias)
+
+
+KERNELS = {"stream": _stream, "w8a8": _w8a8, "scaled_mm": _scaled_mm}
 
 
 def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
@@ -275,7 +320,7 @@ def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block
     _check_block(weight, scale, block)
     x = x.contiguous()
     m, k = x.shape
-    cfg = config or config_for(m, weight.shape[0], k, block, x.device)
-    if not _runs(cfg, m):
+    cfg = config or config_for(x, weight.shape[0], block)
+    if not _runs(cfg, m, weight.shape[0], k, block, x):
         raise ValueError(f"tiles {cfg} cannot run {m} rows")
     return KERNELS[cfg["kernel"]](x, weight, scale, block, bias, cfg)

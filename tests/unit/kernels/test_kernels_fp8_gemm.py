@@ -43,9 +43,11 @@ def test_streaming_kernels_match_reference(m, n, k, cfg):
     assert _rel_err(got, want) < 1e-5
 
 
-def test_activation_groups_are_quantized_to_e4m3():
+@pytest.mark.parametrize("rows_major", [False, True])
+def test_activation_groups_are_quantized_to_e4m3(rows_major):
     x = torch.randn(3, 200, generator=torch.Generator().manual_seed(4)) * 7
-    q, s = fp8_gemm.quantize_activations(x, 128)
+    q, s = fp8_gemm.quantize_activations(x, 128, rows_major=rows_major)
+    assert s.shape == (3, 2) and s.stride() == ((1, 3) if rows_major else (2, 1))
     for row in range(3):
         for g, (lo, hi) in enumerate([(0, 128), (128, 200)]):
             scale = x[row, lo:hi].abs().max() / 448  # the group's largest |x| lands on e4m3's largest value
@@ -54,16 +56,54 @@ def test_activation_groups_are_quantized_to_e4m3():
             assert torch.equal(q[row, lo:hi].view(torch.uint8), want.view(torch.uint8))
 
 
-def test_fp8_tensor_core_path_matches_reference():
-    m, n, k = 72, 160, 256  # > 64 rows: activations quantized 1x128, FP8 x FP8
+W8A8 = dict(kernel="w8a8", BM=64, BN=128, GROUP_M=8, num_warps=4, num_stages=3)
+
+
+@pytest.mark.parametrize(("m", "n", "k", "cfg"), [
+    (72, 160, 256, None),  # > 64 rows: activations quantized 1x128, FP8 x FP8 (whole K steps, unmasked loop)
+    (72, 160, 300, W8A8),  # a partial K step (masked loop), rows and columns past one tile
+    (130, 200, 384, {**W8A8, "BM": 32, "BN": 64, "GROUP_M": 2}),  # edge tiles in M and N, grouped launch order
+])
+def test_fp8_tensor_core_path_matches_reference(m, n, k, cfg):
     w, s = _weights(n, k, seed=5)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(6))
-    got = fp8_gemm.fp8_matmul(x, w, s, BLOCK)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(3))
+    got = fp8_gemm.fp8_matmul(x, w, s, BLOCK, bias, config=cfg)
     xq, xs = quantize(x, (1, 128))
-    want = dequantize(xq, xs, (1, 128)) @ dequantize(w, s, BLOCK).T
+    want = dequantize(xq, xs, (1, 128)) @ dequantize(w, s, BLOCK).T + bias
     assert _rel_err(got, want) < 1e-5
     # and close to the unquantized-activation product: what per-token-group quantization costs
-    assert _rel_err(got, x @ dequantize(w, s, BLOCK).T) < 0.05
+    assert _rel_err(got, x @ dequantize(w, s, BLOCK).T + bias) < 0.05
+
+
+def test_scaled_mm_operands_are_the_layouts_torch_takes_and_multiply_to_the_reference():
+    """torch._scaled_mm's 1x128 x 128x128 scaling runs on SM90 only (checked there by bench/fp8_tune.py); here the
+    operands it gets: their layouts (ScaledBlas.cpp's checks) and that A·scale_a times B·scale_b is the product."""
+    m, n, k = 8, 256, 512
+    w, s = _weights(n, k, seed=9)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(10))
+    a, b, a_s, b_s = fp8_gemm.scaled_mm_operands(x, w, s, BLOCK)
+    assert a.dtype == b.dtype == torch.float8_e4m3fn and a.stride() == (k, 1) and b.stride() == (1, k)
+    assert a_s.shape == (m, k // 128) and a_s.stride() == (1, m)
+    assert b_s.shape == (k // 128, n // 128) and b_s.stride() == (1, k // 128) and (k // 128) % 4 == 0
+    assert b.data_ptr() == w.data_ptr() and b_s.data_ptr() == s.data_ptr()  # no copy of the weight
+    got = dequantize(a, a_s, (1, 128)) @ dequantize(b.t(), b_s.t(), BLOCK).T
+    xq, xs = quantize(x, (1, 128))
+    assert _rel_err(got, dequantize(xq, xs, (1, 128)) @ dequantize(w, s, BLOCK).T) < 1e-6
+
+
+def test_scaled_mm_is_chosen_only_for_calls_it_takes():
+    fits = fp8_gemm.scaled_mm_fits
+
+    class X:  # a bf16 CUDA tensor as far as the check asks
+        is_cuda, dtype = True, torch.bfloat16
+    assert fits(64, 4608, 3584, BLOCK, X)
+    assert not fits(66, 4608, 3584, BLOCK, X)  # rows not a multiple of 4
+    assert not fits(64, 1536, 3584 - 128, BLOCK, X)  # 27 K blocks: scale_b's stride would not be a multiple of 4
+    assert not fits(64, 4608, 3584, (64, 128), X)
+    X.dtype = torch.float32  # the float32 parity runs: no 32-bit output in cuBLASLt's FP8 GEMM
+    assert not fits(64, 4608, 3584, BLOCK, X)
+    assert not fits(64, 4608, 3584, BLOCK, torch.empty(64, 3584, dtype=torch.bfloat16))  # CPU
 
 
 def test_every_measured_tile_choice_runs_and_matches_reference():
@@ -71,6 +111,8 @@ def test_every_measured_tile_choice_runs_and_matches_reference():
     for path in sorted(fp8_gemm.CONFIG_DIR.glob("*.json")):
         for by_rows in json.loads(path.read_text())["configs"].values():
             for rows, cfg in by_rows.items():
+                if cfg["kernel"] == "scaled_mm":  # cuBLASLt, no tiles of ours (the test above, the tuner on GPU)
+                    continue
                 tiles = {key: v for key, v in cfg.items() if key != "SPLIT"}
                 seen.setdefault(json.dumps(tiles, sort_keys=True), (min(int(rows), 3), cfg))
     w, s = _weights(130, 384, seed=7)
@@ -86,12 +128,22 @@ def test_every_measured_tile_choice_runs_and_matches_reference():
 def test_the_nearest_measured_row_count_whose_kernel_fits_is_used():
     w8a8 = dict(kernel="w8a8", BM=64, BN=128, GROUP_M=8, num_warps=4, num_stages=3)
     table = {1: {**STREAM, "SPLIT": 1}, 4: {**STREAM, "SPLIT": 2}, 32: {**STREAM, "SPLIT": 1}, 256: w8a8}
-    pick = fp8_gemm.pick_measured
+    cublas = dict(kernel="scaled_mm")
+
+    class X:  # a bf16 CUDA tensor as far as the dispatcher asks
+        is_cuda, dtype = True, torch.bfloat16
+
+    def pick(table, m):
+        return fp8_gemm.pick_measured(table, m, lambda cfg: fp8_gemm._runs(cfg, m, 4608, 3584, BLOCK, X))
     assert pick(table, 2) is table[1]
     assert pick(table, 18) is table[4]  # a tie (14 rows either way) goes to the smaller count
     assert pick(table, 3) is table[4]
     assert pick(table, 100) is table[256]  # 32 is nearer, but the streaming kernel runs at most 64 rows
     assert pick({16: {**STREAM, "SPLIT": 1}}, 65) is None  # then the defaults
+    table = {1: {**STREAM, "SPLIT": 1}, 64: w8a8, 256: cublas, 1024: cublas}
+    assert pick(table, 256) is table[256] and pick(table, 600) is table[256]
+    assert pick(table, 258) is table[64]  # cuBLASLt's path takes row counts in fours: the nearest other entry
+    assert pick(table, 4) is table[1]
 
 
 def test_block_sizes_the_kernels_cannot_run_are_refused():
