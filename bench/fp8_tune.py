@@ -128,6 +128,9 @@ def main():
     print(f"compiled {len(todo)} kernels in {a.workers} processes: {time.time() - t0:.1f} s ({failed} failed)",
           flush=True)
 
+    a.configs_dir.mkdir(parents=True, exist_ok=True)
+    path = a.configs_dir / ("".join(c if c.isalnum() else "_" for c in device_name) + ".json")
+    old = json.loads(path.read_text())["configs"] if path.is_file() else {}
     records, table = [], {}
     gen = torch.Generator(device=dev).manual_seed(0)
     print(f"{'shape':<22}{'M':>5}{'bf16 us':>9}{'fp8 us':>9}{'x':>6}{'err':>8}  best tiles", flush=True)
@@ -181,18 +184,19 @@ def main():
                                         unit=unit))
             del ws, bf, ref_w
             torch.cuda.empty_cache()
-    a.configs_dir.mkdir(parents=True, exist_ok=True)
-    key = "".join(c if c.isalnum() else "_" for c in device_name)
-    path = a.configs_dir / f"{key}.json"
-    old = json.loads(path.read_text())["configs"] if path.is_file() else {}
-    doc = {"device": device_name, "date": datetime.date.today().isoformat(), "commit": a.commit,
+            write(a, path, old, table, records)  # after each shape: a cut-off run keeps what it measured
+    print(f"wrote {path} ({sum(map(len, table.values()))} entries), {time.time() - t0:.1f} s", flush=True)
+
+
+def write(a, path: Path, old: dict, table: dict, records: list[dict]) -> None:
+    """The table (merged per row count into `old`, the one there before this run) and the records, so far."""
+    doc = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "commit": a.commit,
            "tool": "bench/fp8_tune.py",
            "configs": {shape: {**old.get(shape, {}), **table.get(shape, {})} for shape in {*old, *table}}}
     path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
     with open(a.out, "w") as f:
         for r in records:
-            f.write(json.dumps({"date": doc["date"], "device": device_name, "commit": a.commit, **r}) + "\n")
-    print(f"wrote {path} ({sum(map(len, table.values()))} entries), {time.time() - t0:.1f} s", flush=True)
+            f.write(json.dumps({"date": doc["date"], "device": doc["device"], "commit": a.commit, **r}) + "\n")
 
 
 if __name__ == "__main__":
