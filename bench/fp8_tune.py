@@ -5,12 +5,12 @@ L2 holds none of them), the fastest kept. bf16 F.linear (cuBLAS) on the same sha
 the baseline. Writes the table the kernels read (kernels/fp8_configs/<device>.json: --configs-dir, default the
 package's own) and one JSON record per shape and M (bench/results.jsonl format) to --out.
 
-  python bench/fp8_tune.py --out tune.jsonl [--configs-dir DIR] [--commit SHA] [--shapes 7b v3] [--min-rows 16]
+  python bench/fp8_tune.py --out tune.jsonl [--configs-dir DIR] [--commit SHA] [--shapes 7b v3] [--rows 64 256]
 
 Candidates: the Triton kernels' tile choices and, where it takes the call, torch._scaled_mm's cuBLASLt block
 scaling ("scaled_mm"). Besides the fastest per (N, K, M), the records hold the fastest Triton choice and the
-scaled_mm time on their own, so the two large-row paths are compared in the same run. --min-rows re-tunes only
-row counts from there up; the table keeps the other rows' measured entries.
+scaled_mm time on their own, so the two large-row paths are compared in the same run. --rows re-tunes only those
+of each shape set's row counts; the table keeps the other rows' measured entries.
 
 Compilation is the slow part (K and the loop counts are compile-time constants), so worker processes first
 compile every candidate into Triton's on-disk cache in parallel; the timing process then only loads them."""
@@ -58,17 +58,20 @@ def candidates(m: int, n: int, k: int, sms: int, x: torch.Tensor) -> list[dict]:
         tiles += [(64, 128, 4, 4), (64, 256, 8, 3), (128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4),
                   (128, 256, 8, 3)]
     for bm, bn, warps, stages in tiles:
-        out.append(dict(kernel="w8a8", BM=bm, BN=bn, GROUP_M=8, num_warps=warps, num_stages=stages))
+        auto = fp8_gemm.auto_split(-(-m // bm) * -(-n // bn), -(-k // 128), sms)
+        for split in sorted({1, auto}):
+            out.append(dict(kernel="w8a8", BM=bm, BN=bn, GROUP_M=8, SPLIT=split, num_warps=warps,
+                            num_stages=stages))
     if fp8_gemm.scaled_mm_fits(m, n, k, BLOCK, x):
         out.append(dict(kernel="scaled_mm"))
     return out
 
 
-def jobs(shape_sets, sms, min_rows):
+def jobs(shape_sets, sms, rows):
     for name in shape_sets:
         for proj, (n, k) in SHAPES[name].items():
             for m in ROWS[name]:
-                if m < min_rows:
+                if rows and m not in rows:
                     continue
                 x = torch.empty(m, k, dtype=torch.bfloat16, device="cuda")
                 for cfg in candidates(m, n, k, sms, x):
@@ -79,12 +82,13 @@ def jobs(shape_sets, sms, min_rows):
 def compile_key(job) -> tuple:
     """What makes two candidates one compiled kernel (the constexprs)."""
     _, _, n, k, m, cfg = job
-    if cfg["kernel"] == "w8a8":
-        return "w8a8", k, tuple(sorted(cfg.items()))
     k_tiles = -(-k // 128)
     per_split = -(-k_tiles // max(1, min(cfg["SPLIT"], k_tiles)))
-    return "stream", k, per_split, -(-k_tiles // per_split), max(1 << (m - 1).bit_length(), 16), \
-        tuple(sorted(cfg.items()))
+    splits = -(-k_tiles // per_split)
+    tiles = tuple(sorted((key, v) for key, v in cfg.items() if key != "SPLIT"))
+    if cfg["kernel"] == "w8a8":
+        return "w8a8", k, per_split, splits, tiles
+    return "stream", k, per_split, splits, max(1 << (m - 1).bit_length(), 16), tiles
 
 
 def _compile(batch):
@@ -113,13 +117,13 @@ def main():
     ap.add_argument("--commit", default="")
     ap.add_argument("--shapes", nargs="+", default=["7b", "v3"], choices=sorted(SHAPES))
     ap.add_argument("--workers", type=int, default=min(14, os.cpu_count() or 1))
-    ap.add_argument("--min-rows", type=int, default=1, help="tune only row counts from this one up")
+    ap.add_argument("--rows", type=int, nargs="+", default=[], help="tune only these row counts (default: all)")
     a = ap.parse_args()
     dev = torch.device("cuda")
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     device_name = torch.cuda.get_device_name()
     distinct = {}
-    for job in jobs(a.shapes, sms, a.min_rows):
+    for job in jobs(a.shapes, sms, a.rows):
         distinct.setdefault(compile_key(job), job)
     todo = list(distinct.values())
     t0 = time.time()
@@ -142,7 +146,7 @@ def main():
             bf = [dequantize(*w, BLOCK, torch.bfloat16) for w in ws]
             by_rows = table.setdefault(f"N={n},K={k}", {})
             for m in ROWS[name]:
-                if m < a.min_rows:
+                if a.rows and m not in a.rows:
                     continue
                 x = torch.randn(m, k, device=dev, generator=gen, dtype=torch.bfloat16)
                 want = F.linear(x, ref_w)

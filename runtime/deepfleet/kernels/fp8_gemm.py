@@ -10,8 +10,8 @@ Three paths; which one and with which tiles is a per-shape, per-row-count choice
 - "w8a8": x is quantized per token and group of 128 features (1×128, DeepSeek's dynamic activation scheme) and
   both operands go through FP8 tensor cores; per K step the partial sum is scaled by (x group scale) × (W block
   scale), which is exact for scales constant over the step. On the H200 this is also the fastest way to stream
-  a big weight (>= 100 MB) at batch 1, with 16-row tiles: no widening in registers. The K loop has no masks
-  (edge rows and columns load wrapped-around copies that are never stored; K in whole steps when it can be).
+  a big weight (>= 100 MB) at batch 1, with 16-row tiles: no widening in registers. K may be split as in the
+  streaming kernel (a wide-K, narrow-N weight at tens of rows otherwise gives a few dozen programs).
 - "scaled_mm": the same 1×128 activation quantization, then torch._scaled_mm's DeepSeek scaling (cuBLASLt's
   1×128 × 128×128 block-scaled FP8 GEMM on SM90), on the weight and its scales as they are (`scaled_mm_fits`
   says which calls it takes). Not a Triton kernel: the tuner checks it against the reference on the device before
@@ -72,7 +72,7 @@ def _quant_groups_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm
 def quantize_activations(x: torch.Tensor, group: int, rows_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (FP8 [M, K], float32 scales [M, K/group]): per token and group of `group` features.
     `rows_major`: the scales laid out with the rows adjacent (strides (1, M)), as cuBLASLt's 1x128 scaling wants
-    them and the FP8xFP8 kernel reads them fastest (one contiguous load per K step)."""
+    them."""
     m, k = x.shape
     groups = triton.cdiv(k, group)
     per_prog = min(8, triton.next_power_of_2(groups))
@@ -139,12 +139,12 @@ def _stream_kernel(x_ptr, w_ptr, ws_ptr, out_ptr, bias_ptr, M, N, K: tl.constexp
 
 
 @triton.jit(do_not_specialize=["M"])
-def _w8a8_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, c_ptr, bias_ptr, M, N, K: tl.constexpr,
-                 stride_am, stride_asm, stride_asg, stride_wn, stride_wsn, stride_cm,
-                 HAS_BIAS: tl.constexpr, BLOCK_WN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                 BK: tl.constexpr, GROUP_M: tl.constexpr):
+def _w8a8_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, out_ptr, bias_ptr, M, N, K: tl.constexpr,
+                 TILES_PER_SPLIT: tl.constexpr, stride_am, stride_asm, stride_wn, stride_wsn, stride_os, stride_om,
+                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_WN: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     # grouped launch order: GROUP_M row tiles share each weight tile while it is in L2
-    pid = tl.program_id(0)
+    pid, split = tl.program_id(0), tl.program_id(1)
     grid_m, grid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
     width = GROUP_M * grid_n
     first_m = (pid // width) * GROUP_M
@@ -153,23 +153,21 @@ def _w8a8_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, c_ptr, bias_ptr, M, N, K: tl.cons
     pid_n = (pid % width) // rows_in_group
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
-    # loads read rows/columns past the edge as their wrapped-around copies (stored nowhere): no masks in the loop
-    load_m, load_n = offs_m % M, offs_n % N
+    mask_m, mask_n = offs_m < M, offs_n < N
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for t in range(0, (K + BK - 1) // BK):
+    for i in range(0, TILES_PER_SPLIT):
+        t = split * TILES_PER_SPLIT + i
         offs_k = t * BK + tl.arange(0, BK)
-        a_ptrs = a_ptr + load_m[:, None] * stride_am + offs_k[None, :]
-        w_ptrs = w_ptr + load_n[None, :] * stride_wn + offs_k[:, None]
-        if K % BK == 0:
-            a = tl.load(a_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < K, other=0.0)
-            w = tl.load(w_ptrs, mask=offs_k[:, None] < K, other=0.0)
-        a_s = tl.load(as_ptr + load_m * stride_asm + t * stride_asg)
-        w_s = tl.load(ws_ptr + (load_n // BLOCK_WN) * stride_wsn + t)
+        mask_k = offs_k < K
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                    other=0.0)
+        w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None], mask=mask_n[None, :] & mask_k[:, None],
+                    other=0.0)
+        a_s = tl.load(as_ptr + offs_m * stride_asm + t, mask=mask_m & (t * BK < K), other=0.0)
+        w_s = tl.load(ws_ptr + (offs_n // BLOCK_WN) * stride_wsn + t, mask=mask_n & (t * BK < K), other=0.0)
         acc += tl.dot(a, w) * a_s[:, None] * w_s[None, :]
-    _store_or_partial(acc, c_ptr, bias_ptr, 0, offs_m, offs_n, offs_m < M, offs_n < N, 0, stride_cm, HAS_BIAS, 1)
+    _store_or_partial(acc, out_ptr, bias_ptr, split, offs_m, offs_n, mask_m, mask_n, stride_os, stride_om,
+                      HAS_BIAS, SPLIT)
 
 
 def _check_block(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> None:
@@ -257,42 +255,59 @@ def _num_sms(device: torch.device) -> int:
 
 
 # ---- launches ------------------------------------------------------------------------------------------------------
+def _split_k(k: int, block: tuple[int, int], cfg: dict) -> tuple[int, int]:
+    """(K steps per split, splits) for the config's SPLIT (1 when it has none), no split empty."""
+    k_tiles = triton.cdiv(k, block[1])
+    per_split = triton.cdiv(k_tiles, max(1, min(cfg.get("SPLIT", 1), k_tiles)))
+    return per_split, triton.cdiv(k_tiles, per_split)
+
+
+def _split_target(out: torch.Tensor, split: int) -> torch.Tensor:
+    """Where a kernel with `split` K splits writes: the output itself, or float32 partial sums per split."""
+    return out if split == 1 else torch.empty(split, *out.shape, dtype=torch.float32, device=out.device)
+
+
+def _sum_splits(target, out, bias, split):
+    """The split partial sums (+ bias) into out, in a fixed order."""
+    if split > 1:
+        m, n = out.shape
+        block_elems = 1024
+        _sum_splits_kernel[(triton.cdiv(m * n, block_elems),)](
+            target, out, bias if bias is not None else out, m, n, target.stride(0), HAS_BIAS=bias is not None,
+            SPLIT=split, BLOCK=block_elems, num_warps=4)
+    return out
+
+
 def _stream(x, weight, scale, block, bias, cfg):
     m, k = x.shape
     n = weight.shape[0]
-    k_tiles = triton.cdiv(k, block[1])
-    tiles_per_split = triton.cdiv(k_tiles, max(1, min(cfg["SPLIT"], k_tiles)))
-    split = triton.cdiv(k_tiles, tiles_per_split)
+    per_split, split = _split_k(k, block, cfg)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-    has_bias = bias is not None
+    target = _split_target(out, split)
     _stream_kernel[(triton.cdiv(n, cfg["BN"]), split)](
-        x, weight, scale, target, bias if has_bias else out, m, n, k, tiles_per_split,
+        x, weight, scale, target, bias if bias is not None else out, m, n, k, per_split,
         x.stride(0), weight.stride(0), scale.stride(0), target.stride(0) if split > 1 else 0, n,
-        HAS_BIAS=has_bias, SPLIT=split, BLOCK_WN=block[0], BM=max(16, triton.next_power_of_2(m)), BN=cfg["BN"],
-        BK=block[1], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        HAS_BIAS=bias is not None, SPLIT=split, BLOCK_WN=block[0], BM=max(16, triton.next_power_of_2(m)),
+        BN=cfg["BN"], BK=block[1], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    if split > 1:
-        block_elems = 1024
-        _sum_splits_kernel[(triton.cdiv(m * n, block_elems),)](
-            target, out, bias if has_bias else out, m, n, target.stride(0), HAS_BIAS=has_bias, SPLIT=split,
-            BLOCK=block_elems, num_warps=4)
-    return out
+    return _sum_splits(target, out, bias, split)
 
 
 def _w8a8(x, weight, scale, block, bias, cfg):
     m, k = x.shape
     n = weight.shape[0]
-    a, a_s = quantize_activations(x, block[1], rows_major=True)
+    a, a_s = quantize_activations(x, block[1])
+    per_split, split = _split_k(k, block, cfg)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    target = _split_target(out, split)
     bm, bn = cfg["BM"], cfg["BN"]
-    _w8a8_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](
-        a, a_s, weight, scale, out, bias if bias is not None else out, m, n, k,
-        a.stride(0), a_s.stride(0), a_s.stride(1), weight.stride(0), scale.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_WN=block[0], BM=bm, BN=bn, BK=block[1], GROUP_M=cfg["GROUP_M"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    _w8a8_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn), split)](
+        a, a_s, weight, scale, target, bias if bias is not None else out, m, n, k, per_split,
+        a.stride(0), a_s.stride(0), weight.stride(0), scale.stride(0), target.stride(0) if split > 1 else 0, n,
+        HAS_BIAS=bias is not None, SPLIT=split, BLOCK_WN=block[0], BM=bm, BN=bn, BK=block[1],
+        GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return out
+    return _sum_splits(target, out, bias, split)
 
 
 def scaled_mm_operands(x, weight, scale, block):

@@ -60,9 +60,11 @@ W8A8 = dict(kernel="w8a8", BM=64, BN=128, GROUP_M=8, num_warps=4, num_stages=3)
 
 
 @pytest.mark.parametrize(("m", "n", "k", "cfg"), [
-    (72, 160, 256, None),  # > 64 rows: activations quantized 1x128, FP8 x FP8 (whole K steps, unmasked loop)
-    (72, 160, 300, W8A8),  # a partial K step (masked loop), rows and columns past one tile
+    (72, 160, 256, None),  # > 64 rows: activations quantized 1x128, FP8 x FP8
+    (72, 160, 300, W8A8),  # a partial K step, rows and columns past one tile
     (130, 200, 384, {**W8A8, "BM": 32, "BN": 64, "GROUP_M": 2}),  # edge tiles in M and N, grouped launch order
+    (40, 160, 600, {**W8A8, "BM": 16, "SPLIT": 3}),  # K split in 3 (2 + 2 + 1 steps, the last one partial)
+    (40, 160, 384, {**W8A8, "BM": 16, "SPLIT": 8}),  # more splits asked for than K steps: one per step
 ])
 def test_fp8_tensor_core_path_matches_reference(m, n, k, cfg):
     w, s = _weights(n, k, seed=5)
