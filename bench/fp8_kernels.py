@@ -184,6 +184,8 @@ def dense_7b():
         record(shape, "fp8 block-scaled (fp8_matmul)", "ms_per_layer", t_8, "ms")
         record(shape, "fp8 vs bf16", "speedup", t_bf / t_8, "x")
         record(shape, "fp8 weight bytes / time", "bandwidth", fp8_bytes / t_8 / 1e6, "GB/s")
+        t_q = graph_time_ms(lambda xs=xs: [fp8_gemm.quantize_activations(xs[k], 128) for _ in fp8_w for k in shapes])
+        record(shape, "of which 1x128 activation quantization (4 launches)", "ms_per_layer", t_q / layers, "ms")
 
 
 def moe_256():
