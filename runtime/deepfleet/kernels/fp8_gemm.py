@@ -69,18 +69,20 @@ def _quant_groups_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm
     tl.store(s_ptr + row * stride_sm + groups * stride_sg, scale, mask=groups * GROUP < K)
 
 
-def quantize_activations(x: torch.Tensor, group: int, rows_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_activations(x: torch.Tensor, group: int, rows_major: bool = False,
+                         rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (FP8 [M, K], float32 scales [M, K/group]): per token and group of `group` features.
     `rows_major`: the scales laid out with the rows adjacent (strides (1, M)), as cuBLASLt's 1x128 scaling wants
-    them."""
+    them. `rows` (>= M): both outputs get that many rows, the ones past M left unwritten."""
     m, k = x.shape
+    rows = m if rows is None else rows
     groups = triton.cdiv(k, group)
     per_prog = min(8, triton.next_power_of_2(groups))
-    q = torch.empty(m, k, dtype=FP8, device=x.device)
+    q = torch.empty(rows, k, dtype=FP8, device=x.device)
     if rows_major:
-        s = torch.empty(groups, m, dtype=torch.float32, device=x.device).t()
+        s = torch.empty(groups, rows, dtype=torch.float32, device=x.device).t()
     else:
-        s = torch.empty(m, groups, dtype=torch.float32, device=x.device)
+        s = torch.empty(rows, groups, dtype=torch.float32, device=x.device)
     if m:
         _quant_groups_kernel[(m, triton.cdiv(groups, per_prog))](
             x, q, s, k, x.stride(0), q.stride(0), s.stride(0), s.stride(1), GROUP=group, GROUPS_PER_PROG=per_prog)
@@ -216,10 +218,9 @@ def _measured_table(device_key: str) -> dict[tuple[int, int], dict[int, dict]]:
 
 def scaled_mm_fits(m: int, n: int, k: int, block: tuple[int, int], x: torch.Tensor) -> bool:
     """What torch._scaled_mm's 1x128 x 128x128 scaling takes (torch 2.11, ScaledBlas.cpp): CUDA, 128x128 blocks,
-    K in whole blocks whose count is a multiple of 4 (scale_b's stride), N a multiple of 16, a 16-bit output; rows
-    a multiple of 4 keep scale_a's column stride 16-byte aligned (other counts use the Triton kernels)."""
+    K in whole blocks whose count is a multiple of 4 (scale_b's stride), N a multiple of 16, a 16-bit output."""
     return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and tuple(block) == (128, 128)
-            and k % 512 == 0 and n % 16 == 0 and m % 4 == 0 and m > 0)
+            and k % 512 == 0 and n % 16 == 0 and m > 0)
 
 
 def _runs(cfg: dict, m: int, n: int, k: int, block: tuple[int, int], x: torch.Tensor) -> bool:
@@ -312,16 +313,19 @@ def _w8a8(x, weight, scale, block, bias, cfg):
 
 def scaled_mm_operands(x, weight, scale, block):
     """(A, B, scale_a, scale_b) for torch._scaled_mm's DeepSeek scaling (1x128 activations x 128x128 weight blocks,
-    cuBLASLt on SM90): A [M, K] FP8 row-major, B = Wᵀ [K, N] column-major, scale_a [M, K/128] with strides (1, M),
-    scale_b = scaleᵀ [K/128, N/128] with strides (1, K/128), which torch accepts when K/128 is a multiple of 4
-    (`scaled_mm_fits`). No copies of the weight or its scales."""
-    a, a_s = quantize_activations(x, block[1], rows_major=True)
+    cuBLASLt on SM90): A [M', K] FP8 row-major, B = Wᵀ [K, N] column-major, scale_a [M', K/128] with strides
+    (1, M'), scale_b = scaleᵀ [K/128, N/128] with strides (1, K/128), which torch accepts when K/128 is a multiple of
+    4 (`scaled_mm_fits`). No copies of the weight or its scales. M' is M rounded up to a multiple of 4, which
+    cuBLASLt needs for scale_a's column stride (H200: 1, 2, 3, 5, 6, 65, 66 rows refused, 8 and 68 run); the rows
+    past M hold whatever memory held and give output rows that are cut off (each output row reads only its own
+    row of A and of scale_a)."""
+    a, a_s = quantize_activations(x, block[1], rows_major=True, rows=-(-x.shape[0] // 4) * 4)
     return a, weight.t(), a_s, scale.t()
 
 
 def _scaled_mm(x, weight, scale, block, bias, cfg):
     a, b, a_s, b_s = scaled_mm_operands(x, weight, scale, block)
-    out = torch._scaled_mm(a, b, scale_a=a_s, scale_b=b_s, out_dtype=x.dtype)
+    out = torch._scaled_mm(a, b, scale_a=a_s, scale_b=b_s, out_dtype=x.dtype)[:x.shape[0]]
     return out if bias is None else out.add_(bias)
 
 

@@ -78,18 +78,21 @@ def test_fp8_tensor_core_path_matches_reference(m, n, k, cfg):
     assert _rel_err(got, x @ dequantize(w, s, BLOCK).T + bias) < 0.05
 
 
-def test_scaled_mm_operands_are_the_layouts_torch_takes_and_multiply_to_the_reference():
-    """torch._scaled_mm's 1x128 x 128x128 scaling runs on SM90 only (checked there by bench/fp8_tune.py); here the
-    operands it gets: their layouts (ScaledBlas.cpp's checks) and that A·scale_a times B·scale_b is the product."""
-    m, n, k = 8, 256, 512
+@pytest.mark.parametrize("m", [8, 6])
+def test_scaled_mm_operands_are_the_layouts_torch_takes_and_multiply_to_the_reference(m):
+    """torch._scaled_mm's 1x128 x 128x128 scaling runs on SM90 only (checked there by bench/fp8_tune.py and
+    bench/fp8_kernels.py); here the operands it gets: their layouts (ScaledBlas.cpp's checks, rows in fours) and
+    that A·scale_a times B·scale_b is the product on the rows that are kept."""
+    n, k, padded = 256, 512, 8
     w, s = _weights(n, k, seed=9)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(10))
     a, b, a_s, b_s = fp8_gemm.scaled_mm_operands(x, w, s, BLOCK)
-    assert a.dtype == b.dtype == torch.float8_e4m3fn and a.stride() == (k, 1) and b.stride() == (1, k)
-    assert a_s.shape == (m, k // 128) and a_s.stride() == (1, m)
+    assert a.dtype == b.dtype == torch.float8_e4m3fn and a.shape == (padded, k) and a.stride() == (k, 1)
+    assert b.shape == (k, n) and b.stride() == (1, k)
+    assert a_s.shape == (padded, k // 128) and a_s.stride() == (1, padded)
     assert b_s.shape == (k // 128, n // 128) and b_s.stride() == (1, k // 128) and (k // 128) % 4 == 0
     assert b.data_ptr() == w.data_ptr() and b_s.data_ptr() == s.data_ptr()  # no copy of the weight
-    got = dequantize(a, a_s, (1, 128)) @ dequantize(b.t(), b_s.t(), BLOCK).T
+    got = dequantize(a[:m], a_s[:m], (1, 128)) @ dequantize(b.t(), b_s.t(), BLOCK).T
     xq, xs = quantize(x, (1, 128))
     assert _rel_err(got, dequantize(xq, xs, (1, 128)) @ dequantize(w, s, BLOCK).T) < 1e-6
 
@@ -99,9 +102,9 @@ def test_scaled_mm_is_chosen_only_for_calls_it_takes():
 
     class X:  # a bf16 CUDA tensor as far as the check asks
         is_cuda, dtype = True, torch.bfloat16
-    assert fits(64, 4608, 3584, BLOCK, X)
-    assert not fits(66, 4608, 3584, BLOCK, X)  # rows not a multiple of 4
+    assert fits(64, 4608, 3584, BLOCK, X) and fits(3, 4608, 3584, BLOCK, X)
     assert not fits(64, 1536, 3584 - 128, BLOCK, X)  # 27 K blocks: scale_b's stride would not be a multiple of 4
+    assert not fits(64, 4600, 3584, BLOCK, X)  # N not a multiple of 16
     assert not fits(64, 4608, 3584, (64, 128), X)
     X.dtype = torch.float32  # the float32 parity runs: no 32-bit output in cuBLASLt's FP8 GEMM
     assert not fits(64, 4608, 3584, BLOCK, X)
@@ -143,9 +146,10 @@ def test_the_nearest_measured_row_count_whose_kernel_fits_is_used():
     assert pick(table, 100) is table[256]  # 32 is nearer, but the streaming kernel runs at most 64 rows
     assert pick({16: {**STREAM, "SPLIT": 1}}, 65) is None  # then the defaults
     table = {1: {**STREAM, "SPLIT": 1}, 64: w8a8, 256: cublas, 1024: cublas}
-    assert pick(table, 256) is table[256] and pick(table, 600) is table[256]
-    assert pick(table, 258) is table[64]  # cuBLASLt's path takes row counts in fours: the nearest other entry
-    assert pick(table, 4) is table[1]
+    assert pick(table, 256) is table[256] and pick(table, 600) is table[256] and pick(table, 4) is table[1]
+    assert pick(table, 2000) is table[1024]
+    X.dtype = torch.float32  # cuBLASLt's path is not for float32: the nearest other entry
+    assert pick(table, 258) is table[64]
 
 
 def test_block_sizes_the_kernels_cannot_run_are_refused():
