@@ -218,7 +218,9 @@ def _measured_table(device_key: str) -> dict[tuple[int, int], dict[int, dict]]:
 
 def scaled_mm_fits(m: int, n: int, k: int, block: tuple[int, int], x: torch.Tensor) -> bool:
     """What torch._scaled_mm's 1x128 x 128x128 scaling takes (torch 2.11, ScaledBlas.cpp): CUDA, 128x128 blocks,
-    K in whole blocks whose count is a multiple of 4 (scale_b's stride), N a multiple of 16, a 16-bit output."""
+    K in whole blocks whose count is a multiple of 4 (scale_b's stride), N a multiple of 16, a 16-bit output.
+    Also an SM90 GPU, which torch checks itself: the path is only taken from a table the tuner measured, and the
+    tuner keeps only candidates that ran and matched the reference on that GPU."""
     return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and tuple(block) == (128, 128)
             and k % 512 == 0 and n % 16 == 0 and m > 0)
 
