@@ -13,6 +13,7 @@ with their same-run baselines. Prints a table and writes JSON records (bench/res
 5. V3 MoE at batch 256 (256 experts, 8 per token, H 7168, I 2048): fused FP8 and bf16 vs the per-expert loop.
 6. V3-shaped decoder layers at full width, random FP8 weights made on the GPU: one MoE layer's decode time at
    batch 1 / 64 / 256 from the difference of 6- and 2-layer models (1 dense + 5 / 1 MoE), against the bytes it reads.
+7. v3profile: the 2-layer model's batch-1 decode step, GPU time per kernel (torch.profiler) against its graph time.
 """
 
 from __future__ import annotations
@@ -255,32 +256,41 @@ V3 = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "
                        "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}}
 
 
-def v3_layers():
-    from deepfleet.models.attention import AttentionMetadata
+def _v3_model(layers: int):
     from deepfleet.models.config import parse_config
     from deepfleet.models.layers import use_fused_kernels
     from deepfleet.models.loader import load_model
 
     use_fused_kernels(False)  # plain element-wise ops: no torch.compile time on the lease; all inside one graph
-    ctx, bs = 128, 16
+    cfg = parse_config({**V3, "num_hidden_layers": layers}, Path("/tmp/v3"))
+    return load_model(cfg, torch.bfloat16, DEV, 4096, load_format="dummy")
+
+
+def _v3_decode(model, layers: int, b: int, ctx: int = 128, bs: int = 16):
+    """A function running one decode step of b sequences of ctx tokens through the model."""
+    from deepfleet.models.attention import AttentionMetadata
+
+    blocks = b * ctx // bs + 1
+    caches = [(torch.zeros(blocks, bs, 1, 576, device=DEV, dtype=torch.bfloat16), None) for _ in range(layers)]
+    meta = AttentionMetadata(
+        num_decodes=b, slot_mapping=torch.arange(b, device=DEV) * ctx + ctx - 1,
+        context_lens=torch.full((b,), ctx, device=DEV, dtype=torch.int32),
+        block_tables=torch.arange(b * ctx // bs, device=DEV, dtype=torch.int32).view(b, ctx // bs),
+        block_size=bs, prefills=[], query_start_loc=torch.arange(b + 1, device=DEV, dtype=torch.int32),
+        max_query_len=1)
+    ids = torch.randint(0, 1000, (b,), device=DEV)
+    pos = torch.full((b,), ctx - 1, device=DEV)
+    return lambda: model(ids, pos, caches, meta)
+
+
+def v3_layers():
+    ctx = 128
     times = {}
     for layers in (2, 6):
-        cfg = parse_config({**V3, "num_hidden_layers": layers}, Path("/tmp/v3"))
-        model = load_model(cfg, torch.bfloat16, DEV, 4096, load_format="dummy")
+        model = _v3_model(layers)
         for b in (1, 64, 256):
-            blocks = b * ctx // bs + 1
-            caches = [(torch.zeros(blocks, bs, 1, 576, device=DEV, dtype=torch.bfloat16), None) for _ in range(layers)]
-            meta = AttentionMetadata(
-                num_decodes=b, slot_mapping=torch.arange(b, device=DEV) * ctx + ctx - 1,
-                context_lens=torch.full((b,), ctx, device=DEV, dtype=torch.int32),
-                block_tables=torch.arange(b * ctx // bs, device=DEV, dtype=torch.int32).view(b, ctx // bs),
-                block_size=bs, prefills=[], query_start_loc=torch.arange(b + 1, device=DEV, dtype=torch.int32),
-                max_query_len=1)
-            ids = torch.randint(0, 1000, (b,), device=DEV)
-            pos = torch.full((b,), ctx - 1, device=DEV)
             with torch.inference_mode():
-                times[(layers, b)] = graph_time_ms(lambda m=model, i=ids, p=pos, c=caches, a=meta: m(i, p, c, a),
-                                                   reps=10)
+                times[(layers, b)] = graph_time_ms(_v3_decode(model, layers, b, ctx), reps=10)
         model = None  # free before the next size is made
         torch.cuda.empty_cache()
     # one MoE layer's bytes at batch 1: attention (FP8; kv_b_proj dequantized to bf16), 8 routed + 1 shared
@@ -300,6 +310,32 @@ def v3_layers():
             record(shape, "tokens per second per layer", "throughput", b / per * 1e3, "tok/s")
 
 
+def v3_profile():
+    """Where the batch-1 decode time of a full-width V3 goes: a 2-layer model (1 dense + 1 MoE layer), one step
+    replayed in a CUDA graph (its time) and run eagerly under torch.profiler: GPU time per kernel, summed by name.
+    The sum against the graph's time is the GPU's idle share (launch gaps, dependencies)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = _v3_model(2)
+    step = _v3_decode(model, 2, 1)
+    with torch.inference_mode():
+        record("V3 2-layer (1 dense + 1 MoE) batch 1", "decode step, CUDA graph replay", "ms", graph_time_ms(step),
+               "ms")
+        step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
+    record("V3 2-layer (1 dense + 1 MoE) batch 1", "eager step, sum of GPU kernel time", "ms",
+           sum(e.device_time_total for e in kernels) / 1e3, "ms")
+    record("V3 2-layer (1 dense + 1 MoE) batch 1", "eager step, kernel launches", "count",
+           sum(e.count for e in kernels), "count")
+    for e in sorted(kernels, key=lambda e: -e.device_time_total)[:20]:
+        record(f"V3 2-layer batch 1 kernel {e.key[:60]}", f"GPU time ({e.count} launches)", "us",
+               e.device_time_total, "us")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -309,7 +345,7 @@ def main():
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     for name, fn in (("correctness", correctness), ("dispatch", dispatch), ("dense", dense_7b), ("mla", mla),
                      ("engine", engine_graphs),
-                     ("moe", moe_256), ("v3", v3_layers)):
+                     ("moe", moe_256), ("v3", v3_layers), ("v3profile", v3_profile)):
         if name in a.skip.split(","):
             continue
         t0 = time.time()
