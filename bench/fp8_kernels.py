@@ -4,8 +4,8 @@ with their same-run baselines. Prints a table and writes JSON records (bench/res
   python bench/fp8_kernels.py --out results.jsonl [--commit SHA]
 
 1. correctness: fp8_matmul (each kernel), fused_experts (bf16 and FP8) vs reference.
-   dispatch: the path each row count of two 7B projections takes, its error, CUDA graph replay == eager; the
-   scaled_mm path at row counts that are not multiples of 4.
+   dispatch: the path each row count of two 7B projections takes, its error, CUDA graph replay == eager.
+   padded: the scaled_mm path at row counts that are not multiples of 4, against the reference, graph == eager.
 2. 7B-shaped projections (R1-Distill-Qwen-7B: qkv, o, gate_up, down) per layer, FP8 vs bf16 F.linear, batch
    1 / 64 / 256 / 1,024 / 4,096, timed as CUDA-graph replays over 8 layers of distinct weights (more than L2 holds).
 3. MLA decode at V3 width: kernels.mla_decode vs the generic paged kernel.
@@ -123,14 +123,29 @@ def dispatch():
             record(shape, "vs dequantized reference (bf16)", "max_rel_err", rel(eager, F.linear(xq, wd, bias)),
                    "ratio")
             record(shape, "CUDA graph replay vs eager", "max_abs_diff", (captured - eager).abs().max().item(), "abs")
+
+
+def padded():
+    """The scaled_mm path at row counts that are not multiples of 4 (cuBLASLt refuses those: padded to four),
+    against the reference, eager and replayed from a CUDA graph."""
+    g = torch.Generator(device=DEV).manual_seed(2)
     n, k = 4608, 3584
     w, s = quantize(torch.randn(n, k, device=DEV, generator=g) / k**0.5, BLOCK)
     wd = dequantize(w, s, BLOCK, torch.bfloat16)
+    bias = torch.randn(n, device=DEV, generator=g, dtype=torch.bfloat16)
     for m in (1, 2, 3, 5, 6, 8, 65, 66, 68, 2049):  # rows not in fours: padded to the next four
         x = torch.randn(m, k, device=DEV, generator=g, dtype=torch.bfloat16)
         xq = dequantize(*quantize(x, (1, 128)), (1, 128), torch.bfloat16)
+        eager = fp8_matmul(x, w, s, BLOCK, bias, config=dict(kernel="scaled_mm"))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = fp8_matmul(x, w, s, BLOCK, bias, config=dict(kernel="scaled_mm"))
+        graph.replay()
+        torch.cuda.synchronize()
         record(f"scaled_mm path {m}x{n}x{k}", "vs dequantized reference (bf16)", "max_rel_err",
-               rel(fp8_matmul(x, w, s, BLOCK, config=dict(kernel="scaled_mm")), F.linear(xq, wd)), "ratio")
+               rel(eager, F.linear(xq, wd, bias)), "ratio")
+        record(f"scaled_mm path {m}x{n}x{k}", "CUDA graph replay vs eager", "max_abs_diff",
+               (captured - eager).abs().max().item(), "abs")
 
 
 def engine_graphs():
@@ -343,7 +358,8 @@ def main():
     ap.add_argument("--skip", default="")
     a = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
-    for name, fn in (("correctness", correctness), ("dispatch", dispatch), ("dense", dense_7b), ("mla", mla),
+    for name, fn in (("correctness", correctness), ("dispatch", dispatch), ("padded", padded),
+                     ("dense", dense_7b), ("mla", mla),
                      ("engine", engine_graphs), ("moe", moe_256), ("v3", v3_layers), ("v3profile", v3_profile)):
         if name in a.skip.split(","):
             continue
