@@ -240,7 +240,9 @@ class MoE(nn.Module):
             raise ValueError(f"{cfg.path / 'config.json'}: n_routed_experts must be a multiple of n_group")
         inner = cfg.require("moe_intermediate_size")
         self.gate = nn.Module()
-        self.gate.weight = nn.Parameter(torch.empty(self.num_experts, h), requires_grad=False)
+        # the router multiplies in float32, as the reference does: held in float32 (the checkpoint's bf16 widens
+        # exactly), so no step converts the [E, H] weight again
+        self.gate.weight = nn.Parameter(torch.empty(self.num_experts, h, dtype=torch.float32), requires_grad=False)
         # the correction bias only ranks experts; kept in float32 as the reference does
         self.gate.e_score_correction_bias = nn.Parameter(torch.empty(self.num_experts, dtype=torch.float32),
                                                          requires_grad=False)
@@ -250,7 +252,7 @@ class MoE(nn.Module):
         self.shared_experts = GatedMLP(h, inner * n_shared, reduce=False) if n_shared else None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = F.linear(x.float(), self.gate.weight.float()).sigmoid()
+        scores = F.linear(x.float(), self.gate.weight).sigmoid()
         choice = scores + self.gate.e_score_correction_bias
         t = x.shape[0]
         groups = choice.view(t, self.n_group, -1).topk(min(2, self.num_experts // self.n_group), dim=-1)[0].sum(-1)
