@@ -159,7 +159,7 @@ def _sampling(state: ServerState, body: p.ChatCompletionRequest | p.CompletionRe
                 seed=None if body.seed is None else body.seed + i,
                 stop=body.stop,
                 stop_token_ids=body.stop_token_ids,
-                prompt_logprobs=body.prompt_logprobs,
+                prompt_logprobs=_scored_prompt(body),
                 ignore_eos=body.ignore_eos,
                 max_tokens=max_tokens,
                 logprobs=logprobs,
@@ -173,6 +173,18 @@ def _sampling(state: ServerState, body: p.ChatCompletionRequest | p.CompletionRe
         ]
     except ValueError as exc:
         raise from_value_error(exc, rename) from None
+
+
+def _echo_logprobs(body: p.ChatCompletionRequest | p.CompletionRequest) -> bool:
+    """OpenAI's completions with `echo` and `logprobs`: the echoed prompt's tokens lead the choice's logprobs."""
+    return isinstance(body, p.CompletionRequest) and body.echo and body.logprobs is not None
+
+
+def _scored_prompt(body: p.ChatCompletionRequest | p.CompletionRequest) -> int | None:
+    """Top alternatives the engine scores each prompt token with: vLLM's prompt_logprobs and echo's logprobs
+    (one scoring, with the larger k; each field shows its own k)."""
+    wanted = [k for k in (body.prompt_logprobs, body.logprobs if _echo_logprobs(body) else None) if k is not None]
+    return max(wanted) if wanted else None
 
 
 def _check_model(state: ServerState, model: str | None) -> None:
@@ -193,8 +205,6 @@ def _common_checks(state: ServerState, body: p.ChatCompletionRequest | p.Complet
         )
     if body.n > state.settings.max_n:
         raise bad_request(f"n: at most {state.settings.max_n} choices per request", param="n")
-    if body.prompt_logprobs is not None and body.stream:
-        raise bad_request("prompt_logprobs: not served with stream (ask without it)", param="prompt_logprobs")
 
 
 def _chat_prompt(state: ServerState, messages: list[p.ChatMessage], template_kwargs: dict[str, Any] | None,
@@ -369,12 +379,24 @@ async def _chat_json(state: ServerState, request: Request, job: _Job, record: Re
     ]
     body = p.ChatCompletion(id=record.response_id("chatcmpl"), created=record.created, model=job.body.model,
                             choices=choices, usage=_usage(job, cursors, cached),
-                            prompt_logprobs=_prompt_logprobs(state, prompt_lps[0]))
+                            prompt_logprobs=_prompt_logprobs(state, prompt_lps[0], job.body.prompt_logprobs))
     return Response(body.model_dump_json(), media_type="application/json")
 
 
-def _prompt_logprobs(state: ServerState, entries: list | None) -> p.PromptLogprobs | None:
-    return None if entries is None else render.prompt_logprobs(entries, state.token_text)
+def _prompt_logprobs(state: ServerState, entries: list | None, k: int | None) -> p.PromptLogprobs | None:
+    """vLLM's prompt_logprobs field, when the request asked for it (k) and the prompt was scored."""
+    return None if entries is None or k is None else render.prompt_logprobs(entries, state.token_text, k)
+
+
+def _choice_logprobs(state: ServerState, job: _Job, i: int, prompt: list | None, entries: list[dict[str, Any]],
+                     offset: int) -> p.CompletionLogprobs:
+    """A completion choice's logprobs: with echo, the prompt's (when scored: `prompt`) lead, and the output's text
+    offsets start after the echoed text; `offset`: where this part of the output starts without echo."""
+    lead = None
+    if prompt is not None and _echo_logprobs(job.body):
+        lead = render.echo_logprobs(job.engine_prompts()[i], prompt, state.token_text, job.body.logprobs)
+        offset += len(job.echo_text(i))
+    return render.completion_logprobs(entries, state.token_text, offset, out=lead)
 
 
 async def _completion_json(state: ServerState, request: Request, job: _Job, record: RequestRecord) -> Response:
@@ -400,9 +422,9 @@ async def _completion_json(state: ServerState, request: Request, job: _Job, reco
         p.CompletionChoice(
             index=i,
             text="".join(texts[i]),
-            logprobs=render.completion_logprobs(logprobs[i], state.token_text, 0) if want_logprobs else None,
+            logprobs=_choice_logprobs(state, job, i, prompt_lps[i], logprobs[i], 0) if want_logprobs else None,
             finish_reason=cursor.finish_reason,
-            prompt_logprobs=_prompt_logprobs(state, prompt_lps[i]),
+            prompt_logprobs=_prompt_logprobs(state, prompt_lps[i], job.body.prompt_logprobs),
         )
         for i, cursor in enumerate(cursors)
     ]
@@ -412,10 +434,13 @@ async def _completion_json(state: ServerState, request: Request, job: _Job, reco
 
 
 async def _sse(state: ServerState, job: _Job, record: RequestRecord, stream: RequestStream,
-               chunk: Callable[[int, str, str, list[dict[str, Any]], str | None, list[Any]], Any],
+               chunk: Callable[[int, str, str, list[dict[str, Any]], str | None, list[Any], list | None], Any],
                first: Callable[[int], Any] | None, usage_chunk: Callable[[p.Usage], Any]) -> AsyncIterator[str]:
-    """SSE events of one streaming request; closing the generator (client gone) aborts the engine request."""
+    """SSE events of one streaming request; closing the generator (client gone) aborts the engine request.
+    `chunk`'s last argument: the prompt's logprob entries on the choice's first update when it was scored (vLLM's
+    prompt_logprobs, echo with logprobs), else None."""
     cursors = _cursors(job)
+    prompt_sent = [False] * len(cursors)
     cached = 0
     status = CLIENT_CLOSED
     try:
@@ -430,12 +455,14 @@ async def _sse(state: ServerState, job: _Job, record: RequestRecord, stream: Req
                     reasoning, content, logprobs = cursors[i].advance(out.outputs[0])
                     finish = cursors[i].finish_reason  # set once the output ended (may be "tool_calls")
                     calls = cursors[i].call_deltas
-                    if reasoning or content or logprobs or finish or calls:
-                        yield render.sse(chunk(i, reasoning, content, logprobs, finish, calls))
+                    prompt = None if prompt_sent[i] else out.prompt_logprobs
+                    prompt_sent[i] = prompt_sent[i] or prompt is not None
+                    if reasoning or content or logprobs or finish or calls or prompt is not None:
+                        yield render.sse(chunk(i, reasoning, content, logprobs, finish, calls, prompt))
         except DeadlineExceeded:
             for i, cursor in enumerate(cursors):
                 if cursor.finish_reason is None:
-                    yield render.sse(chunk(i, "", "", [], "timeout", []))
+                    yield render.sse(chunk(i, "", "", [], "timeout", [], None))
         except EngineDead as exc:
             status = 500
             err = p.ErrorResponse(error=p.ErrorDetail(message=f"engine unavailable: {exc}", type="server_error",
@@ -455,19 +482,22 @@ def _chat_stream(state: ServerState, job: _Job, record: RequestRecord, stream: R
     rid = record.response_id("chatcmpl")
     want_logprobs = job.params[0].logprobs is not None
 
-    def envelope(choices: list[p.ChatChunkChoice], usage: p.Usage | None = None) -> p.ChatCompletionChunk:
+    def envelope(choices: list[p.ChatChunkChoice], usage: p.Usage | None = None,
+                 prompt: p.PromptLogprobs | None = None) -> p.ChatCompletionChunk:
         return p.ChatCompletionChunk(id=rid, created=record.created, model=job.body.model, choices=choices,
-                                     usage=usage)
+                                     usage=usage, prompt_logprobs=prompt)
 
     def first(i: int) -> p.ChatCompletionChunk:
         return envelope([p.ChatChunkChoice(index=i, delta=p.ChatDelta(role="assistant", content=""))])
 
-    def chunk(i: int, reasoning: str, content: str, logprobs: list, finish: str | None,
-              calls: list[Any]) -> p.ChatCompletionChunk:
+    def chunk(i: int, reasoning: str, content: str, logprobs: list, finish: str | None, calls: list[Any],
+              prompt: list | None) -> p.ChatCompletionChunk:
         delta = p.ChatDelta(content=content or None, reasoning_content=reasoning or None,
                             tool_calls=calls or None)
         lp = render.chat_logprobs(logprobs, state.token_text) if want_logprobs else None
-        return envelope([p.ChatChunkChoice(index=i, delta=delta, logprobs=lp, finish_reason=finish)])
+        # at the top level, as the non-streamed answer has it: once, with choice 0's first chunk
+        plp = _prompt_logprobs(state, prompt, job.body.prompt_logprobs) if i == 0 else None
+        return envelope([p.ChatChunkChoice(index=i, delta=delta, logprobs=lp, finish_reason=finish)], prompt=plp)
 
     return _sse(state, job, record, stream, chunk, first, lambda usage: envelope([], usage))
 
@@ -481,15 +511,22 @@ def _completion_stream(state: ServerState, job: _Job, record: RequestRecord,
     def envelope(choices: list[p.CompletionChoice], usage: p.Usage | None = None) -> p.Completion:
         return p.Completion(id=rid, created=record.created, model=job.body.model, choices=choices, usage=usage)
 
-    def chunk(i: int, _reasoning: str, text: str, logprobs: list, finish: str | None, _calls: list) -> p.Completion:
-        lp = render.completion_logprobs(logprobs, state.token_text, offsets[i]) if want_logprobs else None
+    # echo with logprobs: the echoed text waits for the first update, which brings the prompt's logprobs
+    echo_first = job.echo is not None and not _echo_logprobs(job.body)
+
+    def chunk(i: int, _reasoning: str, text: str, logprobs: list, finish: str | None, _calls: list,
+              prompt: list | None) -> p.Completion:
+        lp = _choice_logprobs(state, job, i, prompt, logprobs, offsets[i]) if want_logprobs else None
+        if prompt is not None and _echo_logprobs(job.body):
+            text = job.echo_text(i) + text
         offsets[i] += len(text)
-        return envelope([p.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=finish)])
+        return envelope([p.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=finish,
+                                            prompt_logprobs=_prompt_logprobs(state, prompt, job.body.prompt_logprobs))])
 
     def first(i: int) -> p.Completion:
         return envelope([p.CompletionChoice(index=i, text=job.echo_text(i))])
 
-    return _sse(state, job, record, stream, chunk, first if job.echo else None, lambda usage: envelope([], usage))
+    return _sse(state, job, record, stream, chunk, first if echo_first else None, lambda usage: envelope([], usage))
 
 
 async def _serve(request: Request, endpoint: str, model: type, prepare: Callable, as_json: Callable,

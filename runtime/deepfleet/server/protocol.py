@@ -156,7 +156,7 @@ class _SamplingFields(_Strict):
 
     model: str
     n: int = Field(1, ge=1)
-    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's; not with stream
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's (streamed: with the first chunk)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
@@ -373,9 +373,6 @@ class CompletionRequest(_SamplingFields):
     def _best_of(self) -> CompletionRequest:
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of: only best_of == n is supported")
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo: not with logprobs (OpenAI's prompt-token logprobs in the choice's logprobs are "
-                             "not served; ask for vLLM's prompt_logprobs instead)")
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -543,12 +540,13 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, with the request's prompt_logprobs: on the first chunk
 
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None: the first prompt token under echo (nothing precedes it)
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

@@ -4,6 +4,7 @@ forms are built by one code path and agree."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from deepfleet.server import protocol as p
@@ -113,8 +114,14 @@ def chat_logprobs(entries: list[dict[str, Any]], token_text: TokenText) -> p.Cha
     return p.ChatLogprobs(content=content)
 
 
-def completion_logprobs(entries: list[dict[str, Any]], token_text: TokenText, offset: int) -> p.CompletionLogprobs:
-    out = p.CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+def _logprobs() -> p.CompletionLogprobs:
+    return p.CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+
+
+def completion_logprobs(entries: list[dict[str, Any]], token_text: TokenText, offset: int,
+                        out: p.CompletionLogprobs | None = None) -> p.CompletionLogprobs:
+    """Output tokens' logprobs, text offsets from `offset` on; appended to `out` (the echoed prompt's) if given."""
+    out = _logprobs() if out is None else out
     for e in entries:
         token = token_text(e["token_id"])
         out.tokens.append(token)
@@ -125,8 +132,29 @@ def completion_logprobs(entries: list[dict[str, Any]], token_text: TokenText, of
     return out
 
 
-def prompt_logprobs(entries: list[dict[str, Any] | None], token_text: TokenText) -> p.PromptLogprobs:
-    """The engine's per-prompt-token entries in vLLM's shape: the prompt token with its rank, plus the top ones
+def _top(entry: dict[str, Any], k: int) -> list[tuple[int, float]]:
+    """The k most likely tokens of a prompt entry (the engine scores the prompt once, with the largest k any
+    field of the request asked for; its top_logprobs are in rank order)."""
+    return list(itertools.islice((entry.get("top_logprobs") or {}).items(), k))
+
+
+def echo_logprobs(prompt_ids: list[int], entries: list[dict[str, Any] | None], token_text: TokenText,
+                  k: int) -> p.CompletionLogprobs:
+    """OpenAI's `echo` with `logprobs`: the prompt's tokens lead the choice's logprobs, the first one without a
+    logprob (nothing precedes it); their text offsets add up the tokens' texts from 0, as vLLM's."""
+    out, offset = _logprobs(), 0
+    for token_id, e in zip(prompt_ids, entries, strict=True):
+        token = token_text(token_id)
+        out.tokens.append(token)
+        out.token_logprobs.append(None if e is None else e["logprob"])
+        out.top_logprobs.append(None if e is None else {token_text(tid): lp for tid, lp in _top(e, k)})
+        out.text_offset.append(offset)
+        offset += len(token)
+    return out
+
+
+def prompt_logprobs(entries: list[dict[str, Any] | None], token_text: TokenText, k: int) -> p.PromptLogprobs:
+    """The engine's per-prompt-token entries in vLLM's shape: the prompt token with its rank, plus the top k
     (ranks 1..k in order)."""
     out: p.PromptLogprobs = []
     for e in entries:
@@ -134,7 +162,7 @@ def prompt_logprobs(entries: list[dict[str, Any] | None], token_text: TokenText)
             out.append(None)
             continue
         ranked = {tid: p.PromptLogprob(logprob=lp, rank=r, decoded_token=token_text(tid))
-                  for r, (tid, lp) in enumerate((e.get("top_logprobs") or {}).items(), start=1)}
+                  for r, (tid, lp) in enumerate(_top(e, k), start=1)}
         ranked.setdefault(e["token_id"], p.PromptLogprob(logprob=e["logprob"], rank=e["rank"],
                                                          decoded_token=token_text(e["token_id"])))
         out.append({str(tid): v for tid, v in ranked.items()})

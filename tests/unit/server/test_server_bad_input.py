@@ -57,7 +57,6 @@ CASES = [
      "tools[0].function"),
     ("json-schema-format-without-schema", "/v1/chat/completions",
      _with(CHAT, response_format={"type": "json_schema"}), 400, "response_format"),
-    ("echo-with-logprobs", "/v1/completions", _with(COMPLETION, echo=True, logprobs=1), 400, "echo"),
     ("stream-options-without-stream", "/v1/completions", _with(COMPLETION, stream_options={"include_usage": True}),
      400, "stream_options"),
     ("empty-stop", "/v1/completions", _with(COMPLETION, stop=[""]), 400, "stop"),

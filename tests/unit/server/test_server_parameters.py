@@ -1,6 +1,6 @@
 """The remaining OpenAI/vLLM request parameters against the real server (real engine, tiny model): logit_bias,
-min_tokens, echo, batched prompts, prompt_logprobs, /tokenize and /detokenize; bad values are 400s naming the
-field."""
+min_tokens, echo (with logprobs: the prompt's), batched prompts, prompt_logprobs (streamed too), /tokenize and
+/detokenize; bad values are 400s naming the field."""
 
 from __future__ import annotations
 
@@ -93,9 +93,7 @@ def test_tokenize_and_detokenize(server, tok):
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"3": 101}}, "logit_bias"),
     ("/v1/completions", {"prompt": "hi", "min_tokens": 20, "max_tokens": 4}, "min_tokens"),
     ("/v1/completions", {"prompt": "hi", "min_tokens": -1}, "min_tokens"),
-    ("/v1/completions", {"prompt": "hi", "echo": True, "logprobs": 2}, "echo"),
     ("/v1/completions", {"prompt": "hi", "prompt_logprobs": 21}, "prompt_logprobs"),
-    ("/v1/completions", {"prompt": "hi", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
     ("/v1/completions", {"prompt": [[1, 2], [99999]]}, "prompt[1]"),
     ("/v1/completions", {"prompt": [[]]}, "prompt"),
     ("/v1/completions", {"prompt": ["a"] * 9, "n": 2}, "prompt"),
@@ -138,3 +136,93 @@ def test_prompt_logprobs_equal_transformers_over_the_prompt(server, tok):
     body = chat.json()
     assert len(body["prompt_logprobs"]) == body["usage"]["prompt_tokens"] and body["prompt_logprobs"][0] is None
     assert all(len(e) == 1 for e in body["prompt_logprobs"][1:])  # k = 0: the prompt token alone
+
+
+PROMPT_IDS = [(i * 37) % 500 + 10 for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def prompt_lp(server):
+    """HF transformers' log-softmax over PROMPT_IDS (float32, as the server's CPU engine): row i scores token i+1."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(server.settings.model, dtype=torch.float32)
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([PROMPT_IDS])).logits[0].float(), dim=-1)
+
+
+def _same_prompt_logprobs(a, b):
+    assert len(a) == len(b) and a[0] is None and b[0] is None
+    for x, y in zip(a[1:], b[1:], strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert (x[k]["rank"], x[k]["decoded_token"]) == (y[k]["rank"], y[k]["decoded_token"])
+            assert x[k]["logprob"] == pytest.approx(y[k]["logprob"], abs=1e-5)
+
+
+def test_echo_with_logprobs_scores_the_prompt_streamed_and_not(client, server, tok, prompt_lp):
+    """OpenAI's way of scoring a prompt (what lm-eval-harness's loglikelihood requests send): echo + logprobs. The
+    choice's logprobs lead with the prompt's tokens, the first without a logprob, each other with its logprob and
+    top k under the tokens before it (expected from transformers), then the output's as without echo, their text
+    offsets after the echoed text. Streamed, the echo comes with the first token: joined, the same answer."""
+    token_text = server.state.token_text
+    kw = {"model": MODEL_NAME, "prompt": PROMPT_IDS, "max_tokens": 3, "temperature": 0, "logprobs": 2,
+          "extra_body": {"ignore_eos": True}}
+    plain = client.completions.create(**kw).choices[0]
+    choice = client.completions.create(echo=True, **kw).choices[0]
+    echoed = tok.decode(PROMPT_IDS, skip_special_tokens=False)  # a token-id prompt echoes as its text
+    assert choice.text == echoed + plain.text
+    lps, n = choice.logprobs, len(PROMPT_IDS)
+    assert lps.tokens[:n] == [token_text(t) for t in PROMPT_IDS]
+    assert lps.token_logprobs[0] is None and lps.top_logprobs[0] is None
+    for i in range(1, n):
+        row = prompt_lp[i - 1]
+        assert lps.token_logprobs[i] == pytest.approx(row[PROMPT_IDS[i]].item(), abs=1e-4)
+        top = row.topk(2)
+        want = {token_text(t): v for t, v in zip(top.indices.tolist(), top.values.tolist(), strict=True)}
+        assert lps.top_logprobs[i].keys() == want.keys()
+        assert all(lps.top_logprobs[i][k] == pytest.approx(v, abs=1e-4) for k, v in want.items())
+    assert lps.text_offset[:n] == [sum(len(token_text(t)) for t in PROMPT_IDS[:i]) for i in range(n)]
+    assert lps.tokens[n:] == plain.logprobs.tokens
+    assert lps.token_logprobs[n:] == pytest.approx(plain.logprobs.token_logprobs, abs=1e-5)
+    assert lps.text_offset[n:] == [len(echoed) + o for o in plain.logprobs.text_offset]
+    assert choice.model_extra.get("prompt_logprobs") is None  # vLLM's field only when asked for
+
+    chunks = [c.choices[0] for c in client.completions.create(echo=True, stream=True, **kw) if c.choices]
+    assert "".join(c.text for c in chunks) == choice.text
+    assert chunks[0].text.startswith(echoed)
+    parts = [c.logprobs for c in chunks if c.logprobs is not None]
+    assert [t for lp in parts for t in lp.tokens] == lps.tokens
+    assert [o for lp in parts for o in lp.text_offset] == lps.text_offset
+    streamed = [x for lp in parts for x in lp.token_logprobs]
+    assert streamed[0] is None and streamed[1:] == pytest.approx(lps.token_logprobs[1:], abs=1e-5)
+
+    # with vLLM's prompt_logprobs as well, the prompt is scored once and each field shows its own k
+    both = client.completions.create(echo=True, **{**kw, "extra_body": {"ignore_eos": True, "prompt_logprobs": 0}})
+    field = both.choices[0].model_extra["prompt_logprobs"]
+    assert all(list(e) == [str(t)] for e, t in zip(field[1:], PROMPT_IDS[1:], strict=True))  # k=0: the token alone
+    def keys(tops):
+        return [t if t is None else t.keys() for t in tops[:n]]
+
+    assert keys(both.choices[0].logprobs.top_logprobs) == keys(lps.top_logprobs)  # still echo's k=2
+
+
+def test_prompt_logprobs_streamed_with_the_first_chunk(client, prompt_lp):
+    """vLLM refuses prompt_logprobs with stream; here they come once per choice, with its first chunk carrying
+    output (completions: in the choice; chat: at the chunk's top level, as the non-streamed answer has them),
+    equal to the non-streamed ones."""
+    extra = {"ignore_eos": True, "prompt_logprobs": 1}
+    kw = {"model": MODEL_NAME, "prompt": PROMPT_IDS, "max_tokens": 4, "temperature": 0, "extra_body": extra}
+    whole = client.completions.create(**kw).choices[0].model_extra["prompt_logprobs"]
+    got = whole[5][str(PROMPT_IDS[5])]["logprob"]
+    assert got == pytest.approx(prompt_lp[4][PROMPT_IDS[5]].item(), abs=1e-4)
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **kw) if c.choices]
+    carried = [c.model_extra.get("prompt_logprobs") for c in chunks]
+    assert carried[0] is not None and all(x is None for x in carried[1:])
+    _same_prompt_logprobs(carried[0], whole)
+
+    chat = {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 3, "temperature": 0, "extra_body": extra}
+    whole = client.chat.completions.create(**chat).model_extra["prompt_logprobs"]
+    carried = [c.model_extra.get("prompt_logprobs") for c in client.chat.completions.create(stream=True, **chat)]
+    assert sum(x is not None for x in carried) == 1
+    _same_prompt_logprobs(next(x for x in carried if x is not None), whole)
