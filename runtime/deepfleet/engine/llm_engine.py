@@ -22,7 +22,7 @@ from deepfleet.engine.block_manager import BlockManager
 from deepfleet.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from deepfleet.engine.errors import StartupError
 from deepfleet.engine.logits_processors import LogitsProcessors
-from deepfleet.engine.outputs import CompletionOutput, EngineStats, RequestOutput
+from deepfleet.engine.outputs import CompletionOutput, EngineStats, LoRAStats, RequestOutput
 from deepfleet.engine.sampler import Sampler, SampleResult, make_generator
 from deepfleet.engine.sampling_params import SamplingParams
 from deepfleet.engine.scheduler import Scheduler
@@ -285,7 +285,19 @@ class LLMEngine:
             generation_tokens_total=self.generation_tokens_total,
             spec_decode=replace(self.speculator.stats, accepted_per_position=list(
                 self.speculator.stats.accepted_per_position)) if self.speculator else None,
+            lora=self._lora_stats(),
         )
+
+    def _lora_stats(self) -> LoRAStats | None:
+        lora = self.runner_lora
+        if lora is None:
+            return None
+        by_slot = {r.slot: name for name, r in lora.resident.items()}  # an unfinished request's adapter is resident
+
+        def names(seqs) -> tuple[str, ...]:
+            return tuple(sorted({by_slot[s.lora_slot] for s in seqs if s.lora_slot is not None}))
+
+        return LoRAStats(lora.max_loras, names(self.scheduler.running), names(self.scheduler.waiting))
 
     # ---- stepping -------------------------------------------------------------------------------------------------
     def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:

@@ -30,6 +30,15 @@ class RequestOutput:
     prompt_logprobs: list[dict | None] | None = None
 
 
+@dataclass(frozen=True)
+class LoRAStats:
+    """LoRA on: the adapter slots and which adapters unfinished requests use (names sorted)."""
+
+    max_loras: int
+    running: tuple[str, ...]  # adapters of running requests
+    waiting: tuple[str, ...]  # adapters of waiting (and preempted) requests
+
+
 @dataclass
 class EngineStats:
     num_running: int
@@ -41,3 +50,4 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     spec_decode: SpecDecodeStats | None = None  # engine.speculative set: acceptance counters
+    lora: LoRAStats | None = None  # LoRA on

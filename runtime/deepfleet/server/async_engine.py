@@ -173,7 +173,7 @@ class AsyncEngine:
             s.num_running, s.num_waiting, s.kv_cache_usage, s.prefix_cache_queries, s.prefix_cache_hits,
             s.num_preemptions, s.prompt_tokens_total, s.generation_tokens_total)
         return LoadSnapshot(self.admission.active, self.admission.queued, *engine, ready=ready,
-                            spec_decode=None if s is None else s.spec_decode)
+                            spec_decode=None if s is None else s.spec_decode, lora=None if s is None else s.lora)
 
     async def stop(self) -> None:
         """Stop the engine (it aborts whatever is left) and fail the streams still open."""

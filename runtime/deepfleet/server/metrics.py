@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from deepfleet.engine.outputs import LoRAStats
 from deepfleet.engine.spec_decode.metrics import SpecDecodeStats
 from deepfleet.server.vllm_metrics import VllmView
 
@@ -45,6 +46,7 @@ class LoadSnapshot:
     generation_tokens_total: int
     ready: bool
     spec_decode: SpecDecodeStats | None = None  # engine.speculative set: acceptance counters
+    lora: LoRAStats | None = None  # LoRA on: slots and the adapters in use
 
 
 class _LoadCollector(Collector):

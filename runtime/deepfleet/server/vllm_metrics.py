@@ -5,6 +5,7 @@ as the `deepseek_*` metrics: every observation is recorded once, and both names 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -69,6 +70,16 @@ class VllmView(Collector):
             family.add_metric([*self._model, str(position)], count)
         yield family
 
+    @staticmethod
+    def _lora_info(lora) -> GaugeMetricFamily:
+        """vLLM's LoRA gauge, as LoRA-aware routers read it (the Gateway API inference extension's endpoint picker):
+        the slots and the adapters in use as labels (comma-separated names), the snapshot's time as the value
+        (readers take the newest series). One series: the labels of this scrape."""
+        family = GaugeMetricFamily(P + "lora_requests_info", "Running stats on LoRA requests",
+                                   labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+        family.add_metric([str(lora.max_loras), ",".join(lora.running), ",".join(lora.waiting)], time.time())
+        return family
+
     def collect(self) -> Iterator[Any]:
         s = self._snapshot()
         yield self._gauge("num_requests_running", "Requests the engine is running", s.num_running)
@@ -85,6 +96,8 @@ class VllmView(Collector):
         yield self._counter("prefix_cache_hits", "Prompt tokens found in the prefix cache", s.prefix_cache_hits)
         if s.spec_decode:  # None (or a placeholder 0) without engine.speculative
             yield from self._spec_decode(s.spec_decode)
+        if s.lora:  # None (or a placeholder 0) with LoRA off
+            yield self._lora_info(s.lora)
         yield self._histogram("time_to_first_token_seconds", "Time to first token", "ttft")
         yield self._histogram("request_time_per_output_token_seconds", "Mean time per output token, per request",
                               "tpot")

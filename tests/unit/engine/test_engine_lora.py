@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from deepfleet.engine.errors import SlotsBusy, StartupError
 from deepfleet.engine.llm_engine import EngineConfig, LLMEngine
+from deepfleet.engine.outputs import LoRAStats
 from deepfleet.engine.sampling_params import SamplingParams
 
 transformers = pytest.importorskip("transformers")
@@ -200,10 +201,12 @@ def test_least_recently_used_idle_adapter_gives_its_slot(setup, tmp_path):
                                         r"unfinished requests \(r16-qv, r2-mlp\)"):
         engine.add_request("refused", _prompt(PROMPTS["r8"]), greedy, lora="r8")
     assert "refused" not in engine.requests
+    assert engine.stats().lora == LoRAStats(2, (), ("r16-qv", "r2-mlp"))  # added, not scheduled yet
     outputs = {}
     while "short" in engine.requests:
         outputs.update((o.request_id, o.outputs[0].token_ids) for o in engine.step() if o.finished)
     assert "long" in engine.requests  # r16-qv is now the least recently used, but still busy: r2-mlp goes
+    assert engine.stats().lora == LoRAStats(2, ("r16-qv",), ())
     engine.add_request("r8-now", _prompt(PROMPTS["r8"]), greedy, lora="r8")
     assert list(lora.resident) == ["r16-qv", "r8"]
     _collect(engine, outputs)

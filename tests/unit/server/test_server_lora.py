@@ -108,8 +108,9 @@ def test_adapters_listed_selected_loaded_and_unloaded(server, adapters, expected
 
 def test_more_adapters_than_slots(tiny_model, adapters, expected):
     """Three adapters on two slots (max_loras 2): while both slots serve streams, a request for the third is a 503
-    with Retry-After naming the busy adapters; once they end it takes the least recently used adapter's slot, and
-    the evicted adapter answers again when asked for (placed again from its directory)."""
+    with Retry-After naming the busy adapters (vLLM's vllm:lora_requests_info names the running ones); once they
+    end it takes the least recently used adapter's slot, and the evicted adapter answers again when asked for
+    (placed again from its directory)."""
     modules = {"ad-a": adapters["ad-a"], "ad-b": adapters["ad-b"], "c": adapters["ad-b"]}  # c: ad-b's weights
     settings = settings_for(tiny_model, engine={"lora_modules": modules, "max_loras": 2, "max_lora_rank": 8,
                                                 "dtype": "float32"}, retry_after_s=3)
@@ -120,6 +121,8 @@ def test_more_adapters_than_slots(tiny_model, adapters, expected):
                                              extra_body={"ignore_eos": True}) for m in ("ad-a", "ad-b")]
         for stream in streams:
             next(iter(stream))  # both requests are running: each holds its adapter's slot
+        assert _lora_info(server) == ({"max_lora": "2", "running_lora_adapters": "ad-a,ad-b",
+                                       "waiting_lora_adapters": ""}, pytest.approx(time.time(), abs=30))
         with pytest.raises(openai.InternalServerError) as exc:
             _complete(client, "c")
         assert exc.value.status_code == 503 and exc.value.response.headers["retry-after"] == "3"
@@ -140,3 +143,14 @@ def test_more_adapters_than_slots(tiny_model, adapters, expected):
         assert text == expected["ad-b"]
         assert _complete(client, "ad-a") == expected["ad-a"] and _complete(client, "ad-b") == expected["ad-b"]
         assert _complete(client, "c") == expected["ad-b"]
+        assert _lora_info(server)[0]["running_lora_adapters"] == ""
+
+
+def _lora_info(server) -> tuple[dict, float]:
+    """vLLM's vllm:lora_requests_info series (labels, value) from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(server.url + "/metrics", timeout=30).text
+    (family,) = [f for f in text_string_to_metric_families(text) if f.name == "vllm:lora_requests_info"]
+    (sample,) = family.samples
+    return sample.labels, sample.value
