@@ -2,12 +2,16 @@
 
 - ttft: one 512-token prompt alone, host wall time of the launch vs the GPU time, and a torch.profiler table of
   that step (CPU and CUDA time per op).
-- host: cProfile of engine.step() at 256 running decode sequences (the functions with the most own time).
+- host: cProfile of engine.step() at 256 (--host-batches) running decode sequences (most own time first).
 - graph: the decode graph of 256 sequences replayed alone (its GPU time, from events) and the host time of one
   replay call with the GPU idle, right after the host profile (the buffers hold a real 256-sequence step).
+- kernels: batch-1 decode at 512 context: engine ms/token, the decode graph's GPU time per replay, and a
+  torch.profiler table of its kernels per replay (count, mean and total time by kernel name) with the GPU time
+  inside kernels against the replay's span (the gaps between kernels).
 - prefill: attention alone on one fresh 8k prompt, the Triton paged kernel vs torch SDPA (flash / cuDNN), and the
   engine's SDPA route for long chunks (models/attention.py) against the paged kernel: a fresh 8k chunk and a 4k
-  chunk over 4k of cached context."""
+  chunk over 4k of cached context.
+- breakdown: the benchmark's host profile (engine/benchmark.py Bench.host_profile) at each of --host-batches."""
 
 from __future__ import annotations
 
@@ -59,6 +63,7 @@ def ttft(e, out: Path) -> None:
 
 
 def host(e, out: Path, batch: int = 256) -> None:
+    print(f"== host profile at {batch}")
     for i, (prompt, n) in enumerate(fixed(batch, 128, 400, seed=5)):
         e.add_request(f"h{i}", prompt, SamplingParams(temperature=0, ignore_eos=True, max_tokens=n))
     while len(e.scheduler.running) < batch or any(s.num_uncomputed > 1 for s in e.scheduler.running):
@@ -78,7 +83,7 @@ def host(e, out: Path, batch: int = 256) -> None:
     prof.disable()
     s = io.StringIO()
     pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(35)
-    (out / "host_cprofile.txt").write_text(s.getvalue())
+    (out / f"host_cprofile_{batch}.txt").write_text(s.getvalue())
     print(f"decode step at {batch}: {1e3 * plain:.2f} ms")
     print("\n".join(s.getvalue().splitlines()[:50]))
     graph_time(e, batch)
@@ -108,6 +113,46 @@ def graph_time(e, batch: int) -> None:
     torch.cuda.synchronize()
     print(f"decode graph {batch}: GPU {start.elapsed_time(end) / 20:.3f} ms per replay, host launch {1e3 * launch:.3f}"
           f" ms (GPU idle), {1e3 * queued:.3f} ms back to back")
+
+
+def kernels(e, out: Path, replays: int = 20) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    rng = np.random.default_rng(9)
+    e.add_request("k", _ids(rng, 512), SamplingParams(temperature=0, ignore_eos=True, max_tokens=96))
+    times = []
+    while e.has_unfinished_requests():
+        if e.step():
+            times.append(time.perf_counter())
+        if len(times) == 48:
+            break
+    print(f"batch-1 engine step: {1e3 * (times[-1] - times[16]) / (len(times) - 17):.3f} ms/token")
+    graph_time(e, 1)
+    g, _ = e.runner.graphs[1]
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            g.replay()
+        torch.cuda.synchronize()
+    ka = prof.key_averages()
+    rows = sorted((k for k in ka if k.device_type.name == "CUDA" or getattr(k, "self_device_time_total", 0)),
+                  key=lambda k: -k.self_device_time_total)
+    total = sum(k.self_device_time_total for k in rows)
+    n_kernels = sum(k.count for k in rows) / replays
+    lines = [f"kernels per replay {n_kernels:.0f}, kernel time per replay {total / replays:.1f} us"]
+    for k in rows:
+        lines.append(f"{k.count / replays:7.1f} x {k.self_device_time_total / max(k.count, 1):8.2f} us = "
+                     f"{k.self_device_time_total / replays:8.1f} us  {k.key[:150]}")
+    kern = sorted((ev.time_range.start, ev.time_range.end) for ev in prof.events()
+                  if ev.device_type.name == "CUDA")
+    if kern:
+        span = (kern[-1][1] - kern[0][0]) / replays
+        lines.append(f"replay span {span:.1f} us per replay over {len(kern)} device events")
+    text = "\n".join(lines)
+    (out / f"kernels_{e.model_name}.txt").write_text(text)
+    print(text)
+    while e.has_unfinished_requests():
+        e.step()
 
 
 def prefill(shape_heads: tuple[int, int], n: int = 8192) -> None:
@@ -197,6 +242,7 @@ if __name__ == "__main__":
     ap.add_argument("--shape", default="1.5b")
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--parts", nargs="+", default=["prefill", "ttft", "host"])
+    ap.add_argument("--host-batches", type=int, nargs="+", default=[256])
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -217,5 +263,16 @@ if __name__ == "__main__":
         print(f"ready in {time.perf_counter() - t:.1f} s")
         if "ttft" in args.parts:
             part(ttft, e, args.out)
+        if "kernels" in args.parts:
+            part(kernels, e, args.out)
         if "host" in args.parts:
-            part(host, e, args.out)
+            for b in args.host_batches:
+                part(host, e, args.out, b)
+        if "breakdown" in args.parts:
+            from deepfleet.engine.benchmark import Bench
+
+            bench = Bench(args.shape, e, "-", torch.cuda.get_device_name())
+            for b in args.host_batches:
+                part(bench.host_profile, b)
+            for r in bench.records:
+                print(f"breakdown {r['workload']} {r['metric']}: {r['value']} {r['unit']}")

@@ -133,6 +133,32 @@ def paged_attention(
     return attend(q, k, v, k_cache, v_cache, meta, scale, v_dim, k_scale, v_scale)
 
 
+def rope_paged_attention(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], rotary, num_heads: int,
+                         num_kv_heads: int, head_dim: int, kv_cache: tuple, meta: AttentionMetadata,
+                         scale: float) -> torch.Tensor:
+    """Attention of the Qwen2/Llama layers from their fused QKV projection [T, (H + 2 Hkv) * D]: RoPE on q and k,
+    the new keys/values into the cache, paged attention -> [T, H, D]. On CUDA the rotation and the cache write are
+    one kernel (deepfleet.kernels.rope_cache); on CPU, `rotary` and `paged_attention` (the reference)."""
+    t = qkv.shape[0]
+    k_cache, v_cache, *scales = kv_cache
+    if qkv.is_cuda and not rotary.interleaved:
+        q, k = _rope_cache_kernel()(qkv, *rope, num_heads, num_kv_heads, k_cache, v_cache, meta.slot_mapping,
+                                    *scales)
+        v = qkv[:, (num_heads + num_kv_heads) * head_dim :].view(t, num_kv_heads, head_dim)
+        return _kernel_attention(q, k, v, k_cache, v_cache, meta, scale, head_dim, *scales)
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    q, k = rotary(rope, q.view(t, num_heads, head_dim), k.view(t, num_kv_heads, head_dim))
+    return paged_attention(q, k, v.view(t, num_kv_heads, head_dim), k_cache, v_cache, meta, scale, head_dim,
+                           *scales)
+
+
+@functools.cache
+def _rope_cache_kernel():
+    from deepfleet.kernels.rope_cache import rope_write_kv  # imports triton: only where there is a GPU
+
+    return rope_write_kv
+
+
 @functools.cache
 def _triton_kernel():
     from deepfleet.kernels.paged_attention import paged_attention  # imports triton: only where there is a GPU

@@ -16,9 +16,10 @@ from torch import nn
 
 from deepfleet import quant
 
-# On CUDA the small element-wise steps (RMSNorm with its residual add, RoPE, SiLU·mul) are compiled into one fused
-# kernel each: at small batch a decode step is otherwise dominated by ~50 tiny kernels per layer (measured on H100).
-# The model runner turns this on for CUDA unless enforce_eager; CPU (and the parity tests) run the plain code.
+# On CUDA the small element-wise steps are one kernel each: RMSNorm with its residual add is a Triton kernel
+# (deepfleet/kernels/rms_norm.py) on every CUDA tensor; SiLU·mul and the interleaved RoPE (DeepSeek) are compiled
+# with torch.compile when the model runner turns that on (CUDA unless enforce_eager). The Qwen2/Llama attention
+# rotates and writes the KV cache in one kernel (models/attention.py). CPU (and the parity tests) run the plain code.
 _FUSE = False
 
 
@@ -130,14 +131,11 @@ def _rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     return weight * xf.to(x.dtype)
 
 
-rms_norm = _fusable(_rms_norm_ref)
+@functools.cache
+def _rms_norm_kernel():
+    from deepfleet.kernels.rms_norm import rms_norm  # imports triton: only where there is a GPU
 
-
-@_fusable
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
-    """(norm(x + residual), x + residual): the residual add fused into the next norm."""
-    residual = x + residual
-    return _rms_norm_ref(residual, weight, eps), residual
+    return rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -147,10 +145,18 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """norm(x); with `residual`: (norm(x + residual), x + residual)."""
+        """norm(x); with `residual`: (norm(x + residual), x + residual), the residual add fused into the norm."""
+        if x.is_cuda:
+            rows = x.reshape(-1, x.shape[-1])
+            out = _rms_norm_kernel()(rows, self.weight, self.eps,
+                                     None if residual is None else residual.reshape(rows.shape))
+            if residual is None:
+                return out.view(x.shape)
+            return out[0].view(x.shape), out[1].view(x.shape)
         if residual is None:
-            return rms_norm(x, self.weight, self.eps)
-        return add_rms_norm(x, residual, self.weight, self.eps)
+            return _rms_norm_ref(x, self.weight, self.eps)
+        residual = x + residual
+        return _rms_norm_ref(residual, self.weight, self.eps), residual
 
 
 @_fusable

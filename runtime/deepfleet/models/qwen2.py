@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from deepfleet.distributed.layers import local_heads
-from deepfleet.models.attention import AttentionMetadata, paged_attention
+from deepfleet.models.attention import AttentionMetadata, rope_paged_attention
 from deepfleet.models.base import FUSED_PROJECTIONS, Backbone, CausalLM, decoder_layer_forward
 from deepfleet.models.config import ModelConfig
 from deepfleet.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, linear
@@ -29,17 +29,9 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
 
     def forward(self, rope, x, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(
-            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim],
-            dim=-1,
-        )
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(rope, q, k)
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.head_dim, *kv_cache[2:])
-        return self.o_proj(out.reshape(t, -1))
+        out = rope_paged_attention(self.qkv_proj(x), rope, self.rotary, self.num_heads, self.num_kv_heads,
+                                   self.head_dim, kv_cache, meta, self.scale)
+        return self.o_proj(out.reshape(x.shape[0], -1))
 
 
 class DecoderLayer(nn.Module):
