@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepfleet.distributed import parallel_state as ps
-from deepfleet.models.layers import Linear
+from deepfleet.models.layers import Linear, matmul
 from deepfleet.quant.linear import Fp8Linear, fp8_linear
 from deepfleet.quant.spec import QuantSpec
 
@@ -98,7 +98,7 @@ class RowParallelLinear(Linear):
         split.mark(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = matmul(x, self.weight)
         if self.reduce:
             y = ps.all_reduce(y)
         return y if self.bias is None else y + self.bias

@@ -14,7 +14,9 @@ On CUDA, both passes of a step replay CUDA graphs captured at start-up (an eager
   chunks. The chunks' tokens are padded to the bucket with tokens that belong to no sequence (the attention kernel
   skips them, their keys go to the scratch slot, their rows are never read) and the chunk list to the graph's
   sequence count with empty chunks; the LM head runs eagerly on the rows that are sampled.
-Prefill passes outside the buckets run eagerly; a pass of long chunks only (LONG_PREFILL_TOKENS) attends with
+Before the capture, each projection shape's batch-1 product is timed through cuBLAS and through the Triton GEMV
+(models/layers.py choose_gemv) and the faster is what the batch-1 graph captures. Prefill passes outside the
+buckets run eagerly; a pass of long chunks only (LONG_PREFILL_TOKENS) attends with
 torch SDPA (models/attention.py). The prefill rows sit at a fixed offset in the buffers (after the largest decode
 batch), so a prefill graph reads the same addresses whatever the step's decode count. CPU takes the same split
 (eagerly) so the tests cover it.
@@ -44,7 +46,7 @@ from deepfleet.lora.layers import set_token_slots
 from deepfleet.lora.manager import LoRAManager
 from deepfleet.models.attention import AttentionMetadata
 from deepfleet.models.config import ModelConfig
-from deepfleet.models.layers import use_fused_kernels
+from deepfleet.models.layers import choose_gemv, use_fused_kernels
 from deepfleet.models.loader import load_model
 from deepfleet.quant import kv_cache
 
@@ -173,7 +175,17 @@ class ModelRunner:
         self._init_buffers(max_rows=2 * max_num_seqs + self.prefill_graph_seqs,
                            max_tokens=max_num_seqs + max(max_num_batched_tokens, *self.prefill_buckets, 0))
         if self.use_graphs:
+            if self.device.type == "cuda":  # (the CPU tests emulate graphs)
+                self._choose_gemv()
             self._capture_all()
+
+    def _choose_gemv(self) -> None:
+        """Batch-1 projections: the Triton GEMV or cuBLAS per weight shape, whichever is faster here (timed)."""
+        t0 = time.perf_counter()
+        timings = choose_gemv(self.model, self.device, self.dtype)
+        log.info("batch-1 projections (N x K, silu: cuBLAS ms / Triton GEMV ms over all layers, in %.1f s): %s",
+                 time.perf_counter() - t0, ", ".join(
+                     f"{n}x{k}{' silu' if silu else ''}: {a:.3f}/{b:.3f}" for (n, k, silu), (a, b) in timings.items()))
 
     def forget(self, request_id: str) -> None:
         """A request ended: drop its cached block-table array."""

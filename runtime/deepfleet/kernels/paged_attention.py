@@ -175,25 +175,21 @@ def _paged_attention_kernel(
 def _merge_splits_kernel(
     out, part_out, part_lse,
     num_splits, stride_ot, stride_oh, stride_ps, stride_pt, stride_ph,
-    DV: tl.constexpr, DV_PAD: tl.constexpr,
+    DV: tl.constexpr, DV_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
 ):
-    """out[t, h] = Σ_s w_s · part_out[s, t, h] with w_s ∝ 2^lse_s: the exact softmax over all splits."""
+    """out[t, h] = Σ_s w_s · part_out[s, t, h] with w_s ∝ 2^lse_s: the exact softmax over all splits. Every split's
+    partial is loaded at once ([SPLITS_PAD, DV] tile): one memory round trip, not one per split."""
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     dv = tl.arange(0, DV_PAD)
+    s = tl.arange(0, SPLITS_PAD)
     base = token * stride_pt + head * stride_ph
-    lse_max = tl.load(part_lse + base)
-    for s in range(1, num_splits):
-        lse_max = tl.maximum(lse_max, tl.load(part_lse + s * stride_ps + base))
-    acc = tl.zeros([DV_PAD], tl.float32)
-    weight_sum = tl.zeros([DV_PAD], tl.float32)  # the same sum in every lane: no scalar loop-carried value
-    for s in range(num_splits):
-        w = tl.exp2(tl.load(part_lse + s * stride_ps + base) - lse_max)  # 0 for an empty split
-        part = tl.load(part_out + (s * stride_ps + base) * DV + dv, mask=dv < DV, other=0.0)  # 0 if empty
-        acc += w * part
-        weight_sum += w
-    tl.store(out + token * stride_ot + head * stride_oh + dv, (acc / weight_sum).to(out.dtype.element_ty),
-             mask=dv < DV)
+    lse = tl.load(part_lse + s * stride_ps + base, mask=s < num_splits, other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, 0))  # 0 for an empty split and for the padding
+    part = tl.load(part_out + (s[:, None] * stride_ps + base) * DV + dv[None, :],
+                   mask=(s < num_splits)[:, None] & (dv < DV)[None, :], other=0.0)
+    merged = tl.sum(w[:, None] * part, 0) / tl.sum(w, 0)
+    tl.store(out + token * stride_ot + head * stride_oh + dv, merged.to(out.dtype.element_ty), mask=dv < DV)
 
 
 @functools.cache
@@ -288,6 +284,6 @@ def paged_attention(
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
             out, part_out, part_lse, num_splits, out.stride(0), out.stride(1), num_tokens * num_heads, num_heads, 1,
-            DV=v_dim, DV_PAD=dv_pad, num_warps=4,
+            DV=v_dim, DV_PAD=dv_pad, SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4,
         )
     return out

@@ -46,6 +46,31 @@ def _fusable(fn):
     return run
 
 
+# (out features, in features, SiLU·mul fused, dtype) -> batch-1 products through the Triton GEMV
+# (deepfleet/kernels/gemv.py) instead of cuBLAS: filled at start-up by choose_gemv, which times both on the model's
+# weights; empty (cuBLAS everywhere) until then, on CPU and with enforce_eager
+_GEMV: dict[tuple[int, int, bool, torch.dtype], bool] = {}
+
+
+@functools.cache
+def _gemv_kernel():
+    from deepfleet.kernels import gemv  # imports triton: only where there is a GPU
+
+    return gemv
+
+
+def _use_gemv(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool) -> bool:
+    return (bool(_GEMV) and x.dim() == 2 and x.shape[0] == 1 and x.is_cuda and x.stride(1) == 1
+            and _GEMV.get((weight.shape[0], weight.shape[1], silu_mul, x.dtype), False))
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x Wᵀ (+ b): for one row, the Triton GEMV where choose_gemv found it faster for this shape; else cuBLAS."""
+    if _use_gemv(x, weight, False):
+        return _gemv_kernel().gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 def _param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
@@ -86,7 +111,7 @@ class Linear(nn.Module):
         target.copy_(tensor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return matmul(x, self.weight, self.bias)
 
 
 def linear(in_features: int, out_features: int | list[int], bias: bool = False, quantize: bool = True,
@@ -174,7 +199,63 @@ class GatedMLP(nn.Module):
         self.down_proj = linear(inner, hidden, bias=bias, parallel="row", reduce=reduce)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj
+        if isinstance(gate_up, Linear) and _use_gemv(x, gate_up.weight, True):  # (not a LoRA or FP8 layer)
+            return self.down_proj(_gemv_kernel().gemv(x, gate_up.weight, gate_up.bias, silu_mul=True))
+        return self.down_proj(silu_and_mul(gate_up(x)))
+
+
+def _graph_ms(fn, replays: int = 10) -> float:
+    """GPU time of `fn` per call, from CUDA-graph replays (launch gaps out of the figure)."""
+    fn()  # compiles, settles cuBLAS's choice
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / replays
+
+
+@torch.inference_mode()
+def choose_gemv(model: nn.Module, device: torch.device, dtype: torch.dtype) -> dict:
+    """For each projection shape of `model`, and the gate_up + SiLU·mul pair of its gated MLPs, time batch-1
+    products through cuBLAS (+ the activation) and through the Triton GEMV over all the model's weights of that
+    shape, each way in one CUDA graph (weights streamed from memory as in a decode step, not from L2), and use the
+    faster from then on. Returns {(N, K, silu_mul): (cuBLAS ms, GEMV ms)} for the log."""
+    from deepfleet.distributed.layers import RowParallelLinear
+
+    gemv = _gemv_kernel().gemv
+    sites: dict[tuple[int, int, bool], list[tuple[torch.Tensor, torch.Tensor | None]]] = {}
+    for module in model.modules():
+        if isinstance(module, GatedMLP) and isinstance(module.gate_up_proj, Linear):
+            w = module.gate_up_proj
+            sites.setdefault((*w.weight.shape, True), []).append((w.weight, w.bias))
+        if isinstance(module, Linear):
+            bias = None if isinstance(module, RowParallelLinear) else module.bias  # (added after the reduce)
+            sites.setdefault((*module.weight.shape, False), []).append((module.weight, bias))
+    timings = {}
+    for (n, k, silu), weights in sites.items():
+        x = torch.randn(1, k, device=device, dtype=dtype)
+
+        def cublas(x=x, weights=weights, silu=silu):
+            for w, b in weights:
+                y = F.linear(x, w, b)
+                if silu:
+                    silu_and_mul(y)
+
+        def triton(x=x, weights=weights, silu=silu):
+            for w, b in weights:
+                gemv(x, w, b, silu_mul=silu)
+
+        timings[(n, k, silu)] = (_graph_ms(cublas), _graph_ms(triton))
+    _GEMV.update({(*key, dtype): t[1] < t[0] for key, t in timings.items()})
+    return timings
 
 
 # ---- rotary embeddings -------------------------------------------------------------------------------------------
