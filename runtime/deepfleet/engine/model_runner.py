@@ -66,6 +66,16 @@ def prefill_token_buckets(max_tokens: int = defaults.PREFILL_GRAPH_MAX_TOKENS) -
     return [t for t in ladder if t <= max_tokens]
 
 
+def _copy_rows(tab: np.ndarray, tables: list[np.ndarray]) -> None:
+    """tables[i] into the first len(tables[i]) entries of row i of tab, as one scatter (no copy per row)."""
+    if not tables:
+        return
+    lens = np.fromiter(map(len, tables), np.int64, len(tables))
+    starts = np.cumsum(lens) - lens  # where each table begins in the concatenation
+    within = np.arange(int(lens.sum())) - np.repeat(starts, lens)
+    tab.reshape(-1)[np.repeat(np.arange(len(tables)) * tab.shape[1], lens) + within] = np.concatenate(tables)
+
+
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_model_len: int,
                  block_size: int, enforce_eager: bool, load_format: str = "auto", quantization: str | None = None,
@@ -215,28 +225,28 @@ class ModelRunner:
         # too, as the graph reads its whole query_start_loc)
         rows = pbase + (self.prefill_graph_seqs if bucket is not None else len(prefills)) if prefills else padded
         tab = a["tables"][: rows * width].reshape(rows, width)
-        ids, positions, slots, ctx = [], [], [], []
-        fill_dst, fill_src, decode_rows = [], [], []
-        for i, ((seq, _), table) in enumerate(zip(decodes, tables, strict=False)):
-            pos = seq.num_computed_tokens
-            token = seq.token_ids[pos : pos + 1][0]  # (a worker's SeqView holds only a window of the tokens)
-            if token < 0:  # sampled by the step still in flight: read on the device
-                fill_dst.append(i)
-                fill_src.append(seq.pending_row)
-                token = 0
-            ids.append(token)
-            positions.append(pos)
-            slots.append(int(table[pos // bs]) * bs + pos % bs)
-            ctx.append(pos + 1)
-            tab[i, : len(table)] = table
-            if pos + 1 == seq.num_tokens:
-                decode_rows.append(i)
+        # decode rows: per-sequence values gathered in one pass each, the rest vectorized
         nd = len(decodes)
-        pad = padded - nd
-        ids += [0] * pad
-        positions += [0] * pad
-        slots += [buf.scratch_slot] * pad
-        ctx += [1] * pad
+        seqs = [seq for seq, _ in decodes]
+        dpos = np.fromiter((seq.num_computed_tokens for seq in seqs), np.int64, nd)
+        # (a worker's SeqView holds only a window of the tokens: sliced at the position, not indexed)
+        ids = np.fromiter((seq.token_ids[p : p + 1][0] for seq, p in zip(seqs, dpos.tolist(), strict=True)),
+                          np.int64, nd)
+        fill_dst = np.flatnonzero(ids < 0)  # sampled by the step still in flight: read on the device
+        fill_src = [seqs[i].pending_row for i in fill_dst.tolist()]
+        ids[fill_dst] = 0
+        _copy_rows(tab, tables[:nd])
+        rows_nd = np.arange(nd)
+        a["ids"][:nd] = ids
+        a["positions"][:nd] = dpos
+        a["slots"][:nd] = tab[rows_nd, dpos // bs] * bs + dpos % bs
+        a["ctx_lens"][:nd] = dpos + 1
+        sampled = dpos + 1 == np.fromiter((seq.num_tokens for seq in seqs), np.int64, nd)
+        decode_rows = rows_nd[sampled].tolist()
+        a["ids"][nd:padded] = 0
+        a["positions"][nd:padded] = 0
+        a["slots"][nd:padded] = buf.scratch_slot
+        a["ctx_lens"][nd:padded] = 1
         tab[nd:padded, :1] = buf.scratch_block
         a["query_start"][: padded + 1] = np.arange(padded + 1)
         prefill_meta, prefill_rows, q_start = [], [], pbase + 1
@@ -264,10 +274,6 @@ class ModelRunner:
             a["positions"][t:end] = 0
             a["slots"][t:end] = buf.scratch_slot
             t = end
-        a["ids"][:padded] = ids
-        a["positions"][:padded] = positions
-        a["slots"][:padded] = slots
-        a["ctx_lens"][:padded] = ctx
         a["fill_dst"][: len(fill_dst)] = fill_dst
         a["fill_src"][: len(fill_src)] = fill_src
         if self.lora is not None:
