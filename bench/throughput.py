@@ -4,6 +4,7 @@ runtime/deepfleet/engine/benchmark.py. Prints a table and appends one JSON recor
 bench/results.jsonl (set DEEPFLEET_COMMIT to the commit measured); the dated entry goes to bench/RESULTS.md."""
 
 import argparse
+import logging
 from pathlib import Path
 
 from deepfleet.engine.benchmark import SHAPES, WORKLOADS, run
@@ -16,4 +17,5 @@ if __name__ == "__main__":
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of each workload's request count")
     ap.add_argument("--quantization", choices=["fp8"], default=None, help="engine.quantization (default: bf16)")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # start-up: graphs, GEMV
     run(args.shape, args.workload, args.results, args.scale, args.quantization)

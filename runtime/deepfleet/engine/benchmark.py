@@ -12,8 +12,8 @@ Workloads (all greedy with `ignore_eos`, so every request generates exactly its 
   achieved TFLOP/s against the device's measured bf16 matmul rate.
 - latency: TTFT of one 512-token prompt alone (median of the last 10 of 12), batch-1 decode ms/token at 512 context.
 - host: a profile of the loop at 256 running sequences: per-step wall time, the host time spent in scheduling,
-  input preparation + launches, sampling launches and taking tokens in (detokenization, stops), against the
-  GPU-bound step time.
+  input preparation + launches (of which the CUDA-graph launch call on its own: it can block while the GPU queue
+  is full), sampling launches and taking tokens in (detokenization, stops), against the GPU-bound step time.
 HBM floor of batch-1 decode: the bytes one decode step reads (every weight matrix once, the LM head, one row of
 the input embedding, the KV cache of the context) over the measured device copy bandwidth."""
 
@@ -262,6 +262,17 @@ class Bench:
 
         requests = fixed(batch, 128, 384, seed=21)
         self.offline(requests[:8])
+        replay = torch.cuda.CUDAGraph.replay
+        launched = [0.0]
+
+        def timed_replay(graph):  # cudaGraphLaunch: inside prepare_and_launch, reported on its own as well
+            t = time.perf_counter()
+            try:
+                return replay(graph)
+            finally:
+                launched[0] += time.perf_counter() - t
+
+        torch.cuda.CUDAGraph.replay = timed_replay
         timed(e.scheduler, "schedule", "schedule")
         timed(e.runner, "execute", "prepare_and_launch")
         timed(e.sampler, "sample", "sample_launch")
@@ -277,26 +288,28 @@ class Bench:
                 e.step()  # through the prefills
             for key in list(parts):
                 parts[key] = 0.0
-            waited[0] = 0.0
+            waited[0] = launched[0] = 0.0
             torch.cuda.synchronize()
             t, steps = time.perf_counter(), 0
             while steps < 200 and all(len(s.output_token_ids) < 380 for s in e.scheduler.running):
                 e.step()
                 steps += 1
             wall = time.perf_counter() - t
-            profile, waited_s = dict(parts), waited[0]  # the drain below is not part of the profile
+            profile, waited_s, launch_s = dict(parts), waited[0], launched[0]  # (not the drain below)
             while e.has_unfinished_requests():
                 e.step()
         finally:
             sampler_mod.SampleResult.to_host = sync
+            torch.cuda.CUDAGraph.replay = replay
             for obj, name in originals:
                 delattr(obj, name)  # back to the class methods
         step_ms = 1e3 * wall / steps
         host = sum(profile.values()) - waited_s
-        self.record("host", "decode_step_ms_256", step_ms, "ms")
+        self.record("host", f"decode_step_ms_{batch}", step_ms, "ms")
         for key, value in profile.items():
             value -= waited_s if key == "take_in_tokens" else 0.0
             self.record("host", f"host_{key}_ms", 1e3 * value / steps, "ms")
+        self.record("host", "host_graph_launch_ms", 1e3 * launch_s / steps, "ms")  # part of prepare_and_launch
         self.record("host", "host_total_ms", 1e3 * host / steps, "ms")
         self.record("host", "host_share_of_step", 100 * host / wall, "percent")
 

@@ -41,3 +41,27 @@ def test_gpu_matches_cpu(tiny_models, recording_sampler, arch):
     assert gpu_tokens == cpu_tokens
     for c, gl in zip(cpu_logits, gpu_logits, strict=True):
         assert (c - gl).abs().max() <= 1e-4 * c.abs().max()
+
+
+def test_batch1_triton_gemv_matches_cpu(tiny_models, recording_sampler, monkeypatch):
+    """One request (batch-1 decode graphs) with every projection shape forced onto the Triton GEMV, whatever the
+    start-up timing chose: same greedy tokens and logits as the CPU reference."""
+    from deepfleet.engine import model_runner
+    from deepfleet.models import layers
+
+    choose = model_runner.choose_gemv
+
+    def all_gemv(model, device, dtype):
+        timings = choose(model, device, dtype)
+        layers._GEMV.update({(*key, dtype): True for key in timings})
+        return timings
+
+    monkeypatch.setattr(model_runner, "choose_gemv", all_gemv)
+    monkeypatch.setattr(layers, "_GEMV", {})
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 530, (40,), generator=g).tolist()]
+    cpu_tokens, cpu_logits, _ = _run(tiny_models["qwen2"], "cpu", recording_sampler, prompts)
+    gpu_tokens, gpu_logits, engine = _run(tiny_models["qwen2"], "cuda", recording_sampler, prompts, max_num_seqs=4)
+    assert layers._GEMV and all(layers._GEMV.values())
+    assert gpu_tokens == cpu_tokens
+    assert (cpu_logits[0] - gpu_logits[0]).abs().max() <= 1e-4 * cpu_logits[0].abs().max()
