@@ -5,8 +5,10 @@ step's (cos, sin) rows (models/layers.py `RotaryEmbedding.lookup`, already in th
 token rotates every q and k head of its row (GPT-NeoX/Qwen/Llama halves: (x1, x2) -> (x1 cos - x2 sin,
 x2 cos + x1 sin), in float32, rounded once to the dtype), writes the rotated q and k, and stores the rotated key
 and the value into the token's cache slot (`slot_mapping`: block * block_size + offset; a padding token's slot is
-the scratch block's). An FP8 cache (float8_e4m3fn) stores k / k_scale and v / v_scale per KV head, clamped to
-e4m3's ±448, as deepfleet.quant.kv_cache.quantize does.
+the scratch block's), in the cache's dtype. FP8 caches are not written here (models/attention.py keeps the
+unfused rotation and write for them): an in-kernel e4m3 write failed its exact comparison with
+deepfleet.quant.kv_cache.quantize on the H200 (2026-12-02; which elements was not captured; Triton's approximate
+float32 division is the suspect, tl.math.div_rn the fix to try on a GPU).
 
 That replaces four launches per layer (rotate q, rotate k, two cache writes) and the copies between them; the
 attention kernel then reads the cache, and the rotated k is returned for the callers that attend on the fresh keys
@@ -18,16 +20,14 @@ import torch
 import triton
 import triton.language as tl
 
-FP8_MAX = 448.0
-
 
 @triton.jit
 def _rope_cache_kernel(
-    q_out, k_out, qkv, cos, sin, k_cache, v_cache, slot_mapping, k_scale, v_scale,
+    q_out, k_out, qkv, cos, sin, k_cache, v_cache, slot_mapping,
     stride_t, stride_cos, stride_sin, stride_qo, stride_ko, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
     stride_vh,
     HEADS: tl.constexpr, KV_HEADS: tl.constexpr, ROT_HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, FP8_KV: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     row = qkv + t * stride_t
@@ -62,26 +62,17 @@ def _rope_cache_kernel(
     v_ok = (vh < KV_HEADS)[:, None] & (dv < 2 * HALF)[None, :]
     v = tl.load(row + (HEADS + KV_HEADS + vh[:, None]) * (2 * HALF) + dv[None, :], mask=v_ok, other=0.0)
     vc = v_cache + block * stride_vb + offset * stride_vs + vh[:, None] * stride_vh + dv[None, :]
-    if FP8_KV:  # the rotated key rounded to the dtype first, as the unfused path quantizes the rotated tensor
-        ks = tl.load(k_scale + kh, mask=h >= HEADS, other=1.0)[:, None]
-        e4m3 = k_cache.dtype.element_ty
-        tl.store(kc, tl.clamp(r1.to(tl.float32) / ks, -FP8_MAX, FP8_MAX).to(e4m3), mask=is_k)
-        tl.store(kc + HALF, tl.clamp(r2.to(tl.float32) / ks, -FP8_MAX, FP8_MAX).to(e4m3), mask=is_k)
-        vs = tl.load(v_scale + vh, mask=vh < KV_HEADS, other=1.0)[:, None]
-        tl.store(vc, tl.clamp(v.to(tl.float32) / vs, -FP8_MAX, FP8_MAX).to(e4m3), mask=v_ok)
-    else:
-        tl.store(kc, r1.to(k_cache.dtype.element_ty), mask=is_k)
-        tl.store(kc + HALF, r2.to(k_cache.dtype.element_ty), mask=is_k)
-        tl.store(vc, v.to(v_cache.dtype.element_ty), mask=v_ok)
+    tl.store(kc, r1.to(k_cache.dtype.element_ty), mask=is_k)
+    tl.store(kc + HALF, r2.to(k_cache.dtype.element_ty), mask=is_k)
+    tl.store(vc, v.to(v_cache.dtype.element_ty), mask=v_ok)
 
 
 def rope_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                  k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """qkv [T, (heads + 2 kv_heads) * head_dim], cos/sin [T, head_dim / 2] (any leading view, e.g. [T, 1, D/2])
     -> (q [T, heads, D], k [T, kv_heads, D]) rotated; the rotated keys and the values are stored in the caches
-    [blocks, block_size, kv_heads, D] at `slot_mapping` [T] (int64). FP8 caches need `k_scale`/`v_scale` [kv_heads]."""
+    [blocks, block_size, kv_heads, D] at `slot_mapping` [T] (int64); FP8 caches are refused."""
     tokens = qkv.shape[0]
     _, block_size, cache_heads, head_dim = k_cache.shape
     cos, sin = cos.reshape(tokens, -1), sin.reshape(tokens, -1)
@@ -89,20 +80,19 @@ def rope_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_h
             or cache_heads != num_kv_heads or head_dim % 2 or cos.shape[1] != head_dim // 2):
         raise ValueError(f"rope_write_kv: qkv {tuple(qkv.shape)} with {num_heads}/{num_kv_heads} heads, cos "
                          f"{tuple(cos.shape)} and cache {tuple(k_cache.shape)} do not fit")
-    fp8 = k_cache.dtype == torch.float8_e4m3fn
-    if fp8 and (k_scale is None or v_scale is None):
-        raise ValueError("rope_write_kv: an FP8 KV cache needs its k_scale and v_scale per KV head")
+    if k_cache.dtype == torch.float8_e4m3fn:
+        raise ValueError("rope_write_kv: FP8 KV caches are written by the unfused path (models/attention.py)")
     q = qkv.new_empty(tokens, num_heads, head_dim)
     k = qkv.new_empty(tokens, num_kv_heads, head_dim)
     if tokens:
         _rope_cache_kernel[(tokens,)](
-            q, k, qkv, cos, sin, k_cache, v_cache, slot_mapping, k_scale if fp8 else cos, v_scale if fp8 else cos,
+            q, k, qkv, cos, sin, k_cache, v_cache, slot_mapping,
             qkv.stride(0), cos.stride(0), sin.stride(0), q.stride(0), k.stride(0),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
             v_cache.stride(2),
             HEADS=num_heads, KV_HEADS=num_kv_heads, ROT_HEADS_PAD=triton.next_power_of_2(num_heads + num_kv_heads),
             KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads), HALF=head_dim // 2,
             HALF_PAD=triton.next_power_of_2(head_dim // 2), BLOCK_SIZE=block_size,
-            FP8_KV=fp8, num_warps=4,
+            num_warps=4,
         )
     return q, k

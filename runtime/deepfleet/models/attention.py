@@ -134,16 +134,16 @@ def paged_attention(
 
 
 def rope_paged_attention(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], rotary, num_heads: int,
-                         num_kv_heads: int, head_dim: int, kv_cache: tuple, meta: AttentionMetadata,
+                         num_kv_heads: int, head_dim: int, layer_cache: tuple, meta: AttentionMetadata,
                          scale: float) -> torch.Tensor:
     """Attention of the Qwen2/Llama layers from their fused QKV projection [T, (H + 2 Hkv) * D]: RoPE on q and k,
     the new keys/values into the cache, paged attention -> [T, H, D]. On CUDA the rotation and the cache write are
-    one kernel (deepfleet.kernels.rope_cache); on CPU, `rotary` and `paged_attention` (the reference)."""
+    one kernel (deepfleet.kernels.rope_cache), except into an FP8 cache; on CPU, `rotary` and `paged_attention`
+    (the reference)."""
     t = qkv.shape[0]
-    k_cache, v_cache, *scales = kv_cache
-    if qkv.is_cuda and not rotary.interleaved:
-        q, k = _rope_cache_kernel()(qkv, *rope, num_heads, num_kv_heads, k_cache, v_cache, meta.slot_mapping,
-                                    *scales)
+    k_cache, v_cache, *scales = layer_cache  # (+ k_scale, v_scale for an FP8 cache)
+    if qkv.is_cuda and not rotary.interleaved and k_cache.dtype != kv_cache.FP8:
+        q, k = _rope_cache_kernel()(qkv, *rope, num_heads, num_kv_heads, k_cache, v_cache, meta.slot_mapping)
         v = qkv[:, (num_heads + num_kv_heads) * head_dim :].view(t, num_kv_heads, head_dim)
         return _kernel_attention(q, k, v, k_cache, v_cache, meta, scale, head_dim, *scales)
     q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)

@@ -1,7 +1,7 @@
 """The fused RoPE + KV-cache-write kernel against the rotation and the cache writes written out here in float64:
 random QKV rows (a row stride wider than the row), the GQA ratios of the real models, a head dim that is not a
-power of two, cache slots in random order across blocks, and an FP8 cache (k / k_scale and v / v_scale per KV head
-in e4m3). Every cache slot the step does not own must keep its old bytes. Under Triton's interpreter on CPU without
+power of two, cache slots in random order across blocks. Every cache slot the step does not own must keep its old
+bytes. An FP8 cache is refused (models/attention.py writes those unfused). Under Triton's interpreter on CPU without
 a GPU, compiled on CUDA otherwise."""
 
 import os
@@ -11,8 +11,7 @@ import torch
 
 from deepfleet.kernels.rope_cache import rope_write_kv
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cpu" if INTERPRETED else "cuda"
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 FP8 = torch.float8_e4m3fn
 
 
@@ -65,29 +64,12 @@ def test_rotates_and_writes_the_cache(tokens, heads, kv_heads, dim, block_size, 
     assert torch.equal(flat_v[untouched], old_v.view(-1, kv_heads, dim)[untouched])
 
 
-def test_fp8_cache_stores_scaled_e4m3():
-    tokens, heads, kv_heads, dim, block_size = 6, 8, 2, 16, 4
-    qkv, cos, sin, blocks, slots = _case(tokens, heads, kv_heads, dim, block_size, torch.float32, seed=3)
-    qkv = qkv * 40  # some values beyond 448 once divided by the small scale: clamped, not NaN
-    k_scale, v_scale = torch.tensor([0.05, 0.5]), torch.tensor([0.25, 2.0])
-    k_cache = torch.zeros(blocks, block_size, kv_heads, dim, dtype=FP8, device=DEVICE)
-    v_cache = torch.zeros_like(k_cache)
-    _, k = rope_write_kv(qkv.to(DEVICE), cos.to(DEVICE), sin.to(DEVICE), heads, kv_heads, k_cache, v_cache,
-                         slots.to(DEVICE), k_scale.to(DEVICE), v_scale.to(DEVICE))
-    v = qkv.view(tokens, -1, dim)[:, heads + kv_heads :]
-    for cache, new, scale in ((k_cache, k.cpu(), k_scale), (v_cache, v, v_scale)):
-        stored = cache.cpu().view(-1, kv_heads, dim)[slots].float()
-        exact = (new.double() / scale.double()[:, None]).clamp(-448, 448)
-        want = exact.float().to(FP8).float()
-        compared = torch.ones_like(want, dtype=torch.bool)
-        if INTERPRETED:
-            # Triton 3.6's interpreter rounds float32 -> e4m3 wrongly where rounding up carries into the next power
-            # of two (31.99 -> 16, not 32); the GPU's conversion does not, so there every element is compared
-            carried = (want.abs() > exact.abs()) & (torch.frexp(want)[0].abs() == 0.5)
-            compared = ~carried
-            assert carried.sum() <= 0.05 * want.numel()
-        assert torch.equal(stored[compared], want[compared])
-    assert (k_cache.cpu().float().abs() == 448).any()  # the clamp was exercised
+def test_refuses_an_fp8_cache():
+    qkv = torch.randn(2, (4 + 2 * 2) * 16, device=DEVICE)
+    cos = torch.randn(2, 8, device=DEVICE)
+    cache = torch.zeros(3, 4, 2, 16, device=DEVICE).to(FP8)
+    with pytest.raises(ValueError, match="FP8"):
+        rope_write_kv(qkv, cos, cos, 4, 2, cache, cache, torch.arange(2, device=DEVICE))
 
 
 def test_refuses_a_cache_that_does_not_fit():
