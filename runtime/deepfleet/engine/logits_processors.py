@@ -4,8 +4,9 @@
 asks for none of them gets no processor, so it pays nothing.
 
 Everything a processor needs on the device is built once per request (bias values) or per step on the host from
-Python-side state (the grammar bitmask, filled by the matcher) and copied without waiting for the device; the
-matcher follows the output ids the engine already has on the host, so there is no extra host sync per token.
+Python-side state (the grammar bitmasks, filled by the matchers into one pinned bitmask of the batch, copied and
+applied once per step: structured/xgrammar_backend.apply_masks); the matcher follows the output ids the engine
+already has on the host, so there is no extra host sync per token.
 Logprobs stay those of the raw logits (the sampler takes them before the hook)."""
 
 from __future__ import annotations

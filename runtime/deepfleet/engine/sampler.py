@@ -127,7 +127,9 @@ class Sampler:
 
     Per-request logits processing has one hook: `SamplingState.logits_processors`, callables
     `(output_token_ids, logits_row) -> logits_row` applied first, before penalties (logit_bias, min_tokens,
-    grammar masks, watermarks). Fast paths: an all-greedy batch with nothing to apply is one argmax (no
+    watermarks), and grammar masks (structured/xgrammar_backend.GrammarMask), which fill their rows of one bitmask
+    applied to the batch in one call after a row's other processors (masking to -inf commutes with theirs: they
+    add to logits or mask them). Fast paths: an all-greedy batch with nothing to apply is one argmax (no
     softmax, no copy); log_softmax runs only when some row asked for logprobs."""
 
     def __call__(self, logits: torch.Tensor, seqs: list[SamplingState]) -> list[SampledToken]:
@@ -168,9 +170,17 @@ class Sampler:
         if not rows:
             return logits
         logits = logits.float().clone()  # processors may work in place; the caller's logits stay as they were
+        masks = []  # grammar masks (they have fill_mask): the whole batch's at once, after the row's others
         for row in rows:
             for processor in seqs[row].logits_processors:
-                logits[row] = processor(seqs[row].output_token_ids, logits[row])
+                if hasattr(processor, "fill_mask"):
+                    masks.append((row, processor, seqs[row].output_token_ids))
+                else:
+                    logits[row] = processor(seqs[row].output_token_ids, logits[row])
+        if masks:
+            from deepfleet.structured.xgrammar_backend import apply_masks
+
+            apply_masks(logits, masks)
         return logits
 
     @staticmethod

@@ -102,20 +102,31 @@ class GrammarCompiler:
 
 
 class GrammarMask:
-    """One request's matcher as a logits processor: it first follows the tokens sampled since its last call, then
-    masks the row to what the grammar allows next (only end tokens once the grammar is complete)."""
+    """One request's matcher, a mask processor of the sampler's hook: it first follows the tokens sampled since its
+    last fill, then writes what the grammar allows next (only end tokens once the grammar is complete) into its row
+    of the step's bitmask. The sampler applies every constrained row of the batch at once (apply_masks)."""
 
     def __init__(self, compiled: Any) -> None:
         self._matcher = xgr.GrammarMatcher(compiled)
         self._seen = 0  # output tokens the matcher has accepted
-        self._bitmask = xgr.allocate_token_bitmask(1, compiled.tokenizer_info.vocab_size)
+        self.vocab_size = compiled.tokenizer_info.vocab_size
 
-    def __call__(self, output_ids: list[int], row: torch.Tensor) -> torch.Tensor:
+    def fill_mask(self, output_ids: list[int], bitmask: torch.Tensor, row: int) -> None:
         for token_id in output_ids[self._seen:]:
             if not self._matcher.is_terminated():
                 self._matcher.accept_token(token_id)
         self._seen = len(output_ids)
-        self._matcher.fill_next_token_bitmask(self._bitmask)
-        logits = row.unsqueeze(0)
-        xgr.apply_token_bitmask_inplace(logits, self._bitmask.to(row.device, non_blocking=True))
-        return logits.squeeze(0)
+        self._matcher.fill_next_token_bitmask(bitmask, row)
+
+
+def apply_masks(logits: torch.Tensor, masks: list[tuple[int, GrammarMask, list[int]]]) -> None:
+    """In place on the batch's logits [rows, vocab]: each (row, mask, output ids so far) fills its row of one host
+    bitmask (pinned where the logits are on a GPU, so the copy is asynchronous), which goes to the device in one
+    copy, and one call applies the constrained rows; the other rows are left as they are. Per step: one copy and
+    one launch, not one pageable copy and one launch per constrained request."""
+    words = (masks[0][1].vocab_size + 31) // 32
+    bitmask = torch.empty((logits.shape[0], words), dtype=torch.int32, pin_memory=logits.is_cuda)
+    for row, mask, output_ids in masks:
+        mask.fill_mask(output_ids, bitmask, row)
+    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
+                                    indices=[row for row, _, _ in masks])
