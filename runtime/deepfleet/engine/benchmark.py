@@ -43,14 +43,34 @@ WORKLOADS = ("latency", "fixed", "sharegpt", "prefix", "long", "host")
 MAX_MODEL_LEN = 8192 + 256  # the long prompts and their outputs fit
 
 
+BENCH_TRAINED_TOKENS = 544  # the byte-level BPE the bench tokenizer is trained to (models/tiny.py)
+
+
+def bench_tokenizer(vocab_size: int):
+    """The trained byte-level BPE, its vocabulary extended with word tokens (" w544", " w545", …) up to the
+    model's vocab_size, so every id a random-weight model emits decodes to text, as a real tokenizer's do: otherwise
+    99.6% of the generated ids would decode to nothing, which the detokenizer skips, and the host profile would not
+    count detokenization. Encoding is unchanged (no merge reaches the added words); the trained and special tokens
+    keep their ids."""
+    from tokenizers import Tokenizer
+
+    from deepfleet.models.tiny import build_tokenizer
+
+    spec = json.loads(build_tokenizer(BENCH_TRAINED_TOKENS).to_str())
+    vocab = spec["model"]["vocab"]
+    vocab.update({t["content"]: t["id"] for t in spec["added_tokens"]})  # (else reloading renumbers them)
+    vocab.update({f"\u0120w{i}": i for i in range(BENCH_TRAINED_TOKENS, vocab_size)})  # "Ġ": a leading space
+    return Tokenizer.from_str(json.dumps(spec))
+
+
 def write_shape_dir(shape: str, out: Path, max_model_len: int = MAX_MODEL_LEN) -> Path:
-    from deepfleet.models.tiny import CONFIGS, build_tokenizer
+    from deepfleet.models.tiny import CONFIGS
 
     cfg = {**CONFIGS["qwen2"], **SHAPES[shape], "max_position_embeddings": max_model_len, "torch_dtype": "bfloat16",
            "rope_theta": 10000.0, "eos_token_id": None, "bos_token_id": None}
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg))
-    build_tokenizer(544).save(str(out / "tokenizer.json"))
+    bench_tokenizer(cfg["vocab_size"]).save(str(out / "tokenizer.json"))
     return out
 
 
@@ -112,7 +132,7 @@ def prefill_flops(shape: str, tokens: int) -> float:
 
 # ---- workloads -----------------------------------------------------------------------------------------------------
 def _ids(rng: np.random.Generator, n: int) -> list[int]:
-    return rng.integers(10, 540, n).tolist()  # below the bench tokenizer's 544, as the server accepts them too
+    return rng.integers(10, 540, n).tolist()  # trained tokens of the bench tokenizer
 
 
 def sharegpt_like(n: int, seed: int = 0) -> list[tuple[list[int], int]]:

@@ -4,6 +4,10 @@
 offsets, primed with the last prompt tokens so leading-space handling is right). Byte-level BPE can split one
 UTF-8 character over several tokens; the stream returns nothing until the character completes. At the end,
 `flush` decodes what is still held back (an incomplete character becomes U+FFFD, as a full decode gives).
+The stream re-decodes every token it holds back at each step, so a run of tokens that add no text costs more per
+token the longer it gets. Ids outside the tokenizer's vocabulary (a model's vocab_size often exceeds the
+tokenizer's: padding rows) decode to nothing in a full decode too, so they are not fed to the stream at all (dev
+machine: a step took 1.4 µs with no such id held, 11.6 µs with 300 held).
 
 `StopChecker` looks for stop strings in the new text plus the short tail it held back, and holds back any tail
 that could still become one, so a streamed partial stop string is never sent and no step rescans the whole text.
@@ -31,6 +35,7 @@ class IncrementalDetokenizer:
         self._skip_special = skip_special_tokens
         context = list(prompt_token_ids[-PREFIX_WINDOW:])
         self._stream = DecodeStream(ids=context, skip_special_tokens=skip_special_tokens)
+        self._vocab_size = self._backend.get_vocab_size(with_added_tokens=True)  # ids at or past it: checked
         self._context = context  # the last few tokens before the held-back ones (for flush)
         self._held: list[int] = []  # tokens the stream has not turned into text yet
         self._chunks: list[str] = []
@@ -42,6 +47,8 @@ class IncrementalDetokenizer:
 
     def append(self, token_id: int) -> str:
         """Add one generated token; return the text that became stable (often "", e.g. mid-character)."""
+        if token_id >= self._vocab_size and self._backend.id_to_token(token_id) is None:
+            return ""  # not in the vocabulary: no text, now or with later tokens
         delta = self._stream.step(self._backend, token_id)
         self._held.append(token_id)
         if not delta:

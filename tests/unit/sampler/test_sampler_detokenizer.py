@@ -63,9 +63,10 @@ def test_streamed_text_equals_full_decode_for_real_text(tokenizer, prompt, text)
 @settings(max_examples=100, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), length=st.integers(0, 30), prompt=st.text(ALPHABET, max_size=10))
 def test_random_token_sequences_match_full_decode(tokenizer, seed, length, prompt):
-    # random ids make broken UTF-8 and special tokens; after flush the text still equals one full decode
+    # random ids make broken UTF-8, special tokens and ids past the vocabulary (a model's padding rows); after
+    # flush the text still equals one full decode
     rng = random.Random(seed)
-    output_ids = [rng.randrange(tokenizer.vocab_size) for _ in range(length)]
+    output_ids = [rng.randrange(tokenizer.vocab_size + 40) for _ in range(length)]
     for skip in (True, False):
         detok, deltas = stream(tokenizer, tokenizer.encode(prompt), output_ids, skip_special_tokens=skip)
         tail = detok.flush()
@@ -89,6 +90,29 @@ def test_streaming_never_calls_a_full_decode(tokenizer):
         detok.append(t)
     assert calls == []
     assert detok.text == tokenizer.decode(ids[10:])
+
+
+def test_ids_past_the_vocabulary_never_reach_the_stream(tokenizer, monkeypatch):
+    # the stream re-decodes what it holds back at every step: a run of ids that decode to nothing would make each
+    # step slower than the last
+    from deepfleet.engine import detokenizer
+
+    stepped, real = [], detokenizer.DecodeStream
+
+    class CountingStream:
+        def __init__(self, **kwargs):
+            self._stream = real(**kwargs)
+
+        def step(self, backend, token_id):
+            stepped.append(token_id)
+            return self._stream.step(backend, token_id)
+
+    monkeypatch.setattr(detokenizer, "DecodeStream", CountingStream)
+    words = tokenizer.encode(" fox jumps")
+    ids = words[:1] + [tokenizer.vocab_size + i for i in range(500)] + words[1:]
+    detok, deltas = stream(tokenizer, tokenizer.encode("The quick"), ids)
+    assert stepped == words
+    assert "".join(deltas) + detok.flush() == tokenizer.decode(ids) == " fox jumps"
 
 
 def test_flush_decodes_a_held_back_incomplete_character_like_a_full_decode(tokenizer):
