@@ -1,7 +1,7 @@
 """Grammar masks in the engine (xgrammar, tiny Qwen2 model, CPU): the sampler fills every constrained row's mask
 into one bitmask of the batch and applies it in one call. In one batch with constrained rows, a free row's greedy
 tokens equal the same request run alone; constrained rows keep to their grammar (choice, regex), also with a
-logit_bias on the same row pushing towards a token the grammar forbids."""
+logit_bias on the same row pushing towards a token the grammar forbids. The same on a GPU."""
 
 import re
 
@@ -26,9 +26,11 @@ def _run(engine, requests):
     return done
 
 
-def test_constrained_and_free_rows_in_one_batch(tiny_models):
-    engine = LLMEngine(EngineConfig(model=str(tiny_models["qwen2"]), dtype="float32", device="cpu",
-                                    enable_prefix_caching=False))
+# on a GPU host the bitmask is pinned and applied to the logits on the device (CUDA graphs on for the free rows)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_constrained_and_free_rows_in_one_batch(tiny_models, device):
+    engine = LLMEngine(EngineConfig(model=str(tiny_models["qwen2"]), dtype="float32", device=device,
+                                    enable_prefix_caching=False, max_num_seqs=8))
     (x,) = engine.tokenizer.encode("x", add_special_tokens=False)
     free = SamplingParams(temperature=0, ignore_eos=True, max_tokens=10)
     choice = SamplingParams(temperature=0, max_tokens=16, structured=StructuredOutput.choice(CHOICES, "guided_choice"))
