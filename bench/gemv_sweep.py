@@ -3,8 +3,9 @@
 For each projection of the R1-Distill-Qwen shapes (QKV with bias, O, gate_up with and without the fused SiLU·mul,
 down), one random bf16 weight matrix per layer (28, streamed from memory as in a decode step, not from L2), timed
 in one CUDA graph per variant as the engine's start-up choice times them (models/layers.py `_graph_ms`): cuBLAS
-(+ the compiled SiLU·mul) and the Triton GEMV (kernels/gemv.py) at each tile size x programs-per-SM of the grid
-(its `_TILE_ELEMENTS` and `_PROGRAMS_PER_SM`, set here per run). Prints ms per step (all layers) and TB/s."""
+(+ the compiled SiLU·mul), the Triton GEMV (kernels/gemv.py) with its own tile choice, and the GEMV at each
+(BLOCK_N, BLOCK_K, num_warps) of the grid (BLOCK_K up to K's next power of two). Prints ms per step (all layers)
+and TB/s."""
 
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ def projections(shape: str) -> list[tuple[str, int, int, bool, bool]]:
 
 
 @torch.inference_mode()
-def time_projection(shape: str, name: str, n: int, k: int, bias: bool, silu: bool, tiles: list[int],
-                    per_sm_counts: list[int]) -> None:
+def time_projection(shape: str, name: str, n: int, k: int, bias: bool, silu: bool, block_ns: list[int],
+                    block_ks: list[int], warps: list[int]) -> None:
     num_layers = SHAPES[shape]["num_hidden_layers"]
     weights = [(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5,
                 torch.randn(n, device="cuda", dtype=torch.bfloat16) if bias else None)
@@ -43,32 +44,38 @@ def time_projection(shape: str, name: str, n: int, k: int, bias: bool, silu: boo
             if silu:
                 layers.silu_and_mul(y)
 
-    def triton():
+    def triton(tiles=None):
         for w, b in weights:
-            gemv_module.gemv(x, w, b, silu_mul=silu)
+            gemv_module.gemv(x, w, b, silu_mul=silu, tiles=tiles)
 
-    rows = [("cuBLAS", layers._graph_ms(cublas))]
-    for tile, per_sm in itertools.product(tiles, per_sm_counts):
-        gemv_module._TILE_ELEMENTS, gemv_module._PROGRAMS_PER_SM = tile, per_sm
-        rows.append((f"gemv tile {tile} x {per_sm}/SM", layers._graph_ms(triton)))
+    rows = [("cuBLAS", layers._graph_ms(cublas)), ("gemv, its own tiles", layers._graph_ms(triton))]
+    for block_n, block_k, num_warps in itertools.product(block_ns, block_ks, warps):
+        if block_k <= next_pow2(k):
+            tiles = (block_n, block_k, num_warps)
+            rows.append((f"gemv {block_n}x{block_k} w{num_warps}", layers._graph_ms(lambda t=tiles: triton(t))))
     best = min(ms for _, ms in rows)
     for label, ms in rows:
         mark = "  <- fastest" if ms == best else ""
         print(f"{shape:<5} {name:<13} {n:>6}x{k:<6} {label:<24} {ms:8.3f} ms {nbytes / ms / 1e9:6.2f} TB/s{mark}")
 
 
-def sweep(shape: str, tiles: list[int], per_sm_counts: list[int]) -> None:
+def next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def sweep(shape: str, block_ns: list[int], block_ks: list[int], warps: list[int]) -> None:
     layers.use_fused_kernels(True)  # the compiled SiLU·mul, as the engine's unfused path runs it
     for projection in projections(shape):
-        time_projection(shape, *projection, tiles, per_sm_counts)
+        time_projection(shape, *projection, block_ns, block_ks, warps)
         torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--shape", choices=sorted(SHAPES), nargs="+", default=["1.5b", "7b"])
-    ap.add_argument("--tiles", type=int, nargs="+", default=[2048, 4096, 8192, 16384], help="_TILE_ELEMENTS")
-    ap.add_argument("--per-sm", type=int, nargs="+", default=[1, 2, 4, 8], help="_PROGRAMS_PER_SM")
+    ap.add_argument("--block-n", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--block-k", type=int, nargs="+", default=[512, 1024, 2048])
+    ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     args = ap.parse_args()
     for shape in args.shape:
-        sweep(shape, args.tiles, args.per_sm)
+        sweep(shape, args.block_n, args.block_k, args.warps)

@@ -70,9 +70,11 @@ def _blocks(n: int, k: int, sms: int) -> tuple[int, int]:
     return block_n, block_k
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, silu_mul: bool = False) -> torch.Tensor:
+def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, silu_mul: bool = False,
+         tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
     """x [1, K] (contiguous), w [N, K] ([2N, K]: gate then up, with `silu_mul`), bias [N] ([2N]) or None
-    -> [1, N] in x's dtype."""
+    -> [1, N] in x's dtype. `tiles`: (BLOCK_N, BLOCK_K, num_warps), powers of two, instead of the choice below
+    (bench/gemv_sweep.py times them)."""
     if x.dim() != 2 or x.shape[0] != 1 or w.dim() != 2 or w.shape[1] != x.shape[1] or x.stride(1) != 1 \
             or w.stride(1) != 1 or (silu_mul and w.shape[0] % 2):
         raise ValueError(f"gemv: x {tuple(x.shape)} (one row) and w {tuple(w.shape)} do not fit")
@@ -82,10 +84,13 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, sil
     n = w.shape[0] // 2 if silu_mul else w.shape[0]
     y = x.new_empty(1, n)
     sms = _sm_count(x.device.index or 0) if x.is_cuda else 2  # CPU: Triton's interpreter (tests)
-    block_n, block_k = _blocks(n, k, sms)
+    if tiles is None:
+        block_n, block_k = _blocks(n, k, sms)
+        warps = 8 if block_n * block_k >= 4096 else 4
+    else:
+        block_n, block_k, warps = tiles
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         y, x, w, w if bias is None else bias, n, k, n, w.stride(0),
-        BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
-        num_warps=8 if block_n * block_k >= 4096 else 4,
+        BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, SILU_MUL=silu_mul, num_warps=warps,
     )
     return y

@@ -1,7 +1,7 @@
 """The batch-1 GEMV kernel (and its fused SiLU·mul epilogue) against the products written out here in float64:
 feature counts that are and are not powers of two and not multiples of the tiles, K longer than one tile (the
-loop), with and without bias. Under Triton's interpreter on CPU without a GPU (tests/conftest.py), compiled on
-CUDA otherwise."""
+loop), with and without bias, the default and explicit tiles. Under Triton's interpreter on CPU without a GPU
+(tests/conftest.py), compiled on CUDA otherwise."""
 
 import os
 
@@ -59,6 +59,16 @@ def test_fused_silu_mul(n, k, bias, dtype, small_tiles):
     tol = 1e-5 if dtype == torch.float32 else 4e-3
     err = (out.double() - expected).abs().max().item()
     assert err <= tol * expected.abs().max().item(), f"max error {err}"
+
+
+@pytest.mark.parametrize("tiles", [(1, 16, 1), (4, 32, 2), (8, 128, 4)])
+def test_explicit_tiles(tiles):
+    x, w, b = _tensors(2 * 21, 70, True, torch.float32, seed=sum(tiles))
+    out = _run(x, w, b, silu_mul=True, tiles=tiles)
+    full = x.double() @ w.double().T + b.double()
+    gate, up = full.float().double().chunk(2, dim=-1)
+    expected = gate * torch.sigmoid(gate) * up
+    assert (out.double() - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
 
 
 def test_refuses_more_than_one_row_and_mismatched_shapes():
