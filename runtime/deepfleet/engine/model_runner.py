@@ -239,7 +239,7 @@ class ModelRunner:
         rows_nd = np.arange(nd)
         a["ids"][:nd] = ids
         a["positions"][:nd] = dpos
-        a["slots"][:nd] = tab[rows_nd, dpos // bs] * bs + dpos % bs
+        a["slots"][:nd] = tab[rows_nd, dpos // bs].astype(np.int64) * bs + dpos % bs
         a["ctx_lens"][:nd] = dpos + 1
         sampled = dpos + 1 == np.fromiter((seq.num_tokens for seq in seqs), np.int64, nd)
         decode_rows = rows_nd[sampled].tolist()
