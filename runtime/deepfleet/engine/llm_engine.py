@@ -308,9 +308,11 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Schedule and launch this step, then (overlapped with the GPU running it) take in the previous step's
-        tokens: detokenize, check stops, report. With async scheduling off, or while some running request needs
-        its full output history to sample (penalties, logits processors), a step's tokens are taken in before
-        it returns, as in a serial loop; greedy tokens are the same either way."""
+        tokens: detokenize, check stops, report. When a row to sample needs its whole output so far (penalties,
+        logits processors: grammar masks, watermark), the step's forward is launched first, the previous step's
+        tokens are taken in while it runs, and only then is the step sampled, so those rows see every token, as in
+        a serial loop. With async scheduling off, a step's tokens are taken in before it returns; greedy tokens
+        are the same either way."""
         ended = self._aborted
         self._aborted = []
         now = time.monotonic()
@@ -325,25 +327,31 @@ class LLMEngine:
         if self.speculator is not None:
             self.speculator.fit(out)
             return [self._output(s) for s in (*ended, *(self._speculative_step(out) if out.scheduled else []))]
-        launched = self._launch(out, prev) if out.scheduled else None
-        advanced = self._resolve(prev) if prev is not None else []
+        launched, advanced = None, []
+        if out.scheduled:
+            logits = self.runner.execute(out) if prev is None else self.runner.execute(out, prev.result.token_ids)
+            self._take_prompt_logprobs()
+            to_sample = [s for s, n in out.scheduled if s.num_computed_tokens + n == s.num_tokens]
+            if prev is not None and _reads_output(to_sample):
+                advanced, prev = self._resolve(prev), None  # taken in while the forward runs, before sampling
+                live = [row for row, s in enumerate(to_sample) if not s.is_finished]  # not those that just ended
+                if logits is not None and len(live) < len(to_sample):
+                    logits, to_sample = logits[live], [to_sample[row] for row in live]
+            launched = self._sample(logits, to_sample) if logits is not None and to_sample else None
+        if prev is not None:
+            advanced = self._resolve(prev)
         if out.scheduled:
             self.scheduler.update_after_step(out)  # after prev's tokens are in: full blocks hash real tokens
         if launched is not None:
-            if self._overlap and not launched.needs_history:
+            if self._overlap:
                 self._in_flight = launched
             else:
                 advanced += self._resolve(launched)
         return [self._output(s) for s in (*ended, *advanced)]
 
-    def _launch(self, out, prev: _Launched | None) -> _Launched | None:
-        """Run the model and the sampler for `out` without waiting for the GPU; every sampled sequence gets a
-        placeholder token that the next step reads on the device and `_resolve` later replaces."""
-        logits = self.runner.execute(out) if prev is None else self.runner.execute(out, prev.result.token_ids)
-        self._take_prompt_logprobs()
-        if logits is None:
-            return None
-        to_sample = [s for s, n in out.scheduled if s.num_computed_tokens + n == s.num_tokens]
+    def _sample(self, logits: torch.Tensor, to_sample: list[Sequence]) -> _Launched:
+        """Launch the sampler without waiting for the GPU; every sampled sequence gets a placeholder token that
+        the next step reads on the device and `_resolve` later replaces."""
         result = self.sampler.sample(logits, [s.sampling for s in to_sample])
         result.start_copy()
         entries = []
@@ -351,10 +359,7 @@ class LLMEngine:
             entries.append((seq, seq.add_placeholder(row)))
             seq.final_pending = (len(seq.output_token_ids) + 1 >= seq.params.max_tokens
                                  or seq.num_tokens >= self.max_model_len)
-        needs_history = any(s.params.repetition_penalty != 1.0 or s.params.presence_penalty != 0.0
-                            or s.params.frequency_penalty != 0.0 or s.sampling.logits_processors
-                            for s in self.scheduler.running)
-        return _Launched(entries, result, needs_history)
+        return _Launched(entries, result)
 
     def _speculative_step(self, out) -> list[Sequence]:
         """Serial step with drafts (spec_decode/speculator.py): run, verify, append the emitted tokens, count only
@@ -444,8 +449,13 @@ class LLMEngine:
                              seq.num_cached_tokens, seq.prompt_logprobs)
 
 
+def _reads_output(seqs: list[Sequence]) -> bool:
+    """Some row samples from its whole output so far (penalties, logits processors)."""
+    return any(s.params.repetition_penalty != 1.0 or s.params.presence_penalty != 0.0
+               or s.params.frequency_penalty != 0.0 or s.sampling.logits_processors for s in seqs)
+
+
 @dataclass
 class _Launched:
     entries: list[tuple[Sequence, int]]  # sampled sequences in row order, with their placeholder's index
     result: SampleResult
-    needs_history: bool  # some running request samples from its whole output so far: take these tokens in now

@@ -57,11 +57,29 @@ def test_async_and_serial_loops_give_identical_outputs(tiny_models, arch):
     assert serial_engine.stats().num_preemptions > 0 and async_engine.stats().num_preemptions > 0
 
 
-def test_penalised_requests_take_their_tokens_in_before_the_next_step(tiny_models):
-    # sampling with penalties needs the whole output so far: such steps are not overlapped, and match serial
-    params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=12, repetition_penalty=1.3,
-                            frequency_penalty=0.5)
-    requests = [(f"r{i}", p, params) for i, p in enumerate(_prompts(4, seed=9))]
+def test_requests_sampling_from_their_output_keep_the_loop_overlapped(tiny_models):
+    """Penalties, a grammar and a watermark need the whole output so far: the previous step's tokens are taken in
+    while the next step's forward runs, before that step is sampled. So the loop stays overlapped (after every step
+    with requests left, one is in flight) and the outputs are the serial loop's, also next to plain requests."""
+    pytest.importorskip("xgrammar")
+    from deepfleet.structured.spec import StructuredOutput
+    from deepfleet.watermark.config import WatermarkConfig
+
+    penalised = SamplingParams(temperature=0, ignore_eos=True, max_tokens=12, repetition_penalty=1.3,
+                               frequency_penalty=0.5)
+    kinds = [penalised, SamplingParams(temperature=0, ignore_eos=True, max_tokens=12),
+             SamplingParams(temperature=0, max_tokens=12, structured=StructuredOutput.choice(["ab", "cd ef"], "x")),
+             SamplingParams(temperature=0, ignore_eos=True, max_tokens=12, watermark=WatermarkConfig("k" * 16))]
+    requests = [(f"r{i}", p, kinds[i % len(kinds)]) for i, p in enumerate(_prompts(8, seed=9))]
     want, _ = _run(tiny_models["llama"], False, requests)
-    got, _ = _run(tiny_models["llama"], True, requests)
+    engine = LLMEngine(EngineConfig(model=str(tiny_models["llama"]), device="cpu"))
+    for rid, prompt, params in requests:
+        engine.add_request(rid, prompt, params)
+    got = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                c = o.outputs[0]
+                got[o.request_id] = (list(c.token_ids), c.text, c.finish_reason, c.stop_reason)
+        assert engine._in_flight is not None or not engine.has_unfinished_requests()
     assert got == want
