@@ -298,12 +298,12 @@ def _v3_decode(model, layers: int, b: int, ctx: int = 128, bs: int = 16):
     return lambda: model(ids, pos, caches, meta)
 
 
-def v3_layers():
+def v3_layers(batches=(1, 64, 256)):
     ctx = 128
     times = {}
     for layers in (2, 6):
         model = _v3_model(layers)
-        for b in (1, 64, 256):
+        for b in batches:
             with torch.inference_mode():
                 times[(layers, b)] = graph_time_ms(_v3_decode(model, layers, b, ctx), reps=10)
         model = None  # free before the next size is made
@@ -313,7 +313,7 @@ def v3_layers():
     attn = 7168 * 1536 + 1536 * 128 * 192 + 7168 * 576 + 16384 * 7168 + 512 * 128 * 256 * 2
     experts = 9 * 3 * 7168 * 2048
     moe_bytes = attn + experts + 256 * 7168 * 2
-    for b in (1, 64, 256):
+    for b in batches:
         per = (times[(6, b)] - times[(2, b)]) / 4
         shape = f"V3 full-width MoE layer batch {b} ctx {ctx}"
         record(shape, "decode, CUDA graph, (6-layer - 2-layer)/4", "ms_per_layer", per, "ms")
@@ -356,11 +356,14 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--commit", default="")
     ap.add_argument("--skip", default="")
+    ap.add_argument("--v3-batches", default="1,64,256", help="batch sizes of the v3 section")
     a = ap.parse_args()
+    v3_batches = tuple(int(b) for b in a.v3_batches.split(","))
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     for name, fn in (("correctness", correctness), ("dispatch", dispatch), ("padded", padded),
                      ("dense", dense_7b), ("mla", mla),
-                     ("engine", engine_graphs), ("moe", moe_256), ("v3", v3_layers), ("v3profile", v3_profile)):
+                     ("engine", engine_graphs), ("moe", moe_256), ("v3", lambda: v3_layers(v3_batches)),
+                     ("v3profile", v3_profile)):
         if name in a.skip.split(","):
             continue
         t0 = time.time()

@@ -11,12 +11,15 @@ long prefills but needs no second code path.
 Routing follows the Hugging Face transformers implementation, which matches the official inference code:
 sigmoid scores, a correction bias used only to choose experts, groups ranked by the sum of their two best biased
 scores, top-k inside the `topk_group` best groups, weights from the unbiased scores normalised
-(`norm_topk_prob`) and multiplied by `routed_scaling_factor`. Routing is device tensor ops only; on CUDA the routed
-experts run in deepfleet.kernels.fused_moe (sort by expert and grouped GEMMs on the device), so nothing in a
+(`norm_topk_prob`) and multiplied by `routed_scaling_factor`. On CUDA the routing after the router GEMV is one
+Triton kernel (deepfleet.kernels.moe_routing; CPU: `route_reference`), and the routed experts run in
+deepfleet.kernels.fused_moe (sort by expert and grouped GEMMs on the device), so nothing in a
 decode step waits for the host and the model is captured in CUDA graphs. Under FP8 (the published checkpoints)
 every projection is block-FP8 except the router, the embeddings and lm_head, as DeepSeek ships them."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -227,6 +230,31 @@ class Experts(nn.Module):
         return local.masked_fill(~mine, held), weights
 
 
+def route_reference(logits: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int, top_k: int,
+                    norm_topk_prob: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped top-k routing in plain PyTorch (the CPU path and the routing kernel's reference): router logits
+    [T, E] float32 -> (ids [T, top_k] int64, weights [T, top_k] float32)."""
+    scores = logits.sigmoid()
+    choice = scores + bias
+    t, e = logits.shape
+    groups = choice.view(t, n_group, -1).topk(min(2, e // n_group), dim=-1)[0].sum(-1)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(1, groups.topk(topk_group, dim=-1)[1], True)
+    choice = choice.masked_fill(~keep.repeat_interleave(e // n_group, dim=1), float("-inf"))
+    ids = choice.topk(top_k, dim=-1)[1]
+    weights = scores.gather(1, ids)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return ids, weights * scaling
+
+
+@functools.cache
+def _grouped_topk_kernel():
+    from deepfleet.kernels.moe_routing import grouped_topk  # imports triton: only where there is a GPU
+
+    return grouped_topk
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -252,18 +280,14 @@ class MoE(nn.Module):
         self.shared_experts = GatedMLP(h, inner * n_shared, reduce=False) if n_shared else None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = F.linear(x.float(), self.gate.weight).sigmoid()
-        choice = scores + self.gate.e_score_correction_bias
-        t = x.shape[0]
-        groups = choice.view(t, self.n_group, -1).topk(min(2, self.num_experts // self.n_group), dim=-1)[0].sum(-1)
-        keep = torch.zeros_like(groups, dtype=torch.bool)
-        keep.scatter_(1, groups.topk(self.topk_group, dim=-1)[1], True)
-        choice = choice.masked_fill(~keep.repeat_interleave(self.num_experts // self.n_group, dim=1), float("-inf"))
-        ids = choice.topk(self.top_k, dim=-1)[1]
-        weights = scores.gather(1, ids)
-        if self.norm_topk_prob:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return ids, weights * self.scaling
+        """x [T, H] -> (expert ids [T, k], weights [T, k] float32): on CUDA one Triton kernel
+        (deepfleet.kernels.moe_routing, int32 ids) after the router GEMV; on CPU the plain-PyTorch reference."""
+        logits = F.linear(x.float(), self.gate.weight)
+        args = (self.gate.e_score_correction_bias, self.n_group, self.topk_group, self.top_k, self.norm_topk_prob,
+                self.scaling)
+        if logits.is_cuda:
+            return _grouped_topk_kernel()(logits, *args)
+        return route_reference(logits, *args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.route(x)
