@@ -1,7 +1,8 @@
 """Fused mixture-of-experts: every routed expert of a batch in two grouped GEMM launches, without a host sync, so a
 decode step with MoE layers can be captured in a CUDA graph.
 
-1. `align_by_expert` (device tensor ops only, fixed output sizes): the batch's (token, slot) assignments are sorted
+1. `align_by_expert` (on the device, fixed output sizes; one program of `_align_kernel` for decode-sized batches,
+   tensor ops above): the batch's (token, slot) assignments are sorted
    by expert and each expert's run is padded to a multiple of the tile height BM; every BM-row tile then belongs
    to one expert. Sizes are upper bounds known from the shapes alone (A + min(E, A)·(BM-1) rows for A
    assignments), and the number of rows actually used stays on the device: tiles past it return at once.
@@ -27,11 +28,66 @@ from deepfleet.kernels.fp8_gemm import STREAMING_MAX_ROWS, quantize_activations
 FP8 = torch.float8_e4m3fn
 
 
+# Decode-sized batches (up to this many (token, slot) assignments: 128 tokens at V3's top-8) are sorted by one
+# program of `_align_kernel`, every assignment in its registers; larger ones by `align_reference`'s tensor ops.
+ALIGN_KERNEL_MAX = 1024
+
+
 def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int, skip_remote: bool = False):
     """topk_ids [T, k] -> (row ids [cap] (the sentinel T·k marks padding), expert of each BM tile [cap / BM]
-    (num_experts or more past the end), rows used [1]); every step a device op with a shape known from the inputs.
+    (num_experts or more past the end), rows used [1]), all int32 on the device, sizes known from the shapes.
     `skip_remote` (expert parallelism): the id num_experts marks a slot whose expert is on another rank; those
-    slots sort after the last local expert, past the rows used, so no tile computes them."""
+    slots sort after the last local expert, past the rows used, so no tile computes them. CUDA, at most
+    ALIGN_KERNEL_MAX assignments: one Triton kernel (and two fills); otherwise `align_reference`."""
+    if topk_ids.is_cuda and topk_ids.numel() <= ALIGN_KERNEL_MAX:
+        return align_kernel(topk_ids, num_experts, block_m, skip_remote)
+    return align_reference(topk_ids, num_experts, block_m, skip_remote)
+
+
+def _capacity(n: int, bins: int, block_m: int) -> int:
+    """Rows of the sorted layout: n assignments and at most BM - 1 padding rows for each expert that has some."""
+    return triton.cdiv(n + min(bins, n) * (block_m - 1), block_m) * block_m
+
+
+@triton.jit
+def _align_kernel(ids_ptr, row_ids_ptr, tile_expert_ptr, rows_used_ptr, n, BINS: tl.constexpr,
+                  LOCAL: tl.constexpr, BM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+    i = tl.arange(0, BLOCK_N)
+    expert = tl.load(ids_ptr + i, mask=i < n, other=BINS).to(tl.int32)  # past n: the bin after the last
+    counts = tl.histogram(expert, BLOCK_B)
+    b = tl.arange(0, BLOCK_B)
+    padded = tl.where(b < BINS, (counts + BM - 1) // BM * BM, 0)
+    ends = tl.cumsum(padded, 0)
+    # a stable sort by expert: keys expert·BLOCK_N + position are distinct
+    key = tl.sort(expert * BLOCK_N + i)
+    e_sorted = key // BLOCK_N
+    # place in the sorted order minus the expert's first place = rank inside its expert's run
+    rank = i - tl.gather(tl.cumsum(counts, 0) - counts, e_sorted, 0)
+    dest = tl.gather(ends - padded, e_sorted, 0) + rank
+    real = e_sorted < BINS
+    tl.store(row_ids_ptr + dest, key % BLOCK_N, mask=real)
+    tl.store(tile_expert_ptr + dest // BM, e_sorted, mask=real)  # a tile's rows all write its expert
+    tl.store(rows_used_ptr, tl.sum(tl.where(b == LOCAL - 1, ends, 0), 0))
+
+
+def align_kernel(topk_ids: torch.Tensor, num_experts: int, block_m: int, skip_remote: bool = False):
+    """`align_by_expert` in one program (n <= ALIGN_KERNEL_MAX assignments); its outputs equal align_reference's.
+    Tiles past the sorted rows keep the fill `bins` (what the reference's searchsorted gives there)."""
+    flat = topk_ids.flatten()
+    n = flat.numel()
+    bins = num_experts + int(skip_remote)
+    cap = _capacity(n, bins, block_m)
+    row_ids = torch.full((cap,), n, dtype=torch.int32, device=flat.device)
+    tile_expert = torch.full((cap // block_m,), bins, dtype=torch.int32, device=flat.device)
+    rows_used = torch.empty(1, dtype=torch.int32, device=flat.device)
+    _align_kernel[(1,)](flat, row_ids, tile_expert, rows_used, n, BINS=bins, LOCAL=num_experts, BM=block_m,
+                        BLOCK_N=max(16, triton.next_power_of_2(n)), BLOCK_B=triton.next_power_of_2(bins + 1),
+                        num_warps=4)
+    return row_ids, tile_expert, rows_used
+
+
+def align_reference(topk_ids: torch.Tensor, num_experts: int, block_m: int, skip_remote: bool = False):
+    """`align_by_expert` in torch tensor ops (~26 launches): stable argsort, counts, padded cumulative ends."""
     flat = topk_ids.flatten().long()
     n = flat.numel()
     bins = num_experts + int(skip_remote)
@@ -43,7 +99,7 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int, skip
     expert_sorted = flat[order]
     rank = torch.arange(n, device=flat.device) - (counts.cumsum(0) - counts)[expert_sorted]
     dest = (ends - padded)[expert_sorted] + rank
-    cap = triton.cdiv(n + min(bins, n) * (block_m - 1), block_m) * block_m
+    cap = _capacity(n, bins, block_m)
     row_ids = torch.full((cap,), n, dtype=torch.int32, device=flat.device)
     row_ids[dest] = order.to(torch.int32)
     tile_starts = torch.arange(0, cap, block_m, device=flat.device)

@@ -1,6 +1,9 @@
 """The fused MoE under TRITON_INTERPRET=1 on CPU tensors: the device-side sort/align by expert (every assignment
-once, tiles of one expert, padding masked, sizes fixed by the shapes) and the grouped GEMMs against the per-expert
+once, tiles of one expert, padding masked, sizes fixed by the shapes; the one-program align kernel equal to the
+tensor-ops version on random routings) and the grouped GEMMs against the per-expert
 reference loop, with unquantized and block-FP8 experts (weight-streaming and FP8×FP8 activation paths)."""
+
+import os
 
 import pytest
 import torch
@@ -11,6 +14,12 @@ from deepfleet.quant.fp8 import dequantize, quantize
 fused_moe = pytest.importorskip("deepfleet.kernels.fused_moe")
 torch.set_num_threads(1)
 E, H, INNER = 4, 128, 128
+# the align kernel's tests also run compiled on a GPU host (its inputs moved there); the GEMM tests are CPU-only
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+
+
+def _align_on_device(ids, *args):
+    return tuple(t.cpu() for t in fused_moe.align_kernel(ids.to(DEVICE), *args))
 
 
 def _routing(t, k, seed):
@@ -25,9 +34,10 @@ def _experts(seed):
     return torch.randn(E, 2 * INNER, H, generator=g) / H**0.5, torch.randn(E, H, INNER, generator=g) / INNER**0.5
 
 
-def test_align_by_expert_covers_every_assignment_once():
+@pytest.mark.parametrize("align", [fused_moe.align_reference, _align_on_device])
+def test_align_by_expert_covers_every_assignment_once(align):
     ids = torch.tensor([[2, 0], [2, 3], [0, 2], [2, 1]])  # expert 2 four times, 0 twice, 1 and 3 once
-    row_ids, tile_expert, rows_used = fused_moe.align_by_expert(ids, E, 4)
+    row_ids, tile_expert, rows_used = align(ids, E, 4)
     n = ids.numel()
     assert row_ids.numel() == 8 + 4 * 3 == 20  # 8 assignments + at most 3 padding rows for each of 4 experts
     assert int(rows_used) == 4 + 4 + 4 + 4  # each expert's run padded to a 4-row tile
@@ -82,3 +92,30 @@ def test_fp8_experts_match_reference(t):
     # streaming keeps activations exact; 1x128 FP8 activations cost ~2-3% (e4m3 has 3 mantissa bits)
     tol = 1e-5 if t * 2 <= 64 else 0.05
     assert (got - want).abs().max() <= tol * want.abs().max()
+
+
+@pytest.mark.parametrize("experts,t,k", [(256, 1, 8), (256, 7, 8), (256, 128, 8), (8, 5, 2), (4, 3, 2)])
+@pytest.mark.parametrize("block_m", [16, 64])
+@pytest.mark.parametrize("skip_remote", [False, True])
+def test_align_kernel_equals_the_tensor_ops(experts, t, k, block_m, skip_remote):
+    g = torch.Generator().manual_seed(experts + t * k + block_m)
+    if experts >= k:  # distinct experts per token, as routing gives
+        ids = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(t)])
+    else:
+        ids = torch.randint(0, experts, (t, k), generator=g)
+    if skip_remote:  # about a third of the slots on another rank's experts: the id `experts`
+        ids = ids.masked_fill(torch.rand(t, k, generator=g) < 0.3, experts)
+    want = fused_moe.align_reference(ids, experts, block_m, skip_remote)
+    for ids_dtype in (torch.int32, torch.int64):
+        got = _align_on_device(ids.to(ids_dtype), experts, block_m, skip_remote)
+        for a, b in zip(got, want, strict=True):
+            assert a.dtype == torch.int32 and torch.equal(a, b)
+
+
+def test_align_kernel_on_skewed_and_empty_batches():
+    # every slot on two experts (runs longer than a tile), and no tokens at all
+    ids = torch.tensor([[3, 1]] * 40)
+    for got, want in zip(_align_on_device(ids, E, 16), fused_moe.align_reference(ids, E, 16), strict=True):
+        assert torch.equal(got, want)
+    row_ids, tile_expert, rows_used = _align_on_device(torch.zeros(0, 2, dtype=torch.long), E, 16)
+    assert row_ids.numel() == 0 and tile_expert.numel() == 0 and int(rows_used) == 0
