@@ -1,5 +1,7 @@
 """The lab's object store: an S3-protocol server (moto's, from PyPI: no S3 server installs from Debian) bound to
-the bridge address only, seeded with the tiny model and its SHA256 manifest as one revision. The hosts fetch it
+the bridge address only, seeded with the tiny model as one revision, encrypted (`deepfleet weights encrypt` with
+the lab's data key, lab/pki.py) with a SHA256 manifest over the ciphertext: no plaintext weight leaves the
+controller, the hosts hold only ciphertext and serve it through their PKCS#11 token. The hosts fetch it
 with the real role (model_store: rclone, site cache, verification) as real hosts fetch from S3, and a second bucket
 stands for the other cloud of the sync job."""
 
@@ -12,7 +14,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from lab import system
+from lab import pki, system
 from lab.config import LabError
 
 BUCKET = "deepfleet-models"
@@ -66,16 +68,23 @@ def rclone(state):
     return Rclone(config=_rclone_config(state))
 
 
-def publish(state, model_dir: Path, seed: int = 0) -> str:
-    """Generate a tiny model into model_dir, write its manifest and upload it as revision <manifest
-    digest[:12]>, as a model publisher would; returns the revision."""
-    from deepfleet.security.manifest import MANIFEST_NAME, sha256_file, write_manifest
+def _deepfleet(*args: str) -> None:
+    system.run([sys.executable, "-c", "from deepfleet.cli import main; main()", *args])
 
-    system.run([sys.executable, "-c", "from deepfleet.cli import main; main()", "make-tiny-model", str(model_dir),
-                "--arch", "qwen2", "--seed", str(seed)])
-    write_manifest(model_dir)
-    revision = sha256_file(model_dir / MANIFEST_NAME)[:12]
-    rclone(state).run("copy", str(model_dir), f"{REMOTE}:{BUCKET}/{MODEL}/{revision}")
+
+def publish(state, model_dir: Path, seed: int = 0) -> str:
+    """Generate a tiny model into model_dir/plain with its manifest, encrypt it into model_dir/encrypted, write
+    the manifest of the ciphertext and upload that as revision <its digest[:12]>, as a model publisher would;
+    returns the revision."""
+    from deepfleet.security.manifest import MANIFEST_NAME, sha256_file
+
+    plain, encrypted = model_dir / "plain", model_dir / "encrypted"
+    _deepfleet("make-tiny-model", str(plain), "--arch", "qwen2", "--seed", str(seed))
+    _deepfleet("weights", "manifest", str(plain))
+    _deepfleet("weights", "encrypt", str(plain), str(encrypted), "--key-file", str(pki.weights_key(state)))
+    _deepfleet("weights", "manifest", str(encrypted))
+    revision = sha256_file(encrypted / MANIFEST_NAME)[:12]
+    rclone(state).run("copy", str(encrypted), f"{REMOTE}:{BUCKET}/{MODEL}/{revision}")
     return revision
 
 

@@ -1,8 +1,9 @@
 """The lab's security material, made on the controller with `cryptography` and PyJWT so the lab serves with
 everything on: a lab CA, a TLS certificate per host (SAN: its name, its lab address, 127.0.0.1, localhost),
 the load balancer's certificate+key bundle for HAProxy, a token issuer (EC P-256 signing key and its JWKS),
-the RBAC/ABAC policy, and signed test tokens for the documents' roles. Everything lives in
-lab/.state/NAME/pki/ (mode 0700, keys 0600) and goes when the lab is taken down."""
+the RBAC/ABAC policy, signed test tokens for the documents' roles, and the data key the lab's model revisions
+are encrypted with (each runtime host wraps it into its own PKCS#11 token and keeps only the wrapped form).
+Everything lives in lab/.state/NAME/pki/ (mode 0700, keys 0600) and goes when the lab is taken down."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import datetime as dt
 import ipaddress
 import json
 import os
+import secrets
 import time
 from pathlib import Path
 
@@ -60,6 +62,16 @@ TOKENS = {"inference_user": ["inference_user"], "model_admin": ["model_admin"], 
 
 def pki_dir(state) -> Path:
     return Path(state.state_dir) / "pki"
+
+
+def weights_key(state) -> Path:
+    """The data key of the lab's encrypted model (AES-256-GCM, hex), made once per lab instance."""
+    root = pki_dir(state)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = root / "weights.key"
+    if not path.is_file():
+        _private(path, secrets.token_bytes(32).hex().encode() + b"\n")
+    return path
 
 
 def _private(path: Path, data: bytes) -> None:
@@ -166,4 +178,7 @@ def security_vars(state) -> dict:
         "loadbalancer_tls_generate": False,
         "loadbalancer_tls_cert_src": str(root) + "/{{ inventory_hostname }}.bundle.pem",
         "deepfleet_lab_tokens_dir": str(root / "tokens"),
+        # the object store's revisions are encrypted (lab/objectstore.py): served through a SoftHSM2 token
+        "inference_runtime_pkcs11": True,
+        "inference_runtime_pkcs11_data_key_src": str(weights_key(state)),
     }

@@ -2,7 +2,8 @@
 # Builds .wheelhouse/: the deepfleet runtime and every dependency as wheels, for hosts that cannot reach a
 # package registry (the air-gapped on-prem case; the lab hosts too). The hosts run Debian bookworm's
 # python3.11 on x86_64, like this controller, so wheels resolved here install there with
-# `pip install --no-index --find-links`. CPU torch comes from this machine's pip find-links.
+# `pip install --no-index --find-links`. CPU torch comes from this machine's pip find-links. The pkcs11 extra's
+# wheels come along (python-pkcs11: inference_runtime_pkcs11 installs it on hosts serving through a token).
 # Rebuilt only when its inputs (runtime sources, this script, the torch spec) change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +33,7 @@ if [ -d "$OUT" ]; then
   find "$OUT" -maxdepth 1 -name '*.whl' ! -name 'deepfleet_runtime-*' -exec cp -l {} "$tmp/" \;
 fi
 # (pip warns about every project absent from the file:// extra indexes: noise, filtered.)
-"$PIP" wheel -q --wheel-dir "$tmp" --find-links "$tmp" "$TORCH_SPEC" ./runtime \
+"$PIP" wheel -q --wheel-dir "$tmp" --find-links "$tmp" "$TORCH_SPEC" "./runtime[pkcs11]" \
   2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 # The build leaves a build/ directory in the source tree; the wheel is all we need.
 rm -rf runtime/build

@@ -37,12 +37,17 @@ def test_model_on_the_hot_tier(host, rt):
     root = host.file(rt["inference_runtime_model_root"])  # the served model dir, or the folder of its revisions
     assert root.is_directory and root.user == "root" and root.group == rt["inference_runtime_group"]
     assert root.mode == 0o750
+    if rt["inference_runtime_pkcs11"]:  # encrypted (test_key_store.py): only the ciphertext is on the host
+        config = host.file(f"{rt['inference_runtime_model_dir']}/config.json.dfenc")
+        assert config.is_file and config.mode == 0o640
+        return
     config = host.file(f"{rt['inference_runtime_model_dir']}/config.json")
     assert config.is_file and config.mode == 0o640
     assert json.loads(config.content_string)["model_type"]
 
 
-SECURITY_SECTIONS = ("auth", "tls", "audit")  # written by tasks/security.yml, checked in test_security.py
+# written by tasks/security.yml and tasks/key_store.yml, checked in test_security.py and test_key_store.py
+SECURITY_SECTIONS = ("auth", "tls", "audit", "weights")
 
 
 def test_config_file_from_variables(host, rt):

@@ -65,8 +65,9 @@ def test_storage_tiers_are_xfs_on_the_lab_loop_devices(lab):
         for tier, [dev] in devices.items():
             found = lab.ssh(host, f"findmnt -no SOURCE,FSTYPE,OPTIONS {mounts[tier]}").stdout.split()
             assert found[:2] == [dev, "xfs"] and "noatime" in found[2].split(","), (host.name, tier, found)
-        # inference_runtime_model_dir (roles/inference_runtime defaults): /models/<model name>
-        model = lab.ssh(host, f"findmnt -no TARGET --target {MODEL_DIR} && test -f {MODEL_DIR}/config.json")
+        # inference_runtime_model_dir (roles/inference_runtime defaults): /models/<model name>; the lab's model is
+        # encrypted (lab/objectstore.py): config.json is there as its ciphertext
+        model = lab.ssh(host, f"findmnt -no TARGET --target {MODEL_DIR} && test -f {MODEL_DIR}/config.json.dfenc")
         assert model.returncode == 0 and model.stdout.strip() == "/models", (host.name, model.stdout, model.stderr)
     rc, summary, _ = lab.compliance("-k", "test_declared_tiers_are_mounted_xfs", "-rs")
     assert rc == 0 and f"{len(lab.hosts)} passed" in summary and "skipped" not in summary, summary

@@ -19,6 +19,7 @@ pytestmark = [pytest.mark.lab, pytest.mark.timeout(1800)]
 
 MODEL = objectstore.MODEL  # the lab's model (roles/inference_runtime: inference_runtime_model_name)
 MODEL_ROOT = f"/models/{MODEL}"  # roles/inference_runtime: inference_runtime_model_root
+API_PORT = 8000  # playbooks/group_vars/all: deepfleet_api_port
 LB_TLS_PORT = 8443  # roles/loadbalancer: loadbalancer_tls_port (the lab serves TLS only: loadbalancer_http false)
 CA_FILE = "/etc/ssl/certs/deepfleet-ca.pem"  # playbooks/group_vars/all: deepfleet_ca_file
 AUDIT_LOG = "/var/log/deepfleet-audit/audit.jsonl"  # roles/inference_runtime: inference_runtime_audit_path
@@ -168,6 +169,27 @@ def test_revision_switch_drops_no_requests(lab, tmp_path):
     assert all(before[h] != middle[h] != after[h] for h in before), (before, middle, after)
     codes = loop.codes()
     assert set(codes) == {"200"}, f"requests failed during the revision switch: {codes}"
+
+
+def test_audit_log_survives_a_forced_rotation(lab):
+    """logrotate -f with the role's policy: every line written before is in the rotated file, whole; the next
+    event goes to a new file the runtime makes itself, with the service user as owner and mode 0640."""
+    host = lab.hosts[0]
+    before = lab.ssh(host, f"cat {AUDIT_LOG}").stdout
+    assert '"event"' in before
+    run = lab.ssh(host, "logrotate -f /etc/logrotate.d/deepfleet-audit")
+    assert run.returncode == 0 and "error" not in run.stderr, run.stderr
+    rotated = lab.ssh(host, f"ls -t {AUDIT_LOG}-* | grep -v '[.]gz$' | head -1").stdout.strip()
+    assert rotated, lab.ssh(host, f"ls -l {AUDIT_LOG}*").stdout
+    kept = lab.ssh(host, f"cat {rotated}").stdout
+    assert kept.startswith(before) and all(json.loads(line) for line in kept.splitlines())
+    refused = lab.ssh(host, f"curl -sS -m 30 --cacert {CA_FILE} -o /dev/null -w '%{{http_code}}' "
+                            f"https://127.0.0.1:{API_PORT}/v1/models").stdout  # no token: an audited refusal
+    assert refused == "401"
+    stat = lab.ssh(host, f"stat -c '%U %a' {AUDIT_LOG}").stdout.strip()
+    assert stat == "deepfleet 640", stat  # roles/inference_runtime: inference_runtime_user
+    fresh = [json.loads(line) for line in lab.ssh(host, f"cat {AUDIT_LOG}").stdout.splitlines()]
+    assert fresh and fresh[-1]["event"] == "AUTH_FAILED" and fresh[-1]["path"] == "/v1/models"
 
 
 def test_prometheus_scrapes_the_runtime_targets(lab):

@@ -31,9 +31,17 @@ def _new_secret_file(path: Path, mode: str = "wb"):
 
 
 def _data_key(key_file: Path) -> bytes:
-    """The data key as `keygen` writes it (raw 16/32 bytes) or as hex text."""
-    raw = key_file.read_bytes()
-    return raw if len(raw) in (16, 32) else bytes.fromhex(raw.decode().strip())
+    """The data key as `keygen` writes it (raw 16/32 bytes) or as hex text; `-` reads it from standard input (so
+    a deployment tool can hand it over without writing it to a file)."""
+    import sys
+
+    raw = sys.stdin.buffer.read() if str(key_file) == "-" else key_file.read_bytes()
+    if len(raw) in (16, 32):
+        return raw
+    try:
+        return bytes.fromhex(raw.decode().strip())
+    except ValueError:
+        raise ValueError(f"{key_file}: the data key is neither 16/32 raw bytes nor hex text") from None
 
 
 @weights_app.command("manifest")
@@ -195,7 +203,7 @@ def sync(
 
 @weights_app.command("wrap-key")
 def wrap_key(
-    key_file: Annotated[Path, typer.Argument(help="the data key (as written by `keygen`)")],
+    key_file: Annotated[Path, typer.Argument(help="the data key (as written by `keygen`, raw or hex; - = stdin)")],
     out: Annotated[Path, typer.Argument(help="where the wrapped key goes (weights.pkcs11.wrapped_key_file)")],
     module: Annotated[Path, typer.Option("--module", help="PKCS#11 library (.so) of the HSM or SoftHSM2")],
     token_label: Annotated[str, typer.Option("--token-label", help="token holding the key-encryption key")],
@@ -228,7 +236,7 @@ def wrap_key(
 
 @weights_app.command("vault-wrap-key")
 def vault_wrap_key(
-    key_file: Annotated[Path, typer.Argument(help="the data key (as written by `keygen`, raw or hex)")],
+    key_file: Annotated[Path, typer.Argument(help="the data key (as written by `keygen`, raw or hex; - = stdin)")],
     out: Annotated[Path, typer.Argument(help="where the ciphertext goes (weights.vault.wrapped_key_file)")],
     address: Annotated[str, typer.Option("--address", help="Vault's (or OpenBao's) URL")],
     key_name: Annotated[str, typer.Option("--key-name", help="transit key that encrypts the data key")],

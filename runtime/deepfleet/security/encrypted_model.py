@@ -1,12 +1,14 @@
 """Serving an encrypted model directory (`deepfleet weights encrypt` output) without a plaintext copy on disk.
 
-Before any weight is used: the data key is checked against every file's key-check tag, the encrypted manifest
-is decrypted and the set of files and their plaintext sizes are compared with it. Each weight shard is then
-decrypted into one buffer in memory, chunk by chunk (each chunk authenticated), hashed on the way and compared
-with the manifest's SHA256 before its tensors are handed out as views of that buffer (`torch.frombuffer`), so a
-shard costs one plaintext copy in RAM while it is loaded and is freed after. The small non-weight files
-(config.json, tokenizer files) are decrypted into a private RAM directory (mode 0700 on /dev/shm) that the
-engine reads at start-up and that is removed once the engine is built.
+The directory holds only .dfenc files, and optionally a plaintext manifest of those ciphertext files (`deepfleet
+weights manifest ENC_DIR`, what an object store revision carries for its transfer check; the encrypted manifest
+inside is the one that authenticates the weights). Before any weight is used: the data key is checked against
+every file's key-check tag, the encrypted manifest is decrypted and the set of files and their plaintext sizes
+are compared with it. Each weight shard is then decrypted into one buffer in memory, chunk by chunk (each chunk
+authenticated), hashed on the way and compared with the manifest's SHA256 before its tensors are handed out as
+views of that buffer (`torch.frombuffer`), so a shard costs one plaintext copy in RAM while it is loaded and is
+freed after. The small non-weight files (config.json, tokenizer files) are decrypted into a private RAM directory
+(mode 0700 on /dev/shm) that the engine reads at start-up and that is removed once the engine is built.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ class EncryptedModel:
         self.files: dict[str, Path] = {}
         for path in regular_files(self.dir):
             rel = path.relative_to(self.dir).as_posix()
+            if rel == MANIFEST_NAME:  # the transfer manifest over the ciphertext (model store revisions)
+                continue
             if not rel.endswith(ENCRYPTED_SUFFIX):
                 raise WeightCryptoError(f"{path}: not an encrypted weight file (no {ENCRYPTED_SUFFIX} suffix)")
             self.files[rel[: -len(ENCRYPTED_SUFFIX)]] = path

@@ -68,3 +68,14 @@ def test_the_inventory_turns_everything_on(tmp_path):
     assert lab_vars["deepfleet_tls"] and lab_vars["loadbalancer_tls"] and not lab_vars["loadbalancer_http"]
     assert lab_vars["inference_runtime_jwks_src"].endswith("pki/jwks.json")
     assert lab_vars["inference_runtime_trusted_proxies"] == ["10.77.9.11/32"]  # the load balancer only
+
+
+def test_weights_key_is_made_once_private_and_handed_to_the_hosts(tmp_path):
+    state = lab_state(tmp_path)
+    path = pki.weights_key(state)
+    key = bytes.fromhex(path.read_text().strip())
+    assert len(key) == 32 and path.stat().st_mode & 0o777 == 0o600
+    assert pki.weights_key(state).read_text() == path.read_text()  # not replaced: the revisions need it
+    host_vars = pki.security_vars(state)
+    assert host_vars["inference_runtime_pkcs11"] is True
+    assert host_vars["inference_runtime_pkcs11_data_key_src"] == str(path)

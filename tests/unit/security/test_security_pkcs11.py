@@ -115,3 +115,17 @@ def test_wrap_key_command(token, wrapped, tmp_path, monkeypatch):
     cfg = settings(token, wrapped_key_file=str(tmp_path / "w"), pin_file=None)
     assert data_key(WeightsSettings(pkcs11=cfg), "sm4-gcm") == key
     assert (tmp_path / "w").stat().st_mode & 0o777 == 0o600
+
+
+def test_wrap_key_reads_the_data_key_from_stdin(token, wrapped, tmp_path, monkeypatch):
+    monkeypatch.setenv(PIN_ENV, PIN)
+    key = generate_key("aes-256-gcm")
+    args = ["weights", "wrap-key", "-", str(tmp_path / "w"), "--module", str(MODULE), "--token-label", LABEL,
+            "--key-label", "weights-kek"]
+    out = CliRunner().invoke(cli_app, args, input=key.hex() + "\n")
+    assert out.exit_code == 0, out.output
+    cfg = settings(token, wrapped_key_file=str(tmp_path / "w"), pin_file=None)
+    assert data_key(WeightsSettings(pkcs11=cfg), "aes-256-gcm") == key
+    bad = CliRunner().invoke(cli_app, [*args[:3], str(tmp_path / "w2"), *args[4:]], input="not a key\n")
+    assert bad.exit_code == 1 and "-: the data key is neither 16/32 raw bytes nor hex text" in bad.output
+    assert not (tmp_path / "w2").exists()

@@ -140,6 +140,20 @@ def test_an_encrypted_model_without_its_manifest_is_refused(plain, tmp_path):
             "key_file": str(tmp_path / "key")}).weights)
 
 
+def test_a_model_store_revision_ciphertext_and_its_transfer_manifest_serves(plain, encrypted, tmp_path):
+    """What an object store revision of an encrypted model holds: the .dfenc files and a plaintext manifest over
+    them (checked by `deepfleet weights fetch`); served as is. Any other plaintext file is refused."""
+    enc_dir, key_file = encrypted
+    revision = _copy(enc_dir, tmp_path)
+    write_manifest(revision)
+    assert sorted(p.name for p in revision.iterdir() if not p.name.endswith(".dfenc")) == ["deepfleet-manifest.json"]
+    engine = engine_for(revision, key_file=str(key_file))
+    assert greedy(engine) == greedy(engine_for(plain))
+    (revision / "config.json").write_text("{}")  # a plaintext file beside the ciphertext
+    with pytest.raises(SecurityConfigError, match=r"config\.json: not an encrypted weight file"):
+        serving.check_model_source(str(revision), ServeSettings(model="m", weights={"key_file": str(key_file)}).weights)
+
+
 def test_missing_key_sources_name_the_setting(encrypted, monkeypatch):
     enc_dir, _ = encrypted
     monkeypatch.delenv(KEY_ENV, raising=False)
