@@ -53,7 +53,7 @@ def register(app: typer.Typer) -> None:
         generation_config: Annotated[
             str | None, typer.Option(help="auto: the model's generation_config.json defaults; vllm: the API's.")
         ] = None,
-        # vLLM's flag names, same meaning (settings engine.*)
+        # vLLM's flag names, same meaning (settings engine.*, tls.*)
         dtype: Annotated[str | None, typer.Option(help="auto, bfloat16, float16, float32 (engine.dtype).")] = None,
         max_model_len: Annotated[
             int | None, typer.Option(help="Longest prompt + output (engine.max_model_len).")
@@ -99,6 +99,16 @@ def register(app: typer.Typer) -> None:
             help="ngram or mtp: speculative decoding (engine.speculative.method).")] = None,
         num_speculative_tokens: Annotated[int | None, typer.Option(
             help="Drafts per step with --speculative-method (engine.speculative.num_speculative_tokens).")] = None,
+        load_format: Annotated[str | None, typer.Option(
+            help="auto, or dummy: random weights of the checkpoint's shapes (engine.load_format).")] = None,
+        reasoning_parser: Annotated[str | None, typer.Option(
+            help="deepseek_r1: <think>...</think> into reasoning_content; none: raw text (reasoning_parser).")] = None,
+        ssl_certfile: Annotated[Path | None, typer.Option(
+            help="PEM certificate chain: serve HTTPS, TLS 1.3 only (tls.cert_file).")] = None,
+        ssl_keyfile: Annotated[Path | None, typer.Option(
+            help="PEM private key of --ssl-certfile (tls.key_file).")] = None,
+        ssl_ca_certs: Annotated[Path | None, typer.Option(
+            help="PEM CA bundle: clients must present a certificate it signed (tls.client_ca_file).")] = None,
         set_: Annotated[
             list[str] | None, typer.Option("--set", help="Any setting, e.g. --set engine.max_num_seqs=64 (repeat).")
         ] = None,
@@ -113,16 +123,21 @@ def register(app: typer.Typer) -> None:
             for item in set_ or []:
                 overrides = merge(overrides, parse_assignment(item))
             flags = {"host": host, "port": port, "served_model_name": served_model_name,
-                     "max_concurrent": max_concurrent, "generation_config": generation_config}
+                     "max_concurrent": max_concurrent, "generation_config": generation_config,
+                     "reasoning_parser": reasoning_parser}
             engine_flags = {"dtype": dtype, "max_model_len": max_model_len,
                             "gpu_memory_utilization": gpu_memory_utilization, "max_num_seqs": max_num_seqs,
                             "max_num_batched_tokens": max_num_batched_tokens, "block_size": block_size,
                             "enable_prefix_caching": enable_prefix_caching, "enforce_eager": enforce_eager,
                             "device": device, "quantization": quantization, "kv_cache_dtype": kv_cache_dtype,
                             "tensor_parallel_size": tensor_parallel_size, "enable_lora": enable_lora,
-                            "max_loras": max_loras, "max_lora_rank": max_lora_rank,
+                            "max_loras": max_loras, "max_lora_rank": max_lora_rank, "load_format": load_format,
                             "lora_modules": _lora_modules(lora_modules) if lora_modules else None}
             overrides.update({k: v for k, v in flags.items() if v is not None})
+            tls = {k: str(v) for k, v in {"cert_file": ssl_certfile, "key_file": ssl_keyfile,
+                                          "client_ca_file": ssl_ca_certs}.items() if v is not None}
+            if tls:
+                overrides["tls"] = {**overrides.get("tls", {}), **tls}
             engine = {k: v for k, v in engine_flags.items() if v is not None}
             if speculative_method is not None or num_speculative_tokens is not None:
                 if speculative_method is None:

@@ -58,3 +58,17 @@ def test_lora_flags_as_vllm(tmp_path):
         assert r.exit_code == 2 and why in r.output, r.output
     r = CliRunner().invoke(app, ["serve", str(tmp_path), "--print-config", "--max-loras", "0"])
     assert r.exit_code == 2 and "engine.max_loras" in r.output
+
+
+def test_vllm_tls_load_format_and_reasoning_flags(tmp_path):
+    r = CliRunner().invoke(app, [
+        "serve", str(tmp_path), "--print-config", "--ssl-certfile", "/etc/df/server.pem", "--ssl-keyfile",
+        "/etc/df/server.key", "--ssl-ca-certs", "/etc/df/clients.pem", "--load-format", "dummy",
+        "--reasoning-parser", "none"])
+    assert r.exit_code == 0, r.output
+    settings = json.loads(r.output)
+    assert settings["tls"] == {"cert_file": "/etc/df/server.pem", "key_file": "/etc/df/server.key",
+                               "client_ca_file": "/etc/df/clients.pem"}
+    assert settings["engine"]["load_format"] == "dummy" and settings["reasoning_parser"] == "none"
+    r = CliRunner().invoke(app, ["serve", str(tmp_path), "--print-config", "--reasoning-parser", "qwen3"])
+    assert r.exit_code == 2 and "reasoning_parser" in r.output, r.output
