@@ -101,6 +101,8 @@ def register(app: typer.Typer) -> None:
             help="Drafts per step with --speculative-method (engine.speculative.num_speculative_tokens).")] = None,
         load_format: Annotated[str | None, typer.Option(
             help="auto, or dummy: random weights of the checkpoint's shapes (engine.load_format).")] = None,
+        chat_template: Annotated[str | None, typer.Option(
+            help="Jinja chat template file (or the template itself) instead of the model's (chat_template).")] = None,
         reasoning_parser: Annotated[str | None, typer.Option(
             help="deepseek_r1: <think>...</think> into reasoning_content; none: raw text (reasoning_parser).")] = None,
         ssl_certfile: Annotated[Path | None, typer.Option(
@@ -124,7 +126,7 @@ def register(app: typer.Typer) -> None:
                 overrides = merge(overrides, parse_assignment(item))
             flags = {"host": host, "port": port, "served_model_name": served_model_name,
                      "max_concurrent": max_concurrent, "generation_config": generation_config,
-                     "reasoning_parser": reasoning_parser}
+                     "reasoning_parser": reasoning_parser, "chat_template": chat_template}
             engine_flags = {"dtype": dtype, "max_model_len": max_model_len,
                             "gpu_memory_utilization": gpu_memory_utilization, "max_num_seqs": max_num_seqs,
                             "max_num_batched_tokens": max_num_batched_tokens, "block_size": block_size,

@@ -74,6 +74,11 @@ class Tokenizer:
         )
         self._compiled: dict[str, Any] = {}
 
+    def replace_chat_templates(self, source: str) -> None:
+        """Serve `source` for every conversation instead of the model's own templates (vLLM's --chat-template)."""
+        self.chat_templates = {DEFAULT_TEMPLATE: source}
+        self._compiled.clear()
+
     @property
     def chat_template(self) -> str | None:
         return self.chat_templates.get(DEFAULT_TEMPLATE)
@@ -131,7 +136,7 @@ class Tokenizer:
         name = self.template_name(tools, template)
         compiled = self._compiled.get(name)
         if compiled is None:
-            compiled = self._compiled[name] = _environment().from_string(self.chat_templates[name])
+            compiled = self._compiled[name] = compile_template(self.chat_templates[name])
         return compiled.render(
             **kwargs,
             messages=messages,
@@ -140,6 +145,11 @@ class Tokenizer:
             bos_token=self.bos_token or "",
             eos_token=self.eos_token or "",
         )
+
+
+def compile_template(source: str) -> Any:
+    """A chat template compiled as transformers renders it; jinja2.TemplateSyntaxError names the line."""
+    return _environment().from_string(source)
 
 
 def _environment() -> Any:

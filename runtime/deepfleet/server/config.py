@@ -142,6 +142,10 @@ class ServeSettings(BaseModel):
     reasoning_parser: Literal["deepseek_r1", "none"] = Field(
         "deepseek_r1", description="deepseek_r1: split <think>...</think> into reasoning_content; none: raw text."
     )
+    chat_template: str | None = Field(
+        None, description="A Jinja chat template file, or the template itself, served for every conversation "
+        "instead of the model's own (vLLM's --chat-template); unset = the model's templates.",
+    )
     generation_config: Literal["auto", "vllm"] = Field(
         "auto", description="auto: the model's generation_config.json sets temperature, top_p, top_k, min_p, "
         "repetition_penalty and max_tokens for requests that leave them out; vllm: the API defaults (vLLM's names).",
@@ -158,6 +162,27 @@ class ServeSettings(BaseModel):
 
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model).resolve().name
+
+    @field_validator("chat_template")
+    @classmethod
+    def _read_chat_template(cls, value: str | None) -> str | None:
+        """A path is read here, and the template compiled, so a bad one stops start-up before the model loads."""
+        if value is None:
+            return None
+        from jinja2 import TemplateSyntaxError
+
+        from deepfleet.models.tokenizer import compile_template
+
+        if "{{" not in value and "{%" not in value:
+            path = Path(value).expanduser()
+            if not path.is_file():
+                raise ValueError(f"{value!r} is neither a readable file nor a Jinja template")
+            value = path.read_text()
+        try:
+            compile_template(value)
+        except TemplateSyntaxError as exc:
+            raise ValueError(f"not a valid Jinja template: {exc.message} (line {exc.lineno})") from None
+        return value
 
 
 # nested sections: file keys `auth.jwks_file`, environment `DEEPFLEET_AUTH__JWKS_FILE`

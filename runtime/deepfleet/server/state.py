@@ -133,6 +133,8 @@ class ServerState:
             else:
                 driver = ThreadDriver(await asyncio.to_thread(self._engine_factory, s))
             self.tokenizer = driver.tokenizer
+            if s.chat_template is not None:
+                self.tokenizer.replace_chat_templates(s.chat_template)
             self.token_text = TokenText(driver.tokenizer)
             self.max_model_len = driver.max_model_len
             # unset: as many as the engine batches at once, so admission never caps its throughput

@@ -84,3 +84,27 @@ def test_generation_defaults_apply_only_when_the_request_omits_them(tiny_model):
         # vllm: the API defaults (1.0/1.0), and an explicit value always wins over the model's
         assert _sampled_text(plain.url, {}) == _sampled_text(auto.url, {"temperature": 1.0, "top_p": 1.0})
         assert _sampled_text(auto.url, {}) != _sampled_text(plain.url, {})
+
+
+def test_chat_template_setting_replaces_the_models_templates(tiny_model, tmp_path):
+    template = tmp_path / "plain.jinja"  # vLLM's --chat-template: a file (or the template text itself)
+    template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}[assistant] {% endif %}")
+    with live_server(settings_for(tiny_model, chat_template=str(template))) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+        for extra in ({}, {"tools": tools}):  # with tools too: the given template serves every conversation
+            r = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=2, **extra)
+            expected = Tokenizer(tiny_model).encode("[user] Hi\n[assistant] ", add_special_tokens=False)
+            assert r.usage.prompt_tokens == len(expected), extra
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("/nowhere/template.jinja", "is neither a readable file nor a Jinja template"),
+    ("{% for m in messages %}{{ m['content'] }}", "chat_template\n  Value error, not a valid Jinja template"),
+])
+def test_bad_chat_template_is_refused_naming_the_setting(tiny_model, value, message):
+    with pytest.raises(ValueError, match="chat_template") as info:
+        settings_for(tiny_model, chat_template=value)
+    assert message in str(info.value)
