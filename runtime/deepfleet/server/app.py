@@ -1,5 +1,5 @@
-"""The FastAPI application: OpenAI routes, health (/healthz, /readyz), /metrics, and OpenAI-shaped errors for
-everything that goes wrong, including routing errors and bugs (never a bare 500 page)."""
+"""The FastAPI application: OpenAI routes, health (/healthz, also as vLLM's /health; /readyz), /metrics, and
+OpenAI-shaped errors for everything that goes wrong, including routing errors and bugs (never a bare 500 page)."""
 
 from __future__ import annotations
 
@@ -114,6 +114,8 @@ def create_app(settings: ServeSettings, engine_factory: Callable[[ServeSettings]
     app.openapi = openapi
 
     @app.get("/healthz", summary="Liveness: the process and its engine loop are alive",
+             responses=probe("Loading failed or the engine died (`error` says why): restart."))
+    @app.get("/health", summary="Liveness, under vLLM's path (probes written for vLLM): the same as /healthz",
              responses=probe("Loading failed or the engine died (`error` says why): restart."))
     async def healthz() -> JSONResponse:
         if not state.alive:

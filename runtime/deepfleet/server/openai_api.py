@@ -615,6 +615,13 @@ async def models(request: Request) -> p.ModelList:
     return p.ModelList(data=[card, *adapters])
 
 
+# {model:path}: served names may hold slashes (e.g. deepseek-ai/DeepSeek-R1), as in OpenAI's and vLLM's routes
+@router.get("/v1/models/{model:path}", summary="One served model or LoRA adapter (OpenAI)",
+            response_model=p.ModelCard, responses=responses((404,)))
+async def model_card(request: Request, model: str) -> p.ModelCard:
+    _check_model(_state(request), model)
+    return next(card for card in (await models(request)).data if card.id == model)
+
 
 @router.post("/tokenize", summary="Token ids of a prompt or a conversation (vLLM)", response_model=p.TokenizeResponse,
              responses=responses(TOKENIZER),

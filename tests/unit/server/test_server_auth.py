@@ -51,6 +51,7 @@ def chat(client, token: str | None, **extra):
 
 def test_probes_stay_open(secured):
     assert secured.get("/healthz").status_code == 200
+    assert secured.get("/health").status_code == 200
     assert secured.get("/readyz").status_code == 200
     assert secured.get("/metrics").status_code == 200  # open unless auth.protect_metrics
 
@@ -283,7 +284,7 @@ def test_openapi_documents_the_401_403_429_the_server_sends(secured, issuer, mon
     assert examples["missing_token"]["value"] == answers[401][2].json()
     examples = doc["paths"]["/v1/chat/completions"]["post"]["responses"]["429"]["content"]["application/json"]
     assert examples["examples"]["rate_limited"]["value"] == answers[429][2].json()
-    for probe in ("/healthz", "/readyz"):  # open: no token, no refusals
+    for probe in ("/healthz", "/health", "/readyz"):  # open: no token, no refusals
         assert "security" not in doc["paths"][probe]["get"] and "401" not in doc["paths"][probe]["get"]["responses"]
 
 

@@ -21,6 +21,11 @@ def test_models_lists_the_served_model(client, server):
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL_NAME]
     assert models.data[0].model_extra["max_model_len"] == server.state.max_model_len
+    card = client.models.retrieve(MODEL_NAME)  # GET /v1/models/{model}
+    assert (card.id, card.object, card.owned_by) == (MODEL_NAME, "model", models.data[0].owned_by)
+    with pytest.raises(openai.NotFoundError) as exc:
+        client.models.retrieve("deepseek-ai/DeepSeek-R1")  # a name with a slash reaches the route, then 404
+    assert exc.value.body["code"] == "model_not_found"
 
 
 def test_chat_completion_has_usage_finish_reason_and_reasoning_split(client, server):
@@ -122,6 +127,7 @@ def test_unknown_model_is_an_openai_not_found_error(client):
 def test_health_ready_and_metrics_after_traffic(server, client):
     client.completions.create(model=MODEL_NAME, prompt="Hi", max_tokens=2)
     assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}  # vLLM's path for the same probe
     assert httpx.get(server.url + "/readyz").json() == {"status": "ready"}
     m = server.metrics()
     ok = 'deepseek_inference_requests_total{endpoint="/v1/completions",status="200"}'

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 
-OPEN = ("/healthz", "/readyz")  # probes of the kubelet and the load balancer carry no token
+OPEN = ("/healthz", "/health", "/readyz")  # probes of the kubelet and the load balancer carry no token
 METRICS = "/metrics"
 ADMIN_PREFIX = "/admin/"
 
