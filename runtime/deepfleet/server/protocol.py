@@ -4,12 +4,13 @@ Unknown-field policy: every key of a request must be declared here, otherwise th
 400 naming the key (`extra="forbid"`). OpenAI fields that do not change what we generate (`user`, `metadata`,
 `store`, ...) are declared and ignored; fields that would need behaviour we do not have (audio, `suffix`, ...)
 are accepted only with their neutral value, so a client never silently gets something other than what it asked
-for. runtime/README.md lists both groups.
+for. runtime/README.md lists both groups. A null for an optional field is the field left out (_SamplingFields).
 """
 
 from __future__ import annotations
 
 import json
+import typing
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
@@ -151,8 +152,41 @@ def _neutral(value: Any, neutral: tuple[Any, ...], why: str) -> Any:
     return value
 
 
+def _admits_none(annotation: Any) -> bool:
+    return annotation is None or annotation is Any or type(None) in typing.get_args(annotation)
+
+
+def _null_means_default(field: Any) -> bool:
+    """An optional field whose type has no None: a null there stands for its default."""
+    return not field.is_required() and not _admits_none(field.annotation)
+
+
+def _document_null_defaults(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    """The JSON schema says what _null_is_default accepts: null beside the type of each field with a default."""
+    for name, field in model.model_fields.items():
+        prop = schema.get("properties", {}).get(name)
+        if prop is None or not _null_means_default(field) or "anyOf" in prop:
+            continue
+        kept = {k: prop.pop(k) for k in ("default", "title", "description") if k in prop}
+        schema["properties"][name] = {"anyOf": [prop, {"type": "null"}], **kept}
+
+
 class _SamplingFields(_Strict):
-    """Fields shared by both endpoints: OpenAI's plus the usual vLLM extensions."""
+    """Fields shared by both endpoints: OpenAI's plus the usual vLLM extensions.
+
+    OpenAI's API declares its optional fields nullable, null meaning the default (and clients send explicit
+    nulls): a null for a field with a default is taken as the field left out, default and generation_config.json
+    defaults included, as vLLM does."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_document_null_defaults)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items() if v is not None or k not in fields or not _null_means_default(fields[k])}
 
     model: str
     n: int = Field(1, ge=1)

@@ -81,6 +81,8 @@ def test_generation_defaults_apply_only_when_the_request_omits_them(tiny_model):
             settings_for(tiny_model, generation_config="vllm")) as plain:
         # auto: an omitted temperature/top_p is the model's 0.6/0.95, the same draw as asking for them
         assert _sampled_text(auto.url, {}) == _sampled_text(auto.url, {"temperature": 0.6, "top_p": 0.95})
+        # an explicit null is a field left out: the model's defaults again, not the API's
+        assert _sampled_text(auto.url, {"temperature": None, "top_p": None}) == _sampled_text(auto.url, {})
         # vllm: the API defaults (1.0/1.0), and an explicit value always wins over the model's
         assert _sampled_text(plain.url, {}) == _sampled_text(auto.url, {"temperature": 1.0, "top_p": 1.0})
         assert _sampled_text(auto.url, {}) != _sampled_text(plain.url, {})

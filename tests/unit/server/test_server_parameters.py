@@ -226,3 +226,22 @@ def test_prompt_logprobs_streamed_with_the_first_chunk(client, prompt_lp):
     carried = [c.model_extra.get("prompt_logprobs") for c in client.chat.completions.create(stream=True, **chat)]
     assert sum(x is not None for x in carried) == 1
     _same_prompt_logprobs(next(x for x in carried if x is not None), whole)
+
+
+# OpenAI's API declares these nullable (null = the default); clients send explicit nulls for fields they leave unset
+NULLS = {"temperature": None, "top_p": None, "n": None, "stream": None, "presence_penalty": None,
+         "frequency_penalty": None, "top_k": None, "min_p": None, "repetition_penalty": None, "min_tokens": None}
+
+
+@pytest.mark.parametrize(("path", "body", "extra"), [
+    ("/v1/chat/completions", {"messages": MESSAGES}, {"logprobs": None}),
+    ("/v1/completions", {"prompt": "Tell me about GPUs."}, {"echo": None}),
+])
+def test_null_fields_are_served_as_left_out(server, path, body, extra):
+    body = {**body, "max_tokens": 6, "seed": 5, "ignore_eos": True}
+    plain = _post(server, path, body)
+    nulls = _post(server, path, {**body, **NULLS, **extra})
+    assert plain.status_code == nulls.status_code == 200, nulls.text
+    assert nulls.json()["choices"] == plain.json()["choices"]  # the same sampling: every default kept
+    r = _post(server, path, {**body, "model": None})  # a required field stays required
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model", r.text
