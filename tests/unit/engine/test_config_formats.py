@@ -1,7 +1,8 @@
 """config.json as current transformers writes it: transformers >= 5 moves `rope_theta` and `rope_scaling` into one
 `rope_parameters` object (and `torch_dtype` to `dtype`), while the published R1 checkpoints keep the older keys.
 Each tiny model's config is re-saved by transformers itself with a RoPE base far from the 10,000 default, and the
-engine's greedy tokens and first logits must equal transformers' own on that directory."""
+engine's greedy tokens must equal transformers' own on that directory. Then a whole model directory written by
+transformers' save_pretrained (weights, config, tokenizer, chat_template.jinja) chats alike."""
 
 import json
 import shutil
@@ -64,3 +65,22 @@ def test_per_layer_type_rope_parameters_are_refused(tiny_models, tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"m/config.json: rope_parameters=.* is not supported \(one set"):
         load_config(tmp_path / "m")
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "deepseek_v3"])
+def test_directory_written_by_save_pretrained_serves_alike(tiny_models, tmp_path, arch):
+    """Weights, config, tokenizer and chat template all as transformers' save_pretrained writes them today."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tiny_models[arch])
+    model.save_pretrained(tmp_path / arch)
+    hf_tok.save_pretrained(tmp_path / arch)
+    messages = [{"role": "user", "content": "hello there"}]
+    text = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = hf_tok(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                             do_sample=False)[0, len(ids):].tolist()
+    llm = LLM(str(tmp_path / arch), dtype="float32", device="cpu")
+    assert llm.get_tokenizer().apply_chat_template(messages) == text
+    (out,) = llm.chat(messages, SamplingParams(temperature=0, ignore_eos=True, max_tokens=NEW_TOKENS))
+    assert out.outputs[0].token_ids == ref
