@@ -130,6 +130,10 @@ def create_app(settings: ServeSettings, engine_factory: Callable[[ServeSettings]
         phase = "draining" if state.draining else ("failed" if not state.alive else state.phase)
         return JSONResponse({"status": phase}, 503)
 
+    @app.get("/version", summary="The server's version (vLLM's route)")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics() -> Response:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -152,7 +152,9 @@ def check(r: httpx.Response, path: str | None = None, body: object = None) -> No
         assert r.text.rstrip().endswith("data: [DONE]"), r.text[-200:]
 
 
-FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+# 150 draws: about 20 bodies reach the engine (>= 10 asserted below); at 80, after optional fields became nullable,
+# the count fell to 8-9 in some runs
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 
 
 @FUZZ

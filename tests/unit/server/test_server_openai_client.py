@@ -7,6 +7,7 @@ import openai
 import pytest
 from server_helpers import MODEL_NAME
 
+import deepfleet
 from deepfleet.server.reasoning import split_reasoning
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about GPUs."}]
@@ -128,6 +129,7 @@ def test_health_ready_and_metrics_after_traffic(server, client):
     client.completions.create(model=MODEL_NAME, prompt="Hi", max_tokens=2)
     assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}  # vLLM's path for the same probe
+    assert httpx.get(server.url + "/version").json() == {"version": deepfleet.__version__}
     assert httpx.get(server.url + "/readyz").json() == {"status": "ready"}
     m = server.metrics()
     ok = 'deepseek_inference_requests_total{endpoint="/v1/completions",status="200"}'

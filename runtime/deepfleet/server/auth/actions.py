@@ -20,6 +20,7 @@ ROUTE_ACTIONS: tuple[tuple[str, str], ...] = (
     ("/docs", "predict"),
     ("/docs/*", "predict"),
     ("/openapi.json", "predict"),
+    ("/version", "predict"),
     ("/admin/audit", "read_logs"),
     ("/admin/models/*/load", "deploy"),
     ("/admin/models/*/unload", "delete"),
