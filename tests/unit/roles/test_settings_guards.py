@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import yaml
+from role_check import check_playbook
 
 from deepfleet.server.config import ServeSettings
 from infra.config import Autoscaling
@@ -29,8 +30,34 @@ def _seconds(haproxy_time: str) -> float:
 def test_haproxy_waits_longer_than_the_runtime_request_deadline():
     lb = _defaults("loadbalancer")
     deadline = ServeSettings.model_fields["request_timeout_s"].default
+    assert lb["loadbalancer_runtime_request_timeout_s"] == deadline  # the role's copy of the runtime default
     for key in ("loadbalancer_timeout_server", "loadbalancer_timeout_client"):
         assert _seconds(lb[key]) > deadline, f"{key}={lb[key]} cuts requests the runtime still serves ({deadline} s)"
+
+
+def _lb_play(tmp_path: Path, backends: dict, *extra: str) -> tuple[int, str]:
+    play = [{"name": "lb", "hosts": "loadbalancers", "gather_facts": False,
+             "tasks": [{"ansible.builtin.include_role": {"name": "loadbalancer"}}]}]
+    (tmp_path / "lb.yml").write_text(yaml.safe_dump(play))
+    if not (tmp_path / "group_vars").exists():  # the shared settings site.yml's plays get (API port, backend name)
+        (tmp_path / "group_vars").mkdir()
+        (tmp_path / "group_vars" / "all").symlink_to(REPO / "playbooks" / "group_vars" / "all")
+    rc, out = check_playbook(tmp_path, tmp_path / "lb.yml", {"gpu_nodes": backends, "loadbalancers": {"lb-1": {}}},
+                             *extra)
+    return rc, " ".join(out.split())
+
+
+def test_a_host_with_a_longer_request_deadline_than_haproxy_is_refused(tmp_path):
+    slow = {"inference_runtime_config": {"request_timeout_s": 1200}}
+    rc, out = _lb_play(tmp_path, {"gpu-a": {}, "gpu-b": slow})
+    assert rc != 0
+    assert ("gpu-b: inference_runtime_config.request_timeout_s=1200 s is not below "
+            "loadbalancer_timeout_server=630s (630 s") in out, out
+    assert "gpu-a: inference_runtime_config" not in out, out  # the default 600 s passes
+    # raised on the load balancer too (20 minutes in HAProxy's format): the check passes for both hosts
+    rc, out = _lb_play(tmp_path, {"gpu-a": {}, "gpu-b": slow}, "-e", "loadbalancer_timeout_server=21m")
+    assert "is not below loadbalancer_timeout_server" not in out, out
+    assert "ok: [lb-1] => (item=gpu-a)" in out and "ok: [lb-1] => (item=gpu-b)" in out, out
 
 
 def test_queue_backlog_alert_threshold_is_the_autoscaling_target():
