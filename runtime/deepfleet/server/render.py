@@ -79,15 +79,13 @@ class ChoiceCursor:
         return reasoning, content, logprobs
 
     def _stream_calls(self, progress: list[tuple[str, str]]) -> None:
-        """OpenAI's deltas for what the calls gained: a new call's id, type and name (with its arguments so
-        far), then pieces of its arguments."""
+        """OpenAI's deltas for what the calls gained: a new call's id, type and name with empty arguments, then
+        pieces of its arguments, also when one step brought the whole call (a client that fell behind)."""
         for k, (name, arguments) in enumerate(progress):
             if k == len(self._announced):
-                self._announced.append([call_id(), name, arguments])
+                self._announced.append([call_id(), name, ""])
                 self.call_deltas.append(p.DeltaToolCall(index=k, id=self._announced[k][0], type="function",
-                                                        function=p.ResponseFunctionCall(name=name,
-                                                                                        arguments=arguments)))
-                continue
+                                                        function=p.ResponseFunctionCall(name=name, arguments="")))
             _, sent_name, sent = self._announced[k]
             if sent_name == name and arguments.startswith(sent) and len(arguments) > len(sent):
                 self._announced[k][2] = arguments

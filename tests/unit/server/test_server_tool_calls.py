@@ -72,8 +72,9 @@ FORCED_REQUIRED = ('[{"name":"get_weather","parameters":{"city":"Paris","days":2
     (lambda: ToolCallStream(DeepSeekV3Format()), DEEPSEEK_V31), (lambda: ForcedCallStream(None), FORCED_REQUIRED),
     (lambda: ForcedCallStream("get_time"), '{"zone":"UTC"}')])
 def test_streamed_call_deltas_accumulate_to_the_final_calls(stream, text, step):
-    """OpenAI's streaming shape at any chunking: per call a first delta with id, type and name, then argument
-    pieces; concatenated they are exactly the non-streamed calls' arguments."""
+    """OpenAI's streaming shape at any chunking: per call a first delta with id, type, name and empty arguments,
+    then argument pieces (also when the whole call came in one step: step 1000); concatenated they are exactly
+    the non-streamed calls' arguments."""
     cursor = ChoiceCursor(None, stream())
     deltas = []
     for end in [*range(step, len(text), step), len(text)]:
@@ -83,12 +84,14 @@ def test_streamed_call_deltas_accumulate_to_the_final_calls(stream, text, step):
     for d in deltas:
         if d.index not in calls:
             assert d.id.startswith("call_") and d.type == "function" and d.function.name
+            assert d.function.arguments == ""
             calls[d.index] = [d.function.name, ""]
         else:
             assert d.id is None and d.function.name is None
         calls[d.index][1] += d.function.arguments
     assert [tuple(v) for _, v in sorted(calls.items())] == [(c.name, c.arguments) for c in cursor.tool_calls]
     assert cursor.tool_calls and cursor.finish_reason == "tool_calls"
+    assert len(deltas) >= 2 * len(calls)  # the announcement, then at least one piece of arguments
     if step == 1:
         assert len(deltas) > 2 * len(calls)  # pieces while written, not one delta per call at the end
 
