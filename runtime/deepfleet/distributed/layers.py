@@ -98,7 +98,7 @@ class RowParallelLinear(Linear):
         split.mark(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = matmul(x, self.weight)
+        y = matmul(x, self.weight, gemv_tiles=self.gemv_tiles)
         if self.reduce:
             y = ps.all_reduce(y)
         return y if self.bias is None else y + self.bias

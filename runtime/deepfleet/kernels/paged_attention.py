@@ -22,7 +22,10 @@ FlashInfer's paged kernels):
   latent cache once per head block, which is correct, not optimal: the dedicated absorbed-MLA decode kernel is
   separate work.
 - Split KV (flash-decoding): when the launch has too few programs for the GPU (batch 1 at long context), the KV
-  range is cut into `num_splits` parts that write partial outputs and their log-sum-exp, merged by a second kernel.
+  range is cut into `num_splits` parts that write partial outputs and their log-sum-exp; the split program that
+  finishes a (tile, head block) last, by an atomic arrival counter (kernels/workspace.py, reset by that program),
+  merges the splits that had keys, in the same launch (a second merge launch took as long as the attention
+  kernel at batch 1: 4.7-5.2 us per layer on the H200).
   The split count comes from the launch shape only (programs vs SMs, block-table width) and each split takes an even
   share of the sequence's *actual* length, read on the device. So the launch is CUDA-graph capturable with no host
   sync (FlashInfer plans its split on the host from the lengths, which a replayed graph cannot redo per step).
@@ -43,6 +46,8 @@ import functools
 import torch
 import triton
 import triton.language as tl
+
+from deepfleet.kernels import workspace
 
 # flash-decoding parts per sequence: batch 1 at 8k context on an H200 took 14.7 us at 32, 16.7 at 64, 24.1 at 128
 MAX_SPLITS = 32
@@ -65,7 +70,8 @@ def _find_sequence(query_start_loc, tile, num_seqs, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def _paged_attention_kernel(
-    out, part_out, part_lse,  # out [T, H, DV]; parts [num_splits, T, H, DV] fp32 and [num_splits, T, H] fp32
+    out, part_out, part_lse, counters,  # out [T, H, DV]; parts [num_splits, T, H, DV] fp32 and [num_splits, T, H]
+    # fp32; counters: int32 per (tile, program along axis 1), zero between launches
     q, k_cache, v_cache, k_scale, v_scale,  # scales: float32 per KV head of an FP8 cache (FP8_KV), else unused
     block_tables, seq_lens, query_start_loc,
     num_seqs, num_splits, qk_scale,  # qk_scale: softmax scale times log2(e) (the kernel works in base 2)
@@ -169,27 +175,29 @@ def _paged_attention_kernel(
         part = split * stride_ps + token * stride_pt + head * stride_ph
         tl.store(part_out + part[:, None] * DV + dv[None, :], result, mask=store_mask)
         tl.store(part_lse + part, m_i + tl.log2(l_i), mask=row_ok)  # -inf for an empty split
-
-
-@triton.jit
-def _merge_splits_kernel(
-    out, part_out, part_lse,
-    num_splits, stride_ot, stride_oh, stride_ps, stride_pt, stride_ph,
-    DV: tl.constexpr, DV_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
-):
-    """out[t, h] = Σ_s w_s · part_out[s, t, h] with w_s ∝ 2^lse_s: the exact softmax over all splits. Every split's
-    partial is loaded at once ([SPLITS_PAD, DV] tile): one memory round trip, not one per split."""
-    token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    dv = tl.arange(0, DV_PAD)
-    s = tl.arange(0, SPLITS_PAD)
-    base = token * stride_pt + head * stride_ph
-    lse = tl.load(part_lse + s * stride_ps + base, mask=s < num_splits, other=float("-inf"))
-    w = tl.exp2(lse - tl.max(lse, 0))  # 0 for an empty split and for the padding
-    part = tl.load(part_out + (s[:, None] * stride_ps + base) * DV + dv[None, :],
-                   mask=(s < num_splits)[:, None] & (dv < DV)[None, :], other=0.0)
-    merged = tl.sum(w[:, None] * part, 0) / tl.sum(w, 0)
-    tl.store(out + token * stride_ot + head * stride_oh + dv, merged.to(out.dtype.element_ty), mask=dv < DV)
+        # acq_rel: this split's partial is visible before its arrival, the others' after the last arrival
+        counter = counters + tile * tl.num_programs(1) + tl.program_id(1)
+        if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
+            tl.store(counter, 0)  # ready for the next launch
+            # out = sum_s 2^lse_s part_s / sum_s 2^lse_s over the splits that had keys: the exact softmax
+            m_all = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_all = tl.zeros([BLOCK_M], tl.float32)
+            o_all = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
+            for s_i in range(0, (num_tiles + per_split - 1) // per_split):
+                part = s_i * stride_ps + token * stride_pt + head * stride_ph
+                lse = tl.load(part_lse + part, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+                o = tl.load(part_out + part[:, None] * DV + dv[None, :], mask=store_mask, other=0.0,
+                            cache_modifier=".cg")
+                m_new = tl.maximum(m_all, lse)
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+                w_old = tl.exp2(m_all - m_ref)
+                w = tl.exp2(lse - m_ref)
+                o_all = o_all * w_old[:, None] + o * w[:, None]
+                l_all = l_all * w_old + w
+                m_all = m_new
+            merged = o_all / tl.where(l_all > 0, l_all, 1.0)[:, None]
+            o_ptrs = out + token[:, None] * stride_ot + head[:, None] * stride_oh + dv[None, :]
+            tl.store(o_ptrs, merged.to(out.dtype.element_ty), mask=store_mask)
 
 
 @functools.cache
@@ -265,11 +273,13 @@ def paged_attention(
     if num_splits > 1:
         part_out = torch.empty(num_splits, num_tokens, num_heads, v_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(num_splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
+        counters = workspace.buffer(q.device, "paged attention counters", tiles * kv_heads * head_blocks,
+                                    torch.int32)
     else:
-        part_out = part_lse = out  # unused
+        part_out = part_lse = counters = out  # unused
 
     _paged_attention_kernel[(tiles, kv_heads * head_blocks, num_splits)](
-        out, part_out, part_lse, q, k_cache, values, k_scale if fp8_kv else q, v_scale if fp8_kv else q,
+        out, part_out, part_lse, counters, q, k_cache, values, k_scale if fp8_kv else q, v_scale if fp8_kv else q,
         block_tables, seq_lens, query_start_loc,
         num_seqs, num_splits, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
@@ -281,9 +291,4 @@ def paged_attention(
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8_KV=fp8_kv,
         num_warps=4 if decode or wide else 8, num_stages=2 if wide or fp32 else 3,
     )
-    if num_splits > 1:
-        _merge_splits_kernel[(num_tokens, num_heads)](
-            out, part_out, part_lse, num_splits, out.stride(0), out.stride(1), num_tokens * num_heads, num_heads, 1,
-            DV=v_dim, DV_PAD=dv_pad, SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4,
-        )
     return out

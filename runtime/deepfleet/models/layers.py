@@ -46,12 +46,6 @@ def _fusable(fn):
     return run
 
 
-# (out features, in features, SiLU·mul fused, dtype) -> batch-1 products through the Triton GEMV
-# (deepfleet/kernels/gemv.py) instead of cuBLAS: filled at start-up by choose_gemv, which times both on the model's
-# weights; empty (cuBLAS everywhere) until then, on CPU and with enforce_eager
-_GEMV: dict[tuple[int, int, bool, torch.dtype], bool] = {}
-
-
 @functools.cache
 def _gemv_kernel():
     from deepfleet.kernels import gemv  # imports triton: only where there is a GPU
@@ -59,15 +53,16 @@ def _gemv_kernel():
     return gemv
 
 
-def _use_gemv(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool) -> bool:
-    return (bool(_GEMV) and x.dim() == 2 and x.shape[0] == 1 and x.is_cuda and x.stride(1) == 1
-            and _GEMV.get((weight.shape[0], weight.shape[1], silu_mul, x.dtype), False))
+def _one_row(x: torch.Tensor) -> bool:
+    return x.dim() == 2 and x.shape[0] == 1 and x.is_cuda and x.stride(1) == 1
 
 
-def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x Wᵀ (+ b): for one row, the Triton GEMV where choose_gemv found it faster for this shape; else cuBLAS."""
-    if _use_gemv(x, weight, False):
-        return _gemv_kernel().gemv(x, weight, bias)
+def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           gemv_tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """x Wᵀ (+ b): for one row with `gemv_tiles` (the layer's, set by choose_gemv where the Triton GEMV was faster
+    for its shape), that GEMV; else cuBLAS."""
+    if gemv_tiles is not None and _one_row(x):
+        return _gemv_kernel().gemv(x, weight, bias, tiles=gemv_tiles)
     return F.linear(x, weight, bias)
 
 
@@ -110,8 +105,12 @@ class Linear(nn.Module):
             raise ValueError(f"shape {tuple(tensor.shape)} does not match the expected {tuple(target.shape)}")
         target.copy_(tensor)
 
+    # batch-1 GEMV tiles for this layer's shape, or None for cuBLAS: set per model by choose_gemv (so two engines
+    # in one process each keep their own choice)
+    gemv_tiles: tuple[int, int, int, int] | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return matmul(x, self.weight, self.bias)
+        return matmul(x, self.weight, self.bias, self.gemv_tiles)
 
 
 def linear(in_features: int, out_features: int | list[int], bias: bool = False, quantize: bool = True,
@@ -193,6 +192,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 class GatedMLP(nn.Module):
     """down(silu(gate(x)) * up(x)) with gate and up fused into one matrix."""
 
+    # batch-1 GEMV tiles of gate_up with SiLU·mul in its epilogue, or None: set by choose_gemv
+    gemv_silu_tiles: tuple[int, int, int, int] | None = None
+
     def __init__(self, hidden: int, inner: int, bias: bool = False, reduce: bool = True):
         super().__init__()
         self.gate_up_proj = linear(hidden, [inner, inner], bias=bias, parallel="column")
@@ -200,8 +202,9 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj
-        if isinstance(gate_up, Linear) and _use_gemv(x, gate_up.weight, True):  # (not a LoRA or FP8 layer)
-            return self.down_proj(_gemv_kernel().gemv(x, gate_up.weight, gate_up.bias, silu_mul=True))
+        if self.gemv_silu_tiles is not None and _one_row(x):  # (set only where gate_up is a plain Linear)
+            act = _gemv_kernel().gemv(x, gate_up.weight, gate_up.bias, silu_mul=True, tiles=self.gemv_silu_tiles)
+            return self.down_proj(act)
         return self.down_proj(silu_and_mul(gate_up(x)))
 
 
@@ -225,23 +228,26 @@ def _graph_ms(fn, replays: int = 10) -> float:
 @torch.inference_mode()
 def choose_gemv(model: nn.Module, device: torch.device, dtype: torch.dtype) -> dict:
     """For each projection shape of `model`, and the gate_up + SiLU·mul pair of its gated MLPs, time batch-1
-    products through cuBLAS (+ the activation) and through the Triton GEMV over all the model's weights of that
-    shape, each way in one CUDA graph (weights streamed from memory as in a decode step, not from L2), and use the
-    faster from then on. Returns {(N, K, silu_mul): (cuBLAS ms, GEMV ms)} for the log."""
+    products through cuBLAS (+ the activation) and through the Triton GEMV at each of its candidate tiles
+    (kernels/gemv.py CANDIDATE_TILES) over all the model's weights of that shape, each way in one CUDA graph (weights
+    streamed from memory as in a decode step, not from L2), and set the fastest on the model's layers
+    (`Linear.gemv_tiles`, `GatedMLP.gemv_silu_tiles`; None = cuBLAS). Returns {(N, K, silu_mul): (cuBLAS ms, GEMV
+    ms, tiles)} of the fastest tiles, for the log."""
     from deepfleet.distributed.layers import RowParallelLinear
 
-    gemv = _gemv_kernel().gemv
-    sites: dict[tuple[int, int, bool], list[tuple[torch.Tensor, torch.Tensor | None]]] = {}
+    gemv = _gemv_kernel()
+    sites: dict[tuple[int, int, bool], list[nn.Module]] = {}
     for module in model.modules():
-        if isinstance(module, GatedMLP) and isinstance(module.gate_up_proj, Linear):
-            w = module.gate_up_proj
-            sites.setdefault((*w.weight.shape, True), []).append((w.weight, w.bias))
+        if isinstance(module, GatedMLP) and isinstance(module.gate_up_proj, Linear):  # (not a LoRA or FP8 layer)
+            sites.setdefault((*module.gate_up_proj.weight.shape, True), []).append(module)
         if isinstance(module, Linear):
-            bias = None if isinstance(module, RowParallelLinear) else module.bias  # (added after the reduce)
-            sites.setdefault((*module.weight.shape, False), []).append((module.weight, bias))
+            sites.setdefault((*module.weight.shape, False), []).append(module)
     timings = {}
-    for (n, k, silu), weights in sites.items():
+    for (n, k, silu), modules in sites.items():
         x = torch.randn(1, k, device=device, dtype=dtype)
+        linears = [m.gate_up_proj if silu else m for m in modules]
+        # (a row-parallel layer adds its bias after the reduce)
+        weights = [(lin.weight, None if isinstance(lin, RowParallelLinear) else lin.bias) for lin in linears]
 
         def cublas(x=x, weights=weights, silu=silu):
             for w, b in weights:
@@ -249,12 +255,20 @@ def choose_gemv(model: nn.Module, device: torch.device, dtype: torch.dtype) -> d
                 if silu:
                     silu_and_mul(y)
 
-        def triton(x=x, weights=weights, silu=silu):
+        def triton(tiles, x=x, weights=weights, silu=silu):
             for w, b in weights:
-                gemv(x, w, b, silu_mul=silu)
+                gemv.gemv(x, w, b, silu_mul=silu, tiles=tiles)
 
-        timings[(n, k, silu)] = (_graph_ms(cublas), _graph_ms(triton))
-    _GEMV.update({(*key, dtype): t[1] < t[0] for key, t in timings.items()})
+        cublas_ms = _graph_ms(cublas)
+        candidates = [t for t in gemv.CANDIDATE_TILES if not (silu and t[3] > 1)]
+        gemv_ms, tiles = min((_graph_ms(lambda t=t: triton(t)), t) for t in candidates)
+        timings[(n, k, silu)] = (cublas_ms, gemv_ms, tiles)
+        chosen = tiles if gemv_ms < cublas_ms else None
+        for m in modules:
+            if silu:
+                m.gemv_silu_tiles = chosen
+            else:
+                m.gemv_tiles = chosen
     return timings
 
 

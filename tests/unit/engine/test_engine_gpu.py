@@ -44,24 +44,33 @@ def test_gpu_matches_cpu(tiny_models, recording_sampler, arch):
 
 
 def test_batch1_triton_gemv_matches_cpu(tiny_models, recording_sampler, monkeypatch):
-    """One request (batch-1 decode graphs) with every projection shape forced onto the Triton GEMV, whatever the
-    start-up timing chose: same greedy tokens and logits as the CPU reference."""
+    """One request (batch-1 decode graphs) with every projection shape forced onto the Triton GEMV at one split-K
+    and one unsplit candidate tile, whatever the start-up timing chose: same greedy tokens and logits as the CPU
+    reference."""
     from deepfleet.engine import model_runner
+    from deepfleet.kernels.gemv import CANDIDATE_TILES
     from deepfleet.models import layers
 
     choose = model_runner.choose_gemv
+    split = next(t for t in CANDIDATE_TILES if t[3] > 1)
+    forced = []
 
     def all_gemv(model, device, dtype):
         timings = choose(model, device, dtype)
-        layers._GEMV.update({(*key, dtype): True for key in timings})
+        for m in model.modules():
+            if isinstance(m, layers.Linear):
+                m.gemv_tiles = split
+                forced.append(m)
+            if isinstance(m, layers.GatedMLP):
+                m.gemv_silu_tiles = CANDIDATE_TILES[0]
+                forced.append(m)
         return timings
 
     monkeypatch.setattr(model_runner, "choose_gemv", all_gemv)
-    monkeypatch.setattr(layers, "_GEMV", {})
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, 530, (40,), generator=g).tolist()]
     cpu_tokens, cpu_logits, _ = _run(tiny_models["qwen2"], "cpu", recording_sampler, prompts)
     gpu_tokens, gpu_logits, engine = _run(tiny_models["qwen2"], "cuda", recording_sampler, prompts, max_num_seqs=4)
-    assert layers._GEMV and all(layers._GEMV.values())
+    assert any(isinstance(m, layers.GatedMLP) for m in forced)
     assert gpu_tokens == cpu_tokens
     assert (cpu_logits[0] - gpu_logits[0]).abs().max() <= 1e-4 * cpu_logits[0].abs().max()
