@@ -59,7 +59,9 @@ def _gemv_kernel(y, x, w, bias, partial, counter, N, K, stride_wn, k_per_split,
     out = tl.sum(acc, 1)
     if SPLIT_K > 1:
         tl.store(partial + tl.program_id(1) * N + n, out, mask=n_ok)
-        # acq_rel: this slice's partial is visible before the count, the others' are after it
+        # every thread's partial stored before the arrival (barrier), which releases them to the last program
+        # (acq_rel), whose loads then see the other slices' (.cg: from L2, not a stale L1)
+        tl.debug_barrier()
         if tl.atomic_add(counter + block, 1, sem="acq_rel") != SPLIT_K - 1:
             return
         out = tl.zeros([BLOCK_N], tl.float32)

@@ -175,8 +175,10 @@ def _paged_attention_kernel(
         part = split * stride_ps + token * stride_pt + head * stride_ph
         tl.store(part_out + part[:, None] * DV + dv[None, :], result, mask=store_mask)
         tl.store(part_lse + part, m_i + tl.log2(l_i), mask=row_ok)  # -inf for an empty split
-        # acq_rel: this split's partial is visible before its arrival, the others' after the last arrival
+        # every thread's partial stored before the arrival (barrier), which releases them to the last program
+        # (acq_rel), whose loads then see the other splits' (.cg: from L2, not a stale L1)
         counter = counters + tile * tl.num_programs(1) + tl.program_id(1)
+        tl.debug_barrier()
         if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
             tl.store(counter, 0)  # ready for the next launch
             # out = sum_s 2^lse_s part_s / sum_s 2^lse_s over the splits that had keys: the exact softmax
