@@ -11,9 +11,11 @@ Workloads (all greedy with `ignore_eos`, so every request generates exactly its 
 - long: 16 prompts of 8,192 tokens -> 64 new tokens; plus the time of one 8,192-token prefill alone, as
   achieved TFLOP/s against the device's measured bf16 matmul rate.
 - latency: TTFT of one 512-token prompt alone (median of the last 10 of 12), batch-1 decode ms/token at 512 context.
-- host: a profile of the loop at 256 running sequences: per-step wall time, the host time spent in scheduling,
-  input preparation + launches (of which the CUDA-graph launch call on its own: it can block while the GPU queue
-  is full), sampling launches and taking tokens in (detokenization, stops), against the GPU-bound step time.
+- host: a profile of the loop at 64 and at 256 running sequences: per-step wall time, the decode graph's GPU
+  time, and the host's time in step() that is not waiting (host_total), by part: scheduling, input preparation +
+  launches, sampling launches, taking tokens in (detokenization, stops), other (output objects, bookkeeping).
+  Waiting is left out: for the step's tokens, and what the CUDA-graph launch call spends beyond an idle-GPU
+  launch (it can block while the GPU's queue is full; both are reported).
 HBM floor of batch-1 decode: the bytes one decode step reads (every weight matrix once, the LM head, one row of
 the input embedding, the KV cache of the context) over the measured device copy bandwidth."""
 
@@ -41,6 +43,7 @@ SHAPES = {  # DeepSeek-R1-Distill-Qwen-1.5B / -7B (Qwen2)
 }
 WORKLOADS = ("latency", "fixed", "sharegpt", "prefix", "long", "host")
 MAX_MODEL_LEN = 8192 + 256  # the long prompts and their outputs fit
+HOST_PROFILE_BATCHES = (64, 256)  # running sequences of the host workload's profiles
 
 
 BENCH_TRAINED_TOKENS = 544  # the byte-level BPE the bench tokenizer is trained to (models/tiny.py)
@@ -249,8 +252,10 @@ class Bench:
         self.throughput("long", [(_ids(rng, n), 64) for _ in range(16)])
 
     def host_profile(self, batch: int = 256) -> None:
-        """Time inside the engine step by part, with the GPU's step time as the wall time of a step in steady state
-        (the loop is GPU-bound when host work hides behind it)."""
+        """Host time inside the engine step by part, against the step's wall time in steady state and the decode
+        graph's own GPU time. Waiting is not host work: the wait for the tokens (the event) is left out, and so is
+        what the CUDA-graph launch call spends beyond a launch with the GPU idle (the call can block while the
+        GPU's queue is full: then it measures the GPU, not the host). Records of workload "host <batch> seqs"."""
         e = self.engine
         parts: dict[str, float] = defaultdict(float)
         originals = {}
@@ -270,15 +275,15 @@ class Bench:
 
         from deepfleet.engine import sampler as sampler_mod
 
-        sync = sampler_mod.SampleResult.to_host
+        sync = sampler_mod.SampleResult.wait
         waited = [0.0]
 
-        def to_host(self_):
-            if self_._event is not None:
-                t = time.perf_counter()
-                self_._event.synchronize()
+        def wait(self_):  # the wait for the step's tokens: not host work
+            t = time.perf_counter()
+            try:
+                return sync(self_)
+            finally:
                 waited[0] += time.perf_counter() - t
-            return sync(self_)
 
         requests = fixed(batch, 128, 384, seed=21)
         self.offline(requests[:8])
@@ -297,7 +302,7 @@ class Bench:
         timed(e.runner, "execute", "prepare_and_launch")
         timed(e.sampler, "sample", "sample_launch")
         timed(e, "_resolve", "take_in_tokens")
-        sampler_mod.SampleResult.to_host = to_host
+        sampler_mod.SampleResult.wait = wait
         try:
             from deepfleet.engine.sampling_params import SamplingParams
 
@@ -315,23 +320,51 @@ class Bench:
                 e.step()
                 steps += 1
             wall = time.perf_counter() - t
-            profile, waited_s, launch_s = dict(parts), waited[0], launched[0]  # (not the drain below)
+            profile, waited_s, launch_s = defaultdict(float, parts), waited[0], launched[0]  # (not the drain)
+            torch.cuda.CUDAGraph.replay = replay
+            graph_gpu_s, idle_launch_s = _graph_times(e.runner, len(e.scheduler.running))
             while e.has_unfinished_requests():
                 e.step()
         finally:
-            sampler_mod.SampleResult.to_host = sync
+            sampler_mod.SampleResult.wait = sync
             torch.cuda.CUDAGraph.replay = replay
             for obj, name in originals:
                 delattr(obj, name)  # back to the class methods
-        step_ms = 1e3 * wall / steps
-        host = sum(profile.values()) - waited_s
-        self.record("host", f"decode_step_ms_{batch}", step_ms, "ms")
+        w = f"host {batch} seqs"
+        blocked_s = max(0.0, launch_s - steps * idle_launch_s)  # the launch call waiting for the GPU's queue
+        host = wall - waited_s - blocked_s  # all of step() that is not waiting (the loop only calls step())
+        self.record(w, "decode_step_ms", 1e3 * wall / steps, "ms")
+        self.record(w, "decode_graph_gpu_ms", 1e3 * graph_gpu_s, "ms")  # the step's forward alone, on the GPU
+        profile["take_in_tokens"] -= waited_s
+        profile["prepare_and_launch"] -= blocked_s
+        profile["other"] = host - sum(profile.values())  # output objects, deadlines, block bookkeeping
         for key, value in profile.items():
-            value -= waited_s if key == "take_in_tokens" else 0.0
-            self.record("host", f"host_{key}_ms", 1e3 * value / steps, "ms")
-        self.record("host", "host_graph_launch_ms", 1e3 * launch_s / steps, "ms")  # part of prepare_and_launch
-        self.record("host", "host_total_ms", 1e3 * host / steps, "ms")
-        self.record("host", "host_share_of_step", 100 * host / wall, "percent")
+            self.record(w, f"host_{key}_ms", 1e3 * value / steps, "ms")
+        self.record(w, "host_graph_launch_call_ms", 1e3 * launch_s / steps, "ms")  # the call, blocking included
+        self.record(w, "host_graph_launch_idle_ms", 1e3 * idle_launch_s, "ms")  # the call with the GPU idle
+        self.record(w, "host_total_ms", 1e3 * host / steps, "ms")
+        self.record(w, "host_share_of_step", 100 * host / wall, "percent")
+        self.record(w, "gpu_graph_share_of_step", 100 * graph_gpu_s * steps / wall, "percent")
+
+
+def _graph_times(runner, batch: int) -> tuple[float, float]:
+    """(GPU seconds of one replay of the decode graph for `batch` sequences, from events over 20 replays; host
+    seconds of one replay call with the GPU idle); the buffers hold a real step of that batch."""
+    graph, _ = runner.graphs[next(b for b in runner.graph_batch_sizes if b >= batch)]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    calls = []
+    for _ in range(5):
+        t = time.perf_counter()
+        graph.replay()
+        calls.append(time.perf_counter() - t)
+        torch.cuda.synchronize()
+    start.record()
+    for _ in range(20):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 20 / 1e3, statistics.median(calls)
 
 
 def run_shape(shape: str, workloads: tuple[str, ...], commit: str, bandwidth: float, rate: float,
@@ -364,7 +397,8 @@ def run_shape(shape: str, workloads: tuple[str, ...], commit: str, bandwidth: fl
             elif w == "long":
                 bench.long_prefill(rate)
             elif w == "host":
-                bench.host_profile()
+                for batch in HOST_PROFILE_BATCHES:
+                    bench.host_profile(batch)
             print(f"[{shape}] {w}: {time.perf_counter() - t:.1f} s", flush=True)
             _append(bench.records[done:], out)  # each workload's records as soon as it is done
             done = len(bench.records)

@@ -50,11 +50,15 @@ class IncrementalDetokenizer:
         if token_id >= self._vocab_size and self._backend.id_to_token(token_id) is None:
             return ""  # not in the vocabulary: no text, now or with later tokens
         delta = self._stream.step(self._backend, token_id)
-        self._held.append(token_id)
+        held = self._held
+        held.append(token_id)
         if not delta:
             return ""
-        self._context = (self._context + self._held)[-PREFIX_WINDOW:]
-        self._held = []
+        context = self._context  # (in place: a list built per token would cost more than the decode step)
+        context.extend(held)
+        if len(context) > PREFIX_WINDOW:
+            del context[: len(context) - PREFIX_WINDOW]
+        held.clear()
         self._chunks.append(delta)
         return delta
 
@@ -75,6 +79,10 @@ class StopChecker:
     def __init__(self, stop: list[str] | None):
         self.stop = [s for s in (stop or []) if s]
         self._longest = max(map(len, self.stop), default=0)
+        # every proper prefix of a stop string, and the characters they end with: a tail that could still become a
+        # stop string is one of these, so a text not ending in one of those characters holds nothing back
+        self._prefixes = {s[:n] for s in self.stop for n in range(1, len(s))}
+        self._prefix_ends = {p[-1] for p in self._prefixes}
         self._held = ""  # released text's tail that is a prefix of some stop string (< longest characters)
         self.matched: str | None = None  # the stop string that ended the text (OpenAI's stop_reason)
 
@@ -91,18 +99,24 @@ class StopChecker:
         if not self.stop:
             return False, delta
         window = self._held + delta
-        hits = [(i, s) for i, s in ((window.find(s), s) for s in self.stop) if i >= 0] if armed else []
-        if hits:
-            position, self.matched = min(hits, key=lambda hit: hit[0])
-            self._held = ""
-            return True, window[:position]
+        if armed:
+            position = -1
+            for s in self.stop:  # the earliest stop string in the window
+                i = window.find(s)
+                if i >= 0 and (position < 0 or i < position):
+                    position, self.matched = i, s
+            if position >= 0:
+                self._held = ""
+                return True, window[:position]
         keep = 0 if finished else self._partial_stop_len(window)
         self._held = window[len(window) - keep:] if keep else ""
         return False, window[: len(window) - keep]
 
     def _partial_stop_len(self, text: str) -> int:
+        if not text or text[-1] not in self._prefix_ends:
+            return 0
+        prefixes = self._prefixes
         for n in range(min(self._longest - 1, len(text)), 0, -1):
-            tail = text[-n:]
-            if any(s.startswith(tail) for s in self.stop):
+            if text[-n:] in prefixes:
                 return n
         return 0

@@ -23,7 +23,7 @@ from deepfleet.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from deepfleet.engine.errors import StartupError
 from deepfleet.engine.logits_processors import LogitsProcessors
 from deepfleet.engine.outputs import CompletionOutput, EngineStats, LoRAStats, RequestOutput
-from deepfleet.engine.sampler import Sampler, SampleResult, make_generator
+from deepfleet.engine.sampler import SampledToken, Sampler, SampleResult, make_generator
 from deepfleet.engine.sampling_params import SamplingParams
 from deepfleet.engine.scheduler import Scheduler
 from deepfleet.engine.sequence import Sequence, Status
@@ -135,6 +135,7 @@ class LLMEngine:
         self.logits_processors = LogitsProcessors(self.tokenizer.eos_token_ids, model_cfg.vocab_size,
                                                   _grammar_compiler(config, model_cfg.vocab_size, self.tokenizer))
         self.requests: dict[str, Sequence] = {}
+        self._with_deadline: dict[str, Sequence] = {}  # unfinished requests with a deadline (checked every step)
         self._aborted: list[Sequence] = []  # reported (finish_reason "abort") by the next step
         self._in_flight: _Launched | None = None  # the launched step whose tokens are not taken in yet
         # tensor-parallel workers get the in-flight tokens by a device broadcast (distributed/step.py); drafts
@@ -219,6 +220,8 @@ class LLMEngine:
         seq.stop_checker = StopChecker(params.stop)
         seq.sampling.logits_processors.extend(self.logits_processors.for_request(params))
         self.requests[request_id] = seq
+        if deadline is not None:
+            self._with_deadline[request_id] = seq
         self.scheduler.add(seq)
         self.prompt_tokens_total += len(ids)
 
@@ -305,6 +308,7 @@ class LLMEngine:
         self.runner.forget(seq.request_id)
         seq.status, seq.finish_reason, seq.stop_reason = Status.FINISHED, reason, stop_reason
         self.requests.pop(seq.request_id, None)
+        self._with_deadline.pop(seq.request_id, None)
 
     def step(self) -> list[RequestOutput]:
         """Schedule and launch this step, then (overlapped with the GPU running it) take in the previous step's
@@ -315,9 +319,9 @@ class LLMEngine:
         are the same either way."""
         ended = self._aborted
         self._aborted = []
-        now = time.monotonic()
-        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
-            if seq.deadline is not None and now >= seq.deadline:
+        if self._with_deadline:
+            now = time.monotonic()
+            for seq in [s for s in self._with_deadline.values() if now >= s.deadline]:
                 self._finish(seq, "timeout")
                 ended.append(seq)
         prev, self._in_flight = self._in_flight, None
@@ -331,7 +335,7 @@ class LLMEngine:
         if out.scheduled:
             logits = self.runner.execute(out) if prev is None else self.runner.execute(out, prev.result.token_ids)
             self._take_prompt_logprobs()
-            to_sample = [s for s, n in out.scheduled if s.num_computed_tokens + n == s.num_tokens]
+            to_sample = [s for s, n in out.scheduled if s.num_computed_tokens + n == len(s.token_ids)]
             if prev is not None and _reads_output(to_sample):
                 advanced, prev = self._resolve(prev), None  # taken in while the forward runs, before sampling
                 live = [row for row, s in enumerate(to_sample) if not s.is_finished]  # not those that just ended
@@ -354,11 +358,11 @@ class LLMEngine:
         the next step reads on the device and `_resolve` later replaces."""
         result = self.sampler.sample(logits, [s.sampling for s in to_sample])
         result.start_copy()
-        entries = []
+        entries, max_len = [], self.max_model_len
         for row, seq in enumerate(to_sample):
             entries.append((seq, seq.add_placeholder(row)))
-            seq.final_pending = (len(seq.output_token_ids) + 1 >= seq.params.max_tokens
-                                 or seq.num_tokens >= self.max_model_len)
+            seq.final_pending = (len(seq.sampling.output_token_ids) + 1 >= seq.params.max_tokens
+                                 or len(seq.token_ids) >= max_len)
         return _Launched(entries, result)
 
     def _speculative_step(self, out) -> list[Sequence]:
@@ -376,7 +380,7 @@ class LLMEngine:
             kept[id(seq)] = len(tokens) - 1 - drafts  # rejected drafts' positions are not computed
             for tok in tokens:
                 seq.append_token(tok.token_id)
-                self._append(seq, seq.num_tokens - 1, tok)
+                self._append(seq, seq.num_tokens - 1, tok.token_id, tok)
                 if seq.is_finished:
                     break
         out.scheduled = [(s, n + kept.get(id(s), 0)) for s, n in computed]
@@ -403,37 +407,45 @@ class LLMEngine:
         """The step's tokens reach the host (its one device->host transfer); requests that ended meanwhile
         (stopped by the step before, aborted, timed out) drop theirs."""
         advanced = []
-        for (seq, index), tok in zip(launched.entries, launched.result.to_host(), strict=True):
-            if seq.is_finished:
+        token_ids, sampled = launched.result.to_host_ids()
+        append = self._append
+        for row, ((seq, index), token_id) in enumerate(zip(launched.entries, token_ids, strict=True)):
+            if seq.status is Status.FINISHED:
                 continue
-            seq.resolve_token(index, tok.token_id)
+            seq.resolve_token(index, token_id)
             seq.final_pending = False
-            self._append(seq, index, tok)
+            append(seq, index, token_id, sampled[row] if sampled is not None else None)
             advanced.append(seq)
         return advanced
 
-    def _append(self, seq: Sequence, index: int, tok) -> None:
-        """Text, logprobs and stop checks for the token at `index` of token_ids (a later placeholder may follow
-        it already); per-token work is independent of the output length."""
+    def _append(self, seq: Sequence, index: int, token_id: int, sampled: SampledToken | None = None) -> None:
+        """Text, logprobs (from `sampled`, when the request asked for them) and stop checks for the token at
+        `index` of token_ids (a later placeholder may follow it already); per-token work is independent of the
+        output length."""
         self.generation_tokens_total += 1
         if seq.logprobs is not None:
-            seq.logprobs.append({"token_id": tok.token_id, "logprob": tok.logprob, "top_logprobs": tok.top_logprobs})
+            seq.logprobs.append({"token_id": token_id, "logprob": sampled.logprob,
+                                 "top_logprobs": sampled.top_logprobs})
         params = seq.params
-        delta = seq.detokenizer.append(tok.token_id)
+        delta = seq.detokenizer.append(token_id)
+        generated = len(seq.sampling.output_token_ids)
         finish: tuple[str, int | None] | None = None
-        if tok.token_id in (params.stop_token_ids or ()):
-            finish, delta = ("stop", tok.token_id), ""  # the stop token's own text is not part of the output
-        elif not params.ignore_eos and tok.token_id in self.tokenizer.eos_token_ids:
+        if params.stop_token_ids and token_id in params.stop_token_ids:
+            finish, delta = ("stop", token_id), ""  # the stop token's own text is not part of the output
+        elif not params.ignore_eos and token_id in self.tokenizer.eos_token_ids:
             finish, delta = ("stop", None), ""
-        elif len(seq.output_token_ids) >= params.max_tokens or index + 1 >= self.max_model_len:
+        elif generated >= params.max_tokens or index + 1 >= self.max_model_len:
             finish = ("length", None)
         if finish is not None:
             delta += seq.detokenizer.flush()
-        stopped, safe = seq.stop_checker.feed(delta, finished=finish is not None,
-                                              armed=len(seq.output_token_ids) >= params.min_tokens)
-        seq.text += safe
+        checker = seq.stop_checker
+        if checker.stop:
+            stopped, delta = checker.feed(delta, finished=finish is not None, armed=generated >= params.min_tokens)
+        else:  # (no stop strings: the text passes as it is)
+            stopped = False
+        seq.text.append(delta)
         if stopped:
-            self._finish(seq, "stop", seq.stop_checker.matched)
+            self._finish(seq, "stop", checker.matched)
         elif finish is not None:
             self._finish(seq, *finish)
 

@@ -104,12 +104,22 @@ class SampleResult:
             self._packed, self._event = host, torch.cuda.Event()
             self._event.record()
 
-    def to_host(self) -> list[SampledToken]:
+    def wait(self) -> None:
+        """Until the step's values are on the host (start_copy ran) or computed (it did not)."""
         if self._event is not None:
             self._event.synchronize()
+
+    def to_host(self) -> list[SampledToken]:
+        token_ids, sampled = self.to_host_ids()
+        return sampled if sampled is not None else [SampledToken(token, None) for token in token_ids]
+
+    def to_host_ids(self) -> tuple[list[int], list[SampledToken] | None]:
+        """(the token ids, and per row a SampledToken with its logprobs, or None where no row asked for
+        logprobs: the engine's per-step path then builds no object per token)."""
+        self.wait()
         values = self._packed.tolist()  # the step's only device->host transfer (a no-op copy once start_copy ran)
         if self._packed.dim() == 1:
-            return [SampledToken(token, None) for token in values]
+            return values, None
         k = (self._packed.shape[1] - 2) // 2
         out = []
         for row, wanted in zip(values, self._logprobs_wanted, strict=True):
@@ -119,7 +129,7 @@ class SampleResult:
                 continue
             ids, lps = row[2 : 2 + k][:wanted], row[2 + k :][:wanted]
             out.append(SampledToken(token, row[1], {int(i): lp for i, lp in zip(ids, lps, strict=True)}))
-        return out
+        return [s.token_id for s in out], out
 
 
 class Sampler:

@@ -40,13 +40,17 @@ class Scheduler:
         # at the same rate, so a list needs sorting only after sequences joined it
         self._running_sorted = self._waiting_sorted = True
         self.num_preemptions = 0
+        self._steps = 0  # schedule() calls done: a waiting sequence has waited _steps - wait_since of them
 
-    @staticmethod
-    def urgency(seq: Sequence) -> tuple[float, int]:
-        return (seq.priority - seq.waited_steps / AGEING_STEPS, seq.arrival)
+    def waited_steps(self, seq: Sequence) -> int:
+        """Steps spent waiting since arrival or the last preemption (frozen while the sequence runs)."""
+        return seq.waited_steps if seq.status is Status.RUNNING else self._steps - seq.wait_since
+
+    def urgency(self, seq: Sequence) -> tuple[float, int]:
+        return (seq.priority - self.waited_steps(seq) / AGEING_STEPS, seq.arrival)
 
     def add(self, seq: Sequence) -> None:
-        seq.status = Status.WAITING
+        seq.status, seq.wait_since = Status.WAITING, self._steps
         self.waiting.append(seq)
         self._waiting_sorted = False
 
@@ -64,7 +68,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
         self.blocks.free_seq(seq)
-        seq.status, seq.waited_steps = Status.WAITING, 0
+        seq.status, seq.wait_since = Status.WAITING, self._steps
         self.waiting.append(seq)
         self._waiting_sorted = False
         out.preempted.append(seq)
@@ -119,6 +123,7 @@ class Scheduler:
             self.blocks.prefix_hits += hit
             if not seq.output_token_ids:
                 seq.num_cached_tokens = hit
+            seq.waited_steps = self._steps - seq.wait_since  # its urgency while it runs
             seq.status = Status.RUNNING
             admitted.append(seq)
             out.scheduled.append((seq, n))
@@ -129,16 +134,17 @@ class Scheduler:
         if admitted:
             self.running.extend(admitted)
             self._running_sorted = False
-        for seq in self.waiting:
-            seq.waited_steps += 1
+        self._steps += 1  # every sequence still waiting ages by one step (no per-sequence work)
         # decodes first: the attention batches them in one call
         if chunks:
             out.scheduled.sort(key=lambda sn: sn[1] != 1)
         return out
 
     def update_after_step(self, out: SchedulerOutput) -> None:
+        bs, register = self.blocks.block_size, self.blocks.register_full_blocks
         for seq, n in out.scheduled:
             if seq.status is not Status.RUNNING:  # ended while the step ran (async scheduling): blocks are freed
                 continue
             seq.num_computed_tokens += n
-            self.blocks.register_full_blocks(seq)
+            if n != 1 or seq.num_computed_tokens % bs == 0:  # (a decode fills a block once every bs steps)
+                register(seq)

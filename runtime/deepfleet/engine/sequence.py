@@ -8,6 +8,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from deepfleet.engine.detokenizer import IncrementalDetokenizer, StopChecker
+from deepfleet.engine.outputs import TextSoFar
 from deepfleet.engine.sampler import SamplingState
 from deepfleet.engine.sampling_params import SamplingParams
 from deepfleet.watermark.greenlist import GreenListProcessor
@@ -36,10 +37,11 @@ class Sequence:
     num_cached_tokens: int = 0  # of the prompt, found in the prefix cache at first admission
     block_table: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
-    waited_steps: int = 0  # scheduler steps spent waiting since arrival or the last preemption (for ageing)
+    waited_steps: int = 0  # while running: the scheduler steps it waited before admission (for ageing)
+    wait_since: int = 0  # the scheduler's step count when it last began waiting (arrival or preemption)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
-    text: str = ""
+    text: TextSoFar = field(default_factory=TextSoFar)  # the output text released so far (stop strings held back)
     logprobs: list[dict] | None = None
     sampling: SamplingState = field(init=False)
     detokenizer: IncrementalDetokenizer | None = None

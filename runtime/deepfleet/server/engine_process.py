@@ -78,12 +78,12 @@ class _DeltaEncoder:
         for out in outputs:
             c = out.outputs[0]
             s = self._sent.setdefault(out.request_id, _Sent())
-            deltas.append(_Delta(out.request_id, c.text[s.chars:], c.token_ids[s.tokens:],
+            deltas.append(_Delta(out.request_id, c.text_since(s.chars), c.token_ids[s.tokens:],
                                  None if c.logprobs is None else c.logprobs[s.logprobs:], c.finish_reason,
                                  c.stop_reason, out.finished, out.num_cached_tokens,
                                  None if s.prompt_logprobs else out.prompt_logprobs))
             s.prompt_logprobs = out.prompt_logprobs is not None
-            s.chars, s.tokens, s.logprobs = len(c.text), len(c.token_ids), len(c.logprobs or ())
+            s.chars, s.tokens, s.logprobs = c.text_len, len(c.token_ids), len(c.logprobs or ())
             if out.finished:
                 del self._sent[out.request_id]
         return deltas
@@ -106,7 +106,7 @@ class _DeltaDecoder:
             if d.finished:
                 del self._outputs[d.request_id]
             c = out.outputs[0]
-            c.text += d.text
+            c.extend_text(d.text)
             c.token_ids.extend(d.token_ids)
             if d.logprobs is not None:
                 c.logprobs = c.logprobs if c.logprobs is not None else []

@@ -110,3 +110,28 @@ def test_prefix_cache_reuses_full_blocks_and_counts_hits():
     assert b.num_cached_tokens == 8  # two full blocks of a's prompt
     assert out.scheduled == [(b, 3)]
     assert (blocks.prefix_queries, blocks.prefix_hits) == (8 + 8, 8)
+
+
+def test_waiting_ages_by_scheduler_steps_frozen_while_running_and_reset_by_preemption():
+    """Ageing counts schedule() calls spent waiting (kept as a step count, with no per-waiting-sequence work per
+    step): 3 calls waiting -> 3; admitted -> frozen at its value; preempted -> counts again from 0."""
+    sched = Scheduler(BlockManager(num_blocks=64, block_size=4), max_num_seqs=1, max_num_batched_tokens=64)
+    first, second = _seq("first", [1, 2, 3], max_tokens=4), _seq("second", [4, 5, 6], max_tokens=4)
+    sched.add(first)
+    sched.add(second)
+    for expected in range(3):  # first runs; second waits for its slot
+        assert sched.waited_steps(second) == expected
+        sched.update_after_step(sched.schedule())
+    assert sched.waited_steps(second) == 3 and sched.waited_steps(first) == 0
+    sched.remove(first)
+    sched.update_after_step(sched.schedule())  # second admitted after 3 steps waiting
+    assert second in sched.running and sched.waited_steps(second) == 3
+    sched.update_after_step(sched.schedule())
+    assert sched.waited_steps(second) == 3  # frozen while it runs
+    out = type(sched.schedule())()
+    sched._preempt(second, out)
+    assert sched.waited_steps(second) == 0
+    sched.max_num_seqs = 0  # (no slot: it stays waiting)
+    sched.schedule()
+    sched.schedule()
+    assert sched.waited_steps(second) == 2
