@@ -27,10 +27,10 @@ class TextSoFar:
         return self._len
 
     def append(self, piece: str) -> None:
-        if piece:
-            self._len += len(piece)
+        if piece:  # (in this order: a reader in another thread never sees a length its chunks do not hold yet)
             self._chunks.append(piece)
-            self._ends.append(self._len)
+            self._ends.append(self._len + len(piece))
+            self._len += len(piece)
 
     def upto(self, end: int) -> str:
         """The first `end` characters."""
