@@ -6,7 +6,8 @@ MLA caches, per token, only the normalised compressed latent (kv_lora_rank) and 
 per-head key up-projection is folded into the query (q_nope · W_UK) and the value up-projection is applied after
 attention (· W_UV), so attention is multi-query over the latent (keys = [latent | rope key], values = latent)
 and the cache is never expanded per head. This is exact algebra; it costs more FLOPs than the expanded form for
-long prefills but needs no second code path.
+long prefills but needs no second code path. On CUDA, steps of up to 64 tokens (decode) do the absorbed query,
+both rotations, the latent's norm and the cache write in one kernel (deepfleet.kernels.mla_rope_cache).
 
 Routing follows the Hugging Face transformers implementation, which matches the official inference code:
 sigmoid scores, a correction bias used only to choose experts, groups ranked by the sum of their two best biased
@@ -28,7 +29,7 @@ from torch import nn
 from deepfleet import quant
 from deepfleet.distributed import parallel_state as ps
 from deepfleet.distributed.layers import expert_inner_split, local_heads, mark_scales, shard_experts
-from deepfleet.models.attention import AttentionMetadata, paged_attention, write_kv
+from deepfleet.models.attention import AttentionMetadata, _kernel_attention, paged_attention, write_kv
 from deepfleet.models.base import FUSED_PROJECTIONS, Backbone, CausalLM, decoder_layer_forward
 from deepfleet.models.config import ModelConfig
 from deepfleet.models.deepseek_mtp import MtpLayer
@@ -46,18 +47,22 @@ _EXPERT_SHARDS = {"gate_proj": ("w13", 0), "up_proj": ("w13", 1), "down_proj": (
 MLA_DECODE_MIN_BATCH = 256
 
 
-def mla_attention(query: torch.Tensor, key: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
+def mla_attention(query: torch.Tensor, key: torch.Tensor | None, cache: torch.Tensor, meta: AttentionMetadata,
                   scale: float, kv_lora_rank: int) -> torch.Tensor:
-    """query [T, H, kv_lora + rope] (absorbed), key [T, 1, kv_lora + rope] (latent | rope key) -> [T, H, kv_lora]"""
+    """query [T, H, kv_lora + rope] (absorbed), key [T, 1, kv_lora + rope] (latent | rope key), or None when the
+    step's keys are in the cache already (CUDA) -> [T, H, kv_lora]"""
     decode_only = meta.max_query_len == 1 and not meta.prefills
     if query.is_cuda and decode_only and meta.num_decodes >= MLA_DECODE_MIN_BATCH:
         from deepfleet.kernels import mla_decode
 
         if mla_decode.fits(kv_lora_rank, query.shape[-1] - kv_lora_rank):
-            write_kv(cache, key, meta.slot_mapping)
+            if key is not None:
+                write_kv(cache, key, meta.slot_mapping)
             n = meta.num_decodes
             return mla_decode.mla_decode(query, cache, meta.block_tables[:n], meta.context_lens[:n], scale,
                                          kv_lora_rank)
+    if key is None:
+        return _kernel_attention(query, None, None, cache, None, meta, scale, kv_lora_rank)
     return paged_attention(query, key, None, cache, None, meta, scale, kv_lora_rank)
 
 
@@ -106,15 +111,24 @@ class MLAttention(nn.Module):
     def forward(self, rope, x, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
-        q_nope, q_rope = q.view(t, self.num_heads, self.nope + self.rope).split([self.nope, self.rope], dim=-1)
-        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
-        latent = self.kv_a_layernorm(latent)
-        q_rope, k_rope = self.rotary(rope, q_rope, k_rope.view(t, 1, self.rope))
+        q = q.view(t, self.num_heads, self.nope + self.rope)
+        kv = self.kv_a_proj_with_mqa(x)
         w_uk, w_uv = self.w_kv.split([self.nope, self.v_dim], dim=1)
-        q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk)
-        query = torch.cat([q_latent, q_rope], dim=-1)
-        key = torch.cat([latent.view(t, 1, self.kv_lora_rank), k_rope], dim=-1)
-        out_latent = mla_attention(query, key, kv_cache[0], meta, self.scale, self.kv_lora_rank)
+        cache = kv_cache[0]
+        if x.is_cuda and cache.dtype != fp8.FP8 and t <= _mla_rope_cache().MAX_TOKENS \
+                and _mla_rope_cache().fits(self.nope, self.rope, self.kv_lora_rank):
+            # one launch: absorbed query, its rope, the latent's norm and rope key into the cache
+            query = _mla_rope_cache().mla_rope_cache(q, w_uk, kv, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps,
+                                                     *rope, cache, meta.slot_mapping, self.rotary.interleaved)
+            out_latent = mla_attention(query, None, cache, meta, self.scale, self.kv_lora_rank)
+        else:
+            q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
+            latent, k_rope = kv.split([self.kv_lora_rank, self.rope], dim=-1)
+            latent = self.kv_a_layernorm(latent)
+            q_rope, k_rope = self.rotary(rope, q_rope, k_rope.view(t, 1, self.rope))
+            query = torch.cat([torch.einsum("thn,hnc->thc", q_nope, w_uk), q_rope], dim=-1)
+            key = torch.cat([latent.view(t, 1, self.kv_lora_rank), k_rope], dim=-1)
+            out_latent = mla_attention(query, key, cache, meta, self.scale, self.kv_lora_rank)
         out = torch.einsum("thc,hvc->thv", out_latent, w_uv)
         return self.o_proj(out.reshape(t, self.num_heads * self.v_dim))
 
@@ -246,6 +260,13 @@ def route_reference(logits: torch.Tensor, bias: torch.Tensor, n_group: int, topk
     if norm_topk_prob:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
     return ids, weights * scaling
+
+
+@functools.cache
+def _mla_rope_cache():
+    from deepfleet.kernels import mla_rope_cache  # imports triton: only where there is a GPU
+
+    return mla_rope_cache
 
 
 @functools.cache
