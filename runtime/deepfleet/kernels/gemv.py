@@ -7,6 +7,13 @@ gate_up output never goes to memory and the activation is not a launch of its ow
 path's: each product is accumulated in float32 and rounded to the activation dtype (as the GEMM's output is),
 SiLU·mul in float32 on those rounded values, rounded once.
 
+`gemv_add_norm(x, w, bias, residual, norm_weight, eps)` = (rmsnorm(y + residual) * norm_weight, y + residual) with
+y = x wᵀ + b: the residual add and RMSNorm that follow the O projection, in the same launch. Each program adds the
+residual to its rows and stores the sum; the last program of the launch to arrive (a second arrival counter, over
+all row blocks, as batch 1 is one row) reads the whole summed row back and normalises it. The rounding points are
+kernels/rms_norm.py's fused residual+RMSNorm: y rounded to the dtype, the sum rounded to the dtype, float32
+statistics over it, the normalised row rounded, times the weight, rounded. It saves that kernel's launch.
+
 Why. At batch 1 a decode step reads every weight once, so a projection is as fast as its weight streams from HBM
 (4.2-4.3 TB/s device copy on the H200). A program owns BLOCK_N output rows and one of SPLIT_K slices of K and
 streams those rows in BLOCK_N x BLOCK_K tiles, 16-byte vector loads along K, float32 products summed over K once,
@@ -36,8 +43,9 @@ CANDIDATE_TILES = [DEFAULT_TILES, (2, 1024, 4, 1), (2, 1024, 8, 1), (2, 1024, 4,
 
 @triton.jit
 def _gemv_kernel(y, x, w, bias, partial, counter, N, K, stride_wn, k_per_split,
+                 res, norm_w, norm_out, norm_counter, eps,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 SILU_MUL: tl.constexpr):
+                 SILU_MUL: tl.constexpr, ADD_NORM: tl.constexpr, BLOCK_ROW: tl.constexpr):
     dtype = y.dtype.element_ty
     block = tl.program_id(0)
     n = block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -77,7 +85,55 @@ def _gemv_kernel(y, x, w, bias, partial, counter, N, K, stride_wn, k_per_split,
             up += tl.load(bias + N + n, mask=n_ok, other=0.0).to(tl.float32)
         gate = out.to(tl.float32)
         out = (gate / (1.0 + tl.exp(-gate)) * up.to(dtype).to(tl.float32)).to(dtype)
+    if ADD_NORM:  # y holds y + residual (the new residual stream), not the product itself
+        out = (out.to(tl.float32) + tl.load(res + n, mask=n_ok, other=0.0).to(tl.float32)).to(dtype)
     tl.store(y + n, out, mask=n_ok)
+    if ADD_NORM:
+        # the same release/acquire as the split-K arrival, over the row blocks that stored their sums
+        tl.debug_barrier()
+        if tl.atomic_add(norm_counter, 1, sem="acq_rel") != tl.num_programs(0) - 1:
+            return
+        cols = tl.arange(0, BLOCK_ROW)
+        cols_ok = cols < N
+        v = tl.load(y + cols, mask=cols_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(v * v, 0) / N + eps)
+        normed = (v * rstd).to(dtype).to(tl.float32)
+        scale = tl.load(norm_w + cols, mask=cols_ok, other=0.0).to(tl.float32)
+        tl.store(norm_out + cols, (normed * scale).to(dtype), mask=cols_ok)
+        tl.store(norm_counter, 0)  # ready for the next launch
+
+
+def _check(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool) -> None:
+    if x.dim() != 2 or x.shape[0] != 1 or w.dim() != 2 or w.shape[1] != x.shape[1] or x.stride(1) != 1 \
+            or w.stride(1) != 1 or (silu_mul and w.shape[0] % 2):
+        raise ValueError(f"gemv: x {tuple(x.shape)} (one row) and w {tuple(w.shape)} do not fit")
+    if bias is not None and bias.shape != (w.shape[0],):
+        raise ValueError(f"gemv: bias {tuple(bias.shape)} does not match w {tuple(w.shape)}")
+
+
+def _launch(y, x, w, bias, silu_mul, tiles, norm=None) -> None:
+    """y [1, N] = the product (with `norm` = (residual, weight, eps, normed out): y + residual, normed out)."""
+    block_n, block_k, warps, split_k = tiles or DEFAULT_TILES
+    k = x.shape[1]
+    n = y.shape[1]
+    if silu_mul and split_k > 1:
+        raise ValueError("gemv: the fused SiLU·mul epilogue needs the whole of K in one program (SPLIT_K 1)")
+    # slices of whole tiles; a split past K's end would have no work, so fewer splits where K is short
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    split_k = triton.cdiv(k, k_per_split)
+    blocks = triton.cdiv(n, block_n)
+    partial = counter = y
+    if split_k > 1:
+        partial = workspace.buffer(x.device, "gemv partials", split_k * n, torch.float32)
+        counter = workspace.buffer(x.device, "gemv counters", blocks, torch.int32)
+    res, norm_w, norm_out, eps = norm or (y, y, y, 0.0)
+    norm_counter = workspace.buffer(x.device, "gemv norm counter", 1, torch.int32) if norm else y
+    _gemv_kernel[(blocks, split_k)](
+        y, x, w, w if bias is None else bias, partial, counter, n, k, w.stride(0), k_per_split,
+        res, norm_w, norm_out, norm_counter, eps,
+        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
+        ADD_NORM=norm is not None, BLOCK_ROW=triton.next_power_of_2(n) if norm else 1, num_warps=warps,
+    )
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, silu_mul: bool = False,
@@ -85,28 +141,24 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, sil
     """x [1, K], w [N, K] ([2N, K]: gate then up, with `silu_mul`), bias [N] ([2N]) or None -> [1, N] in x's
     dtype. `tiles`: (BLOCK_N, BLOCK_K, num_warps, SPLIT_K), BLOCK_N and BLOCK_K powers of two; DEFAULT_TILES
     without."""
-    if x.dim() != 2 or x.shape[0] != 1 or w.dim() != 2 or w.shape[1] != x.shape[1] or x.stride(1) != 1 \
-            or w.stride(1) != 1 or (silu_mul and w.shape[0] % 2):
-        raise ValueError(f"gemv: x {tuple(x.shape)} (one row) and w {tuple(w.shape)} do not fit")
-    if bias is not None and bias.shape != (w.shape[0],):
-        raise ValueError(f"gemv: bias {tuple(bias.shape)} does not match w {tuple(w.shape)}")
-    block_n, block_k, warps, split_k = tiles or DEFAULT_TILES
-    k = x.shape[1]
-    n = w.shape[0] // 2 if silu_mul else w.shape[0]
-    if silu_mul and split_k > 1:
-        raise ValueError("gemv: the fused SiLU·mul epilogue needs the whole of K in one program (SPLIT_K 1)")
-    # slices of whole tiles; a split past K's end would have no work, so fewer splits where K is short
-    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
-    split_k = triton.cdiv(k, k_per_split)
-    blocks = triton.cdiv(n, block_n)
-    y = x.new_empty(1, n)
-    partial = counter = y
-    if split_k > 1:
-        partial = workspace.buffer(x.device, "gemv partials", split_k * n, torch.float32)
-        counter = workspace.buffer(x.device, "gemv counters", blocks, torch.int32)
-    _gemv_kernel[(blocks, split_k)](
-        y, x, w, w if bias is None else bias, partial, counter, n, k, w.stride(0), k_per_split,
-        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
-        num_warps=warps,
-    )
+    _check(x, w, bias, silu_mul)
+    y = x.new_empty(1, w.shape[0] // 2 if silu_mul else w.shape[0])
+    _launch(y, x, w, bias, silu_mul, tiles)
     return y
+
+
+def gemv_add_norm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
+                  norm_weight: torch.Tensor, eps: float, tiles: tuple[int, int, int, int] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [1, K], w [N, K], bias [N] or None, residual [1, N], norm_weight [N] -> (rmsnorm(y + residual) *
+    norm_weight, y + residual), both [1, N] in x's dtype, y = x wᵀ + b: kernels/rms_norm.py's
+    `rms_norm(y, norm_weight, eps, residual)` on the product, in the GEMV's launch."""
+    _check(x, w, bias, False)
+    n = w.shape[0]
+    if residual.shape != (1, n) or residual.dtype != x.dtype or residual.stride(1) != 1 \
+            or norm_weight.shape != (n,):
+        raise ValueError(f"gemv_add_norm: residual {tuple(residual.shape)} {residual.dtype} and norm weight "
+                         f"{tuple(norm_weight.shape)} do not match the product [1, {n}] {x.dtype}")
+    summed, normed = x.new_empty(1, n), x.new_empty(1, n)
+    _launch(summed, x, w, bias, False, tiles, norm=(residual, norm_weight, normed, eps))
+    return normed, summed

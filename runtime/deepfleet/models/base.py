@@ -9,7 +9,7 @@ from torch import nn
 from deepfleet.distributed.layers import VocabParallelEmbedding
 from deepfleet.models.attention import AttentionMetadata
 from deepfleet.models.config import ModelConfig
-from deepfleet.models.layers import RMSNorm, RotaryEmbedding
+from deepfleet.models.layers import RMSNorm, RotaryEmbedding, project_add_norm
 
 # checkpoint projection name -> (fused module, shard index)
 FUSED_PROJECTIONS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -22,8 +22,12 @@ def decoder_layer_forward(layer, rope, x, residual, kv_cache, meta):
         residual, x = x, layer.input_layernorm(x)
     else:
         x, residual = layer.input_layernorm(x, residual)
-    x = layer.self_attn(rope, x, kv_cache, meta)
-    x, residual = layer.post_attention_layernorm(x, residual)
+    attn = layer.self_attn
+    if hasattr(attn, "attend"):  # (Qwen2/Llama) the O projection's GEMV can take the add + norm after it
+        x, residual = project_add_norm(attn.o_proj, attn.attend(rope, x, kv_cache, meta), residual,
+                                       layer.post_attention_layernorm)
+    else:
+        x, residual = layer.post_attention_layernorm(attn(rope, x, kv_cache, meta), residual)
     return layer.mlp(x), residual
 
 

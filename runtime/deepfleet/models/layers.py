@@ -7,6 +7,7 @@ a quantized (FP8) or tensor-parallel linear can replace `Linear` by changing onl
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from typing import Any
 
@@ -15,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepfleet import quant
+
+log = logging.getLogger(__name__)
 
 # On CUDA the small element-wise steps are one kernel each: RMSNorm with its residual add is a Triton kernel
 # (deepfleet/kernels/rms_norm.py) on every CUDA tensor; SiLU·mul and the interleaved RoPE (DeepSeek) are compiled
@@ -66,6 +69,17 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def project_add_norm(proj: nn.Module, x: torch.Tensor, residual: torch.Tensor,
+                     norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(proj(x) + residual), proj(x) + residual): for one row where choose_gemv set `proj.gemv_norm_tiles`,
+    one GEMV launch with the add and the norm in its epilogue (kernels/gemv.py gemv_add_norm); else the projection,
+    then the norm with its residual add."""
+    tiles = getattr(proj, "gemv_norm_tiles", None)  # (a LoRA or FP8 wrapper has none)
+    if tiles is not None and _one_row(x):
+        return _gemv_kernel().gemv_add_norm(x, proj.weight, proj.bias, residual, norm.weight, norm.eps, tiles)
+    return norm(proj(x), residual)
+
+
 def _param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
@@ -108,6 +122,9 @@ class Linear(nn.Module):
     # batch-1 GEMV tiles for this layer's shape, or None for cuBLAS: set per model by choose_gemv (so two engines
     # in one process each keep their own choice)
     gemv_tiles: tuple[int, int, int, int] | None = None
+    # batch-1 GEMV tiles with the following residual add + RMSNorm in its epilogue (project_add_norm), or None:
+    # set by choose_gemv on O projections
+    gemv_norm_tiles: tuple[int, int, int, int] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return matmul(x, self.weight, self.bias, self.gemv_tiles)
@@ -231,7 +248,9 @@ def choose_gemv(model: nn.Module, device: torch.device, dtype: torch.dtype) -> d
     products through cuBLAS (+ the activation) and through the Triton GEMV at each of its candidate tiles
     (kernels/gemv.py CANDIDATE_TILES) over all the model's weights of that shape, each way in one CUDA graph (weights
     streamed from memory as in a decode step, not from L2), and set the fastest on the model's layers
-    (`Linear.gemv_tiles`, `GatedMLP.gemv_silu_tiles`; None = cuBLAS). Returns {(N, K, silu_mul): (cuBLAS ms, GEMV
+    (`Linear.gemv_tiles`, `GatedMLP.gemv_silu_tiles`; None = cuBLAS). Then the O projections followed by a residual
+    RMSNorm (layers with `self_attn.attend`): that pair as chosen so far (two launches) against the GEMV with the
+    add + norm in its epilogue (`Linear.gemv_norm_tiles`), logged. Returns {(N, K, silu_mul): (cuBLAS ms, GEMV
     ms, tiles)} of the fastest tiles, for the log."""
     from deepfleet.distributed.layers import RowParallelLinear
 
@@ -269,7 +288,45 @@ def choose_gemv(model: nn.Module, device: torch.device, dtype: torch.dtype) -> d
                 m.gemv_silu_tiles = chosen
             else:
                 m.gemv_tiles = chosen
+    _choose_gemv_add_norm(model, device, dtype)
     return timings
+
+
+def _choose_gemv_add_norm(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    from deepfleet.distributed import parallel_state
+    from deepfleet.distributed.layers import RowParallelLinear
+
+    norm_sites: dict[tuple[int, int], list[tuple[Linear, RMSNorm]]] = {}
+    for module in model.modules():
+        attn, norm = getattr(module, "self_attn", None), getattr(module, "post_attention_layernorm", None)
+        proj = getattr(attn, "o_proj", None)
+        # a row-parallel projection is the plain product only on one rank (no all-reduce) without a bias (added
+        # to the rounded product, one more rounding than the GEMV's)
+        if not (hasattr(attn, "attend") and isinstance(proj, Linear) and isinstance(norm, RMSNorm)) or (
+                isinstance(proj, RowParallelLinear) and (parallel_state.group().size > 1 or proj.bias is not None)):
+            continue
+        norm_sites.setdefault(tuple(proj.weight.shape), []).append((proj, norm))
+    gemv = _gemv_kernel()
+    for (n, k), pairs in norm_sites.items():
+        x = torch.randn(1, k, device=device, dtype=dtype)
+        residual = torch.randn(1, n, device=device, dtype=dtype)
+
+        def unfused(x=x, residual=residual, pairs=pairs):
+            for proj, norm in pairs:  # (the projection as chosen above: cuBLAS or the plain GEMV)
+                norm(matmul(x, proj.weight, proj.bias, proj.gemv_tiles), residual)
+
+        def fused(tiles, x=x, residual=residual, pairs=pairs):
+            for proj, norm in pairs:
+                gemv.gemv_add_norm(x, proj.weight, proj.bias, residual, norm.weight, norm.eps, tiles)
+
+        unfused_ms = _graph_ms(unfused)
+        fused_ms, tiles = min((_graph_ms(lambda t=t: fused(t)), t) for t in gemv.CANDIDATE_TILES)
+        chosen = tiles if fused_ms < unfused_ms else None
+        for proj, _ in pairs:
+            proj.gemv_norm_tiles = chosen
+        log.info("batch-1 %dx%d + residual RMSNorm over all layers: projection then norm %.3f ms, GEMV with the "
+                 "add + norm in its epilogue %.3f ms at %s: %s", n, k, unfused_ms, fused_ms, tiles,
+                 "fused" if chosen else "unfused")
 
 
 # ---- rotary embeddings -------------------------------------------------------------------------------------------

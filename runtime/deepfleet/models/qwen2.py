@@ -28,10 +28,15 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.scale = self.head_dim**-0.5
 
-    def forward(self, rope, x, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+    def attend(self, rope, x, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        """The attention output before the O projection, [T, heads x head dim] (the decoder layer fuses the O
+        projection with the norm after it: models/base.py)."""
         out = rope_paged_attention(self.qkv_proj(x), rope, self.rotary, self.num_heads, self.num_kv_heads,
                                    self.head_dim, kv_cache, meta, self.scale)
-        return self.o_proj(out.reshape(x.shape[0], -1))
+        return out.reshape(x.shape[0], -1)
+
+    def forward(self, rope, x, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        return self.o_proj(self.attend(rope, x, kv_cache, meta))
 
 
 class DecoderLayer(nn.Module):

@@ -44,9 +44,10 @@ def test_gpu_matches_cpu(tiny_models, recording_sampler, arch):
 
 def test_batch1_triton_gemv_matches_cpu(tiny_models, recording_sampler, monkeypatch):
     """One request (batch-1 decode graphs) with every projection shape forced onto the Triton GEMV at one split-K
-    and one unsplit candidate tile, whatever the start-up timing chose: same greedy tokens and logits as the CPU
-    reference."""
+    and one unsplit candidate tile, and the O projections onto the GEMV with the residual add + RMSNorm epilogue,
+    whatever the start-up timing chose: same greedy tokens and logits as the CPU reference."""
     from deepfleet.engine import model_runner
+    from deepfleet.kernels import gemv
     from deepfleet.kernels.gemv import CANDIDATE_TILES
     from deepfleet.models import layers
 
@@ -63,13 +64,27 @@ def test_batch1_triton_gemv_matches_cpu(tiny_models, recording_sampler, monkeypa
             if isinstance(m, layers.GatedMLP):
                 m.gemv_silu_tiles = CANDIDATE_TILES[0]
                 forced.append(m)
+        # the O projection with the residual add + RMSNorm in its epilogue, split and unsplit on alternate layers
+        for i, layer in enumerate(model.model.layers):
+            layer.self_attn.o_proj.gemv_norm_tiles = split if i % 2 else CANDIDATE_TILES[0]
+            forced.append(layer.self_attn.o_proj)
+        fused_calls.clear()  # (the start-up timing's own calls)
         return timings
 
     monkeypatch.setattr(model_runner, "choose_gemv", all_gemv)
+    fused_calls = []
+    add_norm = gemv.gemv_add_norm
+
+    def counted_add_norm(*args, **kw):  # (called at graph capture and in eager steps)
+        fused_calls.append(args[1].shape)
+        return add_norm(*args, **kw)
+
+    monkeypatch.setattr(gemv, "gemv_add_norm", counted_add_norm)
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, 530, (40,), generator=g).tolist()]
     cpu_tokens, cpu_logits, _ = _run(tiny_models["qwen2"], "cpu", recording_sampler, prompts)
     gpu_tokens, gpu_logits, engine = _run(tiny_models["qwen2"], "cuda", recording_sampler, prompts, max_num_seqs=4)
     assert any(isinstance(m, layers.GatedMLP) for m in forced)
+    assert fused_calls, "the O projections should have run the GEMV with the add + norm epilogue"
     assert gpu_tokens == cpu_tokens
     assert (cpu_logits[0] - gpu_logits[0]).abs().max() <= 1e-4 * cpu_logits[0].abs().max()

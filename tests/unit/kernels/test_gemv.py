@@ -1,7 +1,9 @@
 """The batch-1 GEMV kernel against the products written out here in float64: plain, split over K (slices that do
 and do not divide K, a last slice shorter than the others, more splits asked than K has tiles), SiLU·mul fused
 into the gate_up epilogue, feature counts that are not multiples of the row
-block, with and without bias. A split launch runs twice to check that its counters are left at zero for the next.
+block, with and without bias; the residual add + RMSNorm epilogue against the unfused reference (the product rounded,
+then models/layers.py's RMSNorm). A split or normalising launch runs twice to check that its counters are left at
+zero for the next.
 Under Triton's interpreter on CPU without a GPU (tests/conftest.py), compiled on CUDA otherwise."""
 
 import os
@@ -9,7 +11,8 @@ import os
 import pytest
 import torch
 
-from deepfleet.kernels.gemv import gemv
+from deepfleet.kernels.gemv import gemv, gemv_add_norm
+from deepfleet.models.layers import _rms_norm_ref
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 pytestmark = pytest.mark.usefixtures("interpreter_scalar_index")  # the K loop's bounds are runtime values
@@ -56,6 +59,26 @@ def test_silu_mul_epilogue(n, k, bias, tiles, dtype):
     _check(_run(x, w, b, silu_mul=True, tiles=tiles), gate * torch.sigmoid(gate) * up, dtype, fused=True)
 
 
+@pytest.mark.parametrize("n,k,tiles", [(40, 100, (4, 16, 1, 1)), (37, 300, (4, 32, 1, 4)), (33, 256, (2, 32, 1, 8))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_add_norm_epilogue(n, k, tiles, dtype):
+    x, w, b = _tensors(n, k, n % 2 == 1, dtype, seed=3 * n + k)
+    g = torch.Generator().manual_seed(n)
+    residual, weight = torch.randn(1, n, generator=g).to(dtype), (1 + torch.rand(n, generator=g)).to(dtype)
+    # the unfused path: the product rounded to the dtype (the GEMM's output), then the residual RMSNorm
+    y = (x.double() @ w.double().T + (0 if b is None else b.double())).to(dtype)
+    summed = y + residual
+    normed = _rms_norm_ref(summed, weight, 1e-6)
+    dev = [t.to(DEVICE) for t in (x, w, residual, weight)]
+    for _ in range(2):  # the second launch finds the arrival counters the first left
+        out, out_sum = gemv_add_norm(dev[0], dev[1], None if b is None else b.to(DEVICE), dev[2], dev[3], 1e-6,
+                                     tiles=tiles)
+        _check(out_sum.cpu(), summed.double(), dtype)
+        _check(out.cpu(), normed.double(), dtype)
+        # a plain launch between two normalising ones shares none of their state
+        _check(_run(x, w, b, tiles=tiles), y.double(), dtype)
+
+
 def test_default_tiles():
     x, w, b = _tensors(9, 1100, True, torch.float32, seed=1)
     _check(_run(x, w, b), x.double() @ w.double().T + b.double(), torch.float32)
@@ -71,3 +94,6 @@ def test_refuses_more_than_one_row_and_mismatched_shapes():
         gemv(torch.randn(1, 16, device=DEVICE), w, torch.randn(4, device=DEVICE))
     with pytest.raises(ValueError, match="SPLIT_K 1"):
         gemv(torch.randn(1, 16, device=DEVICE), w, silu_mul=True, tiles=(2, 16, 1, 2))
+    with pytest.raises(ValueError, match="norm weight"):
+        gemv_add_norm(torch.randn(1, 16, device=DEVICE), w, None, torch.randn(1, 4, device=DEVICE),
+                      torch.randn(8, device=DEVICE), 1e-6)
