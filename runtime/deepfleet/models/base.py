@@ -16,11 +16,14 @@ FUSED_PROJECTIONS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_pr
                      "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
 
-def decoder_layer_forward(layer, rope, x, residual, kv_cache, meta):
-    """Pre-norm block; the residual stream is carried separately so each add fuses into the following norm."""
+def decoder_layer_forward(layer, rope, x, residual, kv_cache, meta, next_norm=None):
+    """Pre-norm block; the residual stream is carried separately so each add fuses into the following norm.
+    With `next_norm` (the next layer's input norm, or the final norm) the block ends in that norm: it returns
+    (next_norm(out + residual), out + residual), so the down projection can take the add + norm into its GEMV
+    (models/layers.py project_add_norm), and x arrives already normalised (except at the first layer)."""
     if residual is None:
         residual, x = x, layer.input_layernorm(x)
-    else:
+    elif next_norm is None:
         x, residual = layer.input_layernorm(x, residual)
     attn = layer.self_attn
     if hasattr(attn, "attend"):  # (Qwen2/Llama) the O projection's GEMV can take the add + norm after it
@@ -28,7 +31,9 @@ def decoder_layer_forward(layer, rope, x, residual, kv_cache, meta):
                                        layer.post_attention_layernorm)
     else:
         x, residual = layer.post_attention_layernorm(attn(rope, x, kv_cache, meta), residual)
-    return layer.mlp(x), residual
+    if next_norm is None:
+        return layer.mlp(x), residual
+    return project_add_norm(layer.mlp.down_proj, layer.mlp.activate(x), residual, next_norm)
 
 
 class Backbone(nn.Module):
@@ -38,11 +43,30 @@ class Backbone(nn.Module):
         self.layers = nn.ModuleList([layer_cls(cfg, i, rotary) for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.get("rms_norm_eps", 1e-6))
         self.rotary = rotary
+        # layers that take the norm after them (decoder_layer_forward's next_norm: Qwen2/Llama)
+        self.chains_norms = len(self.layers) > 0 and all(getattr(layer, "chains_norms", False)
+                                                         for layer in self.layers)
+
+    def _next_norms(self) -> list[RMSNorm]:
+        return [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+
+    def add_norm_pairs(self) -> list[tuple[nn.Module, RMSNorm]]:
+        """(projection, the residual RMSNorm right after it) wherever the wiring joins the two in one
+        project_add_norm call, for models/layers.py choose_gemv."""
+        pairs = [(layer.self_attn.o_proj, layer.post_attention_layernorm) for layer in self.layers
+                 if hasattr(layer.self_attn, "attend")]
+        if self.chains_norms:
+            pairs += [(layer.mlp.down_proj, norm) for layer, norm in zip(self.layers, self._next_norms(), strict=True)]
+        return pairs
 
     def forward(self, input_ids, positions, kv_caches, meta):
         x = self.embed_tokens(input_ids)
         rope = self.rotary.lookup(positions, x.dtype)
         residual = None
+        if self.chains_norms:  # each layer ends in the next one's input norm, the last in the final norm
+            for layer, cache, next_norm in zip(self.layers, kv_caches, self._next_norms(), strict=True):
+                x, residual = layer(rope, x, residual, cache, meta, next_norm)
+            return x
         for layer, cache in zip(self.layers, kv_caches, strict=True):
             x, residual = layer(rope, x, residual, cache, meta)
         return self.norm(x, residual)[0]

@@ -123,7 +123,7 @@ class Linear(nn.Module):
     # in one process each keep their own choice)
     gemv_tiles: tuple[int, int, int, int] | None = None
     # batch-1 GEMV tiles with the following residual add + RMSNorm in its epilogue (project_add_norm), or None:
-    # set by choose_gemv on O projections
+    # set by choose_gemv on O and down projections
     gemv_norm_tiles: tuple[int, int, int, int] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -217,12 +217,15 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = linear(hidden, [inner, inner], bias=bias, parallel="column")
         self.down_proj = linear(inner, hidden, bias=bias, parallel="row", reduce=reduce)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def activate(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate(x)) * up(x): the down projection's input."""
         gate_up = self.gate_up_proj
         if self.gemv_silu_tiles is not None and _one_row(x):  # (set only where gate_up is a plain Linear)
-            act = _gemv_kernel().gemv(x, gate_up.weight, gate_up.bias, silu_mul=True, tiles=self.gemv_silu_tiles)
-            return self.down_proj(act)
-        return self.down_proj(silu_and_mul(gate_up(x)))
+            return _gemv_kernel().gemv(x, gate_up.weight, gate_up.bias, silu_mul=True, tiles=self.gemv_silu_tiles)
+        return silu_and_mul(gate_up(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.activate(x))
 
 
 def _graph_ms(fn, replays: int = 10) -> float:
@@ -248,10 +251,10 @@ def choose_gemv(model: nn.Module, device: torch.device, dtype: torch.dtype) -> d
     products through cuBLAS (+ the activation) and through the Triton GEMV at each of its candidate tiles
     (kernels/gemv.py CANDIDATE_TILES) over all the model's weights of that shape, each way in one CUDA graph (weights
     streamed from memory as in a decode step, not from L2), and set the fastest on the model's layers
-    (`Linear.gemv_tiles`, `GatedMLP.gemv_silu_tiles`; None = cuBLAS). Then the O projections followed by a residual
-    RMSNorm (layers with `self_attn.attend`): that pair as chosen so far (two launches) against the GEMV with the
-    add + norm in its epilogue (`Linear.gemv_norm_tiles`), logged. Returns {(N, K, silu_mul): (cuBLAS ms, GEMV
-    ms, tiles)} of the fastest tiles, for the log."""
+    (`Linear.gemv_tiles`, `GatedMLP.gemv_silu_tiles`; None = cuBLAS). Then the projections followed by a residual
+    RMSNorm (O, and down before the next layer's norm: the backbone's `add_norm_pairs`): that pair as chosen so far
+    (two launches) against the GEMV with the add + norm in its epilogue (`Linear.gemv_norm_tiles`), logged.
+    Returns {(N, K, silu_mul): (cuBLAS ms, GEMV ms, tiles)} of the fastest tiles, for the log."""
     from deepfleet.distributed.layers import RowParallelLinear
 
     gemv = _gemv_kernel()
@@ -298,14 +301,13 @@ def _choose_gemv_add_norm(model: nn.Module, device: torch.device, dtype: torch.d
 
     norm_sites: dict[tuple[int, int], list[tuple[Linear, RMSNorm]]] = {}
     for module in model.modules():
-        attn, norm = getattr(module, "self_attn", None), getattr(module, "post_attention_layernorm", None)
-        proj = getattr(attn, "o_proj", None)
-        # a row-parallel projection is the plain product only on one rank (no all-reduce) without a bias (added
-        # to the rounded product, one more rounding than the GEMV's)
-        if not (hasattr(attn, "attend") and isinstance(proj, Linear) and isinstance(norm, RMSNorm)) or (
-                isinstance(proj, RowParallelLinear) and (parallel_state.group().size > 1 or proj.bias is not None)):
-            continue
-        norm_sites.setdefault(tuple(proj.weight.shape), []).append((proj, norm))
+        for proj, norm in module.add_norm_pairs() if hasattr(module, "add_norm_pairs") else []:
+            # a row-parallel projection is the plain product only on one rank (no all-reduce) without a bias
+            # (added to the rounded product, one more rounding than the GEMV's)
+            if not isinstance(proj, Linear) or (isinstance(proj, RowParallelLinear) and (
+                    parallel_state.group().size > 1 or proj.bias is not None or not proj.reduce)):
+                continue
+            norm_sites.setdefault(tuple(proj.weight.shape), []).append((proj, norm))
     gemv = _gemv_kernel()
     for (n, k), pairs in norm_sites.items():
         x = torch.randn(1, k, device=device, dtype=dtype)

@@ -48,8 +48,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.require("intermediate_size"), bias=bool(cfg.get("mlp_bias", False)))
 
-    def forward(self, rope, x, residual, kv_cache, meta):
-        return decoder_layer_forward(self, rope, x, residual, kv_cache, meta)
+    chains_norms = True  # forward takes the norm after the block (models/base.py decoder_layer_forward)
+
+    def forward(self, rope, x, residual, kv_cache, meta, next_norm=None):
+        return decoder_layer_forward(self, rope, x, residual, kv_cache, meta, next_norm)
 
 
 class Qwen2ForCausalLM(CausalLM):
