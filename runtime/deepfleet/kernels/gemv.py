@@ -8,11 +8,12 @@ path's: each product is accumulated in float32 and rounded to the activation dty
 SiLU·mul in float32 on those rounded values, rounded once.
 
 `gemv_add_norm(x, w, bias, residual, norm_weight, eps)` = (rmsnorm(y + residual) * norm_weight, y + residual) with
-y = x wᵀ + b: the residual add and RMSNorm that follow the O projection, in the same launch. Each program adds the
-residual to its rows and stores the sum; the last program of the launch to arrive (a second arrival counter, over
-all row blocks, as batch 1 is one row) reads the whole summed row back and normalises it. The rounding points are
-kernels/rms_norm.py's fused residual+RMSNorm: y rounded to the dtype, the sum rounded to the dtype, float32
-statistics over it, the normalised row rounded, times the weight, rounded. It saves that kernel's launch.
+y = x wᵀ + b: the residual add and RMSNorm that follow the O projection (and the down projection: the next layer's
+input norm), in the same launch. Each program adds the residual to its rows and stores the sum; the last program
+of the launch to arrive (a second arrival counter, over all row blocks, as batch 1 is one row) reads the whole
+summed row back and normalises it. The rounding points are kernels/rms_norm.py's fused residual+RMSNorm: y rounded
+to the dtype, the sum rounded to the dtype, float32 statistics over it, the normalised row rounded, times the
+weight, rounded. It saves that kernel's launch.
 
 Why. At batch 1 a decode step reads every weight once, so a projection is as fast as its weight streams from HBM
 (4.2-4.3 TB/s device copy on the H200). A program owns BLOCK_N output rows and one of SPLIT_K slices of K and
@@ -91,16 +92,15 @@ def _gemv_kernel(y, x, w, bias, partial, counter, N, K, stride_wn, k_per_split,
     if ADD_NORM:
         # the same release/acquire as the split-K arrival, over the row blocks that stored their sums
         tl.debug_barrier()
-        if tl.atomic_add(norm_counter, 1, sem="acq_rel") != tl.num_programs(0) - 1:
-            return
-        cols = tl.arange(0, BLOCK_ROW)
-        cols_ok = cols < N
-        v = tl.load(y + cols, mask=cols_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(v * v, 0) / N + eps)
-        normed = (v * rstd).to(dtype).to(tl.float32)
-        scale = tl.load(norm_w + cols, mask=cols_ok, other=0.0).to(tl.float32)
-        tl.store(norm_out + cols, (normed * scale).to(dtype), mask=cols_ok)
-        tl.store(norm_counter, 0)  # ready for the next launch
+        if tl.atomic_add(norm_counter, 1, sem="acq_rel") == tl.num_programs(0) - 1:  # (no second early return)
+            cols = tl.arange(0, BLOCK_ROW)
+            cols_ok = cols < N
+            v = tl.load(y + cols, mask=cols_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+            rstd = 1.0 / tl.sqrt(tl.sum(v * v, 0) / N + eps)
+            normed = (v * rstd).to(dtype).to(tl.float32)
+            scale = tl.load(norm_w + cols, mask=cols_ok, other=0.0).to(tl.float32)
+            tl.store(norm_out + cols, (normed * scale).to(dtype), mask=cols_ok)
+            tl.store(norm_counter, 0)  # ready for the next launch
 
 
 def _check(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool) -> None:
