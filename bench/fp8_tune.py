@@ -35,17 +35,23 @@ from deepfleet.quant.fp8 import dequantize, quantize
 BLOCK = (128, 128)
 SHAPES = {  # (N, K) of each FP8 projection
     "7b": {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "down": (3584, 18944)},
+    "1.5b": {"qkv": (2048, 1536), "o": (1536, 1536), "gate_up": (17920, 1536), "down": (1536, 8960)},
     "v3": {"q_a": (1536, 7168), "q_b": (24576, 1536), "kv_a": (576, 7168), "o": (7168, 16384),
            "dense gate_up": (36864, 7168), "dense down": (7168, 18432), "shared gate_up": (4096, 7168),
            "shared down": (7168, 2048)},
 }
 # 7B: decode batches up to 1,024 rows (MAX_NUM_SEQS_GPU_CAP) and prefill passes up to 4,096 tokens
-ROWS = {"7b": (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096), "v3": (1, 64, 256)}
+ROWS = {"7b": (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096), "1.5b": (1, 4, 16, 32, 64, 128, 256, 512, 1024),
+        "v3": (1, 64, 256)}
 L2_FREE_BYTES = 320 << 20  # weight copies per timed graph: at least this many bytes, so L2 (50 MB) holds none
 
 
 def candidates(m: int, n: int, k: int, sms: int, x: torch.Tensor) -> list[dict]:
     out = []
+    if m == 1:  # the one-row W8A16 kernel: rows per program x K step, warps, K splits
+        for bn, bk, warps in ((2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 512, 4), (8, 256, 4), (16, 256, 8)):
+            for split in (1, 2, 4):
+                out.append(dict(kernel="gemv", BN=bn, BK=bk, SPLIT=split, num_warps=warps))
     if m <= fp8_gemm.STREAMING_MAX_ROWS:
         for bn, stages in ((32, 4), (64, 4), (128, 3)):
             auto = fp8_gemm.auto_split(-(-n // bn), -(-k // 128), sms)
@@ -86,6 +92,10 @@ def compile_key(job) -> tuple:
     per_split = -(-k_tiles // max(1, min(cfg["SPLIT"], k_tiles)))
     splits = -(-k_tiles // per_split)
     tiles = tuple(sorted((key, v) for key, v in cfg.items() if key != "SPLIT"))
+    if cfg["kernel"] == "gemv":  # K steps of BK, not of the scale block
+        k_steps = -(-k // cfg["BK"])
+        per_split = -(-k_steps // max(1, min(cfg["SPLIT"], k_steps)))
+        return "gemv", k, per_split, -(-k_steps // per_split), tiles
     if cfg["kernel"] == "w8a8":
         return "w8a8", k, per_split, splits, tiles
     return "stream", k, per_split, splits, max(1 << (m - 1).bit_length(), 16), tiles
@@ -156,7 +166,7 @@ def main():
                 for cfg in candidates(m, n, k, sms, x):
                     try:
                         err = rel(fp8_gemm.fp8_matmul(x, *ws[0], BLOCK, config=cfg),
-                                  want if cfg["kernel"] == "stream" else want_a8)
+                                  want if cfg["kernel"] in ("stream", "gemv") else want_a8)
                         if not err < 3e-2:
                             print(f"  rejected (error {err:.3g}): {cfg}", flush=True)
                             continue

@@ -1,7 +1,7 @@
 """Block-scaled FP8 matrix multiply: y = x · Wᵀ with W float8_e4m3fn [N, K] and float32 scales per (BN_q × BK_q)
 block of W (DeepSeek's 128×128). Reference: `deepfleet.quant.fp8.dequantize` then a matmul.
 
-Three paths; which one and with which tiles is a per-shape, per-row-count choice (`config_for`):
+Four paths; which one and with which tiles is a per-shape, per-row-count choice (`config_for`):
 - "stream" (up to 64 rows): weight streaming through tensor cores: x stays in the compute dtype, each FP8 tile
   is widened in registers and the block scale is applied once per 128-wide K step to the partial sum. K is
   split across programs when N alone gives too few programs to keep every SM reading; the float32 partial sums
@@ -16,8 +16,10 @@ Three paths; which one and with which tiles is a per-shape, per-row-count choice
   1×128 × 128×128 block-scaled FP8 GEMM on SM90), on the weight and its scales as they are (`scaled_mm_fits`
   says which calls it takes). Not a Triton kernel: the tuner checks it against the reference on the device before
   it enters a table.
-A tensor-core-free GEMV kernel was among the candidates of the first H200 tuning run and was never the
-fastest for any shape or row count (bench/RESULTS.md, 2026-12-02), so it is gone.
+- "gemv" (one row only): W8A16 without tensor cores: each program streams BN weight rows (16-byte loads along
+  K), widens them in registers and multiplies by x with the block scale folded into x; K may be split, the
+  program arriving last at its row block adding the splits' partials in a fixed order (counters in
+  kernels/workspace.py), so a batch-1 projection is one launch: no activation quantization, no split-sum kernel.
 
 Tiles per (N, K) and row count come from a table measured on the device (kernels/fp8_configs/<device>.json,
 written by bench/fp8_tune.py; the nearest measured row count wins, as vLLM/SGLang do for their block-FP8 GEMM);
@@ -35,6 +37,8 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
+
+from deepfleet.kernels import workspace
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -172,6 +176,42 @@ def _w8a8_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, out_ptr, bias_ptr, M, N, K: tl.co
                       HAS_BIAS, SPLIT)
 
 
+@triton.jit
+def _gemv_kernel(y_ptr, x_ptr, w_ptr, ws_ptr, bias_ptr, partial_ptr, counter_ptr, N, K: tl.constexpr,
+                 TILES_PER_SPLIT: tl.constexpr, stride_wn, stride_wsn, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                 BLOCK_WN: tl.constexpr, BLOCK_WK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # BN divides the scale block's rows, so all BN rows share one row of block scales: the scale goes onto x
+    # (one [BK] vector per step) instead of onto each weight element
+    block, split = tl.program_id(0), tl.program_id(1)
+    n = block * BN + tl.arange(0, BN)
+    n_ok = n < N
+    # rows past N read row N-1 (in bounds, no row mask on the weight loads); their sums are never stored
+    rows_w = w_ptr + tl.minimum(n, N - 1).to(tl.int64)[:, None] * stride_wn
+    scale_row = ws_ptr + ((block * BN) // BLOCK_WN) * stride_wsn
+    acc = tl.zeros([BN, BK], tl.float32)
+    for i in range(0, TILES_PER_SPLIT):
+        k = (split * TILES_PER_SPLIT + i) * BK + tl.arange(0, BK)
+        k_ok = k < K
+        xs = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32) * tl.load(scale_row + k // BLOCK_WK,
+                                                                                mask=k_ok, other=0.0)
+        acc += tl.load(rows_w + k[None, :], mask=k_ok[None, :], other=0.0).to(tl.float32) * xs[None, :]
+    out = tl.sum(acc, 1)
+    if SPLIT > 1:
+        tl.store(partial_ptr + split * N + n, out, mask=n_ok)
+        # all of this program's partial stored before its arrival (barrier); acq_rel releases it to the last
+        # program to arrive, whose loads (.cg: from L2) then see every split's partial
+        tl.debug_barrier()
+        if tl.atomic_add(counter_ptr + block, 1, sem="acq_rel") != SPLIT - 1:
+            return
+        out = tl.zeros([BN], tl.float32)
+        for s in tl.static_range(SPLIT):  # fixed order: the same sum whichever program arrives last
+            out += tl.load(partial_ptr + s * N + n, mask=n_ok, other=0.0, cache_modifier=".cg")
+        tl.store(counter_ptr + block, 0)  # zero again for the next launch / graph replay
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + n, out.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
 def _check_block(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> None:
     bk = block[1]
     if bk < 16 or bk & (bk - 1):
@@ -226,6 +266,8 @@ def scaled_mm_fits(m: int, n: int, k: int, block: tuple[int, int], x: torch.Tens
 
 
 def _runs(cfg: dict, m: int, n: int, k: int, block: tuple[int, int], x: torch.Tensor) -> bool:
+    if cfg["kernel"] == "gemv":
+        return m == 1 and block[0] % cfg["BN"] == 0
     if cfg["kernel"] == "stream":
         return m <= STREAMING_MAX_ROWS
     if cfg["kernel"] == "scaled_mm":
@@ -296,6 +338,26 @@ def _stream(x, weight, scale, block, bias, cfg):
     return _sum_splits(target, out, bias, split)
 
 
+def _gemv(x, weight, scale, block, bias, cfg):
+    k = x.shape[1]
+    n = weight.shape[0]
+    bn, bk = cfg["BN"], cfg["BK"]
+    k_tiles = triton.cdiv(k, bk)
+    per_split = triton.cdiv(k_tiles, max(1, min(cfg.get("SPLIT", 1), k_tiles)))
+    split = triton.cdiv(k_tiles, per_split)
+    blocks = triton.cdiv(n, bn)
+    y = x.new_empty(1, n)
+    partial = counter = y
+    if split > 1:
+        partial = workspace.buffer(x.device, "fp8 gemv partials", split * n, torch.float32)
+        counter = workspace.buffer(x.device, "fp8 gemv counters", blocks, torch.int32)
+    _gemv_kernel[(blocks, split)](
+        y, x, weight, scale, y if bias is None else bias, partial, counter, n, k, per_split, weight.stride(0),
+        scale.stride(0), HAS_BIAS=bias is not None, SPLIT=split, BLOCK_WN=block[0], BLOCK_WK=block[1], BN=bn,
+        BK=bk, num_warps=cfg["num_warps"])
+    return y
+
+
 def _w8a8(x, weight, scale, block, bias, cfg):
     m, k = x.shape
     n = weight.shape[0]
@@ -331,7 +393,7 @@ def _scaled_mm(x, weight, scale, block, bias, cfg):
     return out if bias is None else out.add_(bias)
 
 
-KERNELS = {"stream": _stream, "w8a8": _w8a8, "scaled_mm": _scaled_mm}
+KERNELS = {"gemv": _gemv, "stream": _stream, "w8a8": _w8a8, "scaled_mm": _scaled_mm}
 
 
 def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
