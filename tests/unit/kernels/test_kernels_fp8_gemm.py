@@ -1,7 +1,7 @@
 """The block-FP8 GEMM kernels under TRITON_INTERPRET=1 on CPU tensors (set by tests/conftest.py), against the
 dequantize-then-matmul reference: the weight-streaming kernel (few rows, K split across programs or not), the
 FP8×FP8 kernel (per-token 1×128 activation groups), partial blocks in N and K, bias, the activation quantizer
-against its plain definition, every tile choice of the measured tables, and how a table entry is picked."""
+against its plain definition, the one-row W8A16 GEMV (split K reduced in the launch), every tile choice of the measured tables, and how a table entry is picked."""
 
 import json
 
@@ -41,6 +41,30 @@ def test_streaming_kernels_match_reference(m, n, k, cfg):
     got = fp8_gemm.fp8_matmul(x, w, s, BLOCK, bias, config=cfg)
     want = x @ dequantize(w, s, BLOCK).T + bias
     assert _rel_err(got, want) < 1e-5
+
+
+GEMV = dict(kernel="gemv", num_warps=4)
+
+
+@pytest.mark.parametrize(("n", "k", "cfg"), [
+    (192, 512, {**GEMV, "BN": 4, "BK": 256, "SPLIT": 1}),
+    (130, 600, {**GEMV, "BN": 8, "BK": 128, "SPLIT": 3}),  # partial N (130) and K (600) blocks, three splits
+    (136, 384, {**GEMV, "BN": 2, "BK": 256, "SPLIT": 2}),  # one K step spans two scale blocks
+])
+def test_one_row_gemv_matches_reference_and_resets_its_counters(n, k, cfg):
+    w, s = _weights(n, k)
+    s = s * torch.rand(s.shape, generator=torch.Generator().manual_seed(3)) * 4  # distinct scale per block
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(1))
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(2))
+    want = x @ dequantize(w, s, BLOCK).T + bias
+    for _ in range(2):  # the second launch finds the split counters zeroed by the first
+        assert _rel_err(fp8_gemm.fp8_matmul(x, w, s, BLOCK, bias, config=cfg), want) < 1e-5
+
+
+def test_one_row_gemv_takes_one_row_only():
+    w, s = _weights(64, 256)
+    with pytest.raises(ValueError, match="cannot run 2 rows"):
+        fp8_gemm.fp8_matmul(torch.randn(2, 256), w, s, BLOCK, config={**GEMV, "BN": 4, "BK": 256})
 
 
 @pytest.mark.parametrize("rows_major", [False, True])
