@@ -56,24 +56,25 @@ def main():
             engine = LLMEngine(EngineConfig(model=str(model), dtype="bfloat16", device=a.device, quantization=q,
                                             gpu_memory_utilization=0.3))
             tokens[q] = [o.outputs[0].token_ids for o in run(engine, [list(p) for p in prompts], greedy)]
-            tokens.setdefault("continuation", [p + t for p, t in zip(prompts, tokens[None])])
+            tokens.setdefault("continuation", [p + t for p, t in zip(prompts, tokens[None], strict=True)])
             score = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
             scored[q] = [[d["logprob"] for d in o.prompt_logprobs[PROMPT_LEN:]]
                          for o in run(engine, [list(c) for c in tokens["continuation"]], score)]
             del engine
             torch.cuda.empty_cache()
-    prefix = [next((i for i, (x, y) in enumerate(zip(b, f)) if x != y), len(b))
-              for b, f in zip(tokens[None], tokens["fp8"])]
-    same = sum(x == y for b, f in zip(tokens[None], tokens["fp8"]) for x, y in zip(b, f))
+    pairs = list(zip(tokens[None], tokens["fp8"], strict=True))
+    prefix = [next((i for i, (x, y) in enumerate(zip(b, f, strict=True)) if x != y), len(b)) for b, f in pairs]
+    same = sum(x == y for b, f in pairs for x, y in zip(b, f, strict=True))
     diff = np.abs(np.array(scored[None]) - np.array(scored["fp8"]))
     figures = {"greedy_prefix_agreement": (100 * sum(prefix) / (a.prompts * a.tokens), "percent"),
                "greedy_token_agreement": (100 * same / (a.prompts * a.tokens), "percent"),
                "logprob_abs_err_max": (float(diff.max()), "nats"), "logprob_abs_err_mean": (float(diff.mean()), "nats")}
-    shape = "qwen2 random h512 i1536 L4, batch 1 greedy, {} prompts x {} tokens".format(a.prompts, a.tokens)
+    shape = f"qwen2 random h512 i1536 L4, batch 1 greedy, {a.prompts} prompts x {a.tokens} tokens"
+    device = torch.cuda.get_device_name() if a.device == "cuda" else a.device
     with open(a.out, "w") as f:
         for metric, (value, unit) in figures.items():
             print(f"{metric}: {value:.4f} {unit}", flush=True)
-            f.write(json.dumps(dict(date=datetime.date.today().isoformat(), device=torch.cuda.get_device_name() if a.device == "cuda" else a.device,
+            f.write(json.dumps(dict(date=datetime.date.today().isoformat(), device=device,
                                     commit=a.commit, shape=shape, workload="fp8 vs bf16, same weights",
                                     metric=metric, value=round(value, 4), unit=unit)) + "\n")
 

@@ -1,7 +1,8 @@
 """The block-FP8 GEMM kernels under TRITON_INTERPRET=1 on CPU tensors (set by tests/conftest.py), against the
 dequantize-then-matmul reference: the weight-streaming kernel (few rows, K split across programs or not), the
 FP8×FP8 kernel (per-token 1×128 activation groups), partial blocks in N and K, bias, the activation quantizer
-against its plain definition, the one-row W8A16 GEMV (split K reduced in the launch), every tile choice of the measured tables, and how a table entry is picked."""
+against its plain definition, the one-row W8A16 GEMV (split K reduced in the launch), every tile choice of the
+measured tables, and how a table entry is picked."""
 
 import json
 
