@@ -52,3 +52,25 @@ def test_fused_add_norm_decode_matches_unfused(tiny_models, recording_sampler, m
     assert sorted(set(calls)) == [(64, 64), (64, 128)] and len(calls) >= 12
     assert tokens == ref_tokens
     assert (logits - ref_logits).abs().max() <= 1e-5 * ref_logits.abs().max()
+
+
+def test_start_up_refuses_a_fused_add_norm_that_disagrees(monkeypatch):
+    """choose_gemv trusts the fused epilogue only where it reproduces the projection then the norm: the real kernel
+    passes; one that loses a row block's residual (what a stale read in the last block's reduction gives) fails."""
+    g = torch.Generator().manual_seed(0)
+    proj, norm = layers.Linear(96, 64), layers.RMSNorm(64, 1e-6)
+    with torch.no_grad():
+        proj.weight.copy_(torch.randn(64, 96, generator=g) / 10)
+        norm.weight.copy_(1 + torch.rand(64, generator=g))
+    x, residual = torch.randn(1, 96, generator=g), torch.randn(1, 64, generator=g)
+    assert layers.add_norm_agrees(proj, norm, x, residual, (8, 32, 2, 2))
+
+    real = gemv.gemv_add_norm
+
+    def lossy(x, w, bias, residual, *rest):
+        stale = residual.clone()
+        stale[:, :8] = 0  # the first row block's residual never seen
+        return real(x, w, bias, stale, *rest)
+
+    monkeypatch.setattr(gemv, "gemv_add_norm", lossy)
+    assert not layers.add_norm_agrees(proj, norm, x, residual, (8, 32, 2, 2))
