@@ -342,7 +342,7 @@ def add_norm_agrees(proj: Linear, norm: RMSNorm, x: torch.Tensor, residual: torc
     ordering (a wrong sum is far beyond bf16 rounding, which the tolerance allows)."""
     want = norm(matmul(x, proj.weight, proj.bias, proj.gemv_tiles), residual.clone())
     got = _gemv_kernel().gemv_add_norm(x, proj.weight, proj.bias, residual.clone(), norm.weight, norm.eps, tiles)
-    return all(torch.allclose(g.float(), w.float(), rtol=2e-2, atol=2e-2) for g, w in zip(got, want))
+    return all(torch.allclose(g.float(), w.float(), rtol=2e-2, atol=2e-2) for g, w in zip(got, want, strict=True))
 
 
 # ---- rotary embeddings -------------------------------------------------------------------------------------------
