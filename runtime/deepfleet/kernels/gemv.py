@@ -112,7 +112,7 @@ def _check(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, silu_mul
 
 
 def _launch(y, x, w, bias, silu_mul, tiles, norm=None) -> None:
-    """y [1, N] = the product (with `norm` = (residual, weight, eps, normed out): y + residual, normed out)."""
+    """y [1, N] = the product (with `norm` = (residual, norm weight, normed out, eps): y + residual, normed out)."""
     block_n, block_k, warps, split_k = tiles or DEFAULT_TILES
     k = x.shape[1]
     n = y.shape[1]

@@ -1,6 +1,7 @@
 """Device buffers that kernels keep zero between launches: the per-block arrival counters by which the last
-program of a split reduction (kernels/gemv.py split-K, kernels/paged_attention.py split KV) knows it is last and
-does the merge in the same launch, and which that program resets for the next launch and CUDA-graph replay.
+program of a split reduction (kernels/gemv.py split-K and its add + norm epilogue, kernels/fp8_gemm.py's one-row
+GEMV, kernels/paged_attention.py split KV) knows it is last and does the merge in the same launch, and which that
+program resets for the next launch and CUDA-graph replay; and the float32 partials those splits leave there.
 Launches on the stream run one after another, so every launch of a size shares one buffer of that size."""
 
 from __future__ import annotations
