@@ -5,9 +5,9 @@
 - host: cProfile of engine.step() at 256 (--host-batches) running decode sequences (most own time first).
 - graph: the decode graph of 256 sequences replayed alone (its GPU time, from events) and the host time of one
   replay call with the GPU idle, right after the host profile (the buffers hold a real 256-sequence step).
-- kernels: batch-1 decode at 512 context: engine ms/token, the decode graph's GPU time per replay, and a
-  torch.profiler table of its kernels per replay (count, mean and total time by kernel name) with the GPU time
-  inside kernels against the replay's span (the gaps between kernels).
+- kernels: at each --kernel-batches (batch 1: decode at 512 context, engine ms/token; larger: 128-token prompts
+  10 steps in), the decode graph's GPU time per replay, and a torch.profiler table of its kernels per replay
+  (count, mean and total time by kernel name) with the GPU time inside kernels against the replay's span.
 - prefill: attention alone on one fresh 8k prompt, the Triton paged kernel vs torch SDPA (flash / cuDNN), and the
   engine's SDPA route for long chunks (models/attention.py) against the paged kernel: a fresh 8k chunk and a 4k
   chunk over 4k of cached context.
@@ -62,14 +62,19 @@ def ttft(e, out: Path) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
-def host(e, out: Path, batch: int = 256) -> None:
-    print(f"== host profile at {batch}")
+def _fill(e, batch: int) -> None:
+    """`batch` sequences decoding (128-token prompts, 10 steps in), so the next steps replay the decode graph."""
     for i, (prompt, n) in enumerate(fixed(batch, 128, 400, seed=5)):
         e.add_request(f"h{i}", prompt, SamplingParams(temperature=0, ignore_eos=True, max_tokens=n))
     while len(e.scheduler.running) < batch or any(s.num_uncomputed > 1 for s in e.scheduler.running):
         e.step()
     for _ in range(10):
         e.step()
+
+
+def host(e, out: Path, batch: int = 256) -> None:
+    print(f"== host profile at {batch}")
+    _fill(e, batch)
     torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(50):
@@ -115,20 +120,24 @@ def graph_time(e, batch: int) -> None:
           f" ms (GPU idle), {1e3 * queued:.3f} ms back to back")
 
 
-def kernels(e, out: Path, replays: int = 20) -> None:
+def kernels(e, out: Path, batch: int = 1, replays: int = 20) -> None:
+    """Batch 1: one 512-token prompt decoding; larger batches: `_fill`'s 128-token prompts."""
     from torch.profiler import ProfilerActivity, profile
 
-    rng = np.random.default_rng(9)
-    e.add_request("k", _ids(rng, 512), SamplingParams(temperature=0, ignore_eos=True, max_tokens=96))
-    times = []
-    while e.has_unfinished_requests():
-        if e.step():
-            times.append(time.perf_counter())
-        if len(times) == 48:
-            break
-    print(f"batch-1 engine step: {1e3 * (times[-1] - times[16]) / (len(times) - 17):.3f} ms/token")
-    graph_time(e, 1)
-    g, _ = e.runner.graphs[1]
+    if batch == 1:
+        rng = np.random.default_rng(9)
+        e.add_request("k", _ids(rng, 512), SamplingParams(temperature=0, ignore_eos=True, max_tokens=96))
+        times = []
+        while e.has_unfinished_requests():
+            if e.step():
+                times.append(time.perf_counter())
+            if len(times) == 48:
+                break
+        print(f"batch-1 engine step: {1e3 * (times[-1] - times[16]) / (len(times) - 17):.3f} ms/token")
+    else:
+        _fill(e, batch)
+    graph_time(e, batch)
+    g, _ = e.runner.graphs[batch]
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(replays):
@@ -149,7 +158,7 @@ def kernels(e, out: Path, replays: int = 20) -> None:
         span = (kern[-1][1] - kern[0][0]) / replays
         lines.append(f"replay span {span:.1f} us per replay over {len(kern)} device events")
     text = "\n".join(lines)
-    (out / f"kernels_{e.model_name}.txt").write_text(text)
+    (out / f"kernels_{e.model_name}_{batch}.txt").write_text(text)
     print(text)
     while e.has_unfinished_requests():
         e.step()
@@ -243,6 +252,7 @@ if __name__ == "__main__":
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--parts", nargs="+", default=["prefill", "ttft", "host"])
     ap.add_argument("--host-batches", type=int, nargs="+", default=[256])
+    ap.add_argument("--kernel-batches", type=int, nargs="+", default=[1], help="decode graph sizes to profile")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -259,12 +269,13 @@ if __name__ == "__main__":
         d = write_shape_dir(args.shape, Path(tmp) / args.shape)
         t = time.perf_counter()
         e = LLMEngine(EngineConfig(model=str(d), dtype="bfloat16", device="cuda", load_format="dummy",
-                                   max_num_seqs=256))
+                                   max_num_seqs=max(256, *args.kernel_batches, *args.host_batches)))
         print(f"ready in {time.perf_counter() - t:.1f} s")
         if "ttft" in args.parts:
             part(ttft, e, args.out)
         if "kernels" in args.parts:
-            part(kernels, e, args.out)
+            for b in args.kernel_batches:
+                part(kernels, e, args.out, b)
         if "host" in args.parts:
             for b in args.host_batches:
                 part(host, e, args.out, b)
