@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deepfleet.kernels import workspace
+from deepfleet.kernels import pdl, workspace
 
 # (BLOCK_N, BLOCK_K, num_warps, SPLIT_K) used when no tiles are given (tests, shapes nobody timed)
 DEFAULT_TILES = (4, 512, 4, 1)
@@ -46,7 +46,7 @@ CANDIDATE_TILES = [DEFAULT_TILES, (2, 1024, 4, 1), (2, 1024, 8, 1), (2, 1024, 4,
 def _gemv_kernel(y, x, w, bias, partial, counter, N, K, stride_wn, k_per_split,
                  res, norm_w, norm_out, norm_counter, eps,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 SILU_MUL: tl.constexpr, ADD_NORM: tl.constexpr, BLOCK_ROW: tl.constexpr):
+                 SILU_MUL: tl.constexpr, ADD_NORM: tl.constexpr, BLOCK_ROW: tl.constexpr, PDL: tl.constexpr):
     dtype = y.dtype.element_ty
     block = tl.program_id(0)
     n = block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -54,6 +54,7 @@ def _gemv_kernel(y, x, w, bias, partial, counter, N, K, stride_wn, k_per_split,
     # rows past N read row N-1 (in bounds, unmasked loads); their sums are never stored
     rows_w = w + tl.minimum(n, N - 1).to(tl.int64)[:, None] * stride_wn
     rows_up = rows_w + N.to(tl.int64) * stride_wn  # (SILU_MUL: the up rows follow the gate rows)
+    pdl.enter(PDL)  # x, the partials and the counters belong to the kernels around this one
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     k_begin = tl.program_id(1) * k_per_split
@@ -132,7 +133,8 @@ def _launch(y, x, w, bias, silu_mul, tiles, norm=None) -> None:
         y, x, w, w if bias is None else bias, partial, counter, n, k, w.stride(0), k_per_split,
         res, norm_w, norm_out, norm_counter, eps,
         BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
-        ADD_NORM=norm is not None, BLOCK_ROW=triton.next_power_of_2(n) if norm else 1, num_warps=warps,
+        ADD_NORM=norm is not None, BLOCK_ROW=triton.next_power_of_2(n) if norm else 1, PDL=(on := pdl.enabled(x)),
+        num_warps=warps, **pdl.launch_options(on),
     )
 
 

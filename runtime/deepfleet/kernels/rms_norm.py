@@ -15,10 +15,13 @@ import torch
 import triton
 import triton.language as tl
 
+from deepfleet.kernels import pdl
+
 
 @triton.jit
 def _rms_norm_kernel(out, res_out, x, res, weight, eps, n, stride_x, stride_r, stride_o, stride_ro,
-                     BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+                     BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr):
+    pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
@@ -51,6 +54,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         _rms_norm_kernel[(rows,)](
             out, res_out, x, x if residual is None else residual, weight, eps, n,
             x.stride(0), 0 if residual is None else residual.stride(0), out.stride(0), res_out.stride(0),
-            BLOCK=block, HAS_RESIDUAL=residual is not None, num_warps=min(16, max(1, block // 256)),
+            BLOCK=block, HAS_RESIDUAL=residual is not None, PDL=(on := pdl.enabled(x)),
+            num_warps=min(16, max(1, block // 256)), **pdl.launch_options(on),
         )
     return out if residual is None else (out, res_out)

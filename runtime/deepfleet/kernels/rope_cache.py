@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from deepfleet.kernels import pdl
+
 
 @triton.jit
 def _rope_cache_kernel(
@@ -27,8 +29,9 @@ def _rope_cache_kernel(
     stride_t, stride_cos, stride_sin, stride_qo, stride_ko, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
     stride_vh,
     HEADS: tl.constexpr, KV_HEADS: tl.constexpr, ROT_HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl.enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     row = qkv + t * stride_t
     h = tl.arange(0, ROT_HEADS_PAD)  # q heads, then k heads
@@ -92,7 +95,7 @@ def rope_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_h
             v_cache.stride(2),
             HEADS=num_heads, KV_HEADS=num_kv_heads, ROT_HEADS_PAD=triton.next_power_of_2(num_heads + num_kv_heads),
             KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads), HALF=head_dim // 2,
-            HALF_PAD=triton.next_power_of_2(head_dim // 2), BLOCK_SIZE=block_size,
-            num_warps=4,
+            HALF_PAD=triton.next_power_of_2(head_dim // 2), BLOCK_SIZE=block_size, PDL=(on := pdl.enabled(qkv)),
+            num_warps=4, **pdl.launch_options(on),
         )
     return q, k
