@@ -54,12 +54,23 @@ def _gemv_kernel(y, x, w, bias, partial, counter, N, K, stride_wn, k_per_split,
     # rows past N read row N-1 (in bounds, unmasked loads); their sums are never stored
     rows_w = w + tl.minimum(n, N - 1).to(tl.int64)[:, None] * stride_wn
     rows_up = rows_w + N.to(tl.int64) * stride_wn  # (SILU_MUL: the up rows follow the gate rows)
-    pdl.enter(PDL)  # x, the partials and the counters belong to the kernels around this one
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     k_begin = tl.program_id(1) * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
-    for k0 in range(k_begin, k_end, BLOCK_K):
+    # The first K tile of the weights is loaded before waiting for the previous kernel (kernels/pdl.py; weights
+    # are no kernel's output): under PDL its HBM latency overlaps that kernel's tail (all of K where one tile
+    # covers it). x, the partials and the counters are touched only after the wait.
+    k = k_begin + tl.arange(0, BLOCK_K)
+    k_ok = k < k_end
+    acc = tl.load(rows_w + k[None, :], mask=k_ok[None, :], other=0.0).to(tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    if SILU_MUL:
+        acc_up = tl.load(rows_up + k[None, :], mask=k_ok[None, :], other=0.0).to(tl.float32)
+    pdl.enter(PDL)
+    xv = tl.load(x + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+    acc *= xv
+    if SILU_MUL:
+        acc_up *= xv
+    for k0 in range(k_begin + BLOCK_K, k_end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < k_end
         xv = tl.load(x + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
