@@ -40,7 +40,7 @@ class ChoiceCursor:
         self.num_tokens = 0
         self.finish_reason: str | None = None
         self.tool_calls: list[Any] = []  # parsed calls, set when the output ends
-        self._announced: list[list] = []  # streamed calls: [id, name, arguments sent]
+        self._announced: list[list] = []  # streamed calls: [id, name, argument pieces sent]
         self.call_deltas: list[p.DeltaToolCall] = []  # the tool_calls deltas of the last advance (streaming)
 
     @property
@@ -73,24 +73,32 @@ class ChoiceCursor:
                 content += tail
                 if self.tool_calls and self._calls_finish and self.finish_reason == "stop":
                     self.finish_reason = "tool_calls"
-                self._stream_calls([(c.name, c.arguments) for c in self.tool_calls])
+                self._tools.take_deltas()  # the final calls below say all that is left to send
+                self._stream_final_calls()
         elif self._tools is not None:
-            self._stream_calls(self._tools.progress())
+            for k, name, piece in self._tools.take_deltas():
+                self._stream_call(k, name, piece)
         return reasoning, content, logprobs
 
-    def _stream_calls(self, progress: list[tuple[str, str]]) -> None:
-        """OpenAI's deltas for what the calls gained: a new call's id, type and name with empty arguments, then
-        pieces of its arguments, also when one step brought the whole call (a client that fell behind)."""
-        for k, (name, arguments) in enumerate(progress):
+    def _stream_call(self, k: int, name: str, piece: str) -> None:
+        """OpenAI's deltas: a new call's id, type and name with empty arguments, then pieces of its arguments."""
+        if k == len(self._announced):
+            self._announced.append([call_id(), name, []])
+            self.call_deltas.append(p.DeltaToolCall(index=k, id=self._announced[k][0], type="function",
+                                                    function=p.ResponseFunctionCall(name=name, arguments="")))
+        if piece and self._announced[k][1] == name:
+            self._announced[k][2].append(piece)
+            self.call_deltas.append(p.DeltaToolCall(index=k, function=p.ResponseFunctionCall(arguments=piece)))
+
+    def _stream_final_calls(self) -> None:
+        """What the parsed calls add to what was streamed, also when one step brought whole calls (a client that
+        fell behind); a streamed call whose parsed arguments are not a continuation gets no more pieces."""
+        for k, call in enumerate(self.tool_calls):
             if k == len(self._announced):
-                self._announced.append([call_id(), name, ""])
-                self.call_deltas.append(p.DeltaToolCall(index=k, id=self._announced[k][0], type="function",
-                                                        function=p.ResponseFunctionCall(name=name, arguments="")))
-            _, sent_name, sent = self._announced[k]
-            if sent_name == name and arguments.startswith(sent) and len(arguments) > len(sent):
-                self._announced[k][2] = arguments
-                self.call_deltas.append(p.DeltaToolCall(
-                    index=k, function=p.ResponseFunctionCall(arguments=arguments[len(sent):])))
+                self._stream_call(k, call.name, "")
+            sent = "".join(self._announced[k][2])
+            if self._announced[k][1] == call.name and call.arguments.startswith(sent):
+                self._stream_call(k, call.name, call.arguments[len(sent):])
 
 
 def tool_calls(calls: list[Any], ids: list[str]) -> list[p.ResponseToolCall] | None:

@@ -96,6 +96,40 @@ def test_streamed_call_deltas_accumulate_to_the_final_calls(stream, text, step):
         assert len(deltas) > 2 * len(calls)  # pieces while written, not one delta per call at the end
 
 
+TRICKY_ARGS = '{"code": "if (a) { b[\\"}\\"] = \'[\'; }", "list": [[1, {"x": "]"}], []], "s": "\\\\"}'
+
+
+def test_tricky_arguments_close_where_the_json_does_at_any_chunking():
+    """Braces and brackets inside strings, escaped quotes and a trailing escaped backslash do not end a call's
+    arguments; the pieces streamed while it is open are exactly its raw text, and the next call is found after it."""
+    assert json.loads(TRICKY_ARGS)["s"] == "\\"  # the expectation is valid JSON, written by hand
+    text = (f'<tool_call>\n{{"name": "run", "arguments": {TRICKY_ARGS}}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>')
+    for step in (1, 2, 7, len(text)):
+        s = ToolCallStream(HermesFormat())
+        pieces: dict[int, list] = {}
+        for i in range(0, len(text), step):
+            assert s.feed(text[i : i + step]) == ""
+            for k, name, piece in s.take_deltas():
+                pieces.setdefault(k, [name, ""])[1] += piece
+        assert pieces == {0: ["run", TRICKY_ARGS], 1: ["get_time", '{"zone": "UTC"}']}
+        _, calls = s.finish()
+        assert [(c.name, c.arguments) for c in calls] == [("run", TRICKY_ARGS), ("get_time", '{"zone": "UTC"}')]
+
+
+def test_long_arguments_stream_piece_by_piece():
+    """A 200 kB argument fed in 5-character pieces (40,000 steps): every step hands on exactly what it added."""
+    body = '{"content": "' + "x = {[1]}; " * 18_000 + '"}'
+    text = '<tool_call>\n{"name": "write", "arguments": ' + body + "}\n</tool_call>"
+    s = ToolCallStream(HermesFormat())
+    sent = []
+    for i in range(0, len(text), 5):
+        s.feed(text[i : i + 5])
+        sent += [piece for _, _, piece in s.take_deltas()]
+    assert "".join(sent) == body and max(len(piece) for piece in sent) <= 5
+    assert [(c.name, c.arguments) for c in s.finish()[1]] == [("write", body)]
+
+
 def test_format_is_chosen_from_the_chat_template():
     assert format_for_templates({"default": "{{ '<tool_call>' }}"}).name == "hermes"
     assert format_for_templates({"default": "x", "tool_use": "<｜tool▁calls▁begin｜>"}).name == "deepseek_v3"
