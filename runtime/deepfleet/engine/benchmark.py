@@ -169,26 +169,42 @@ class Bench:
                                  workload=workload,
                                  metric=metric, value=round(float(value), 4), unit=unit))
 
-    def offline(self, requests: list[tuple[list[int], int]]) -> tuple[float, float, int]:
-        """All requests at once; returns (seconds, output tokens, prompt tokens)."""
+    def offline(self, requests: list[tuple[list[int], int]], steps: list | None = None) -> tuple[float, float, int]:
+        """All requests at once; returns (seconds, output tokens, prompt tokens). With `steps`, appends (rows,
+        tokens, seconds) per engine step: what the scheduler gave it and the wall time of the step() call."""
         from deepfleet.engine.sampling_params import SamplingParams
 
         e = self.engine
         for prompt, out_len in requests:
             self._n += 1
             e.add_request(f"b{self._n}", prompt, SamplingParams(temperature=0, ignore_eos=True, max_tokens=out_len))
+        schedule, shapes = e.scheduler.schedule, []
+        if steps is not None:  # the step's shape, as the scheduler hands it to the engine (nothing else changes)
+            def recorded():
+                out = schedule()
+                shapes.append((len(out.scheduled), out.num_tokens))
+                return out
+
+            e.scheduler.schedule = recorded
         torch.cuda.synchronize()
         t, tokens = time.perf_counter(), 0
-        while e.has_unfinished_requests():
-            tokens += sum(len(o.outputs[0].token_ids) for o in e.step() if o.finished)
-        torch.cuda.synchronize()
+        try:
+            while e.has_unfinished_requests():
+                begin = time.perf_counter()
+                tokens += sum(len(o.outputs[0].token_ids) for o in e.step() if o.finished)
+                if steps is not None:
+                    steps.append((*shapes[-1], time.perf_counter() - begin))
+            torch.cuda.synchronize()
+        finally:
+            e.scheduler.schedule = schedule
         return time.perf_counter() - t, tokens, sum(len(p) for p, _ in requests)
 
     def throughput(self, workload: str, requests) -> None:
         # warm-up (prefill kernels of these shapes) on reversed prompts: no prefix-cache head start
         self.offline([(p[::-1], o) for p, o in requests[: min(64, len(requests))]])
         before = self.engine.stats()
-        seconds, out_tokens, in_tokens = self.offline(requests)
+        steps: list[tuple[int, int, float]] = []
+        seconds, out_tokens, in_tokens = self.offline(requests, steps)
         stats = self.engine.stats()
         self.record(workload, "output_tok_s", out_tokens / seconds, "tok/s")
         self.record(workload, "total_tok_s", (out_tokens + in_tokens) / seconds, "tok/s")
@@ -198,6 +214,14 @@ class Bench:
         queries = stats.prefix_cache_queries - before.prefix_cache_queries
         if queries:
             self.record(workload, "prefix_hit_rate", 100 * hits / queries, "percent")
+        # where the time went: steps with prompt tokens (prefill chunks, decodes riding along) vs decode-only steps
+        for kind, mine in (("prefill", [s for s in steps if s[1] > s[0]]), ("decode", [s for s in steps
+                                                                                     if s[1] == s[0]])):
+            self.record(workload, f"{kind}_steps", len(mine), "steps")
+            self.record(workload, f"{kind}_steps_s", sum(s[2] for s in mine), "s")
+            if mine:
+                self.record(workload, f"{kind}_step_rows_mean", statistics.mean(s[0] for s in mine), "sequences")
+                self.record(workload, f"{kind}_step_tokens_mean", statistics.mean(s[1] for s in mine), "tokens")
 
     def latency(self, bandwidth: float) -> None:
         from deepfleet.engine.sampling_params import SamplingParams
