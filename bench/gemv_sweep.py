@@ -3,7 +3,7 @@
 For each projection of the R1-Distill-Qwen shapes (QKV with bias, O, gate_up with and without the fused SiLU·mul
 epilogue, down), one random bf16 weight matrix per layer (28, streamed from
 memory as in a decode step, not from L2), timed in one CUDA graph per variant as the engine's start-up choice times
-them (models/layers.py `_graph_ms`): cuBLAS (+ the compiled SiLU·mul where the variant fuses it), then the Triton
+them (models/layers.py `_graph_ms`): cuBLAS (+ the SiLU·mul kernel where the variant fuses it), then the Triton
 GEMV (kernels/gemv.py) at each (BLOCK_N, BLOCK_K, num_warps, SPLIT_K) of the grid. The kernels are compiled first
 in a pool of processes (Triton's disk cache), so the timing process only loads them. Prints cuBLAS and the fastest
 tiles per projection, ms per step (all layers) and TB/s of weight read."""
@@ -97,7 +97,6 @@ if __name__ == "__main__":
     ap.add_argument("--json", help="write every timing here")
     args = ap.parse_args()
     compile_all(args.shape)
-    layers.use_fused_kernels(True)  # the compiled SiLU·mul, as the engine's unfused path runs it
     results = []
     for shape in args.shape:
         for projection in projections(shape):

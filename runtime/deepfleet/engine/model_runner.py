@@ -436,8 +436,8 @@ class ModelRunner:
             self._set_lora_tokens(slice(0, b))  # the graph reads the slot buffer in place at every replay
 
             def forward(out=shared[:b], b=b, meta_args=meta_args):
-                out.copy_(self.model.compute_logits(
-                    self.model(buf.ids[:b], buf.positions[:b], self.kv_caches, self._meta(*meta_args))))
+                self.model.compute_logits(
+                    self.model(buf.ids[:b], buf.positions[:b], self.kv_caches, self._meta(*meta_args)), out)
 
             self.graphs[b] = (self._capture(forward, pool, f"decode batch {b}"), shared[:b])
         torch.cuda.synchronize()

@@ -88,8 +88,9 @@ class CausalLM(nn.Module):
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return (self.model.embed_tokens if self.tied else self.lm_head).logits(hidden)
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[T, vocab] float32, written into `out` when given."""
+        return (self.model.embed_tokens if self.tied else self.lm_head).logits(hidden, out)
 
     def param_for(self, name: str) -> tuple[str, object] | None:
         """Checkpoint tensor name -> (parameter name, shard) or None for tensors this model does not use."""

@@ -19,10 +19,11 @@ from deepfleet import quant
 
 log = logging.getLogger(__name__)
 
-# On CUDA the small element-wise steps are one kernel each: RMSNorm with its residual add is a Triton kernel
-# (deepfleet/kernels/rms_norm.py) on every CUDA tensor; SiLU·mul and the interleaved RoPE (DeepSeek) are compiled
-# with torch.compile when the model runner turns that on (CUDA unless enforce_eager). The Qwen2/Llama attention
-# rotates and writes the KV cache in one kernel (models/attention.py). CPU (and the parity tests) run the plain code.
+# On CUDA the small element-wise steps are one kernel each: RMSNorm with its residual add and SiLU·mul are Triton
+# kernels (deepfleet/kernels/rms_norm.py, silu_mul.py) on every CUDA tensor; the interleaved RoPE (DeepSeek) is
+# compiled with torch.compile when the model runner turns that on (CUDA unless enforce_eager). The Qwen2/Llama
+# attention rotates and writes the KV cache in one kernel (models/attention.py). CPU (and the parity tests) run the
+# plain code.
 _FUSE = False
 
 
@@ -200,8 +201,16 @@ class RMSNorm(nn.Module):
         return _rms_norm_ref(residual, self.weight, self.eps), residual
 
 
-@_fusable
+@functools.cache
+def _silu_mul_kernel():
+    from deepfleet.kernels.silu_mul import silu_mul  # imports triton: only where there is a GPU
+
+    return silu_mul
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    if x.is_cuda:
+        return _silu_mul_kernel()(x)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
 
