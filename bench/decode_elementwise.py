@@ -160,11 +160,12 @@ def time_logits(rec: Records) -> None:
 
 
 def _rms_launch(x, r, out, res_out, weight, warps) -> None:
-    """kernels/rms_norm.py's launch with the residual, at `warps` warps."""
+    """kernels/rms_norm.py's launch with the residual, at `warps` warps (without PDL: one kernel after another of
+    its own, nothing to overlap)."""
     rows, h = x.shape
     rms_norm_module._rms_norm_kernel[(rows,)](
         out, res_out, x, r, weight, 1e-6, h, x.stride(0), r.stride(0), out.stride(0), res_out.stride(0),
-        BLOCK=triton.next_power_of_2(h), HAS_RESIDUAL=True, num_warps=warps)
+        BLOCK=triton.next_power_of_2(h), HAS_RESIDUAL=True, PDL=False, num_warps=warps)
 
 
 def time_rms_norm(rec: Records) -> None:
