@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from deepfleet.kernels.paged_attention import paged_attention
+from deepfleet.kernels.paged_attention import Tiling, paged_attention
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # an empty flash-decoding split stores log2(0) = -inf on purpose (its merge weight is 0); numpy warns about it
@@ -38,6 +38,13 @@ CASES = [
     ("mixed-3-splits", 12, 2, 16, None, False, [(1, 60), (9, 41), (1, 2)], {"num_splits": 3}),
     ("mla-576", 32, 1, 576, 512, True, [(1, 20), (1, 45), (6, 30)], {}),
     ("mla-tiny", 4, 1, 40, 32, True, [(1, 9), (12, 12), (5, 21)], {}),
+    # 4 splits of at least 2 tiles of 16 keys: 1 split used at 5 keys (written directly), 2 at 40, 3 at 130
+    ("decode-min-split-tiles", 12, 2, 32, None, False, [(1, 5), (1, 40), (1, 130)],
+     {"tiling": Tiling(16, 2, 3, splits=4, min_split_tiles=2)}),
+    # 16 blocks of 8 keys per iteration, the last one ragged
+    ("decode-tile-128-block8", 4, 2, 16, None, False, [(1, 3), (1, 130), (1, 200)],
+     {"block_size": 8, "tiling": Tiling(128, 4, 2)}),
+    ("mla-576-3-of-4-splits", 16, 1, 576, 512, True, [(1, 300)], {"num_splits": 4}),  # >= 4 tiles of 32 a split
 ]
 
 
@@ -73,6 +80,7 @@ def _build(heads, kv_heads, k_dim, v_dim, mla, specs, options, seed):
         max_query_len=max(qlens),
         scale=k_dim**-0.5,
         num_splits=options.get("num_splits"),
+        tiling=options.get("tiling"),
     )
 
 
@@ -114,7 +122,8 @@ def test_kernel_matches_reference(index):
 def test_split_launches_back_to_back():
     """The split merge happens in the launch, by the last split program to arrive, which resets its arrival
     counter: launches one after another (another shape between, the same shape again) each merge correctly."""
-    for index in (1, 10, 1, 1):  # decode-qwen1.5b-5-splits (3 of its 5 splits empty at 33 tokens), mixed-3-splits
+    # decode-qwen1.5b-5-splits (3 of its 5 splits empty at 33 tokens), mixed-3-splits, decode-min-split-tiles
+    for index in (1, 10, 1, 13, 13):
         case = _build(*CASES[index][1:], seed=50 + index)
         out = paged_attention(**_on_device(case)).cpu().double()
         expected = _expected(case)
