@@ -229,8 +229,9 @@ def choose_tiling(decode: bool, wide: bool, fp32: bool, programs: int, sms: int)
     serves every context length the captured batch will see). H200, 7B decode layer, bf16 (bench/RESULTS.md
     "decode tiling"): once the batch alone fills the GPU (no split), 32-key tiles, 4 warps, 5 stages (two K/V tiles
     in flight) took 29.2 / 49.4 / 86.3 us at 256 x 138, 512 x 138, 256 ShareGPT-like contexts (mean 382) against
-    33.6 / 59.2 / 94.6 for 64-key tiles, 3 stages; 16-key tiles with 2 warps were faster on short contexts
-    (24.7-25.8 / 45.5 us) but 1.3-1.7x slower on the long-tailed mix, so they are not used."""
+    30.8 / 55.4 / 90.3 for 64-key tiles, 3 stages (main's kernel before: 33.6 / 59.2 / 94.6); 16-key tiles with 2
+    warps were faster on short contexts (24.7-25.8 / 45.5 us) but 1.3-1.7x slower on the long-tailed mix, so they
+    are not used."""
     if wide:
         return Tiling(32, 4, 2)
     if fp32:
