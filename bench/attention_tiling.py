@@ -134,7 +134,7 @@ def graph_us(fn, layers: int, reps: int) -> float:
 QWEN7B, QWEN1_5B, MLA = (28, 4, 128, 128, False), (12, 2, 128, 128, False), (128, 1, 576, 512, True)
 # name, lens, model, layers copies, passes per graph, candidates to time (None: all), split rules (None: auto)
 SHAPES = [
-    ("7b 256x138", [138] * 256, QWEN7B, 4, 3, None, None),
+    ("7b 256x138", [138] * 256, QWEN7B, 4, 3, None, SPLIT_RULES),  # the rules' early-exit cost on short contexts
     ("7b 512x138", [138] * 512, QWEN7B, 3, 3, None, None),
     ("7b 256 sharegpt", sharegpt_contexts(256, 7), QWEN7B, 3, 2, None, SPLIT_RULES),
     ("7b 1x512", [512], QWEN7B, 48, 2, BATCH1, None),
@@ -221,7 +221,7 @@ def _time_shape(base, name, lens, model, layers, reps, cands, rules) -> None:
         if model[-1]:
             timed(rule, num_splits=splits)
             continue
-        for k in ("t32w4s2", "t64w4s3", "t16w2s3"):
+        for k in ("t32w4s2", "t32w4s5", "t64w4s3", "t64w4s5", "t16w2s3"):
             t = CANDIDATES[k]
             timed(f"{k}/{rule}", tiling=T(t.tile_n, t.num_warps, t.num_stages, splits, max(1, min_tokens // t.tile_n)))
     mean = sum(lens) / len(lens)
