@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deepfleet.kernels import workspace
+from deepfleet.kernels import pdl, workspace
 
 # flash-decoding parts per sequence: batch 1 at 8k context on an H200 took 14.7 us at 32, 16.7 at 64, 24.1 at 128
 MAX_SPLITS = 32
@@ -88,8 +88,9 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, HEADS_PER_PROG: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     K_DIM: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, SPLIT: tl.constexpr, ONE_ROW_PER_SEQ: tl.constexpr,
-    PRECISION: tl.constexpr, FP8_KV: tl.constexpr,
+    PRECISION: tl.constexpr, FP8_KV: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl.enter(PDL)  # all it reads is the step's: q, the cache (new keys just written), tables, lengths
     tile = tl.program_id(0)
     HEAD_BLOCKS: tl.constexpr = (GROUP + HEADS_PER_PROG - 1) // HEADS_PER_PROG
     kv_head = tl.program_id(1) // HEAD_BLOCKS
@@ -330,7 +331,7 @@ def paged_attention(
         GROUP=group, HEADS_PER_PROG=heads_per_prog, BLOCK_Q=block_q, BLOCK_M=block_m,
         K_DIM=k_dim, D_MAIN=d_main, D_TAIL=d_tail, DV=v_dim, DV_PAD=dv_pad,
         BLOCK_SIZE=block_size, TILE_N=plan.tile_n, SPLIT=num_splits > 1, ONE_ROW_PER_SEQ=decode,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8_KV=fp8_kv,
-        num_warps=plan.num_warps, num_stages=plan.num_stages,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8_KV=fp8_kv, PDL=(on := pdl.enabled(q)),
+        num_warps=plan.num_warps, num_stages=plan.num_stages, **pdl.launch_options(on),
     )
     return out
