@@ -138,7 +138,7 @@ class Fp8RowParallelLinear(Fp8Linear):
         mark_scales(self.weight, self.weight_scale_inv, self.block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = fp8_linear(x, self.weight, self.weight_scale_inv, self.block)
+        y = fp8_linear(x, self.weight, self.weight_scale_inv, self.block, gemv_tiles=self.gemv_tiles)
         if self.reduce:
             y = ps.all_reduce(y)
         return y if self.bias is None else y + self.bias

@@ -39,11 +39,17 @@ import triton
 import triton.language as tl
 
 from deepfleet.kernels import workspace
+from deepfleet.kernels.gemv import store_rows
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 STREAMING_MAX_ROWS = 64  # the fused MoE's own choice between weight streaming and FP8 activations
 CONFIG_DIR = Path(__file__).with_name("fp8_configs")
+# one-row GEMV tiles (BN, BK, num_warps, SPLIT) that start-up timing tries on each batch-1 projection
+# (models/layers.py choose_gemv), each a compilation per K: the table's picks for the 7B qkv, o and down
+# (bench/RESULTS.md); 16 x 256, whose loop compiles to the fewest instructions per weight for SM90 (4.0, 8 x 512's
+# 4.4); 32 x 128, one scalar block scale per K step
+GEMV_CANDIDATES = [(8, 512, 4, 1), (4, 512, 4, 1), (8, 512, 4, 2), (16, 256, 4, 1), (32, 128, 4, 1)]
 
 
 @triton.jit
@@ -177,9 +183,23 @@ def _w8a8_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, out_ptr, bias_ptr, M, N, K: tl.co
 
 
 @triton.jit
-def _gemv_kernel(y_ptr, x_ptr, w_ptr, ws_ptr, bias_ptr, partial_ptr, counter_ptr, N, K: tl.constexpr,
-                 TILES_PER_SPLIT: tl.constexpr, stride_wn, stride_wsn, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                 BLOCK_WN: tl.constexpr, BLOCK_WK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _block_scales(scale_row, k, t, K: tl.constexpr, BK: tl.constexpr, BLOCK_WK: tl.constexpr):
+    """The weight's block scale for each column k of K step t (of BK columns) in one row of scales: where the step
+    lies inside one scale block (BK <= BLOCK_WK), one scalar load for the whole step; else one per column (a
+    gather whose address arithmetic is most of the loop's integer work on the H200)."""
+    if BK <= BLOCK_WK:
+        scale = tl.load(scale_row + (t * BK) // BLOCK_WK, mask=t * BK < K, other=0.0)
+    else:
+        scale = tl.load(scale_row + k // BLOCK_WK, mask=k < K, other=0.0)
+    return scale
+
+
+@triton.jit
+def _gemv_kernel(y_ptr, x_ptr, w_ptr, ws_ptr, bias_ptr, partial_ptr, counter_ptr, res_ptr, norm_w_ptr, norm_out_ptr,
+                 norm_counter_ptr, eps, N, K: tl.constexpr, TILES_PER_SPLIT: tl.constexpr, stride_wn, stride_wsn,
+                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_WN: tl.constexpr, BLOCK_WK: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr, SILU_MUL: tl.constexpr,
+                 ADD_NORM: tl.constexpr, BLOCK_ROW: tl.constexpr):
     # BN divides the scale block's rows, so all BN rows share one row of block scales: the scale goes onto x
     # (one [BK] vector per step) instead of onto each weight element
     block, split = tl.program_id(0), tl.program_id(1)
@@ -188,13 +208,21 @@ def _gemv_kernel(y_ptr, x_ptr, w_ptr, ws_ptr, bias_ptr, partial_ptr, counter_ptr
     # rows past N read row N-1 (in bounds, no row mask on the weight loads); their sums are never stored
     rows_w = w_ptr + tl.minimum(n, N - 1).to(tl.int64)[:, None] * stride_wn
     scale_row = ws_ptr + ((block * BN) // BLOCK_WN) * stride_wsn
+    # SILU_MUL: the up rows follow the gate rows, N a multiple of the scale block (their own row of scales)
+    rows_up = rows_w + N.to(tl.int64) * stride_wn
+    scale_row_up = ws_ptr + ((N + block * BN) // BLOCK_WN) * stride_wsn
     acc = tl.zeros([BN, BK], tl.float32)
+    acc_up = tl.zeros([BN, BK], tl.float32)
     for i in range(0, TILES_PER_SPLIT):
-        k = (split * TILES_PER_SPLIT + i) * BK + tl.arange(0, BK)
+        t = split * TILES_PER_SPLIT + i
+        k = t * BK + tl.arange(0, BK)
         k_ok = k < K
-        xs = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32) * tl.load(scale_row + k // BLOCK_WK,
-                                                                                mask=k_ok, other=0.0)
+        xv = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+        xs = xv * _block_scales(scale_row, k, t, K, BK, BLOCK_WK)
         acc += tl.load(rows_w + k[None, :], mask=k_ok[None, :], other=0.0).to(tl.float32) * xs[None, :]
+        if SILU_MUL:
+            xs_up = xv * _block_scales(scale_row_up, k, t, K, BK, BLOCK_WK)
+            acc_up += tl.load(rows_up + k[None, :], mask=k_ok[None, :], other=0.0).to(tl.float32) * xs_up[None, :]
     out = tl.sum(acc, 1)
     if SPLIT > 1:
         tl.store(partial_ptr + split * N + n, out, mask=n_ok)
@@ -207,9 +235,8 @@ def _gemv_kernel(y_ptr, x_ptr, w_ptr, ws_ptr, bias_ptr, partial_ptr, counter_ptr
         for s in tl.static_range(SPLIT):  # fixed order: the same sum whichever program arrives last
             out += tl.load(partial_ptr + s * N + n, mask=n_ok, other=0.0, cache_modifier=".cg")
         tl.store(counter_ptr + block, 0)  # zero again for the next launch / graph replay
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + n, out.to(y_ptr.dtype.element_ty), mask=n_ok)
+    store_rows(y_ptr, out, tl.sum(acc_up, 1), n, n_ok, N, bias_ptr, res_ptr, norm_w_ptr, norm_out_ptr,
+               norm_counter_ptr, eps, HAS_BIAS, SILU_MUL, ADD_NORM, BLOCK_ROW)
 
 
 def _check_block(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> None:
@@ -338,24 +365,78 @@ def _stream(x, weight, scale, block, bias, cfg):
     return _sum_splits(target, out, bias, split)
 
 
-def _gemv(x, weight, scale, block, bias, cfg):
+def gemv_config(tiles: tuple[int, int, int, int]) -> dict:
+    """GEMV_CANDIDATES' (BN, BK, num_warps, SPLIT) as fp8_matmul's config."""
+    bn, bk, warps, split = tiles
+    return dict(kernel="gemv", BN=bn, BK=bk, num_warps=warps, SPLIT=split)
+
+
+def _launch_gemv(y, x, weight, scale, block, bias, cfg, silu_mul=False, norm=None):
+    """y [1, N] = x · Wᵀ (+ bias) through the one-row kernel (with `silu_mul`: W = [gate; up], y = silu(gate)·up;
+    with `norm` = (residual, norm weight, normed out, eps): y = the product + residual, normed out its RMSNorm)."""
     k = x.shape[1]
-    n = weight.shape[0]
+    n = y.shape[1]
     bn, bk = cfg["BN"], cfg["BK"]
     k_tiles = triton.cdiv(k, bk)
     per_split = triton.cdiv(k_tiles, max(1, min(cfg.get("SPLIT", 1), k_tiles)))
     split = triton.cdiv(k_tiles, per_split)
+    if silu_mul and (split > 1 or n % block[0]):
+        raise ValueError(f"fp8 gemv: SiLU·mul needs one K split and whole scale blocks per half (tiles {cfg}, "
+                         f"N {n})")
     blocks = triton.cdiv(n, bn)
-    y = x.new_empty(1, n)
     partial = counter = y
     if split > 1:
         partial = workspace.buffer(x.device, "fp8 gemv partials", split * n, torch.float32)
         counter = workspace.buffer(x.device, "fp8 gemv counters", blocks, torch.int32)
+    res, norm_w, norm_out, eps = norm or (y, y, y, 0.0)
+    norm_counter = workspace.buffer(x.device, "fp8 gemv norm counter", 1, torch.int32) if norm else y
     _gemv_kernel[(blocks, split)](
-        y, x, weight, scale, y if bias is None else bias, partial, counter, n, k, per_split, weight.stride(0),
-        scale.stride(0), HAS_BIAS=bias is not None, SPLIT=split, BLOCK_WN=block[0], BLOCK_WK=block[1], BN=bn,
-        BK=bk, num_warps=cfg["num_warps"])
+        y, x, weight, scale, y if bias is None else bias, partial, counter, res, norm_w, norm_out, norm_counter, eps,
+        n, k, per_split, weight.stride(0), scale.stride(0), HAS_BIAS=bias is not None, SPLIT=split,
+        BLOCK_WN=block[0], BLOCK_WK=block[1], BN=bn, BK=bk, SILU_MUL=silu_mul,
+        ADD_NORM=norm is not None, BLOCK_ROW=triton.next_power_of_2(n) if norm else 1, num_warps=cfg["num_warps"])
+
+
+def _gemv(x, weight, scale, block, bias, cfg):
+    y = x.new_empty(1, weight.shape[0])
+    _launch_gemv(y, x, weight, scale, block, bias, cfg)
     return y
+
+
+def _check_one_row(x, weight, scale, block, cfg):
+    _check_block(weight, scale, block)
+    if x.dim() != 2 or x.shape[0] != 1 or x.shape[1] != weight.shape[1] or x.stride(1) != 1 \
+            or not _runs(cfg, 1, weight.shape[0], x.shape[1], block, x):
+        raise ValueError(f"fp8 gemv: x {tuple(x.shape)} (one row), weight {tuple(weight.shape)} and tiles {cfg} "
+                         "do not fit")
+
+
+def gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
+                  bias: torch.Tensor | None, cfg: dict) -> torch.Tensor:
+    """x [1, K], weight [2N, K] FP8 = [gate; up] with block scales, bias [2N] or None -> silu(x gateᵀ) · (x upᵀ)
+    [1, N] in x's dtype, in one launch of the one-row kernel at tiles `cfg` (a "gemv" config, SPLIT 1): each
+    product rounded to x's dtype, SiLU·mul in float32 on those, rounded once (kernels/gemv.py's epilogue)."""
+    _check_one_row(x, weight, scale, block, cfg)
+    y = x.new_empty(1, weight.shape[0] // 2)
+    _launch_gemv(y, x, weight, scale, block, bias, cfg, silu_mul=True)
+    return y
+
+
+def gemv_add_norm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
+                  bias: torch.Tensor | None, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                  cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rmsnorm(y + residual) · norm_weight, y + residual), both [1, N] in x's dtype, y = x · Wᵀ (+ bias): the
+    residual add and RMSNorm after the projection in the one-row kernel's launch at tiles `cfg` (kernels/gemv.py
+    gemv_add_norm's epilogue and rounding)."""
+    _check_one_row(x, weight, scale, block, cfg)
+    n = weight.shape[0]
+    if residual.shape != (1, n) or residual.dtype != x.dtype or residual.stride(1) != 1 \
+            or norm_weight.shape != (n,):
+        raise ValueError(f"fp8 gemv_add_norm: residual {tuple(residual.shape)} {residual.dtype} and norm weight "
+                         f"{tuple(norm_weight.shape)} do not match the product [1, {n}] {x.dtype}")
+    summed, normed = x.new_empty(1, n), x.new_empty(1, n)
+    _launch_gemv(summed, x, weight, scale, block, bias, cfg, norm=(residual, norm_weight, normed, eps))
+    return normed, summed
 
 
 def _w8a8(x, weight, scale, block, bias, cfg):

@@ -43,11 +43,43 @@ CANDIDATE_TILES = [DEFAULT_TILES, (2, 1024, 4, 1), (2, 1024, 8, 1), (2, 1024, 4,
 
 
 @triton.jit
+def store_rows(y, out, up, n, n_ok, N, bias, res, norm_w, norm_out, norm_counter, eps, HAS_BIAS: tl.constexpr,
+               SILU_MUL: tl.constexpr, ADD_NORM: tl.constexpr, BLOCK_ROW: tl.constexpr):
+    """A one-row GEMV's epilogue for its rows n once their float32 sums are whole (`out`; `up`: the up rows' with
+    SILU_MUL, the gate rows' being out): bias, rounding to y's dtype, SiLU·mul, the residual add, the store, and
+    with ADD_NORM the RMSNorm of the whole row by the last program of the launch to arrive. Shared with
+    kernels/fp8_gemm.py's one-row GEMV, so both round where the unfused launches do (module docstring)."""
+    dtype = y.dtype.element_ty
+    if HAS_BIAS:
+        out += tl.load(bias + n, mask=n_ok, other=0.0).to(tl.float32)
+    out = out.to(dtype)
+    if SILU_MUL:  # (not with split K: the gate and up sums of a row are both in this program)
+        if HAS_BIAS:
+            up += tl.load(bias + N + n, mask=n_ok, other=0.0).to(tl.float32)
+        gate = out.to(tl.float32)
+        out = (gate / (1.0 + tl.exp(-gate)) * up.to(dtype).to(tl.float32)).to(dtype)
+    if ADD_NORM:  # y holds y + residual (the new residual stream), not the product itself
+        out = (out.to(tl.float32) + tl.load(res + n, mask=n_ok, other=0.0).to(tl.float32)).to(dtype)
+    tl.store(y + n, out, mask=n_ok)
+    if ADD_NORM:
+        # the same release/acquire as the split-K arrival, over the row blocks that stored their sums
+        tl.debug_barrier()
+        if tl.atomic_add(norm_counter, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+            cols = tl.arange(0, BLOCK_ROW)
+            cols_ok = cols < N
+            v = tl.load(y + cols, mask=cols_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+            rstd = 1.0 / tl.sqrt(tl.sum(v * v, 0) / N + eps)
+            normed = (v * rstd).to(dtype).to(tl.float32)
+            scale = tl.load(norm_w + cols, mask=cols_ok, other=0.0).to(tl.float32)
+            tl.store(norm_out + cols, (normed * scale).to(dtype), mask=cols_ok)
+            tl.store(norm_counter, 0)  # ready for the next launch
+
+
+@triton.jit
 def _gemv_kernel(y, x, w, bias, partial, counter, N, K, stride_wn, k_per_split,
                  res, norm_w, norm_out, norm_counter, eps,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SILU_MUL: tl.constexpr, ADD_NORM: tl.constexpr, BLOCK_ROW: tl.constexpr, PDL: tl.constexpr):
-    dtype = y.dtype.element_ty
     block = tl.program_id(0)
     n = block * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
@@ -89,30 +121,8 @@ def _gemv_kernel(y, x, w, bias, partial, counter, N, K, stride_wn, k_per_split,
         for s in tl.static_range(SPLIT_K):
             out += tl.load(partial + s * N + n, mask=n_ok, other=0.0, cache_modifier=".cg")
         tl.store(counter + block, 0)  # ready for the next launch (graphs replay the same counters)
-    if HAS_BIAS:
-        out += tl.load(bias + n, mask=n_ok, other=0.0).to(tl.float32)
-    out = out.to(dtype)
-    if SILU_MUL:  # (not with SPLIT_K > 1: gate_up's K is short)
-        up = tl.sum(acc_up, 1)
-        if HAS_BIAS:
-            up += tl.load(bias + N + n, mask=n_ok, other=0.0).to(tl.float32)
-        gate = out.to(tl.float32)
-        out = (gate / (1.0 + tl.exp(-gate)) * up.to(dtype).to(tl.float32)).to(dtype)
-    if ADD_NORM:  # y holds y + residual (the new residual stream), not the product itself
-        out = (out.to(tl.float32) + tl.load(res + n, mask=n_ok, other=0.0).to(tl.float32)).to(dtype)
-    tl.store(y + n, out, mask=n_ok)
-    if ADD_NORM:
-        # the same release/acquire as the split-K arrival, over the row blocks that stored their sums
-        tl.debug_barrier()
-        if tl.atomic_add(norm_counter, 1, sem="acq_rel") == tl.num_programs(0) - 1:  # (no second early return)
-            cols = tl.arange(0, BLOCK_ROW)
-            cols_ok = cols < N
-            v = tl.load(y + cols, mask=cols_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
-            rstd = 1.0 / tl.sqrt(tl.sum(v * v, 0) / N + eps)
-            normed = (v * rstd).to(dtype).to(tl.float32)
-            scale = tl.load(norm_w + cols, mask=cols_ok, other=0.0).to(tl.float32)
-            tl.store(norm_out + cols, (normed * scale).to(dtype), mask=cols_ok)
-            tl.store(norm_counter, 0)  # ready for the next launch
+    store_rows(y, out, tl.sum(acc_up, 1), n, n_ok, N, bias, res, norm_w, norm_out, norm_counter, eps,
+               HAS_BIAS, SILU_MUL, ADD_NORM, BLOCK_ROW)
 
 
 def _check(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool) -> None:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepfleet import quant
+from deepfleet.quant.linear import Fp8Linear
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +74,11 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def project_add_norm(proj: nn.Module, x: torch.Tensor, residual: torch.Tensor,
                      norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """(norm(proj(x) + residual), proj(x) + residual): for one row where choose_gemv set `proj.gemv_norm_tiles`,
-    one GEMV launch with the add and the norm in its epilogue (kernels/gemv.py gemv_add_norm); else the projection,
-    then the norm with its residual add."""
-    tiles = getattr(proj, "gemv_norm_tiles", None)  # (a LoRA or FP8 wrapper has none)
+    one GEMV launch with the add and the norm in its epilogue (`proj.gemv_add_norm`: kernels/gemv.py's or, for an
+    Fp8Linear, kernels/fp8_gemm.py's); else the projection, then the norm with its residual add."""
+    tiles = getattr(proj, "gemv_norm_tiles", None)  # (a LoRA wrapper has none)
     if tiles is not None and _one_row(x):
-        return _gemv_kernel().gemv_add_norm(x, proj.weight, proj.bias, residual, norm.weight, norm.eps, tiles)
+        return proj.gemv_add_norm(x, residual, norm, tiles)
     return norm(proj(x), residual)
 
 
@@ -126,6 +127,18 @@ class Linear(nn.Module):
     # batch-1 GEMV tiles with the following residual add + RMSNorm in its epilogue (project_add_norm), or None:
     # set by choose_gemv on O and down projections
     gemv_norm_tiles: tuple[int, int, int, int] | None = None
+
+    def gemv_candidates(self) -> list[tuple[int, int, int, int]]:
+        return _gemv_kernel().CANDIDATE_TILES
+
+    def gemv(self, x: torch.Tensor, tiles: tuple[int, int, int, int], silu_mul: bool = False) -> torch.Tensor:
+        """One row x [1, K]: the Triton GEMV at `tiles`; `silu_mul` (a fused [gate; up] layer): silu(gate)·up."""
+        return _gemv_kernel().gemv(x, self.weight, self.bias, silu_mul=silu_mul, tiles=tiles)
+
+    def gemv_add_norm(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm,
+                      tiles: tuple[int, int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One row: (norm(self(x) + residual), self(x) + residual) in one GEMV launch at `tiles`."""
+        return _gemv_kernel().gemv_add_norm(x, self.weight, self.bias, residual, norm.weight, norm.eps, tiles)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return matmul(x, self.weight, self.bias, self.gemv_tiles)
@@ -218,7 +231,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 class GatedMLP(nn.Module):
     """down(silu(gate(x)) * up(x)) with gate and up fused into one matrix."""
 
-    # batch-1 GEMV tiles of gate_up with SiLU·mul in its epilogue, or None: set by choose_gemv
+    # batch-1 GEMV tiles of gate_up (a Linear or an Fp8Linear) with SiLU·mul in its epilogue, or None: set by
+    # choose_gemv
     gemv_silu_tiles: tuple[int, int, int, int] | None = None
 
     def __init__(self, hidden: int, inner: int, bias: bool = False, reduce: bool = True):
@@ -228,10 +242,9 @@ class GatedMLP(nn.Module):
 
     def activate(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate(x)) * up(x): the down projection's input."""
-        gate_up = self.gate_up_proj
-        if self.gemv_silu_tiles is not None and _one_row(x):  # (set only where gate_up is a plain Linear)
-            return _gemv_kernel().gemv(x, gate_up.weight, gate_up.bias, silu_mul=True, tiles=self.gemv_silu_tiles)
-        return silu_and_mul(gate_up(x))
+        if self.gemv_silu_tiles is not None and _one_row(x):
+            return self.gate_up_proj.gemv(x, self.gemv_silu_tiles, silu_mul=True)
+        return silu_and_mul(self.gate_up_proj(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.activate(x))
@@ -254,47 +267,50 @@ def _graph_ms(fn, replays: int = 10) -> float:
     return start.elapsed_time(end) / replays
 
 
+def _gemv_layers() -> tuple[type, ...]:
+    """The layers with a batch-1 GEMV of their own (`gemv_candidates`, `gemv`, `gemv_add_norm`): Linear (and its
+    column/row-parallel forms) and Fp8Linear (the same)."""
+    return Linear, Fp8Linear
+
+
 @torch.inference_mode()
 def choose_gemv(model: nn.Module, device: torch.device, dtype: torch.dtype) -> dict:
     """For each projection shape of `model`, and the gate_up + SiLU·mul pair of its gated MLPs, time batch-1
-    products through cuBLAS (+ the activation) and through the Triton GEMV at each of its candidate tiles
-    (kernels/gemv.py CANDIDATE_TILES) over all the model's weights of that shape, each way in one CUDA graph (weights
-    streamed from memory as in a decode step, not from L2), and set the fastest on the model's layers
-    (`Linear.gemv_tiles`, `GatedMLP.gemv_silu_tiles`; None = cuBLAS). Then the projections followed by a residual
-    RMSNorm (O, and down before the next layer's norm: the backbone's `add_norm_pairs`): that pair as chosen so far
-    (two launches) against the GEMV with the add + norm in its epilogue (`Linear.gemv_norm_tiles`), logged.
-    Returns {(N, K, silu_mul): (cuBLAS ms, GEMV ms, tiles)} of the fastest tiles, for the log."""
-    from deepfleet.distributed.layers import RowParallelLinear
-
-    gemv = _gemv_kernel()
-    sites: dict[tuple[int, int, bool], list[nn.Module]] = {}
+    products the layer's default way (cuBLAS for a Linear, the measured table's kernel for an Fp8Linear; + the
+    activation) and through the layer's one-row GEMV at each of its candidate tiles (kernels/gemv.py
+    CANDIDATE_TILES, kernels/fp8_gemm.py GEMV_CANDIDATES) over all the model's weights of that shape, each way in one
+    CUDA graph (weights streamed from memory as in a decode step, not from L2), and set the fastest on the model's
+    layers (`gemv_tiles`, `GatedMLP.gemv_silu_tiles`; None = the default way). Then the projections followed by a
+    residual RMSNorm (O, and down before the next layer's norm: the backbone's `add_norm_pairs`): that pair as chosen
+    so far (two launches) against the GEMV with the add + norm in its epilogue (`gemv_norm_tiles`), logged.
+    Returns {(N, K, silu_mul): (default ms, GEMV ms, tiles)} of the fastest tiles, for the log."""
+    sites: dict[tuple[type, int, int, bool], list[nn.Module]] = {}
     for module in model.modules():
-        if isinstance(module, GatedMLP) and isinstance(module.gate_up_proj, Linear):  # (not a LoRA or FP8 layer)
-            sites.setdefault((*module.gate_up_proj.weight.shape, True), []).append(module)
-        if isinstance(module, Linear):
-            sites.setdefault((*module.weight.shape, False), []).append(module)
+        if isinstance(module, GatedMLP) and isinstance(module.gate_up_proj, _gemv_layers()):  # (not a LoRA layer)
+            gate_up = module.gate_up_proj
+            sites.setdefault((type(gate_up), *gate_up.weight.shape, True), []).append(module)
+        if isinstance(module, _gemv_layers()):
+            sites.setdefault((type(module), *module.weight.shape, False), []).append(module)
     timings = {}
-    for (n, k, silu), modules in sites.items():
+    for (_, n, k, silu), modules in sites.items():
         x = torch.randn(1, k, device=device, dtype=dtype)
         linears = [m.gate_up_proj if silu else m for m in modules]
-        # (a row-parallel layer adds its bias after the reduce)
-        weights = [(lin.weight, None if isinstance(lin, RowParallelLinear) else lin.bias) for lin in linears]
 
-        def cublas(x=x, weights=weights, silu=silu):
-            for w, b in weights:
-                y = F.linear(x, w, b)
+        def default(x=x, linears=linears, silu=silu):
+            for lin in linears:  # (before any choice: cuBLAS or the table's kernel)
+                y = lin(x)
                 if silu:
                     silu_and_mul(y)
 
-        def triton(tiles, x=x, weights=weights, silu=silu):
-            for w, b in weights:
-                gemv.gemv(x, w, b, silu_mul=silu, tiles=tiles)
+        def triton(tiles, x=x, linears=linears, silu=silu):
+            for lin in linears:
+                lin.gemv(x, tiles, silu_mul=silu)
 
-        cublas_ms = _graph_ms(cublas)
-        candidates = [t for t in gemv.CANDIDATE_TILES if not (silu and t[3] > 1)]
+        default_ms = _graph_ms(default)
+        candidates = [t for t in linears[0].gemv_candidates() if not (silu and t[3] > 1)]
         gemv_ms, tiles = min((_graph_ms(lambda t=t: triton(t)), t) for t in candidates)
-        timings[(n, k, silu)] = (cublas_ms, gemv_ms, tiles)
-        chosen = tiles if gemv_ms < cublas_ms else None
+        timings[(n, k, silu)] = (default_ms, gemv_ms, tiles)
+        chosen = tiles if gemv_ms < default_ms else None
         for m in modules:
             if silu:
                 m.gemv_silu_tiles = chosen
@@ -306,32 +322,32 @@ def choose_gemv(model: nn.Module, device: torch.device, dtype: torch.dtype) -> d
 
 def _choose_gemv_add_norm(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     from deepfleet.distributed import parallel_state
-    from deepfleet.distributed.layers import RowParallelLinear
+    from deepfleet.distributed.layers import Fp8RowParallelLinear, RowParallelLinear
 
-    norm_sites: dict[tuple[int, int], list[tuple[Linear, RMSNorm]]] = {}
+    norm_sites: dict[tuple[type, int, int], list[tuple[nn.Module, RMSNorm]]] = {}
     for module in model.modules():
         for proj, norm in module.add_norm_pairs() if hasattr(module, "add_norm_pairs") else []:
             # a row-parallel projection is the plain product only on one rank (no all-reduce) without a bias
             # (added to the rounded product, one more rounding than the GEMV's)
-            if not isinstance(proj, Linear) or (isinstance(proj, RowParallelLinear) and (
-                    parallel_state.group().size > 1 or proj.bias is not None or not proj.reduce)):
+            if not isinstance(proj, _gemv_layers()) or (
+                    isinstance(proj, RowParallelLinear | Fp8RowParallelLinear) and (
+                        parallel_state.group().size > 1 or proj.bias is not None or not proj.reduce)):
                 continue
-            norm_sites.setdefault(tuple(proj.weight.shape), []).append((proj, norm))
-    gemv = _gemv_kernel()
-    for (n, k), pairs in norm_sites.items():
+            norm_sites.setdefault((type(proj), *proj.weight.shape), []).append((proj, norm))
+    for (_, n, k), pairs in norm_sites.items():
         x = torch.randn(1, k, device=device, dtype=dtype)
         residual = torch.randn(1, n, device=device, dtype=dtype)
 
         def unfused(x=x, residual=residual, pairs=pairs):
-            for proj, norm in pairs:  # (the projection as chosen above: cuBLAS or the plain GEMV)
-                norm(matmul(x, proj.weight, proj.bias, proj.gemv_tiles), residual)
+            for proj, norm in pairs:  # (the projection as chosen above: the default way or the plain GEMV)
+                norm(proj(x), residual)
 
         def fused(tiles, x=x, residual=residual, pairs=pairs):
             for proj, norm in pairs:
-                gemv.gemv_add_norm(x, proj.weight, proj.bias, residual, norm.weight, norm.eps, tiles)
+                proj.gemv_add_norm(x, residual, norm, tiles)
 
         unfused_ms = _graph_ms(unfused)
-        fused_ms, tiles = min((_graph_ms(lambda t=t: fused(t)), t) for t in gemv.CANDIDATE_TILES)
+        fused_ms, tiles = min((_graph_ms(lambda t=t: fused(t)), t) for t in pairs[0][0].gemv_candidates())
         chosen = tiles if fused_ms < unfused_ms else None
         if chosen and not add_norm_agrees(*pairs[0], x, residual, chosen):
             log.error("batch-1 %dx%d: the GEMV with the add + norm in its epilogue at %s disagrees with the projection "
@@ -344,13 +360,13 @@ def _choose_gemv_add_norm(model: nn.Module, device: torch.device, dtype: torch.d
                  "fused" if chosen else "unfused")
 
 
-def add_norm_agrees(proj: Linear, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor,
+def add_norm_agrees(proj: nn.Module, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor,
                     tiles: tuple[int, int, int, int]) -> bool:
     """Whether the fused GEMV + add + norm at `tiles` gives what the projection then the norm give, on one input:
     checked once before start-up trusts it, since its last-arriving-block reduction depends on the device's memory
     ordering (a wrong sum is far beyond bf16 rounding, which the tolerance allows)."""
-    want = norm(matmul(x, proj.weight, proj.bias, proj.gemv_tiles), residual.clone())
-    got = _gemv_kernel().gemv_add_norm(x, proj.weight, proj.bias, residual.clone(), norm.weight, norm.eps, tiles)
+    want = norm(proj(x), residual.clone())
+    got = proj.gemv_add_norm(x, residual.clone(), norm, tiles)
     return all(torch.allclose(g.float(), w.float(), rtol=2e-2, atol=2e-2) for g, w in zip(got, want, strict=True))
 
 

@@ -13,12 +13,15 @@ from deepfleet.quant.spec import QuantSpec
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
-               bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] (compute dtype) · dequantized(weight)ᵀ (+ bias)."""
+               bias: torch.Tensor | None = None, gemv_tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """x [..., K] (compute dtype) · dequantized(weight)ᵀ (+ bias); one row with `gemv_tiles`: the one-row GEMV at
+    those tiles, else the measured table's choice."""
     if x.is_cuda:
-        from deepfleet.kernels.fp8_gemm import fp8_matmul
+        from deepfleet.kernels import fp8_gemm
 
-        out = fp8_matmul(x.reshape(-1, x.shape[-1]), weight, scale, block, bias)
+        rows = x.reshape(-1, x.shape[-1])
+        config = fp8_gemm.gemv_config(gemv_tiles) if gemv_tiles is not None and rows.shape[0] == 1 else None
+        out = fp8_gemm.fp8_matmul(rows, weight, scale, block, bias, config=config)
         return out.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, fp8.dequantize(weight, scale, block, x.dtype), bias)
 
@@ -80,5 +83,33 @@ class Fp8Linear(nn.Module):
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         return fp8.dequantize(self.weight, self.weight_scale_inv, self.block, dtype)
 
+    # batch-1 tiles (kernels/fp8_gemm.py GEMV_CANDIDATES) of the one-row GEMV for this layer, alone and with the
+    # following residual add + RMSNorm, or None (the measured table's choice; the two launches): set per model by
+    # models/layers.py choose_gemv, as for layers.Linear
+    gemv_tiles: tuple[int, int, int, int] | None = None
+    gemv_norm_tiles: tuple[int, int, int, int] | None = None
+
+    def gemv_candidates(self) -> list[tuple[int, int, int, int]]:
+        from deepfleet.kernels import fp8_gemm
+
+        return [t for t in fp8_gemm.GEMV_CANDIDATES if self.block[0] % t[0] == 0]  # (rows within one scale block)
+
+    def gemv(self, x: torch.Tensor, tiles: tuple[int, int, int, int], silu_mul: bool = False) -> torch.Tensor:
+        """One row x [1, K]: the one-row GEMV at `tiles`; `silu_mul` (a fused [gate; up] layer): silu(gate)·up."""
+        from deepfleet.kernels import fp8_gemm
+
+        if silu_mul:
+            return fp8_gemm.gemv_silu_mul(x, self.weight, self.weight_scale_inv, self.block, self.bias,
+                                          fp8_gemm.gemv_config(tiles))
+        return fp8_linear(x, self.weight, self.weight_scale_inv, self.block, self.bias, tiles)
+
+    def gemv_add_norm(self, x: torch.Tensor, residual: torch.Tensor, norm: nn.Module,
+                      tiles: tuple[int, int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One row: (norm(self(x) + residual), self(x) + residual) in one launch of the one-row GEMV at `tiles`."""
+        from deepfleet.kernels import fp8_gemm
+
+        return fp8_gemm.gemv_add_norm(x, self.weight, self.weight_scale_inv, self.block, self.bias, residual,
+                                      norm.weight, norm.eps, fp8_gemm.gemv_config(tiles))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.weight_scale_inv, self.block, self.bias)
+        return fp8_linear(x, self.weight, self.weight_scale_inv, self.block, self.bias, self.gemv_tiles)

@@ -91,3 +91,44 @@ def test_batch1_triton_gemv_matches_cpu(tiny_models, recording_sampler, monkeypa
     assert len(set(fused_calls)) == 2 and len(fused_calls) >= 4, fused_calls
     assert gpu_tokens == cpu_tokens
     assert (cpu_logits[0] - gpu_logits[0]).abs().max() <= 1e-4 * cpu_logits[0].abs().max()
+
+
+def test_batch1_fp8_gemv_matches_cpu(tmp_path, recording_sampler, monkeypatch):
+    """A tiny Qwen2 quantized on load (engine.quantization = fp8), one request, every FP8 projection forced onto
+    kernels/fp8_gemm.py's one-row GEMV (split K where K has two steps), gate_up onto it with SiLU·mul in its
+    epilogue, the O and down projections with the residual add + RMSNorm (split and unsplit on alternate layers),
+    whatever the start-up timing chose: the CPU reference's greedy tokens (its dequantized float32 products), logits
+    within the tf32 rounding of the GPU prefill (the FP8 streaming kernel's float32 dot) and far inside what a wrong
+    block scale, a lost split or residual would give."""
+    from deepfleet.engine import model_runner
+    from deepfleet.kernels import fp8_gemm
+    from deepfleet.models.tiny import make_tiny_model
+    from deepfleet.quant.linear import Fp8Linear
+
+    choose = model_runner.choose_gemv
+    split, unsplit = (16, 256, 4, 2), fp8_gemm.GEMV_CANDIDATES[0]  # (K 256 and 512: down's K split in two)
+    forced = []
+
+    def all_gemv(model, device, dtype):
+        timings = choose(model, device, dtype)
+        for m in model.modules():
+            if isinstance(m, Fp8Linear):
+                m.gemv_tiles = split
+                forced.append(m)
+        for i, layer in enumerate(model.model.layers):
+            layer.mlp.gemv_silu_tiles = unsplit
+            for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                proj.gemv_norm_tiles = split if i % 2 else unsplit
+        return timings
+
+    monkeypatch.setattr(model_runner, "choose_gemv", all_gemv)
+    model_dir = make_tiny_model(tmp_path / "q", "qwen2", hidden_size=256, intermediate_size=512,
+                                num_attention_heads=4, num_key_value_heads=2)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 530, (24,), generator=g).tolist()]
+    cpu_tokens, cpu_logits, _ = _run(model_dir, "cpu", recording_sampler, prompts, quantization="fp8")
+    gpu_tokens, gpu_logits, engine = _run(model_dir, "cuda", recording_sampler, prompts, max_num_seqs=4,
+                                          quantization="fp8")
+    assert forced and engine.runner.graphs
+    assert gpu_tokens == cpu_tokens
+    assert (cpu_logits[0] - gpu_logits[0]).abs().max() <= 2e-2 * cpu_logits[0].abs().max()

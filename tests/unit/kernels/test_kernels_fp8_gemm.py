@@ -54,7 +54,7 @@ GEMV = dict(kernel="gemv", num_warps=4)
 ])
 def test_one_row_gemv_matches_reference_and_resets_its_counters(n, k, cfg):
     w, s = _weights(n, k)
-    s = s * torch.rand(s.shape, generator=torch.Generator().manual_seed(3)) * 4  # distinct scale per block
+    s = _distinct_scales(s)  # distinct scale per block
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(1))
     bias = torch.randn(n, generator=torch.Generator().manual_seed(2))
     want = x @ dequantize(w, s, BLOCK).T + bias
@@ -66,6 +66,56 @@ def test_one_row_gemv_takes_one_row_only():
     w, s = _weights(64, 256)
     with pytest.raises(ValueError, match="cannot run 2 rows"):
         fp8_gemm.fp8_matmul(torch.randn(2, 256), w, s, BLOCK, config={**GEMV, "BN": 4, "BK": 256})
+
+
+def _distinct_scales(s, seed=3):
+    return s * torch.rand(s.shape, generator=torch.Generator().manual_seed(seed)) * 4
+
+
+@pytest.mark.parametrize("tiles", [(4, 128, 4, 1), (8, 256, 4, 1)])  # one scale per K step; one per column
+def test_one_row_gemv_with_silu_mul_matches_reference(tiles):
+    """gate = rows [0, 128), up = rows [128, 256): each half has its own row of block scales (distinct per block),
+    K = 600 ends in a partial step; silu(gate)·up of the dequantized products, bias on both halves."""
+    w, s = _weights(256, 600)
+    s = _distinct_scales(s)
+    x = torch.randn(1, 600, generator=torch.Generator().manual_seed(1))
+    bias = torch.randn(256, generator=torch.Generator().manual_seed(2))
+    gate_up = x @ dequantize(w, s, BLOCK).T + bias
+    want = torch.nn.functional.silu(gate_up[:, :128]) * gate_up[:, 128:]
+    got = fp8_gemm.gemv_silu_mul(x, w, s, BLOCK, bias, fp8_gemm.gemv_config(tiles))
+    assert got.shape == (1, 128) and _rel_err(got, want) < 1e-5
+
+
+def test_one_row_gemv_with_silu_mul_refuses_split_k():
+    w, s = _weights(256, 512)
+    with pytest.raises(ValueError, match="one K split"):
+        fp8_gemm.gemv_silu_mul(torch.randn(1, 512), w, s, BLOCK, None, fp8_gemm.gemv_config((4, 128, 4, 2)))
+
+
+@pytest.mark.parametrize("tiles", [(8, 128, 4, 3), (4, 256, 4, 1)])
+def test_one_row_gemv_with_add_norm_matches_reference_and_resets_its_counters(tiles):
+    """(rmsnorm(x·Wᵀ + b + residual)·weight, x·Wᵀ + b + residual) over N = 136 (a partial row block), split K and
+    not; a second launch finds the split and norm counters zeroed by the first."""
+    n, k, eps = 136, 600, 1e-6
+    w, s = _weights(n, k)
+    s = _distinct_scales(s)
+    g = torch.Generator().manual_seed(5)
+    x, residual, bias = torch.randn(1, k, generator=g), torch.randn(1, n, generator=g), torch.randn(n, generator=g)
+    norm_weight = 1 + torch.rand(n, generator=g)
+    summed = x @ dequantize(w, s, BLOCK).T + bias + residual
+    normed = summed * torch.rsqrt(summed.pow(2).mean(-1, keepdim=True) + eps) * norm_weight
+    for _ in range(2):
+        got_normed, got_summed = fp8_gemm.gemv_add_norm(x, w, s, BLOCK, bias, residual, norm_weight, eps,
+                                                        fp8_gemm.gemv_config(tiles))
+        assert _rel_err(got_summed, summed) < 1e-5 and _rel_err(got_normed, normed) < 1e-5
+
+
+def test_every_one_row_candidate_runs_and_matches_reference():
+    w, s = _weights(136, 384, seed=9)
+    x = torch.randn(1, 384, generator=torch.Generator().manual_seed(10))
+    want = x @ dequantize(w, s, BLOCK).T
+    for tiles in fp8_gemm.GEMV_CANDIDATES:
+        assert _rel_err(fp8_gemm.fp8_matmul(x, w, s, BLOCK, config=fp8_gemm.gemv_config(tiles)), want) < 1e-5, tiles
 
 
 @pytest.mark.parametrize("rows_major", [False, True])
