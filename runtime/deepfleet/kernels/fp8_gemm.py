@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deepfleet.kernels import workspace
+from deepfleet.kernels import pdl, workspace
 from deepfleet.kernels.gemv import store_rows
 
 FP8 = torch.float8_e4m3fn
@@ -198,8 +198,8 @@ def _block_scales(scale_row, k, t, K: tl.constexpr, BK: tl.constexpr, BLOCK_WK: 
 def _gemv_kernel(y_ptr, x_ptr, w_ptr, ws_ptr, bias_ptr, partial_ptr, counter_ptr, res_ptr, norm_w_ptr, norm_out_ptr,
                  norm_counter_ptr, eps, N, K: tl.constexpr, TILES_PER_SPLIT: tl.constexpr, stride_wn, stride_wsn,
                  HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_WN: tl.constexpr, BLOCK_WK: tl.constexpr,
-                 BN: tl.constexpr, BK: tl.constexpr, SILU_MUL: tl.constexpr,
-                 ADD_NORM: tl.constexpr, BLOCK_ROW: tl.constexpr):
+                 BN: tl.constexpr, BK: tl.constexpr, SILU_MUL: tl.constexpr, ADD_NORM: tl.constexpr,
+                 BLOCK_ROW: tl.constexpr, PDL: tl.constexpr):
     # BN divides the scale block's rows, so all BN rows share one row of block scales: the scale goes onto x
     # (one [BK] vector per step) instead of onto each weight element
     block, split = tl.program_id(0), tl.program_id(1)
@@ -211,9 +211,25 @@ def _gemv_kernel(y_ptr, x_ptr, w_ptr, ws_ptr, bias_ptr, partial_ptr, counter_ptr
     # SILU_MUL: the up rows follow the gate rows, N a multiple of the scale block (their own row of scales)
     rows_up = rows_w + N.to(tl.int64) * stride_wn
     scale_row_up = ws_ptr + ((N + block * BN) // BLOCK_WN) * stride_wsn
-    acc = tl.zeros([BN, BK], tl.float32)
+    # The split's first K tile of the weight (and its scales: no kernel writes either) is loaded before waiting for
+    # the previous kernel (kernels/pdl.py), so its HBM latency overlaps that kernel's tail; x, the partials, the
+    # counters and the residual only after the wait.
+    t = split * TILES_PER_SPLIT
+    k = t * BK + tl.arange(0, BK)
+    k_ok = k < K
+    acc = tl.load(rows_w + k[None, :], mask=k_ok[None, :], other=0.0).to(tl.float32)
+    scale = _block_scales(scale_row, k, t, K, BK, BLOCK_WK)
     acc_up = tl.zeros([BN, BK], tl.float32)
-    for i in range(0, TILES_PER_SPLIT):
+    scale_up = scale
+    if SILU_MUL:
+        acc_up = tl.load(rows_up + k[None, :], mask=k_ok[None, :], other=0.0).to(tl.float32)
+        scale_up = _block_scales(scale_row_up, k, t, K, BK, BLOCK_WK)
+    pdl.enter(PDL)
+    xv = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+    acc *= (xv * scale)[None, :]
+    if SILU_MUL:
+        acc_up *= (xv * scale_up)[None, :]
+    for i in range(1, TILES_PER_SPLIT):
         t = split * TILES_PER_SPLIT + i
         k = t * BK + tl.arange(0, BK)
         k_ok = k < K
@@ -394,7 +410,8 @@ def _launch_gemv(y, x, weight, scale, block, bias, cfg, silu_mul=False, norm=Non
         y, x, weight, scale, y if bias is None else bias, partial, counter, res, norm_w, norm_out, norm_counter, eps,
         n, k, per_split, weight.stride(0), scale.stride(0), HAS_BIAS=bias is not None, SPLIT=split,
         BLOCK_WN=block[0], BLOCK_WK=block[1], BN=bn, BK=bk, SILU_MUL=silu_mul,
-        ADD_NORM=norm is not None, BLOCK_ROW=triton.next_power_of_2(n) if norm else 1, num_warps=cfg["num_warps"])
+        ADD_NORM=norm is not None, BLOCK_ROW=triton.next_power_of_2(n) if norm else 1, PDL=(on := pdl.enabled(x)),
+        num_warps=cfg["num_warps"], **pdl.launch_options(on))
 
 
 def _gemv(x, weight, scale, block, bias, cfg):
