@@ -46,10 +46,9 @@ FP8_MAX = 448.0
 STREAMING_MAX_ROWS = 64  # the fused MoE's own choice between weight streaming and FP8 activations
 CONFIG_DIR = Path(__file__).with_name("fp8_configs")
 # one-row GEMV tiles (BN, BK, num_warps, SPLIT) that start-up timing tries on each batch-1 projection
-# (models/layers.py choose_gemv), each a compilation per K: the table's picks for the 7B qkv, o and down
-# (bench/RESULTS.md); 16 x 256, whose loop compiles to the fewest instructions per weight for SM90 (4.0, 8 x 512's
-# 4.4); 32 x 128, one scalar block scale per K step
-GEMV_CANDIDATES = [(8, 512, 4, 1), (4, 512, 4, 1), (8, 512, 4, 2), (16, 256, 4, 1), (32, 128, 4, 1)]
+# (models/layers.py choose_gemv), each a compilation per K: the fastest for some 7B projection on the H200
+# (bench/RESULTS.md, 2026-12-02 fp8b: qkv and o, down, the SiLU·mul epilogue on gate_up)
+GEMV_CANDIDATES = [(4, 512, 4, 1), (8, 512, 4, 2), (16, 256, 4, 1)]
 
 
 @triton.jit
@@ -183,18 +182,6 @@ def _w8a8_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, out_ptr, bias_ptr, M, N, K: tl.co
 
 
 @triton.jit
-def _block_scales(scale_row, k, t, K: tl.constexpr, BK: tl.constexpr, BLOCK_WK: tl.constexpr):
-    """The weight's block scale for each column k of K step t (of BK columns) in one row of scales: where the step
-    lies inside one scale block (BK <= BLOCK_WK), one scalar load for the whole step; else one per column (a
-    gather whose address arithmetic is most of the loop's integer work on the H200)."""
-    if BK <= BLOCK_WK:
-        scale = tl.load(scale_row + (t * BK) // BLOCK_WK, mask=t * BK < K, other=0.0)
-    else:
-        scale = tl.load(scale_row + k // BLOCK_WK, mask=k < K, other=0.0)
-    return scale
-
-
-@triton.jit
 def _gemv_kernel(y_ptr, x_ptr, w_ptr, ws_ptr, bias_ptr, partial_ptr, counter_ptr, res_ptr, norm_w_ptr, norm_out_ptr,
                  norm_counter_ptr, eps, N, K: tl.constexpr, TILES_PER_SPLIT: tl.constexpr, stride_wn, stride_wsn,
                  HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_WN: tl.constexpr, BLOCK_WK: tl.constexpr,
@@ -218,12 +205,12 @@ def _gemv_kernel(y_ptr, x_ptr, w_ptr, ws_ptr, bias_ptr, partial_ptr, counter_ptr
     k = t * BK + tl.arange(0, BK)
     k_ok = k < K
     acc = tl.load(rows_w + k[None, :], mask=k_ok[None, :], other=0.0).to(tl.float32)
-    scale = _block_scales(scale_row, k, t, K, BK, BLOCK_WK)
+    scale = tl.load(scale_row + k // BLOCK_WK, mask=k_ok, other=0.0)
     acc_up = tl.zeros([BN, BK], tl.float32)
     scale_up = scale
     if SILU_MUL:
         acc_up = tl.load(rows_up + k[None, :], mask=k_ok[None, :], other=0.0).to(tl.float32)
-        scale_up = _block_scales(scale_row_up, k, t, K, BK, BLOCK_WK)
+        scale_up = tl.load(scale_row_up + k // BLOCK_WK, mask=k_ok, other=0.0)
     pdl.enter(PDL)
     xv = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
     acc *= (xv * scale)[None, :]
@@ -234,10 +221,10 @@ def _gemv_kernel(y_ptr, x_ptr, w_ptr, ws_ptr, bias_ptr, partial_ptr, counter_ptr
         k = t * BK + tl.arange(0, BK)
         k_ok = k < K
         xv = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-        xs = xv * _block_scales(scale_row, k, t, K, BK, BLOCK_WK)
+        xs = xv * tl.load(scale_row + k // BLOCK_WK, mask=k_ok, other=0.0)
         acc += tl.load(rows_w + k[None, :], mask=k_ok[None, :], other=0.0).to(tl.float32) * xs[None, :]
         if SILU_MUL:
-            xs_up = xv * _block_scales(scale_row_up, k, t, K, BK, BLOCK_WK)
+            xs_up = xv * tl.load(scale_row_up + k // BLOCK_WK, mask=k_ok, other=0.0)
             acc_up += tl.load(rows_up + k[None, :], mask=k_ok[None, :], other=0.0).to(tl.float32) * xs_up[None, :]
     out = tl.sum(acc, 1)
     if SPLIT > 1:

@@ -97,7 +97,7 @@ def test_batch1_fp8_gemv_matches_cpu(tmp_path, recording_sampler, monkeypatch):
     """A tiny Qwen2 quantized on load (engine.quantization = fp8), one request, every FP8 projection forced onto
     kernels/fp8_gemm.py's one-row GEMV (split K where K has two steps), gate_up onto it with SiLU·mul in its
     epilogue, the O and down projections with the residual add + RMSNorm (split and unsplit on alternate layers),
-    whatever the start-up timing chose: the CPU reference's greedy tokens (its dequantized float32 products), logits
+    in place of the start-up timing: the CPU reference's greedy tokens (its dequantized float32 products), logits
     within the tf32 rounding of the GPU prefill (the FP8 streaming kernel's float32 dot) and far inside what a wrong
     block scale, a lost split or residual would give."""
     from deepfleet.engine import model_runner
@@ -105,12 +105,10 @@ def test_batch1_fp8_gemv_matches_cpu(tmp_path, recording_sampler, monkeypatch):
     from deepfleet.models.tiny import make_tiny_model
     from deepfleet.quant.linear import Fp8Linear
 
-    choose = model_runner.choose_gemv
     split, unsplit = (16, 256, 4, 2), fp8_gemm.GEMV_CANDIDATES[0]  # (K 256 and 512: down's K split in two)
     forced = []
 
-    def all_gemv(model, device, dtype):
-        timings = choose(model, device, dtype)
+    def all_gemv(model, device, dtype):  # (no timing: its candidate compilations would take most of a minute)
         for m in model.modules():
             if isinstance(m, Fp8Linear):
                 m.gemv_tiles = split
@@ -119,7 +117,7 @@ def test_batch1_fp8_gemv_matches_cpu(tmp_path, recording_sampler, monkeypatch):
             layer.mlp.gemv_silu_tiles = unsplit
             for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
                 proj.gemv_norm_tiles = split if i % 2 else unsplit
-        return timings
+        return {}
 
     monkeypatch.setattr(model_runner, "choose_gemv", all_gemv)
     model_dir = make_tiny_model(tmp_path / "q", "qwen2", hidden_size=256, intermediate_size=512,

@@ -72,7 +72,7 @@ def _distinct_scales(s, seed=3):
     return s * torch.rand(s.shape, generator=torch.Generator().manual_seed(seed)) * 4
 
 
-@pytest.mark.parametrize("tiles", [(4, 128, 4, 1), (8, 256, 4, 1)])  # one scale per K step; one per column
+@pytest.mark.parametrize("tiles", [(4, 128, 4, 1), (8, 256, 4, 1)])  # K steps inside one scale block; over two
 def test_one_row_gemv_with_silu_mul_matches_reference(tiles):
     """gate = rows [0, 128), up = rows [128, 256): each half has its own row of block scales (distinct per block),
     K = 600 ends in a partial step; silu(gate)·up of the dequantized products, bias on both halves."""
