@@ -32,7 +32,7 @@ class LLM:
         ids = [f"offline-{next(self._ids)}" for _ in prompts]
         try:
             for rid, prompt, p in zip(ids, prompts, params_list, strict=True):
-                self.engine.add_request(rid, prompt, p)
+                self.engine.add_request(rid, prompt, p, stream=False)  # only the finished outputs are read
         except ValueError:
             for rid in ids:  # all or nothing: drop the prompts already queued
                 self.engine.abort_request(rid)

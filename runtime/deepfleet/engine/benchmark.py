@@ -177,7 +177,8 @@ class Bench:
         e = self.engine
         for prompt, out_len in requests:
             self._n += 1
-            e.add_request(f"b{self._n}", prompt, SamplingParams(temperature=0, ignore_eos=True, max_tokens=out_len))
+            e.add_request(f"b{self._n}", prompt, SamplingParams(temperature=0, ignore_eos=True, max_tokens=out_len),
+                          stream=False)  # as LLM.generate
         schedule, shapes = e.scheduler.schedule, []
         if steps is not None:  # the step's shape, as the scheduler hands it to the engine (nothing else changes)
             def recorded():
@@ -332,7 +333,8 @@ class Bench:
 
             for prompt, out_len in requests:
                 self._n += 1
-                e.add_request(f"h{self._n}", prompt, SamplingParams(temperature=0, ignore_eos=True, max_tokens=out_len))
+                e.add_request(f"h{self._n}", prompt, SamplingParams(temperature=0, ignore_eos=True, max_tokens=out_len),
+                              stream=False)  # offline, as LLM.generate: outputs of finished requests only
             while len(e.scheduler.running) < batch or any(s.num_uncomputed > 1 for s in e.scheduler.running):
                 e.step()  # through the prefills
             for key in list(parts):

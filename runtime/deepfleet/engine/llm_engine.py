@@ -174,8 +174,10 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0,
-                    deadline: float | None = None, lora: str | None = None) -> None:
+                    deadline: float | None = None, lora: str | None = None, stream: bool = True) -> None:
         """`deadline`: a time.monotonic() value; past it the request ends with finish_reason "timeout".
+        `stream`: `step()` reports the request every step it advances; False: only the step it ends in (its text
+        is then decoded once, at the end, unless stop strings need it as it grows).
         `lora`: the name of a loaded LoRA adapter to serve the request with (placed in a slot if it holds none);
         None: the base model. Raises ValueError (invalid here) or SlotsBusy (no adapter slot can be had now)."""
         if request_id in self.requests:
@@ -218,6 +220,9 @@ class LLMEngine:
             seq.sampling.generator = make_generator(params.seed, self.device)
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
         seq.stop_checker = StopChecker(params.stop)
+        seq.stream, seq.text_per_token = stream, stream or bool(seq.stop_checker.stop)
+        seq.end_ids = frozenset(params.stop_token_ids or ()) | (
+            frozenset() if params.ignore_eos else frozenset(self.tokenizer.eos_token_ids))
         seq.sampling.logits_processors.extend(self.logits_processors.for_request(params))
         self.requests[request_id] = seq
         if deadline is not None:
@@ -304,6 +309,9 @@ class LLMEngine:
 
     # ---- stepping -------------------------------------------------------------------------------------------------
     def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
+        if not seq.text_per_token:  # its whole text, once (an end token's own text is not part of it)
+            out = seq.output_token_ids
+            seq.text.append(seq.detokenizer.decode_all(out[:-1] if reason == "stop" else out))
         self.scheduler.remove(seq)
         self.runner.forget(seq.request_id)
         seq.status, seq.finish_reason, seq.stop_reason = Status.FINISHED, reason, stop_reason
@@ -330,7 +338,7 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if self.speculator is not None:
             self.speculator.fit(out)
-            return [self._output(s) for s in (*ended, *(self._speculative_step(out) if out.scheduled else []))]
+            return self._outputs(ended, self._speculative_step(out) if out.scheduled else [])
         launched, advanced = None, []
         if out.scheduled:
             logits = self.runner.execute(out) if prev is None else self.runner.execute(out, prev.result.token_ids)
@@ -351,7 +359,11 @@ class LLMEngine:
                 self._in_flight = launched
             else:
                 advanced += self._resolve(launched)
-        return [self._output(s) for s in (*ended, *advanced)]
+        return self._outputs(ended, advanced)
+
+    def _outputs(self, ended: list[Sequence], advanced: list[Sequence]) -> list[RequestOutput]:
+        """Outputs of the requests that ended, and of those that advanced and are streamed."""
+        return [self._output(s) for s in (*ended, *(s for s in advanced if s.stream or s.is_finished))]
 
     def _sample(self, logits: torch.Tensor, to_sample: list[Sequence]) -> _Launched:
         """Launch the sampler without waiting for the GPU; every sampled sequence gets a placeholder token that
@@ -380,6 +392,7 @@ class LLMEngine:
             kept[id(seq)] = len(tokens) - 1 - drafts  # rejected drafts' positions are not computed
             for tok in tokens:
                 seq.append_token(tok.token_id)
+                self.generation_tokens_total += 1
                 self._append(seq, seq.num_tokens - 1, tok.token_id, tok)
                 if seq.is_finished:
                     break
@@ -405,49 +418,58 @@ class LLMEngine:
 
     def _resolve(self, launched: _Launched) -> list[Sequence]:
         """The step's tokens reach the host (its one device->host transfer); requests that ended meanwhile
-        (stopped by the step before, aborted, timed out) drop theirs."""
+        (stopped by the step before, aborted, timed out) drop theirs. Per token only the lists grow; text, stop
+        and logprob work (`_append`) runs for the rows that need it: text built per token, an end token, the
+        last token by length (flagged when it was sampled), logprobs asked."""
         advanced = []
         token_ids, sampled = launched.result.to_host_ids()
         append = self._append
         for row, ((seq, index), token_id) in enumerate(zip(launched.entries, token_ids, strict=True)):
             if seq.status is Status.FINISHED:
                 continue
-            seq.resolve_token(index, token_id)
+            seq.token_ids[index] = token_id
+            seq.sampling.output_token_ids.append(token_id)
+            if seq.text_per_token or seq.final_pending or token_id in seq.end_ids or sampled is not None:
+                append(seq, index, token_id, sampled[row] if sampled is not None else None)
             seq.final_pending = False
-            append(seq, index, token_id, sampled[row] if sampled is not None else None)
             advanced.append(seq)
+        self.generation_tokens_total += len(advanced)
         return advanced
 
     def _append(self, seq: Sequence, index: int, token_id: int, sampled: SampledToken | None = None) -> None:
-        """Text, logprobs (from `sampled`, when the request asked for them) and stop checks for the token at
-        `index` of token_ids (a later placeholder may follow it already); per-token work is independent of the
-        output length."""
-        self.generation_tokens_total += 1
+        """Logprobs (from `sampled`, when the request asked for them), text (built per token) and stop checks for
+        the token at `index` of token_ids, already appended (a later placeholder may follow it); per-token work
+        is independent of the output length."""
         if seq.logprobs is not None:
             seq.logprobs.append({"token_id": token_id, "logprob": sampled.logprob,
                                  "top_logprobs": sampled.top_logprobs})
         params = seq.params
-        delta = seq.detokenizer.append(token_id)
         generated = len(seq.sampling.output_token_ids)
         finish: tuple[str, int | None] | None = None
-        if params.stop_token_ids and token_id in params.stop_token_ids:
-            finish, delta = ("stop", token_id), ""  # the stop token's own text is not part of the output
-        elif not params.ignore_eos and token_id in self.tokenizer.eos_token_ids:
-            finish, delta = ("stop", None), ""
+        if token_id in seq.end_ids:  # a stop token (its id is the stop reason) or EOS
+            finish = ("stop", token_id if params.stop_token_ids and token_id in params.stop_token_ids else None)
         elif generated >= params.max_tokens or index + 1 >= self.max_model_len:
             finish = ("length", None)
+        if seq.text_per_token and self._append_text(seq, token_id, finish, generated >= params.min_tokens):
+            finish = ("stop", seq.stop_checker.matched)
         if finish is not None:
-            delta += seq.detokenizer.flush()
-        checker = seq.stop_checker
-        if checker.stop:
-            stopped, delta = checker.feed(delta, finished=finish is not None, armed=generated >= params.min_tokens)
-        else:  # (no stop strings: the text passes as it is)
-            stopped = False
-        seq.text.append(delta)
-        if stopped:
-            self._finish(seq, "stop", checker.matched)
-        elif finish is not None:
             self._finish(seq, *finish)
+
+    @staticmethod
+    def _append_text(seq: Sequence, token_id: int, finish: tuple | None, armed: bool) -> bool:
+        """The token's text, stop strings held back or found; True: a stop string ended the text."""
+        if finish is not None and finish[0] == "stop":  # an end token: its own text is not part of the output
+            delta = seq.detokenizer.flush()
+        else:
+            delta = seq.detokenizer.append(token_id)
+            if finish is not None:
+                delta += seq.detokenizer.flush()
+        checker = seq.stop_checker
+        stopped = False
+        if checker.stop:
+            stopped, delta = checker.feed(delta, finished=finish is not None, armed=armed)
+        seq.text.append(delta)
+        return stopped
 
     def _output(self, seq: Sequence) -> RequestOutput:
         """Cumulative output. The token and logprob lists are the request's own (no copy per step, which would

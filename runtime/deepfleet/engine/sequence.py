@@ -46,6 +46,9 @@ class Sequence:
     sampling: SamplingState = field(init=False)
     detokenizer: IncrementalDetokenizer | None = None
     stop_checker: StopChecker | None = None
+    stream: bool = True  # reported every step it advances; False: only once it ends (offline callers)
+    text_per_token: bool = True  # text built as tokens arrive (streamed, or stop strings); else once at the end
+    end_ids: frozenset[int] = frozenset()  # tokens that end it: stop_token_ids, and EOS unless ignore_eos
     pending_row: int = -1  # row of the latest placeholder in its step's sampled-token tensor
     final_pending: bool = False  # its in-flight token is its last (length limit): nothing to schedule until seen
     lora_slot: int | None = None  # the LoRA adapter's slot (deepfleet/lora/); None: the base model

@@ -73,6 +73,20 @@ def test_random_token_sequences_match_full_decode(tokenizer, seed, length, promp
         assert "".join(deltas) + tail == detok.text == tokenizer.decode(output_ids, skip_special_tokens=skip)
 
 
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), length=st.integers(0, 30), prompt=st.text(ALPHABET, max_size=10))
+def test_decoding_a_whole_output_at_once_gives_the_streamed_text(tokenizer, seed, length, prompt):
+    # the engine's path for a request whose text nobody reads before it ends: random ids (broken UTF-8, special
+    # tokens, ids past the vocabulary) after a text prompt
+    rng = random.Random(seed)
+    output_ids = [rng.randrange(tokenizer.vocab_size + 40) for _ in range(length)]
+    for skip in (True, False):
+        detok, deltas = stream(tokenizer, tokenizer.encode(prompt), output_ids, skip_special_tokens=skip)
+        streamed = "".join(deltas) + detok.flush()
+        whole = IncrementalDetokenizer(tokenizer, tokenizer.encode(prompt), skip).decode_all(output_ids)
+        assert whole == streamed
+
+
 def test_streaming_never_calls_a_full_decode(tokenizer):
     # the per-token path is DecodeStream's (constant work per token); Python-side decode runs only in flush
     calls = []
