@@ -221,6 +221,7 @@ class LLMEngine:
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
         seq.stop_checker = StopChecker(params.stop)
         seq.stream, seq.text_per_token = stream, stream or bool(seq.stop_checker.stop)
+        seq.last_index = min(len(ids) + params.max_tokens, self.max_model_len) - 1
         seq.end_ids = frozenset(params.stop_token_ids or ()) | (
             frozenset() if params.ignore_eos else frozenset(self.tokenizer.eos_token_ids))
         seq.sampling.logits_processors.extend(self.logits_processors.for_request(params))
@@ -370,11 +371,11 @@ class LLMEngine:
         the next step reads on the device and `_resolve` later replaces."""
         result = self.sampler.sample(logits, [s.sampling for s in to_sample])
         result.start_copy()
-        entries, max_len = [], self.max_model_len
+        entries = []
         for row, seq in enumerate(to_sample):
-            entries.append((seq, seq.add_placeholder(row)))
-            seq.final_pending = (len(seq.sampling.output_token_ids) + 1 >= seq.params.max_tokens
-                                 or len(seq.token_ids) >= max_len)
+            index = seq.add_placeholder(row)
+            entries.append((seq, index))
+            seq.final_pending = index >= seq.last_index  # (a token still in flight before it counts too)
         return _Launched(entries, result)
 
     def _speculative_step(self, out) -> list[Sequence]:
@@ -420,7 +421,7 @@ class LLMEngine:
         """The step's tokens reach the host (its one device->host transfer); requests that ended meanwhile
         (stopped by the step before, aborted, timed out) drop theirs. Per token only the lists grow; text, stop
         and logprob work (`_append`) runs for the rows that need it: text built per token, an end token, the
-        last token by length (flagged when it was sampled), logprobs asked."""
+        last token by length, logprobs asked."""
         advanced = []
         token_ids, sampled = launched.result.to_host_ids()
         append = self._append
@@ -429,9 +430,8 @@ class LLMEngine:
                 continue
             seq.token_ids[index] = token_id
             seq.sampling.output_token_ids.append(token_id)
-            if seq.text_per_token or seq.final_pending or token_id in seq.end_ids or sampled is not None:
+            if seq.text_per_token or index >= seq.last_index or token_id in seq.end_ids or sampled is not None:
                 append(seq, index, token_id, sampled[row] if sampled is not None else None)
-            seq.final_pending = False
             advanced.append(seq)
         self.generation_tokens_total += len(advanced)
         return advanced
@@ -448,7 +448,7 @@ class LLMEngine:
         finish: tuple[str, int | None] | None = None
         if token_id in seq.end_ids:  # a stop token (its id is the stop reason) or EOS
             finish = ("stop", token_id if params.stop_token_ids and token_id in params.stop_token_ids else None)
-        elif generated >= params.max_tokens or index + 1 >= self.max_model_len:
+        elif index >= seq.last_index:
             finish = ("length", None)
         if seq.text_per_token and self._append_text(seq, token_id, finish, generated >= params.min_tokens):
             finish = ("stop", seq.stop_checker.matched)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from itertools import chain
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ import torch
 from deepfleet import defaults
 from deepfleet.engine import memory
 from deepfleet.engine.errors import StartupError
-from deepfleet.engine.input_buffers import InputBuffers, TableCache
+from deepfleet.engine.input_buffers import InputBuffers, TableRows
 from deepfleet.engine.sampler import to_device
 from deepfleet.engine.sampling_params import SamplingParams
 from deepfleet.engine.scheduler import SchedulerOutput
@@ -109,7 +110,7 @@ class ModelRunner:
         self.prefill_buckets: list[int] = []
         self.prefill_graph_seqs = defaults.PREFILL_GRAPH_MAX_SEQS
         self.buffers: InputBuffers | None = None
-        self._tables: dict[str, TableCache] = {}  # request id -> its block table as an array (incremental)
+        self._tables = TableRows(self.max_blocks_per_seq)  # the requests' block tables, kept up to date
         # prompt logprobs of the last step's prefill chunks: (sequence, index of the first prompt token they score,
         # device tensors: the tokens' logprobs, ranks, top ids, top logprobs); the engine takes them after execute
         self.prompt_logprobs: list[tuple[Sequence, int, tuple[torch.Tensor, ...]]] = []
@@ -140,7 +141,7 @@ class ModelRunner:
         if self.use_graphs:
             peak += (peak - before) * min(defaults.PREFILL_GRAPH_MAX_TOKENS, n) // n
         self.kv_caches, self.draft_kv_caches, self.buffers = [], [], None
-        self._tables.clear()
+        self._tables.forget("profile")
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
         used_elsewhere = total - free - torch.cuda.memory_allocated()  # other processes, CUDA context
@@ -199,18 +200,20 @@ class ModelRunner:
                      for (n, k, silu), (a, b, tiles) in timings.items()))
 
     def forget(self, request_id: str) -> None:
-        """A request ended: drop its cached block-table array."""
-        self._tables.pop(request_id, None)
+        """A request ended: free its block-table row."""
+        self._tables.forget(request_id)
 
     # ---- inputs ---------------------------------------------------------------------------------------------------
-    def _table(self, seq: Sequence) -> np.ndarray:
-        request_id = getattr(seq, "request_id", None)  # a tensor-parallel worker's SeqView has none
-        if request_id is None:
-            return np.asarray(seq.block_table, dtype=np.int32)
-        cache = self._tables.get(request_id)
-        if cache is None:
-            cache = self._tables[request_id] = TableCache()
-        return cache.view(seq.block_table)
+    def _block_tables(self, seqs: list[Sequence]) -> np.ndarray:
+        """The sequences' block tables as rows [len(seqs), longest table]; a tensor-parallel worker's SeqViews
+        (no request id: their tables arrive with each step) are copied in for this step only."""
+        if getattr(seqs[0], "request_id", None) is not None:
+            rows, width = self._tables.rows(seqs)
+            return self._tables.matrix[rows, :width]
+        tables = [np.asarray(s.block_table, dtype=np.int32) for s in seqs]
+        out = np.zeros((len(seqs), max(map(len, tables))), np.int32)
+        _copy_rows(out, tables)
+        return out
 
     def _stage(self, decodes, prefills, padded: int, pbase: int, bucket: int | None):
         """Fill a staging set; returns it with (tokens, rows, width, fills, sampled decode rows, sampled prefill
@@ -220,30 +223,30 @@ class ModelRunner:
         st = buf.staging()
         a = st.np
         bs = self.block_size
-        tables = [self._table(s) for s, _ in decodes] + [self._table(s) for s, _ in prefills]
-        width = max(len(t) for t in tables)
+        seqs = [seq for seq, _ in decodes]
+        tables = self._block_tables(seqs + [seq for seq, _ in prefills])
+        width = tables.shape[1]
         # rows: the decodes, then from pbase the chunks (a graph's all its chunks: empty ones' metadata is uploaded
         # too, as the graph reads its whole query_start_loc)
         rows = pbase + (self.prefill_graph_seqs if bucket is not None else len(prefills)) if prefills else padded
         tab = a["tables"][: rows * width].reshape(rows, width)
-        # decode rows: per-sequence values gathered in one pass each, the rest vectorized
+        # decode rows: per sequence (position, input token, token count, placeholder row) in one pass, the rest
+        # vectorized (a worker's SeqView holds only a window of the tokens: sliced at the position, not indexed)
         nd = len(decodes)
-        seqs = [seq for seq, _ in decodes]
-        dpos = np.fromiter((seq.num_computed_tokens for seq in seqs), np.int64, nd)
-        # (a worker's SeqView holds only a window of the tokens: sliced at the position, not indexed)
-        ids = np.fromiter((seq.token_ids[p : p + 1][0] for seq, p in zip(seqs, dpos.tolist(), strict=True)),
-                          np.int64, nd)
+        per_seq = np.fromiter(chain.from_iterable(
+            (seq.num_computed_tokens, seq.token_ids[seq.num_computed_tokens : seq.num_computed_tokens + 1][0],
+             seq.num_tokens, seq.pending_row) for seq in seqs), np.int64, 4 * nd).reshape(nd, 4)
+        dpos, ids = per_seq[:, 0], per_seq[:, 1]
         fill_dst = np.flatnonzero(ids < 0)  # sampled by the step still in flight: read on the device
-        fill_src = [seqs[i].pending_row for i in fill_dst.tolist()]
-        ids[fill_dst] = 0
-        _copy_rows(tab, tables[:nd])
+        fill_src = per_seq[fill_dst, 3]
+        tab[:nd] = tables[:nd]
         rows_nd = np.arange(nd)
         a["ids"][:nd] = ids
+        a["ids"][fill_dst] = 0
         a["positions"][:nd] = dpos
         a["slots"][:nd] = tab[rows_nd, dpos // bs].astype(np.int64) * bs + dpos % bs
         a["ctx_lens"][:nd] = dpos + 1
-        sampled = dpos + 1 == np.fromiter((seq.num_tokens for seq in seqs), np.int64, nd)
-        decode_rows = rows_nd[sampled].tolist()
+        decode_rows = rows_nd[dpos + 1 == per_seq[:, 2]].tolist()
         a["ids"][nd:padded] = 0
         a["positions"][nd:padded] = 0
         a["slots"][nd:padded] = buf.scratch_slot
@@ -262,7 +265,7 @@ class ModelRunner:
             a["slots"][t : t + n] = table[pos // bs] * bs + pos % bs
             a["ctx_lens"][pbase + j] = start + n
             a["query_start"][q_start + j + 1] = t + n - pbase
-            tab[pbase + j, : len(table)] = table
+            tab[pbase + j] = table
             prefill_meta.append((n, start + n))
             if start + n == seq.num_tokens:  # sampled: its last row, or every row that scores a draft and the last
                 drafts = seq.num_draft_tokens

@@ -50,7 +50,8 @@ class Sequence:
     text_per_token: bool = True  # text built as tokens arrive (streamed, or stop strings); else once at the end
     end_ids: frozenset[int] = frozenset()  # tokens that end it: stop_token_ids, and EOS unless ignore_eos
     pending_row: int = -1  # row of the latest placeholder in its step's sampled-token tensor
-    final_pending: bool = False  # its in-flight token is its last (length limit): nothing to schedule until seen
+    final_pending: bool = False  # its in-flight token is its last (length limit): nothing more to schedule
+    last_index: int = field(init=False)  # index in token_ids of its last token (max_tokens, or the context)
     lora_slot: int | None = None  # the LoRA adapter's slot (deepfleet/lora/); None: the base model
     cache_salt: bytes | None = None  # roots its prefix-cache hashes (the adapter's): None for the base model
     num_draft_tokens: int = 0  # speculative drafts at the end of token_ids, scored (not yet accepted) this step
@@ -58,6 +59,7 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
+        self.last_index = len(self.prompt_token_ids) + self.params.max_tokens - 1  # (the engine caps it by context)
         self.sampling = SamplingState(self.params, self.prompt_token_ids, [])
         if self.params.watermark is not None:
             self.sampling.logits_processors.append(GreenListProcessor(self.params.watermark, self.prompt_token_ids[-1]))

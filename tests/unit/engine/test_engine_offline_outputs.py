@@ -29,8 +29,8 @@ def run(engine, requests):
     return seen, final
 
 
-def greedy(**kw):
-    return SamplingParams(temperature=0, ignore_eos=True, max_tokens=30, **kw)
+def greedy(max_tokens=30, **kw):
+    return SamplingParams(temperature=0, ignore_eos=True, max_tokens=max_tokens, **kw)
 
 
 def test_offline_request_is_reported_once_with_the_streamed_text_and_never_detokenized_per_token(engine,
@@ -80,3 +80,18 @@ def test_aborted_offline_request_reports_its_text_so_far(engine):
     c = out.outputs[0]
     assert out.finished and c.finish_reason == "abort" and 0 < len(c.token_ids) < 30
     assert c.text == engine.tokenizer.decode(c.token_ids)
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_no_forward_computes_a_token_past_max_tokens(tiny_models, async_scheduling):
+    # with async scheduling the last token is in flight while the next step is scheduled: that step must not
+    # compute another one for the sequence (it would be dropped); hand count: a 4-token prefill, then 4 decodes
+    engine = LLMEngine(EngineConfig(model=str(tiny_models["qwen2"]), device="cpu", async_scheduling=async_scheduling))
+    computed = []
+    execute = engine.runner.execute
+    engine.runner.execute = lambda out, *a: computed.append([n for _, n in out.scheduled]) or execute(out, *a)
+    engine.add_request("a", [5, 6, 7, 8], greedy(max_tokens=5), stream=False)
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+    assert len(outs[0].outputs[0].token_ids) == 5
+    assert computed == [[4], [1], [1], [1], [1]]
