@@ -225,6 +225,8 @@ class LLMEngine:
         seq.end_ids = frozenset(params.stop_token_ids or ()) | (
             frozenset() if params.ignore_eos else frozenset(self.tokenizer.eos_token_ids))
         seq.sampling.logits_processors.extend(self.logits_processors.for_request(params))
+        seq.reads_output = (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
+                            or params.frequency_penalty != 0.0 or bool(seq.sampling.logits_processors))
         self.requests[request_id] = seq
         if deadline is not None:
             self._with_deadline[request_id] = seq
@@ -485,8 +487,7 @@ class LLMEngine:
 
 def _reads_output(seqs: list[Sequence]) -> bool:
     """Some row samples from its whole output so far (penalties, logits processors)."""
-    return any(s.params.repetition_penalty != 1.0 or s.params.presence_penalty != 0.0
-               or s.params.frequency_penalty != 0.0 or s.sampling.logits_processors for s in seqs)
+    return any(s.reads_output for s in seqs)
 
 
 @dataclass

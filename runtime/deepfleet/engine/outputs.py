@@ -58,7 +58,7 @@ class CompletionOutput:
     def __init__(self, index: int, text: str | TextSoFar, token_ids: list[int], finish_reason: str | None,
                  logprobs: list[dict] | None = None, stop_reason: str | int | None = None):
         self.index = index
-        self.text = text
+        self._text, self._text_len = text, len(text)  # (the setter's work, without its call: built every step)
         self.token_ids = token_ids
         self.finish_reason = finish_reason  # "stop" | "length" | "abort" | "timeout"
         self.logprobs = logprobs  # per token: {"token_id", "logprob", "top_logprobs": {id: lp}}

@@ -55,6 +55,13 @@ class SampledToken:
     top_logprobs: dict[int, float] | None = None  # the params.logprobs most likely tokens, when requested
 
 
+def _argmax_only(s: SamplingState) -> bool:
+    """Greedy, no logprobs, nothing applied to its logits: its token is the argmax of its row."""
+    p = s.params
+    return (p.temperature == 0 and p.logprobs is None and not s.logits_processors and p.repetition_penalty == 1.0
+            and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0)
+
+
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     """A request's own RNG: its draws do not depend on which other requests share the batch."""
     generator = torch.Generator(device=device)
@@ -148,6 +155,9 @@ class Sampler:
     def sample(self, logits: torch.Tensor, seqs: list[SamplingState]) -> SampleResult:
         if logits.dim() != 2 or logits.shape[0] != len(seqs):
             raise ValueError(f"logits: expected shape [{len(seqs)}, vocab], got {list(logits.shape)}")
+        if all(map(_argmax_only, seqs)):  # (one pass over the rows, not one per parameter below)
+            tokens = logits.argmax(dim=-1)
+            return SampleResult(tokens, tokens, [None] * len(seqs))
         params = [s.params for s in seqs]
         wanted = [p.logprobs for p in params]
         raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if any(w is not None for w in wanted) else None

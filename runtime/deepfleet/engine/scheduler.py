@@ -82,15 +82,16 @@ class Scheduler:
             self._running_sorted = True
         chunks = False  # any scheduled prefill chunk (else the decodes-first order below holds already)
         bs = self.blocks.block_size
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
+        i, running, scheduled = 0, self.running, out.scheduled
+        while i < len(running) and budget > 0:
+            seq = running[i]
             if seq.final_pending:  # its last token is still in flight: nothing to compute
                 i += 1
                 continue
-            n = min(seq.num_uncomputed, budget)
-            if n == 1 and seq.num_computed_tokens < len(seq.block_table) * bs:  # a decode with room in its block
-                out.scheduled.append((seq, 1))
+            computed = seq.num_computed_tokens
+            n = min(len(seq.token_ids) - computed, budget)
+            if n == 1 and computed < len(seq.block_table) * bs:  # a decode with room in its block
+                scheduled.append((seq, 1))
                 budget -= 1
                 i += 1
                 continue

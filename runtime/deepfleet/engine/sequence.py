@@ -46,9 +46,11 @@ class Sequence:
     sampling: SamplingState = field(init=False)
     detokenizer: IncrementalDetokenizer | None = None
     stop_checker: StopChecker | None = None
+    # how the engine treats it, set by LLMEngine.add_request:
     stream: bool = True  # reported every step it advances; False: only once it ends (offline callers)
     text_per_token: bool = True  # text built as tokens arrive (streamed, or stop strings); else once at the end
     end_ids: frozenset[int] = frozenset()  # tokens that end it: stop_token_ids, and EOS unless ignore_eos
+    reads_output: bool = False  # its sampling reads its output so far (penalties, logits processors)
     pending_row: int = -1  # row of the latest placeholder in its step's sampled-token tensor
     final_pending: bool = False  # its in-flight token is its last (length limit): nothing more to schedule
     last_index: int = field(init=False)  # index in token_ids of its last token (max_tokens, or the context)
