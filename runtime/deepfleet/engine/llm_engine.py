@@ -19,7 +19,7 @@ from deepfleet import defaults
 from deepfleet.distributed.executor import make_runner
 from deepfleet.engine import memory
 from deepfleet.engine.block_manager import BlockManager
-from deepfleet.engine.detokenizer import IncrementalDetokenizer, StopChecker
+from deepfleet.engine.detokenizer import IncrementalDetokenizer, StopChecker, decode_outputs
 from deepfleet.engine.errors import StartupError
 from deepfleet.engine.logits_processors import LogitsProcessors
 from deepfleet.engine.outputs import CompletionOutput, EngineStats, LoRAStats, RequestOutput
@@ -137,6 +137,7 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
         self._with_deadline: dict[str, Sequence] = {}  # unfinished requests with a deadline (checked every step)
         self._aborted: list[Sequence] = []  # reported (finish_reason "abort") by the next step
+        self._to_decode: list[tuple[Sequence, list[int]]] = []  # ended, text decoded once: (request, its tokens)
         self._in_flight: _Launched | None = None  # the launched step whose tokens are not taken in yet
         # tensor-parallel workers get the in-flight tokens by a device broadcast (distributed/step.py); drafts
         # depend on the previous step's tokens, so speculation runs serial steps
@@ -312,9 +313,9 @@ class LLMEngine:
 
     # ---- stepping -------------------------------------------------------------------------------------------------
     def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
-        if not seq.text_per_token:  # its whole text, once (an end token's own text is not part of it)
+        if not seq.text_per_token:  # its whole text, decoded with the step's others (not an end token's own)
             out = seq.output_token_ids
-            seq.text.append(seq.detokenizer.decode_all(out[:-1] if reason == "stop" else out))
+            self._to_decode.append((seq, out[:-1] if reason == "stop" else out))
         self.scheduler.remove(seq)
         self.runner.forget(seq.request_id)
         seq.status, seq.finish_reason, seq.stop_reason = Status.FINISHED, reason, stop_reason
@@ -366,6 +367,11 @@ class LLMEngine:
 
     def _outputs(self, ended: list[Sequence], advanced: list[Sequence]) -> list[RequestOutput]:
         """Outputs of the requests that ended, and of those that advanced and are streamed."""
+        if self._to_decode:
+            ended_now, self._to_decode = self._to_decode, []
+            texts = decode_outputs([s.detokenizer for s, _ in ended_now], [ids for _, ids in ended_now])
+            for (seq, _), text in zip(ended_now, texts, strict=True):
+                seq.text.append(text)
         return [self._output(s) for s in (*ended, *(s for s in advanced if s.stream or s.is_finished))]
 
     def _sample(self, logits: torch.Tensor, to_sample: list[Sequence]) -> _Launched:

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from deepfleet.engine.detokenizer import IncrementalDetokenizer, StopChecker
+from deepfleet.engine.detokenizer import IncrementalDetokenizer, StopChecker, decode_outputs
 from deepfleet.models.tokenizer import Tokenizer
 
 CORPUS = [
@@ -79,12 +79,13 @@ def test_decoding_a_whole_output_at_once_gives_the_streamed_text(tokenizer, seed
     # the engine's path for a request whose text nobody reads before it ends: random ids (broken UTF-8, special
     # tokens, ids past the vocabulary) after a text prompt
     rng = random.Random(seed)
-    output_ids = [rng.randrange(tokenizer.vocab_size + 40) for _ in range(length)]
-    for skip in (True, False):
+    outputs = [[rng.randrange(tokenizer.vocab_size + 40) for _ in range(length)], tokenizer.encode(prompt)]
+    streamed, fresh = [], []
+    for skip, output_ids in zip((True, False, False), (*outputs, outputs[0]), strict=True):
         detok, deltas = stream(tokenizer, tokenizer.encode(prompt), output_ids, skip_special_tokens=skip)
-        streamed = "".join(deltas) + detok.flush()
-        whole = IncrementalDetokenizer(tokenizer, tokenizer.encode(prompt), skip).decode_all(output_ids)
-        assert whole == streamed
+        streamed.append("".join(deltas) + detok.flush())
+        fresh.append(IncrementalDetokenizer(tokenizer, tokenizer.encode(prompt), skip))
+    assert decode_outputs(fresh, [*outputs, outputs[0]]) == streamed
 
 
 def test_streaming_never_calls_a_full_decode(tokenizer):
