@@ -280,7 +280,9 @@ class Bench:
         """Host time inside the engine step by part, against the step's wall time in steady state and the decode
         graph's own GPU time. Waiting is not host work: the wait for the tokens (the event) is left out, and so is
         what the CUDA-graph launch call spends beyond a launch with the GPU idle (the call can block while the
-        GPU's queue is full: then it measures the GPU, not the host). Records of workload "host <batch> seqs"."""
+        GPU's queue is full: then it measures the GPU, not the host). The requests are offline ones (stream=False,
+        as LLM.generate adds them: reported once they end, text decoded then). Records of workload "host <batch>
+        seqs"."""
         e = self.engine
         parts: dict[str, float] = defaultdict(float)
         originals = {}

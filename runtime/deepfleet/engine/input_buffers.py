@@ -44,7 +44,8 @@ class TableRows:
             if n > done:
                 matrix[row, done:n] = table[done:n]
             lens[row] = n
-            width = max(width, n)
+            if n > width:
+                width = n
             rows.append(row)
         return rows, width
 

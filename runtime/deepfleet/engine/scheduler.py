@@ -89,7 +89,9 @@ class Scheduler:
                 i += 1
                 continue
             computed = seq.num_computed_tokens
-            n = min(len(seq.token_ids) - computed, budget)
+            n = len(seq.token_ids) - computed
+            if n > budget:
+                n = budget
             if n == 1 and computed < len(seq.block_table) * bs:  # a decode with room in its block
                 scheduled.append((seq, 1))
                 budget -= 1
