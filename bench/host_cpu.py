@@ -5,7 +5,8 @@
     python bench/host_cpu.py --seqs 256 --trees new=. base=/tmp/base --out bench/results.jsonl
 
 With --trees every tree runs in its own process (PYTHONPATH=TREE/runtime:TREE), alternating, --repeats times
-each; the table shows each tree's best repeat (least disturbed by other work on the machine).
+each; the table shows each tree's best repeat (least disturbed by other work on the machine) and, for two trees,
+the median ratio of their host totals over the back-to-back pairs.
 
 Phases per step (ms), as engine/benchmark.py Bench.host_profile names them: schedule (Scheduler.schedule),
 prepare_and_launch (ModelRunner.execute minus the model's forward and LM head), sample_launch (Sampler.sample:
@@ -22,6 +23,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -148,13 +150,15 @@ def main() -> None:
         return _child(args)
     trees = dict(t.split("=", 1) for t in args.trees) if args.trees else {"this": str(Path.cwd())}
     best: dict[str, dict[str, dict[str, float]]] = {}
+    totals: dict[str, list[list[float]]] = {w: [] for w in args.workloads}  # per repeat: each tree's host total
     for _ in range(args.repeats):
-        for name, path in trees.items():
-            result = _run_tree(Path(path).resolve(), args)
-            for w, phases in result.items():
+        runs = {name: _run_tree(Path(path).resolve(), args) for name, path in trees.items()}
+        for w in args.workloads:
+            totals[w].append([runs[name][w]["host_total"] for name in trees])
+            for name in trees:
                 kept = best.setdefault(name, {}).get(w)
-                if kept is None or phases["host_total"] < kept["host_total"]:
-                    best[name][w] = phases
+                if kept is None or runs[name][w]["host_total"] < kept["host_total"]:
+                    best[name][w] = runs[name][w]
     keys = ["schedule", "prepare_and_launch", "sample_launch", "take_in_tokens", "other", "host_total",
             "model_forward"]
     device, today = f"CPU: {cpu_name()}", datetime.date.today().isoformat()
@@ -170,6 +174,12 @@ def main() -> None:
                              workload=f"host cpu {args.seqs} seqs {w}", metric=f"host_{k}_ms" if k != "host_total"
                              and k != "model_forward" else f"{k}_ms", value=round(phases[k], 4), unit="ms")
                         for k in keys]
+    if len(trees) == 2:  # the machine's speed drifts: the ratio within each back-to-back pair is steadier
+        first, second = trees
+        for w in args.workloads:
+            ratios = sorted(a / b for a, b in totals[w])
+            print(f"{w}: host total {first}/{second} per repeat, median {statistics.median(ratios):.3f} "
+                  f"(range {ratios[0]:.3f}-{ratios[-1]:.3f})")
     if args.out is not None:
         with open(args.out, "a") as f:
             for r in records:
