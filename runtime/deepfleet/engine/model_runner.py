@@ -194,7 +194,8 @@ class ModelRunner:
         """Batch-1 projections: the Triton GEMV or cuBLAS per weight shape, whichever is faster here (timed)."""
         t0 = time.perf_counter()
         timings = choose_gemv(self.model, self.device, self.dtype)
-        log.info("batch-1 projections (N x K, silu: cuBLAS ms / Triton GEMV ms at its fastest tiles over all layers, "
+        log.info("batch-1 projections (N x K, silu: default ms (cuBLAS; silu: gate_up as chosen + SiLU·mul) / Triton "
+                 "GEMV ms at its fastest tiles over all layers, "
                  "in %.1f s): %s", time.perf_counter() - t0, ", ".join(
                      f"{n}x{k}{' silu' if silu else ''}: {a:.3f}/{b:.3f} {tiles}"
                      for (n, k, silu), (a, b, tiles) in timings.items()))

@@ -275,14 +275,15 @@ def _gemv_layers() -> tuple[type, ...]:
 
 @torch.inference_mode()
 def choose_gemv(model: nn.Module, device: torch.device, dtype: torch.dtype) -> dict:
-    """For each projection shape of `model`, and the gate_up + SiLU·mul pair of its gated MLPs, time batch-1
-    products the layer's default way (cuBLAS for a Linear, the measured table's kernel for an Fp8Linear; + the
-    activation) and through the layer's one-row GEMV at each of its candidate tiles (kernels/gemv.py
-    CANDIDATE_TILES, kernels/fp8_gemm.py GEMV_CANDIDATES) over all the model's weights of that shape, each way in one
-    CUDA graph (weights streamed from memory as in a decode step, not from L2), and set the fastest on the model's
-    layers (`gemv_tiles`, `GatedMLP.gemv_silu_tiles`; None = the default way). Then the projections followed by a
-    residual RMSNorm (O, and down before the next layer's norm: the backbone's `add_norm_pairs`): that pair as chosen
-    so far (two launches) against the GEMV with the add + norm in its epilogue (`gemv_norm_tiles`), logged.
+    """For each projection shape of `model`, and then the gate_up + SiLU·mul pair of its gated MLPs, time batch-1
+    products the layer's default way (cuBLAS for a Linear, the measured table's kernel for an Fp8Linear; for the
+    pair: gate_up's forward as chosen for it + the activation kernel) and through the layer's one-row GEMV at each
+    of its candidate tiles (kernels/gemv.py CANDIDATE_TILES, kernels/fp8_gemm.py GEMV_CANDIDATES) over all the
+    model's weights of that shape, each way in one CUDA graph (weights streamed from memory as in a decode step, not
+    from L2), and set the fastest on the model's layers (`gemv_tiles`, `GatedMLP.gemv_silu_tiles`; None = the
+    default way). Then the projections followed by a residual RMSNorm (O, and down before the next layer's norm:
+    the backbone's `add_norm_pairs`): that pair as chosen so far (two launches) against the GEMV with the add + norm
+    in its epilogue (`gemv_norm_tiles`), logged.
     Returns {(N, K, silu_mul): (default ms, GEMV ms, tiles)} of the fastest tiles, for the log."""
     sites: dict[tuple[type, int, int, bool], list[nn.Module]] = {}
     for module in model.modules():
@@ -292,12 +293,14 @@ def choose_gemv(model: nn.Module, device: torch.device, dtype: torch.dtype) -> d
         if isinstance(module, _gemv_layers()):
             sites.setdefault((type(module), *module.weight.shape, False), []).append(module)
     timings = {}
-    for (_, n, k, silu), modules in sites.items():
+    # plain projections first: the gate_up + SiLU·mul pair's default way is then gate_up as already chosen (its GEMV
+    # where that won) + the SiLU·mul kernel, which can beat the GEMV with SiLU·mul in its epilogue (7B on the H200)
+    for (_, n, k, silu), modules in sorted(sites.items(), key=lambda site: site[0][3]):
         x = torch.randn(1, k, device=device, dtype=dtype)
         linears = [m.gate_up_proj if silu else m for m in modules]
 
         def default(x=x, linears=linears, silu=silu):
-            for lin in linears:  # (before any choice: cuBLAS or the table's kernel)
+            for lin in linears:  # (cuBLAS or the table's kernel; gate_up of the SiLU pair: as chosen for it)
                 y = lin(x)
                 if silu:
                     silu_and_mul(y)
