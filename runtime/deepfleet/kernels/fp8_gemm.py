@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from deepfleet.kernels import pdl, workspace
-from deepfleet.kernels.gemv import store_rows
+from deepfleet.kernels.gemv import add_norm_outputs, store_rows
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -433,12 +433,7 @@ def gemv_add_norm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bl
     residual add and RMSNorm after the projection in the one-row kernel's launch at tiles `cfg` (kernels/gemv.py
     gemv_add_norm's epilogue and rounding)."""
     _check_one_row(x, weight, scale, block, cfg)
-    n = weight.shape[0]
-    if residual.shape != (1, n) or residual.dtype != x.dtype or residual.stride(1) != 1 \
-            or norm_weight.shape != (n,):
-        raise ValueError(f"fp8 gemv_add_norm: residual {tuple(residual.shape)} {residual.dtype} and norm weight "
-                         f"{tuple(norm_weight.shape)} do not match the product [1, {n}] {x.dtype}")
-    summed, normed = x.new_empty(1, n), x.new_empty(1, n)
+    summed, normed = add_norm_outputs(x, weight.shape[0], residual, norm_weight, "fp8 gemv_add_norm")
     _launch_gemv(summed, x, weight, scale, block, bias, cfg, norm=(residual, norm_weight, normed, eps))
     return normed, summed
 

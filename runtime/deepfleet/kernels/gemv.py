@@ -177,11 +177,17 @@ def gemv_add_norm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, r
     norm_weight, y + residual), both [1, N] in x's dtype, y = x wᵀ + b: kernels/rms_norm.py's
     `rms_norm(y, norm_weight, eps, residual)` on the product, in the GEMV's launch."""
     _check(x, w, bias, False)
-    n = w.shape[0]
-    if residual.shape != (1, n) or residual.dtype != x.dtype or residual.stride(1) != 1 \
-            or norm_weight.shape != (n,):
-        raise ValueError(f"gemv_add_norm: residual {tuple(residual.shape)} {residual.dtype} and norm weight "
-                         f"{tuple(norm_weight.shape)} do not match the product [1, {n}] {x.dtype}")
-    summed, normed = x.new_empty(1, n), x.new_empty(1, n)
+    summed, normed = add_norm_outputs(x, w.shape[0], residual, norm_weight, "gemv_add_norm")
     _launch(summed, x, w, bias, False, tiles, norm=(residual, norm_weight, normed, eps))
     return normed, summed
+
+
+def add_norm_outputs(x: torch.Tensor, n: int, residual: torch.Tensor, norm_weight: torch.Tensor,
+                     caller: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (summed, normed) [1, n] outputs of a one-row product with the add + norm epilogue, after checking that
+    the residual and the norm weight fit the product (also the FP8 GEMV's, kernels/fp8_gemm.py)."""
+    if residual.shape != (1, n) or residual.dtype != x.dtype or residual.stride(1) != 1 \
+            or norm_weight.shape != (n,):
+        raise ValueError(f"{caller}: residual {tuple(residual.shape)} {residual.dtype} and norm weight "
+                         f"{tuple(norm_weight.shape)} do not match the product [1, {n}] {x.dtype}")
+    return x.new_empty(1, n), x.new_empty(1, n)
