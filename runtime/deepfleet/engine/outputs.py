@@ -74,16 +74,22 @@ class CompletionOutput:
     def text(self, value: str | TextSoFar) -> None:
         self._text, self._text_len = value, len(value)
 
-    def text_since(self, start: int) -> str:
+    def text_since(self, start: int, end: int | None = None) -> str:
+        """Characters start..end (end: this output's length). A reader of an output that a receiver thread extends
+        (`extend_text`) reads `text_len` once and passes it as `end`, so what it takes and where it resumes agree."""
+        end = self._text_len if end is None else end
         if isinstance(self._text, str):
-            return self._text[start:]
-        return self._text.since(start, self._text_len)
+            return self._text[start:end]
+        return self._text.since(start, end)
 
     def extend_text(self, piece: str) -> None:
-        """Append to this output's own text (a receiver rebuilding cumulative outputs from deltas)."""
+        """Append to this output's own text (a receiver rebuilding cumulative outputs from deltas). The length is
+        set last and a str text is replaced only by a TextSoFar that already holds it: a reader in another thread
+        sees the old text or the new one, never less."""
         if isinstance(self._text, str):
-            text, self._text = self._text, TextSoFar()
-            self._text.append(text)
+            text = TextSoFar()
+            text.append(self._text)
+            self._text = text
         self._text.append(piece)
         self._text_len = len(self._text)
 

@@ -50,8 +50,11 @@ class ChoiceCursor:
     def advance(self, completion: Any) -> tuple[str, str, list[dict[str, Any]]]:
         """New (reasoning, content, logprob entries) since the last call; on the final output the parser's
         held-back tail is flushed and finish_reason is set."""
-        text = completion.text_since(self.sent_chars)  # (the new text only: not a copy of all of it per step)
-        self.sent_chars = completion.text_len
+        # the new text only (not a copy of all of it per step), up to the length read once: the engine process's
+        # reader thread may extend this output meanwhile, and text past a second read would be skipped, not sent
+        end = completion.text_len
+        text = completion.text_since(self.sent_chars, end)
+        self.sent_chars = end
         self.num_tokens = len(completion.token_ids)
         logprobs = (completion.logprobs or [])[self.sent_logprobs :]
         self.sent_logprobs += len(logprobs)

@@ -216,3 +216,30 @@ def test_no_nvml_means_no_gpu_metrics(monkeypatch):
 def test_field_path_drops_union_tags():
     assert field_path(("messages", 0, "content", "list[TextPart]", 1, "type")) == "messages[0].content[1].type"
     assert field_path(("prompt", "str")) == "prompt"
+
+
+def test_stream_cursor_loses_no_text_when_the_output_grows_while_it_reads():
+    """The engine process's reader thread extends a request's cumulative output while the request's handler reads
+    it: text appended between the handler's read of the new text and of the length must come in the next delta,
+    not be skipped (a non-streamed answer once lost two tokens' text this way under load). Here the output grows
+    by one piece inside every read, deterministically."""
+    from deepfleet.engine.outputs import CompletionOutput
+    from deepfleet.server.render import ChoiceCursor
+
+    class GrowsWhileRead(CompletionOutput):
+        __slots__ = ("pieces",)
+
+        def text_since(self, start, end=None):
+            text = super().text_since(start, end)
+            if self.pieces:
+                self.extend_text(self.pieces.pop(0))  # the other thread's append, between the two reads
+            return text
+
+    out = GrowsWhileRead(0, "", [], None)
+    out.pieces = [" Emoji", " carries", "urr", "ue"]
+    out.extend_text(" 4096 lazy")
+    cursor = ChoiceCursor(None)
+    sent = [cursor.advance(out)[1] for _ in range(5)]
+    out.finish_reason = "length"
+    sent.append(cursor.advance(out)[1])
+    assert "".join(sent) == " 4096 lazy Emoji carriesurrue" == out.text
