@@ -38,8 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from deepfleet.kernels import pdl, workspace
-from deepfleet.kernels.gemv import add_norm_outputs, store_rows
+from deepfleet.kernels import pdl
+from deepfleet.kernels.gemv import add_norm_outputs, one_row_workspace, store_rows
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -387,12 +387,8 @@ def _launch_gemv(y, x, weight, scale, block, bias, cfg, silu_mul=False, norm=Non
         raise ValueError(f"fp8 gemv: SiLU·mul needs one K split and whole scale blocks per half (tiles {cfg}, "
                          f"N {n})")
     blocks = triton.cdiv(n, bn)
-    partial = counter = y
-    if split > 1:
-        partial = workspace.buffer(x.device, "fp8 gemv partials", split * n, torch.float32)
-        counter = workspace.buffer(x.device, "fp8 gemv counters", blocks, torch.int32)
-    res, norm_w, norm_out, eps = norm or (y, y, y, 0.0)
-    norm_counter = workspace.buffer(x.device, "fp8 gemv norm counter", 1, torch.int32) if norm else y
+    partial, counter, (res, norm_w, norm_out, eps), norm_counter = one_row_workspace(y, blocks, split, norm,
+                                                                                      "fp8 gemv")
     _gemv_kernel[(blocks, split)](
         y, x, weight, scale, y if bias is None else bias, partial, counter, res, norm_w, norm_out, norm_counter, eps,
         n, k, per_split, weight.stride(0), scale.stride(0), HAS_BIAS=bias is not None, SPLIT=split,

@@ -144,12 +144,7 @@ def _launch(y, x, w, bias, silu_mul, tiles, norm=None) -> None:
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     split_k = triton.cdiv(k, k_per_split)
     blocks = triton.cdiv(n, block_n)
-    partial = counter = y
-    if split_k > 1:
-        partial = workspace.buffer(x.device, "gemv partials", split_k * n, torch.float32)
-        counter = workspace.buffer(x.device, "gemv counters", blocks, torch.int32)
-    res, norm_w, norm_out, eps = norm or (y, y, y, 0.0)
-    norm_counter = workspace.buffer(x.device, "gemv norm counter", 1, torch.int32) if norm else y
+    partial, counter, (res, norm_w, norm_out, eps), norm_counter = one_row_workspace(y, blocks, split_k, norm, "gemv")
     _gemv_kernel[(blocks, split_k)](
         y, x, w, w if bias is None else bias, partial, counter, n, k, w.stride(0), k_per_split,
         res, norm_w, norm_out, norm_counter, eps,
@@ -157,6 +152,18 @@ def _launch(y, x, w, bias, silu_mul, tiles, norm=None) -> None:
         ADD_NORM=norm is not None, BLOCK_ROW=triton.next_power_of_2(n) if norm else 1, PDL=(on := pdl.enabled(x)),
         num_warps=warps, **pdl.launch_options(on),
     )
+
+
+def one_row_workspace(y: torch.Tensor, blocks: int, split: int, norm: tuple | None, name: str) -> tuple:
+    """(partials, arrival counters, norm = (residual, norm weight, normed out, eps), norm counter) of a one-row
+    launch of `blocks` row blocks over `split` K slices (also the FP8 GEMV's, kernels/fp8_gemm.py): workspaces named
+    after `name` only where a split or the add + norm epilogue needs them, y standing in for the unused ones."""
+    partial = counter = y
+    if split > 1:
+        partial = workspace.buffer(y.device, f"{name} partials", split * y.shape[1], torch.float32)
+        counter = workspace.buffer(y.device, f"{name} counters", blocks, torch.int32)
+    norm_counter = workspace.buffer(y.device, f"{name} norm counter", 1, torch.int32) if norm else y
+    return partial, counter, norm or (y, y, y, 0.0), norm_counter
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, silu_mul: bool = False,
