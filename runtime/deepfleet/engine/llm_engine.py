@@ -23,7 +23,7 @@ from deepfleet.engine.detokenizer import IncrementalDetokenizer, StopChecker, de
 from deepfleet.engine.errors import StartupError
 from deepfleet.engine.logits_processors import LogitsProcessors
 from deepfleet.engine.outputs import CompletionOutput, EngineStats, LoRAStats, RequestOutput
-from deepfleet.engine.sampler import SampledToken, Sampler, SampleResult, make_generator
+from deepfleet.engine.sampler import SampledToken, Sampler, SampleResult, make_generator, reads_output
 from deepfleet.engine.sampling_params import SamplingParams
 from deepfleet.engine.scheduler import Scheduler
 from deepfleet.engine.sequence import Sequence, Status
@@ -226,8 +226,7 @@ class LLMEngine:
         seq.end_ids = frozenset(params.stop_token_ids or ()) | (
             frozenset() if params.ignore_eos else frozenset(self.tokenizer.eos_token_ids))
         seq.sampling.logits_processors.extend(self.logits_processors.for_request(params))
-        seq.reads_output = (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
-                            or params.frequency_penalty != 0.0 or bool(seq.sampling.logits_processors))
+        seq.reads_output = reads_output(seq.sampling)
         self.requests[request_id] = seq
         if deadline is not None:
             self._with_deadline[request_id] = seq

@@ -55,11 +55,16 @@ class SampledToken:
     top_logprobs: dict[int, float] | None = None  # the params.logprobs most likely tokens, when requested
 
 
+def reads_output(s: SamplingState) -> bool:
+    """Its sampling reads its output so far: penalties or logits processors apply to its logits."""
+    p = s.params
+    return (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+            or bool(s.logits_processors))
+
+
 def _argmax_only(s: SamplingState) -> bool:
     """Greedy, no logprobs, nothing applied to its logits: its token is the argmax of its row."""
-    p = s.params
-    return (p.temperature == 0 and p.logprobs is None and not s.logits_processors and p.repetition_penalty == 1.0
-            and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0)
+    return s.params.temperature == 0 and s.params.logprobs is None and not reads_output(s)
 
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
