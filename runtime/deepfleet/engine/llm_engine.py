@@ -44,7 +44,7 @@ class EngineConfig:
     device: str = "auto"
     max_num_seqs: int | None = None  # None: 32 on CPU; on GPU from KV memory, up to max_num_seqs_cap
     max_num_seqs_cap: int = defaults.MAX_NUM_SEQS_GPU_CAP
-    max_num_batched_tokens: int = defaults.MAX_NUM_BATCHED_TOKENS
+    max_num_batched_tokens: int | None = None  # None: by the device (engine/memory.default_max_num_batched_tokens)
     block_size: int = defaults.KV_BLOCK_SIZE
     num_kv_blocks: int | None = None  # None: from memory
     gpu_memory_utilization: float = defaults.GPU_MEMORY_UTILIZATION
@@ -110,6 +110,8 @@ class LLMEngine:
             ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
         )
         dtype = resolve_dtype(config.dtype, model_cfg, device)
+        self.max_num_batched_tokens = config.max_num_batched_tokens or memory.default_max_num_batched_tokens(
+            torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None)
         lora = config.enable_lora or bool(config.lora_modules)
         if lora:
             _check_lora_supported(config, model_cfg.arch)
@@ -128,9 +130,9 @@ class LLMEngine:
         self.speculator = Speculator(speculative, self.max_model_len) if speculative else None
         num_blocks, max_num_seqs = self._size_cache(config)
         self.runner.allocate_kv_cache(num_blocks)
-        self.runner.init_graphs(max_num_seqs, config.max_num_batched_tokens)
+        self.runner.init_graphs(max_num_seqs, self.max_num_batched_tokens)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, self.max_num_batched_tokens)
         self.sampler = Sampler()
         self.logits_processors = LogitsProcessors(self.tokenizer.eos_token_ids, model_cfg.vocab_size,
                                                   _grammar_compiler(config, model_cfg.vocab_size, self.tokenizer))
@@ -149,8 +151,9 @@ class LLMEngine:
                 self.load_lora_adapter(name, path)
             except ValueError as exc:
                 raise StartupError(f"engine.lora_modules: {exc}") from None
-        log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_num_seqs %d", self.model_name,
-                 device, dtype, num_blocks, config.block_size, max_num_seqs)
+        log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_num_seqs %d, max_num_batched_tokens %d",
+                 self.model_name, device, dtype, num_blocks, config.block_size, max_num_seqs,
+                 self.max_num_batched_tokens)
 
     def _size_cache(self, config: EngineConfig) -> tuple[int, int]:
         per_seq = math.ceil(self.max_model_len / config.block_size)
@@ -162,7 +165,7 @@ class LLMEngine:
         if config.num_kv_blocks:
             return config.num_kv_blocks, config.max_num_seqs or memory.default_max_num_seqs(config.num_kv_blocks, bs,
                                                                                             cap)
-        budget = self.runner.profile_kv_budget(config.max_num_batched_tokens, config.gpu_memory_utilization)
+        budget = self.runner.profile_kv_budget(self.max_num_batched_tokens, config.gpu_memory_utilization)
         block_bytes = self.runner.block_bytes()
         seqs = config.max_num_seqs or memory.default_max_num_seqs(memory.num_kv_blocks(budget, block_bytes), bs, cap)
         rows = seqs * (1 + (self.speculator.cfg.num_speculative_tokens if self.speculator else 0))  # verify rows

@@ -36,6 +36,12 @@ def default_max_num_seqs(num_blocks: int, block_size: int, cap: int = defaults.M
     return max(1, min(cap, num_blocks * block_size // defaults.GPU_TOKENS_PER_SEQ))
 
 
+def default_max_num_batched_tokens(gpu_memory_bytes: int | None) -> int:
+    """The step's token budget when engine.max_num_batched_tokens is unset; `gpu_memory_bytes` None: no GPU."""
+    large = gpu_memory_bytes is not None and gpu_memory_bytes >= defaults.LARGE_GPU_BYTES
+    return defaults.MAX_NUM_BATCHED_TOKENS_LARGE_GPU if large else defaults.MAX_NUM_BATCHED_TOKENS
+
+
 def sampler_bytes(max_num_seqs: int, vocab_size: int) -> int:
     """Taken from the KV budget once max_num_seqs is known: the float32 logits of the largest decode graph (the LM
     head runs inside it) and the sampler's full-vocabulary float32 temporaries for a batch that size."""

@@ -174,7 +174,7 @@ class ModelRunner:
         return self.graph_max_batch if self.use_graphs else padded
 
     # ---- batch set-up ---------------------------------------------------------------------------------------------
-    def init_graphs(self, max_num_seqs: int, max_num_batched_tokens: int = defaults.MAX_NUM_BATCHED_TOKENS) -> None:
+    def init_graphs(self, max_num_seqs: int, max_num_batched_tokens: int) -> None:
         """After the KV cache: allocate the input buffers for batches of up to `max_num_seqs` sequences and, on
         CUDA, capture the decode graphs of the whole batch-size ladder (before the server reports ready)."""
         self.graph_max_batch = max_num_seqs if self.use_graphs else 0

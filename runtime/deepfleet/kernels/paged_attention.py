@@ -75,7 +75,9 @@ def _find_sequence(query_start_loc, tile, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit
+# Per-launch sizes are not specialized on (Triton compiles a variant per "== 1" / "% 16 == 0" class of each int
+# argument): eager prefill steps vary them from step to step, and each new class would be a compile mid-serving.
+@triton.jit(do_not_specialize=["num_seqs", "num_splits", "stride_ps"])
 def _paged_attention_kernel(
     out, part_out, part_lse, counters,  # out [T, H, DV]; parts [num_splits, T, H, DV] fp32 and [num_splits, T, H]
     # fp32; counters: int32 per (tile, program along axis 1), zero between launches

@@ -50,7 +50,10 @@ def valid_tp(fp: Footprint, g: GPU, tp: int) -> str | None:
 
 def place(fp: Footprint, g: GPU, tp: int, context: int, memory_utilization: float = defaults.GPU_MEMORY_UTILIZATION,
           block_size: int = defaults.KV_BLOCK_SIZE,
-          max_num_batched_tokens: int = defaults.MAX_NUM_BATCHED_TOKENS) -> Placement:
+          max_num_batched_tokens: int | None = None) -> Placement:
+    """`max_num_batched_tokens` None: the engine's default on this GPU."""
+    if max_num_batched_tokens is None:
+        max_num_batched_tokens = memory.default_max_num_batched_tokens(g.memory_bytes)
     weights = math.ceil(fp.sharded_bytes / tp) + fp.replicated_bytes
     layout = kv_layout_per_gpu(fp.kv_layout, tp)
     per_token = memory.kv_block_bytes(layout, fp.num_layers, 1, KV_DTYPE_BYTES)

@@ -29,3 +29,11 @@ def test_default_max_num_seqs():
     assert memory.default_max_num_seqs(1_000, 16) == 16_000 // defaults.GPU_TOKENS_PER_SEQ
     assert memory.default_max_num_seqs(1, 16) == 1
     assert memory.default_max_num_seqs(10**9, 16) == defaults.MAX_NUM_SEQS_GPU_CAP
+
+
+def test_default_token_budget_by_gpu_memory():
+    gib = 1 << 30
+    assert memory.default_max_num_batched_tokens(None) == 4096  # CPU
+    assert memory.default_max_num_batched_tokens(48 * gib) == 4096  # L40S
+    assert memory.default_max_num_batched_tokens(143_771 << 20) == 16384  # H200 (141 GB)
+    assert memory.default_max_num_batched_tokens(80 * gib) == 16384  # H100 80 GB
