@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from jinja2.exceptions import TemplateError
 
 from deepfleet.engine.errors import SlotsBusy
@@ -22,6 +22,7 @@ from deepfleet.server.errors import APIError, bad_request, from_value_error, ove
 from deepfleet.server.openapi_errors import INFERENCE, TOKENIZER, responses, streaming_200
 from deepfleet.server.reasoning import ReasoningParser, prompt_opens_reasoning
 from deepfleet.server.request_body import parse_as, read_json
+from deepfleet.server.sse_response import EventStreamResponse
 from deepfleet.server.state import RequestRecord, ServerState
 from deepfleet.server.tool_calls import (
     ForcedCallStream,
@@ -435,7 +436,7 @@ async def _completion_json(state: ServerState, request: Request, job: _Job, reco
 
 async def _sse(state: ServerState, job: _Job, record: RequestRecord, stream: RequestStream,
                chunk: Callable[[int, str, str, list[dict[str, Any]], str | None, list[Any], list | None], Any],
-               first: Callable[[int], Any] | None, usage_chunk: Callable[[p.Usage], Any]) -> AsyncIterator[str]:
+               first: Callable[[int], Any] | None, usage_chunk: Callable[[p.Usage], Any]) -> AsyncIterator[bytes]:
     """SSE events of one streaming request; closing the generator (client gone) aborts the engine request.
     `chunk`'s last argument: the prompt's logprob entries on the choice's first update when it was scored (vLLM's
     prompt_logprobs, echo with logprobs), else None."""
@@ -478,55 +479,71 @@ async def _sse(state: ServerState, job: _Job, record: RequestRecord, stream: Req
         record.done(status)
 
 
-def _chat_stream(state: ServerState, job: _Job, record: RequestRecord, stream: RequestStream) -> AsyncIterator[str]:
-    rid = record.response_id("chatcmpl")
+def _chat_stream(state: ServerState, job: _Job, record: RequestRecord, stream: RequestStream) -> AsyncIterator[bytes]:
+    # chunks are plain dicts in ChatCompletionChunk's shape, null fields left out (render.sse)
+    head = {"id": record.response_id("chatcmpl"), "object": "chat.completion.chunk", "created": record.created,
+            "model": job.body.model}
     want_logprobs = job.params[0].logprobs is not None
 
-    def envelope(choices: list[p.ChatChunkChoice], usage: p.Usage | None = None,
-                 prompt: p.PromptLogprobs | None = None) -> p.ChatCompletionChunk:
-        return p.ChatCompletionChunk(id=rid, created=record.created, model=job.body.model, choices=choices,
-                                     usage=usage, prompt_logprobs=prompt)
-
-    def first(i: int) -> p.ChatCompletionChunk:
-        return envelope([p.ChatChunkChoice(index=i, delta=p.ChatDelta(role="assistant", content=""))])
+    def first(i: int) -> dict[str, Any]:
+        return {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}}]}
 
     def chunk(i: int, reasoning: str, content: str, logprobs: list, finish: str | None, calls: list[Any],
-              prompt: list | None) -> p.ChatCompletionChunk:
-        delta = p.ChatDelta(content=content or None, reasoning_content=reasoning or None,
-                            tool_calls=calls or None)
-        lp = render.chat_logprobs(logprobs, state.token_text) if want_logprobs else None
+              prompt: list | None) -> dict[str, Any]:
+        delta: dict[str, Any] = {}
+        if content:
+            delta["content"] = content
+        if reasoning:
+            delta["reasoning_content"] = reasoning
+        if calls:
+            delta["tool_calls"] = calls
+        choice: dict[str, Any] = {"index": i, "delta": delta}
+        if want_logprobs:
+            choice["logprobs"] = render.chat_logprobs(logprobs, state.token_text)
+        if finish is not None:
+            choice["finish_reason"] = finish
+        out = {**head, "choices": [choice]}
         # at the top level, as the non-streamed answer has it: once, with choice 0's first chunk
         plp = _prompt_logprobs(state, prompt, job.body.prompt_logprobs) if i == 0 else None
-        return envelope([p.ChatChunkChoice(index=i, delta=delta, logprobs=lp, finish_reason=finish)], prompt=plp)
+        if plp is not None:
+            out["prompt_logprobs"] = plp
+        return out
 
-    return _sse(state, job, record, stream, chunk, first, lambda usage: envelope([], usage))
+    return _sse(state, job, record, stream, chunk, first, lambda usage: {**head, "choices": [], "usage": usage})
 
 
 def _completion_stream(state: ServerState, job: _Job, record: RequestRecord,
-                       stream: RequestStream) -> AsyncIterator[str]:
-    rid = record.response_id("cmpl")
+                       stream: RequestStream) -> AsyncIterator[bytes]:
+    # chunks are plain dicts in Completion's shape, null fields left out (render.sse)
+    head = {"id": record.response_id("cmpl"), "object": "text_completion", "created": record.created,
+            "model": job.body.model}
     want_logprobs = job.params[0].logprobs is not None
     offsets = [0] * len(job.params)
-
-    def envelope(choices: list[p.CompletionChoice], usage: p.Usage | None = None) -> p.Completion:
-        return p.Completion(id=rid, created=record.created, model=job.body.model, choices=choices, usage=usage)
 
     # echo with logprobs: the echoed text waits for the first update, which brings the prompt's logprobs
     echo_first = job.echo is not None and not _echo_logprobs(job.body)
 
     def chunk(i: int, _reasoning: str, text: str, logprobs: list, finish: str | None, _calls: list,
-              prompt: list | None) -> p.Completion:
+              prompt: list | None) -> dict[str, Any]:
         lp = _choice_logprobs(state, job, i, prompt, logprobs, offsets[i]) if want_logprobs else None
         if prompt is not None and _echo_logprobs(job.body):
             text = job.echo_text(i) + text
         offsets[i] += len(text)
-        return envelope([p.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=finish,
-                                            prompt_logprobs=_prompt_logprobs(state, prompt, job.body.prompt_logprobs))])
+        choice: dict[str, Any] = {"index": i, "text": text}
+        if lp is not None:
+            choice["logprobs"] = lp
+        if finish is not None:
+            choice["finish_reason"] = finish
+        plp = _prompt_logprobs(state, prompt, job.body.prompt_logprobs)
+        if plp is not None:
+            choice["prompt_logprobs"] = plp
+        return {**head, "choices": [choice]}
 
-    def first(i: int) -> p.Completion:
-        return envelope([p.CompletionChoice(index=i, text=job.echo_text(i))])
+    def first(i: int) -> dict[str, Any]:
+        return {**head, "choices": [{"index": i, "text": job.echo_text(i)}]}
 
-    return _sse(state, job, record, stream, chunk, first if echo_first else None, lambda usage: envelope([], usage))
+    return _sse(state, job, record, stream, chunk, first if echo_first else None,
+                lambda usage: {**head, "choices": [], "usage": usage})
 
 
 async def _serve(request: Request, endpoint: str, model: type, prepare: Callable, as_json: Callable,
@@ -546,28 +563,12 @@ async def _serve(request: Request, endpoint: str, model: type, prepare: Callable
         record.done(200)
         return response
     stream = await _start(state, job, record)
-    return _EngineStreamResponse(as_stream(state, job, record, stream), lambda: _closed(state, stream, record))
+    return EventStreamResponse(as_stream(state, job, record, stream), lambda: _closed(state, stream, record))
 
 
 def _closed(state: ServerState, stream: RequestStream, record: RequestRecord) -> None:
     state.engine.close(stream)
     record.done(CLIENT_CLOSED)  # no-op when the stream already recorded how it ended
-
-
-class _EngineStreamResponse(StreamingResponse):
-    """SSE response that always releases its engine request, even when the client leaves before the first
-    event (an async generator that never started runs no `finally`)."""
-
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._on_close = on_close
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._on_close()
 
 
 REF_TEMPLATE = "#/components/schemas/{model}"

@@ -7,6 +7,9 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+from pydantic import BaseModel
+from pydantic_core import to_json
+
 from deepfleet.server import protocol as p
 from deepfleet.server.reasoning import ReasoningParser
 from deepfleet.server.tool_calls import call_id
@@ -111,32 +114,40 @@ def tool_calls(calls: list[Any], ids: list[str]) -> list[p.ResponseToolCall] | N
             for c, i in zip(calls, ids, strict=True)]
 
 
-def chat_logprobs(entries: list[dict[str, Any]], token_text: TokenText) -> p.ChatLogprobs:
+# Logprobs are built as plain dicts and lists (the streamed chunks serialize them as they are; the non-streamed
+# answers' models validate them): a chunk per stream per step, and a pydantic model per token there cost more than
+# the rest of the event.
+
+
+def chat_logprobs(entries: list[dict[str, Any]], token_text: TokenText) -> dict[str, Any]:
+    """OpenAI's ChatLogprobs."""
     content = []
     for e in entries:
         token = token_text(e["token_id"])
-        tops = [
-            p.TopLogprob(token=(t := token_text(tid)), logprob=lp, bytes=list(t.encode()))
-            for tid, lp in (e.get("top_logprobs") or {}).items()
-        ]
-        content.append(p.TokenLogprob(token=token, logprob=e["logprob"], bytes=list(token.encode()), top_logprobs=tops))
-    return p.ChatLogprobs(content=content)
+        tops = [{"token": (t := token_text(tid)), "logprob": lp, "bytes": list(t.encode())}
+                for tid, lp in (e.get("top_logprobs") or {}).items()]
+        content.append({"token": token, "logprob": e["logprob"], "bytes": list(token.encode()), "top_logprobs": tops})
+    return {"content": content}
 
 
-def _logprobs() -> p.CompletionLogprobs:
-    return p.CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+def _logprobs() -> dict[str, list]:
+    return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
 
 
 def completion_logprobs(entries: list[dict[str, Any]], token_text: TokenText, offset: int,
-                        out: p.CompletionLogprobs | None = None) -> p.CompletionLogprobs:
-    """Output tokens' logprobs, text offsets from `offset` on; appended to `out` (the echoed prompt's) if given."""
+                        out: dict[str, list] | None = None) -> dict[str, list]:
+    """OpenAI's CompletionLogprobs of output tokens, text offsets from `offset` on; appended to `out` (the echoed
+    prompt's) if given."""
     out = _logprobs() if out is None else out
+    tokens, token_logprobs, top_logprobs, text_offset = (out["tokens"], out["token_logprobs"], out["top_logprobs"],
+                                                         out["text_offset"])
     for e in entries:
         token = token_text(e["token_id"])
-        out.tokens.append(token)
-        out.token_logprobs.append(e["logprob"])
-        out.top_logprobs.append({token_text(tid): lp for tid, lp in (e.get("top_logprobs") or {}).items()})
-        out.text_offset.append(offset)
+        tokens.append(token)
+        token_logprobs.append(e["logprob"])
+        tops = e.get("top_logprobs")
+        top_logprobs.append({token_text(tid): lp for tid, lp in tops.items()} if tops else {})
+        text_offset.append(offset)
         offset += len(token)
     return out
 
@@ -148,16 +159,16 @@ def _top(entry: dict[str, Any], k: int) -> list[tuple[int, float]]:
 
 
 def echo_logprobs(prompt_ids: list[int], entries: list[dict[str, Any] | None], token_text: TokenText,
-                  k: int) -> p.CompletionLogprobs:
+                  k: int) -> dict[str, list]:
     """OpenAI's `echo` with `logprobs`: the prompt's tokens lead the choice's logprobs, the first one without a
     logprob (nothing precedes it); their text offsets add up the tokens' texts from 0, as vLLM's."""
     out, offset = _logprobs(), 0
     for token_id, e in zip(prompt_ids, entries, strict=True):
         token = token_text(token_id)
-        out.tokens.append(token)
-        out.token_logprobs.append(None if e is None else e["logprob"])
-        out.top_logprobs.append(None if e is None else {token_text(tid): lp for tid, lp in _top(e, k)})
-        out.text_offset.append(offset)
+        out["tokens"].append(token)
+        out["token_logprobs"].append(None if e is None else e["logprob"])
+        out["top_logprobs"].append(None if e is None else {token_text(tid): lp for tid, lp in _top(e, k)})
+        out["text_offset"].append(offset)
         offset += len(token)
     return out
 
@@ -187,20 +198,24 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> p.U
     )
 
 
-# Characters str.splitlines() breaks lines at that JSON may carry raw inside strings (the others, \n \r \v \f
-# \x1c-\x1e, are control characters JSON always escapes). Clients that split an SSE stream that way (httpx's
-# aiter_lines) would cut an event in two, so they are written as JSON escapes: the same string, one line.
-_LINE_SEPARATORS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+# Bytes str.splitlines() breaks lines at that JSON may carry raw inside strings (the others, \n \r \v \f
+# \x1c-\x1e, are control characters JSON always escapes): U+0085, U+2028 and U+2029 in UTF-8. Clients that split an
+# SSE stream that way (httpx's aiter_lines) would cut an event in two, so they are written as JSON escapes: the same
+# string, one line.
+_LINE_SEPARATORS = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))
 
 
-def sse_data(json_text: str) -> str:
-    """One SSE event carrying `json_text` on a single line whatever line splitting the client uses."""
-    return f"data: {json_text.translate(_LINE_SEPARATORS)}\n\n"
+def sse(chunk: dict[str, Any] | BaseModel) -> bytes:
+    """One SSE event carrying `chunk` as JSON on a single line whatever line splitting the client uses. Streamed
+    chunks are plain dicts (their None fields left out by whoever builds them) serialized as they are: building and
+    validating a model per chunk cost more than the rest of the event. Models nested in them, or given whole, leave
+    their null fields out: OpenAI clients read absent and null alike. Non-finite floats become null, as pydantic's
+    own JSON has them."""
+    data = to_json(chunk, exclude_none=True, inf_nan_mode="null")
+    if b"\xc2\x85" in data or b"\xe2\x80" in data:
+        for raw, escaped in _LINE_SEPARATORS:
+            data = data.replace(raw, escaped)
+    return b"data: " + data + b"\n\n"
 
 
-def sse(model: Any) -> str:
-    # null fields are left out: OpenAI clients read absent and null alike, and chunks stay small
-    return sse_data(model.model_dump_json(exclude_none=True))
-
-
-SSE_DONE = "data: [DONE]\n\n"
+SSE_DONE = b"data: [DONE]\n\n"
