@@ -3,8 +3,9 @@ engine's Python work (scheduling, sampling, detokenizing, kernel launches) no lo
 at a few hundred streams held the engine to about half its offline throughput (bench/RESULTS.md).
 
 Commands go down a multiprocessing queue (its feeder thread pickles, so the event loop never blocks on a full
-pipe); events come up a pipe read by one thread here. Outputs cross as deltas: the engine's RequestOutput is
-cumulative (the whole text and token list every step), this side appends the deltas to its own copy.
+pipe); events come up a pipe that the event loop reads whenever it holds data. Outputs cross as deltas: the
+engine's RequestOutput is cumulative (the whole text and token list every step), this side appends the deltas to
+its own copy.
 
 The child ignores SIGINT/SIGTERM (systemd and terminals signal the whole group): the server drains, then stops
 it. It exits when the server process is gone, and the server exits (status 1) when the child dies.
@@ -12,6 +13,7 @@ it. It exits when the server process is gone, and the server exits (status 1) wh
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing
 import os
@@ -194,7 +196,9 @@ class ProcessDriver:
         self.max_num_seqs = loaded.max_num_seqs
         self._decoder = _DeltaDecoder()
         self._stopping = False
-        self._reader: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._report: Callable[[Any], None] | None = None
+        self._drained = threading.Event()  # the pipe was read to its end
 
     @classmethod
     def launch(cls, factory: Callable[[Any], Any], settings: Any) -> ProcessDriver:
@@ -222,23 +226,29 @@ class ProcessDriver:
         return self._process.pid
 
     def start(self, report: Callable[[Any], None]) -> None:
-        """`report` is called in the reader thread with every event."""
+        """`report` is called in the event loop with every event: the pipe is read there whenever it holds data. (A
+        reader thread had to win the GIL back from the busy event loop for every read: at 256 streams it fell behind
+        and the full pipe held the engine back; bench/RESULTS.md.)"""
+        self._loop = asyncio.get_running_loop()
+        self._report = report
+        self._loop.add_reader(self._events.fileno(), self._read)
 
-        def read() -> None:
-            while True:
-                try:
-                    event = self._events.recv()
-                except (EOFError, OSError):
-                    if not self._stopping:
-                        self._process.join(5)
-                        report(Died(f"engine process exited with status {self._process.exitcode}"))
-                    return
+    def _read(self) -> None:
+        try:
+            while self._events.poll():  # every step reported meanwhile (a message is written whole: recv is short)
+                event = self._events.recv()
                 if isinstance(event, Stepped):
                     event = Stepped(self._decoder.decode(event.outputs), event.stats)
-                report(event)
+                self._report(event)
+        except (EOFError, OSError):
+            self._loop.remove_reader(self._events.fileno())
+            self._drained.set()
+            if not self._stopping:
+                self._loop.run_in_executor(None, self._report_exit)
 
-        self._reader = threading.Thread(target=read, name="deepfleet-engine-events", daemon=True)
-        self._reader.start()
+    def _report_exit(self) -> None:
+        self._process.join(5)
+        self._report(Died(f"engine process exited with status {self._process.exitcode}"))
 
     def send(self, command: Add | Abort) -> None:
         self._commands.put(command)
@@ -253,6 +263,6 @@ class ProcessDriver:
             log.warning("engine process did not stop in %.0f s: killed", _STOP_TIMEOUT_S)
             self._process.kill()
             self._process.join()
-        if self._reader is not None:
-            self._reader.join(_STOP_TIMEOUT_S)
+        if self._loop is not None:
+            self._drained.wait(_STOP_TIMEOUT_S)  # the events it reported on its way out are in
         self._commands.cancel_join_thread()  # a command the stopped child never read must not block our exit
