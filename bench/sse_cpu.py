@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import time
@@ -133,7 +134,7 @@ async def _stream_once(reader, writer, body: bytes) -> tuple[int, int]:
                  b"content-length: %d\r\n\r\n%s" % (len(body), body))
     head = await reader.readuntil(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1.1 200"):
-        raise RuntimeError(head.split(b"\r\n")[0].decode())
+        raise RuntimeError(head.decode() + (await reader.read(2000)).decode(errors="replace"))
     events = tokens = 0
     while True:  # chunked transfer encoding
         size = int((await reader.readline()).strip(), 16)
@@ -213,7 +214,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--client-processes", type=int, default=1)
-    ap.add_argument("--port", type=int, default=18100)
+    ap.add_argument("--port", type=int, default=0, help="default: a free one")
     ap.add_argument("--label", default="", help="a name for this run's rows (e.g. the commit under test)")
     ap.add_argument("--results", help="append JSON records (bench/results.jsonl format) to this file")
     args = ap.parse_args()
@@ -222,6 +223,10 @@ def main() -> None:
         return
     import httpx
 
+    if not args.port:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            args.port = s.getsockname()[1]
     child = subprocess.Popen([sys.executable, __file__, "serve-child", "--port", str(args.port), "--step-ms",
                               str(args.step_ms), "--concurrency", *map(str, args.concurrency)],
                              env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -17,8 +17,10 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import pickle
 import queue
 import signal
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -184,6 +186,26 @@ def _child_main(factory: Callable[[Any], Any], settings: Any, commands: Any, eve
         os._exit(1)  # no interpreter clean-up: a broken CUDA context can hang it
 
 
+_READ_BYTES = 1 << 20
+
+
+def _frames(unread: bytearray) -> list[Any]:
+    """The whole messages at the start of `unread` (taken out of it), framed as multiprocessing's Connection.send
+    writes them: a 4-byte big-endian signed length (-1: an 8-byte length follows), then the pickle."""
+    events = []
+    while len(unread) >= 4:
+        (size,), start = struct.unpack_from("!i", unread), 4
+        if size == -1:
+            if len(unread) < 12:
+                break
+            (size,), start = struct.unpack_from("!Q", unread, 4), 12
+        if len(unread) < start + size:
+            break
+        events.append(pickle.loads(bytes(unread[start : start + size])))
+        del unread[: start + size]
+    return events
+
+
 class ProcessDriver:
     """Server side of the engine process: start it (loads the model), send commands, report its events."""
 
@@ -198,6 +220,7 @@ class ProcessDriver:
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._report: Callable[[Any], None] | None = None
+        self._unread = bytearray()  # read from the pipe, not yet a whole message
         self._drained = threading.Event()  # the pipe was read to its end
 
     @classmethod
@@ -226,22 +249,30 @@ class ProcessDriver:
         return self._process.pid
 
     def start(self, report: Callable[[Any], None]) -> None:
-        """`report` is called in the event loop with every event: the pipe is read there whenever it holds data. (A
-        reader thread had to win the GIL back from the busy event loop for every read: at 256 streams it fell behind
-        and the full pipe held the engine back; bench/RESULTS.md.)"""
+        """`report` is called in the event loop with every event: the pipe is read there, without blocking, whenever
+        it holds data. (A reader thread had to win the GIL back from the busy event loop for every read: at 256
+        streams it fell behind and the full pipe held the engine back; bench/RESULTS.md.)"""
         self._loop = asyncio.get_running_loop()
         self._report = report
+        os.set_blocking(self._events.fileno(), False)  # (uvloop's add_reader makes it so anyway)
         self._loop.add_reader(self._events.fileno(), self._read)
 
     def _read(self) -> None:
+        fd, ended = self._events.fileno(), False
         try:
-            while self._events.poll():  # every step reported meanwhile (a message is written whole: recv is short)
-                event = self._events.recv()
-                if isinstance(event, Stepped):
-                    event = Stepped(self._decoder.decode(event.outputs), event.stats)
-                self._report(event)
-        except (EOFError, OSError):
-            self._loop.remove_reader(self._events.fileno())
+            while chunk := os.read(fd, _READ_BYTES):
+                self._unread += chunk
+            ended = True  # end of file: the engine process closed its end (exited)
+        except BlockingIOError:  # all read that was there
+            pass
+        except OSError:
+            ended = True
+        for event in _frames(self._unread):
+            if isinstance(event, Stepped):
+                event = Stepped(self._decoder.decode(event.outputs), event.stats)
+            self._report(event)
+        if ended:
+            self._loop.remove_reader(fd)
             self._drained.set()
             if not self._stopping:
                 self._loop.run_in_executor(None, self._report_exit)
