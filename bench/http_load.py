@@ -1,6 +1,6 @@
 """HTTP load on the OpenAI server next to the offline engine, same model, same workload (GPU):
 
-    PYTHONPATH=runtime python3 bench/http_load.py --shape 1.5b --concurrency 1 16 64 256
+    PYTHONPATH=runtime python3 bench/http_load.py --shape 1.5b 7b --concurrency 1 16 64 256
 
 A server process (`serve-child`) builds the engine (random-weight DeepSeek-R1-Distill-Qwen shape, bf16, dummy
 weights) and first measures it *offline*: a closed loop keeping C requests in flight through `LLMEngine`
@@ -202,7 +202,8 @@ def _num_requests(c: int, args: argparse.Namespace) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", nargs="?", default="run", choices=["run", "serve-child"])
-    ap.add_argument("--shape", default="1.5b", help="1.5b or 7b (GPU), or tiny (CPU smoke test)")
+    ap.add_argument("--shape", nargs="+", default=["1.5b"], help="1.5b and/or 7b (GPU: one server after the "
+                    "other), or tiny (CPU smoke test)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
     ap.add_argument("--min-requests", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=128)
@@ -218,10 +219,17 @@ def main() -> None:
     ap.add_argument("--model-dir")
     ap.add_argument("--offline-out")
     args = ap.parse_args()
+    shapes = args.shape
     if args.mode == "serve-child":
+        args.shape = shapes[0]
         serve_child(args)
         return
+    for shape in shapes:
+        run_shape(argparse.Namespace(**{**vars(args), "shape": shape}))
 
+
+def run_shape(args: argparse.Namespace) -> None:
+    """One server of `args.shape`: its offline figures, then the HTTP rows (or the schema rows)."""
     import httpx
 
     from deepfleet.engine.benchmark import write_shape_dir
