@@ -8,7 +8,7 @@ IMAGE_REPOSITORY = "deepfleet/runtime"
 
 # Engine (source documents: token-budget batcher max_tokens 4096, max_batch 32). The step's token budget defaults
 # to 4096 on the CPU and smaller GPUs; on GPUs with LARGE_GPU_BYTES or more (H100, H200, MI300X) to 16384, as vLLM's
-# offline default there: its prefill-carrying steps run the GEMMs at ~700 TFLOP/s against ~540 at 4096 (H200, 7B,
+# offline default there: a prefill-carrying step's kernels cost 20.7 us per token against 24.5 at 4096 (H200, 7B,
 # bench/RESULTS.md), at the cost of a longer step (~350 ms at 7B) while a burst of prompts is taken in.
 MAX_NUM_BATCHED_TOKENS = 4096
 MAX_NUM_BATCHED_TOKENS_LARGE_GPU = 16384
