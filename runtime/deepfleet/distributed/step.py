@@ -10,15 +10,21 @@ from deepfleet.engine.scheduler import SchedulerOutput
 
 
 class _Window:
-    """token_ids[start:stop] of a sequence for a worker that received only the tokens computed this step."""
+    """token_ids[start:stop] of a sequence for a worker that received only the tokens computed this step, indexed
+    as the sequence's token_ids are (and as long: `total` tokens)."""
 
-    __slots__ = ("chunk", "start")
+    __slots__ = ("chunk", "start", "total")
 
-    def __init__(self, start: int, chunk: list[int]):
-        self.start, self.chunk = start, chunk
+    def __init__(self, start: int, chunk: list[int], total: int):
+        self.start, self.chunk, self.total = start, chunk, total
 
-    def __getitem__(self, s: slice) -> list[int]:
-        return self.chunk[s.start - self.start : s.stop - self.start]
+    def __len__(self) -> int:
+        return self.total
+
+    def __getitem__(self, i: int | slice) -> int | list[int]:
+        if isinstance(i, slice):
+            return self.chunk[i.start - self.start : i.stop - self.start]
+        return self.chunk[i - self.start]
 
 
 @dataclass(eq=False)
@@ -51,5 +57,6 @@ class StepInputs:
                     for s, n in out.scheduled], 0 if prev_token_ids is None else prev_token_ids.numel())
 
     def scheduler_output(self) -> SchedulerOutput:
-        return SchedulerOutput(scheduled=[(SeqView(start, total, _Window(start, new), table, row, drafts), len(new))
-                                          for start, total, new, table, row, drafts in self.seqs])
+        return SchedulerOutput(scheduled=[
+            (SeqView(start, total, _Window(start, new, total), table, row, drafts), len(new))
+            for start, total, new, table, row, drafts in self.seqs])

@@ -23,10 +23,10 @@ from deepfleet.engine.detokenizer import IncrementalDetokenizer, StopChecker, de
 from deepfleet.engine.errors import StartupError
 from deepfleet.engine.logits_processors import LogitsProcessors
 from deepfleet.engine.outputs import CompletionOutput, EngineStats, LoRAStats, RequestOutput
-from deepfleet.engine.sampler import SampledToken, Sampler, SampleResult, make_generator, reads_output
+from deepfleet.engine.sampler import SampledToken, Sampler, SampleResult, argmax_only, make_generator, reads_output
 from deepfleet.engine.sampling_params import SamplingParams
 from deepfleet.engine.scheduler import Scheduler
-from deepfleet.engine.sequence import Sequence, Status
+from deepfleet.engine.sequence import FINISHED, Sequence, Status
 from deepfleet.engine.spec_decode import config as spec_config
 from deepfleet.engine.spec_decode.config import SpeculativeConfig
 from deepfleet.engine.spec_decode.speculator import Speculator
@@ -141,6 +141,9 @@ class LLMEngine:
         self._aborted: list[Sequence] = []  # reported (finish_reason "abort") by the next step
         self._to_decode: list[tuple[Sequence, list[int]]] = []  # ended, text decoded once: (request, its tokens)
         self._in_flight: _Launched | None = None  # the launched step whose tokens are not taken in yet
+        # unfinished requests that are not argmax_only (reads_output ones among them): while there are none, a step
+        # checks no row for either
+        self._num_not_argmax = 0
         # tensor-parallel workers get the in-flight tokens by a device broadcast (distributed/step.py); drafts
         # depend on the previous step's tokens, so speculation runs serial steps
         self._overlap = config.async_scheduling and not speculative
@@ -229,10 +232,11 @@ class LLMEngine:
         seq.end_ids = frozenset(params.stop_token_ids or ()) | (
             frozenset() if params.ignore_eos else frozenset(self.tokenizer.eos_token_ids))
         seq.sampling.logits_processors.extend(self.logits_processors.for_request(params))
-        seq.reads_output = reads_output(seq.sampling)
+        seq.reads_output, seq.argmax_only = reads_output(seq.sampling), argmax_only(seq.sampling)
         self.requests[request_id] = seq
         if deadline is not None:
             self._with_deadline[request_id] = seq
+        self._num_not_argmax += not seq.argmax_only
         self.scheduler.add(seq)
         self.prompt_tokens_total += len(ids)
 
@@ -323,6 +327,7 @@ class LLMEngine:
         seq.status, seq.finish_reason, seq.stop_reason = Status.FINISHED, reason, stop_reason
         self.requests.pop(seq.request_id, None)
         self._with_deadline.pop(seq.request_id, None)
+        self._num_not_argmax -= not seq.argmax_only
 
     def step(self) -> list[RequestOutput]:
         """Schedule and launch this step, then (overlapped with the GPU running it) take in the previous step's
@@ -350,7 +355,7 @@ class LLMEngine:
             logits = self.runner.execute(out) if prev is None else self.runner.execute(out, prev.result.token_ids)
             self._take_prompt_logprobs()
             to_sample = [s for s, n in out.scheduled if s.num_computed_tokens + n == len(s.token_ids)]
-            if prev is not None and _reads_output(to_sample):
+            if prev is not None and self._num_not_argmax and _reads_output(to_sample):
                 advanced, prev = self._resolve(prev), None  # taken in while the forward runs, before sampling
                 live = [row for row, s in enumerate(to_sample) if not s.is_finished]  # not those that just ended
                 if logits is not None and len(live) < len(to_sample):
@@ -368,29 +373,27 @@ class LLMEngine:
         return self._outputs(ended, advanced)
 
     def _outputs(self, ended: list[Sequence], advanced: list[Sequence]) -> list[RequestOutput]:
-        """Outputs of the requests that ended, and of those that advanced and are streamed."""
+        """Outputs of the requests that ended, and of `advanced` (streamed ones that advanced, and ones that ended
+        as they advanced)."""
         if self._to_decode:
             ended_now, self._to_decode = self._to_decode, []
             texts = decode_outputs([s.detokenizer for s, _ in ended_now], [ids for _, ids in ended_now])
             for (seq, _), text in zip(ended_now, texts, strict=True):
                 seq.text.append(text)
-        return [self._output(s) for s in (*ended, *(s for s in advanced if s.stream or s.is_finished))]
+        return [self._output(s) for s in (*ended, *advanced)]
 
     def _sample(self, logits: torch.Tensor, to_sample: list[Sequence]) -> _Launched:
         """Launch the sampler without waiting for the GPU; every sampled sequence gets a placeholder token that
         the next step reads on the device and `_resolve` later replaces."""
-        result = self.sampler.sample(logits, [s.sampling for s in to_sample])
+        all_argmax = not self._num_not_argmax or all(s.argmax_only for s in to_sample)
+        result = self.sampler.sample(logits, [s.sampling for s in to_sample], all_argmax)
         result.start_copy()
-        entries = []
-        for row, seq in enumerate(to_sample):
-            index = seq.add_placeholder(row)
-            entries.append((seq, index))
-            seq.final_pending = index >= seq.last_index  # (a token still in flight before it counts too)
-        return _Launched(entries, result)
+        return _Launched([(seq, seq.add_placeholder(row)) for row, seq in enumerate(to_sample)], result)
 
     def _speculative_step(self, out) -> list[Sequence]:
         """Serial step with drafts (spec_decode/speculator.py): run, verify, append the emitted tokens, count only
-        the kept positions as computed, then (MTP) draft for the next step."""
+        the kept positions as computed, then (MTP) draft for the next step. Returns the requests to report, as
+        `_resolve`."""
         spec = self.speculator
         logits = self.runner.execute(out)
         self._take_prompt_logprobs()
@@ -415,7 +418,7 @@ class LLMEngine:
                 if request.num_drafts > 1 and not self.block_manager.allocate(seq, request.num_drafts - 1):
                     request.num_drafts = 1
             spec.keep_mtp_drafts(mtp, self.runner.propose_mtp([r for _, r in mtp]))
-        return sampled
+        return [s for s in sampled if s.stream or s.is_finished]
 
     def _take_prompt_logprobs(self) -> None:
         """The step's prompt logprobs to the host (a wait for the GPU, only in steps that computed some)."""
@@ -431,20 +434,23 @@ class LLMEngine:
         """The step's tokens reach the host (its one device->host transfer); requests that ended meanwhile
         (stopped by the step before, aborted, timed out) drop theirs. Per token only the lists grow; text, stop
         and logprob work (`_append`) runs for the rows that need it: text built per token, an end token, the
-        last token by length, logprobs asked."""
-        advanced = []
+        last token by length, logprobs asked. Returns the requests to report: the streamed ones (their text is built
+        per token, so they take that path) and those that ended."""
+        reported, dropped = [], 0
         token_ids, sampled = launched.result.to_host_ids()
         append = self._append
         for row, ((seq, index), token_id) in enumerate(zip(launched.entries, token_ids, strict=True)):
-            if seq.status is Status.FINISHED:
+            if seq.status is FINISHED:
+                dropped += 1
                 continue
             seq.token_ids[index] = token_id
             seq.sampling.output_token_ids.append(token_id)
             if seq.text_per_token or index >= seq.last_index or token_id in seq.end_ids or sampled is not None:
                 append(seq, index, token_id, sampled[row] if sampled is not None else None)
-            advanced.append(seq)
-        self.generation_tokens_total += len(advanced)
-        return advanced
+                if seq.stream or seq.status is FINISHED:
+                    reported.append(seq)
+        self.generation_tokens_total += len(token_ids) - dropped
+        return reported
 
     def _append(self, seq: Sequence, index: int, token_id: int, sampled: SampledToken | None = None) -> None:
         """Logprobs (from `sampled`, when the request asked for them), text (built per token) and stop checks for

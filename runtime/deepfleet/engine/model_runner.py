@@ -232,11 +232,11 @@ class ModelRunner:
         rows = pbase + (self.prefill_graph_seqs if bucket is not None else len(prefills)) if prefills else padded
         tab = a["tables"][: rows * width].reshape(rows, width)
         # decode rows: per sequence (position, input token, token count, placeholder row) in one pass, the rest
-        # vectorized (a worker's SeqView holds only a window of the tokens: sliced at the position, not indexed)
+        # vectorized (a list comprehension and len(): faster than a generator and the num_tokens property)
         nd = len(decodes)
-        per_seq = np.fromiter(chain.from_iterable(
-            (seq.num_computed_tokens, seq.token_ids[seq.num_computed_tokens : seq.num_computed_tokens + 1][0],
-             seq.num_tokens, seq.pending_row) for seq in seqs), np.int64, 4 * nd).reshape(nd, 4)
+        per_seq = np.fromiter(chain.from_iterable([
+            (seq.num_computed_tokens, seq.token_ids[seq.num_computed_tokens], len(seq.token_ids), seq.pending_row)
+            for seq in seqs]), np.int64, 4 * nd).reshape(nd, 4)
         dpos, ids = per_seq[:, 0], per_seq[:, 1]
         fill_dst = np.flatnonzero(ids < 0)  # sampled by the step still in flight: read on the device
         fill_src = per_seq[fill_dst, 3]

@@ -62,7 +62,7 @@ def reads_output(s: SamplingState) -> bool:
             or bool(s.logits_processors))
 
 
-def _argmax_only(s: SamplingState) -> bool:
+def argmax_only(s: SamplingState) -> bool:
     """Greedy, no logprobs, nothing applied to its logits: its token is the argmax of its row."""
     return s.params.temperature == 0 and s.params.logprobs is None and not reads_output(s)
 
@@ -157,10 +157,11 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[SamplingState]) -> list[SampledToken]:
         return self.sample(logits, seqs).to_host()
 
-    def sample(self, logits: torch.Tensor, seqs: list[SamplingState]) -> SampleResult:
+    def sample(self, logits: torch.Tensor, seqs: list[SamplingState], all_argmax: bool = False) -> SampleResult:
+        """`all_argmax`: the caller knows every row is `argmax_only` (the engine decides it once per request)."""
         if logits.dim() != 2 or logits.shape[0] != len(seqs):
             raise ValueError(f"logits: expected shape [{len(seqs)}, vocab], got {list(logits.shape)}")
-        if all(map(_argmax_only, seqs)):  # (one pass over the rows, not one per parameter below)
+        if all_argmax or all(map(argmax_only, seqs)):  # (one pass over the rows, not one per parameter below)
             tokens = logits.argmax(dim=-1)
             return SampleResult(tokens, tokens, [None] * len(seqs))
         params = [s.params for s in seqs]

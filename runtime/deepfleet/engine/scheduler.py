@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from deepfleet.engine.block_manager import BlockManager
-from deepfleet.engine.sequence import Sequence, Status
+from deepfleet.engine.sequence import RUNNING, Sequence, Status
 
 AGEING_STEPS = 8  # waiting steps that make a request one priority level more urgent
 
@@ -146,7 +146,7 @@ class Scheduler:
     def update_after_step(self, out: SchedulerOutput) -> None:
         bs, register = self.blocks.block_size, self.blocks.register_full_blocks
         for seq, n in out.scheduled:
-            if seq.status is not Status.RUNNING:  # ended while the step ran (async scheduling): blocks are freed
+            if seq.status is not RUNNING:  # ended while the step ran (async scheduling): blocks are freed
                 continue
             seq.num_computed_tokens += n
             if n != 1 or seq.num_computed_tokens % bs == 0:  # (a decode fills a block once every bs steps)

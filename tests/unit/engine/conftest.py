@@ -24,12 +24,12 @@ class RecordingSampler(Sampler):
         self.rows: dict[int, list[torch.Tensor]] = {}
         self._alive = []  # keeps recorded states alive so their id() is never reused
 
-    def sample(self, logits, seqs):
+    def sample(self, logits, seqs, all_argmax=False):
         for row, state in zip(logits, seqs, strict=True):
             if id(state) not in self.rows:
                 self._alive.append(state)
             self.rows.setdefault(id(state), []).append(row.detach().float().cpu().clone())
-        return super().sample(logits, seqs)
+        return super().sample(logits, seqs, all_argmax)
 
 
 @pytest.fixture
