@@ -14,7 +14,12 @@ on CPU the draw itself, a greedy argmax of a [seqs, 544] tensor), take_in_tokens
 previous step's tokens) and other (the rest of step(): output objects, block bookkeeping). Requests: 32-token
 prompts, greedy, ignore_eos; workloads `offline` (reported only when finished, as LLM.generate asks),
 `stream` (reported every step, as the server's streams) and `stop` (two stop strings that never match, every
-step's text checked, offline)."""
+step's text checked, offline).
+
+--stub-forward replaces the model's forward and LM head by fixed outputs (the greedy token is then the same every
+step): the host loop's objects then stay in the CPU's caches from one step to the next, as on a GPU host, where the
+forward runs on the device; an eager forward on the same CPU evicts them, which makes every pass over the batch's
+sequences after it slower than it is beside a GPU."""
 
 from __future__ import annotations
 
@@ -68,12 +73,25 @@ def _add(engine, seqs: int, workload: str, tag: str) -> None:
                                                                stop=stop), **offline)
 
 
-def measure(model_dir: Path, seqs: int, steps: int, workload: str) -> dict[str, float]:
+def _stub_forward(engine) -> None:
+    import torch
+
+    model, cfg = engine.runner.model, engine.runner.cfg
+    rows = engine.runner.buffers.max_tokens
+    hidden = torch.zeros(rows, cfg.hidden_size)
+    logits = torch.randn(rows, cfg.vocab_size, generator=torch.Generator().manual_seed(0))
+    model.forward = lambda input_ids, *args: hidden[: len(input_ids)]
+    model.compute_logits = lambda h, out=None: logits[: len(h)]
+
+
+def measure(model_dir: Path, seqs: int, steps: int, workload: str, stub: bool = False) -> dict[str, float]:
     """One engine, `seqs` sequences through their prefills, then `steps` timed decode steps: ms per step."""
     import torch
 
     torch.set_num_threads(1)
     e = _engine(model_dir, seqs)
+    if stub:
+        _stub_forward(e)
     parts: dict[str, float] = defaultdict(float)
     clock = time.thread_time  # CPU time of this thread: other work on the machine does not count
 
@@ -120,13 +138,13 @@ def _child(args) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_tiny_model(Path(tmp) / "qwen2", "qwen2")
-        print(json.dumps({w: measure(model_dir, args.seqs, args.steps, w) for w in args.workloads}))
+        print(json.dumps({w: measure(model_dir, args.seqs, args.steps, w, args.stub_forward) for w in args.workloads}))
 
 
 def _run_tree(tree: Path, args) -> dict:
     env = {**os.environ, "PYTHONPATH": f"{tree}/runtime:{tree}"}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--seqs", str(args.seqs), "--steps",
-           str(args.steps), "--workloads", *args.workloads]
+           str(args.steps), "--workloads", *args.workloads, *(["--stub-forward"] if args.stub_forward else [])]
     done = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, cwd=tree)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -143,6 +161,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
     p.add_argument("--trees", nargs="+", metavar="NAME=PATH", default=None)
+    p.add_argument("--stub-forward", action="store_true", help="fixed forward outputs: caches as on a GPU host")
     p.add_argument("--out", type=Path, default=None, help="append records (bench/results.jsonl format)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -164,14 +183,14 @@ def main() -> None:
     device, today = f"CPU: {cpu_name()}", datetime.date.today().isoformat()
     print(f"{args.seqs} decoding sequences, ms per step (best of {args.repeats} x {args.steps} steps), {device}")
     print(f"{'workload':<9}{'tree':<8}" + "".join(f"{k:>20}" for k in keys))
-    records = []
+    records, stub = [], " stub forward" if args.stub_forward else ""
     for w in args.workloads:
         for name, path in trees.items():
             phases = best[name][w]
             print(f"{w:<9}{name:<8}" + "".join(f"{phases[k]:>20.3f}" for k in keys))
             commit = _commit(Path(path))
             records += [dict(date=today, device=device, commit=commit, shape="tiny qwen2 (tests) fp32",
-                             workload=f"host cpu {args.seqs} seqs {w}", metric=f"host_{k}_ms" if k != "host_total"
+                             workload=f"host cpu {args.seqs} seqs {w}{stub}", metric=f"host_{k}_ms" if k != "host_total"
                              and k != "model_forward" else f"{k}_ms", value=round(phases[k], 4), unit="ms")
                         for k in keys]
     if len(trees) == 2:  # the machine's speed drifts: the ratio within each back-to-back pair is steadier
