@@ -72,11 +72,13 @@ class _Staging:
             return torch.zeros(shape, dtype=dtype, pin_memory=pin)
 
         self.ids, self.positions, self.slots = (buf(max_tokens, torch.long) for _ in range(3))
-        self.ctx_lens = buf(max_rows, torch.int32)
+        # ctx_lens [max_rows] then query_start [max_rows + 2] (decode segment, then prefill segment): one copy
+        self.row_meta = buf(2 * max_rows + 2, torch.int32)
+        self.ctx_lens, self.query_start = self.row_meta[:max_rows], self.row_meta[max_rows:]
+        self.ctx_lens.fill_(1)
         self.tables = buf(max_rows * width, torch.int32)  # filled as one contiguous [rows, used width] block
-        self.query_start = buf(max_rows + 2, torch.int32)  # decode segment, then prefill segment
-        self.fill_dst, self.fill_src = buf(max_rows, torch.long), buf(max_rows, torch.long)
-        names = ["ids", "positions", "slots", "ctx_lens", "tables", "query_start", "fill_dst", "fill_src"]
+        self.fill = buf(2 * max_rows, torch.long)  # a step's k fill destinations, then their k sources
+        names = ["ids", "positions", "slots", "ctx_lens", "tables", "query_start", "fill"]
         if lora:
             self.lora_slots = buf(max_tokens, torch.long)  # each token's adapter slot (deepfleet/lora/)
             names.append("lora_slots")
@@ -96,9 +98,11 @@ class InputBuffers:
         self.ids = torch.zeros(max_tokens, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_tokens, dtype=torch.long, device=device)
         self.slots = torch.full((max_tokens,), scratch_block * block_size, dtype=torch.long, device=device)
-        self.ctx_lens = torch.ones(max_rows, dtype=torch.int32, device=device)
+        self.row_meta = torch.zeros(2 * max_rows + 2, dtype=torch.int32, device=device)  # as _Staging.row_meta
+        self.ctx_lens, self.query_start = self.row_meta[:max_rows], self.row_meta[max_rows:]
+        self.ctx_lens.fill_(1)
         self.block_tables = torch.full((max_rows, width), scratch_block, dtype=torch.int32, device=device)
-        self.query_start = torch.zeros(max_rows + 2, dtype=torch.int32, device=device)
+        self.fill = torch.zeros(2 * max_rows, dtype=torch.long, device=device)
         self.scratch_slot, self.scratch_block = scratch_block * block_size, scratch_block
         self.lora_slots = torch.full((max_tokens,), lora_null_slot, dtype=torch.long, device=device) if lora else None
 
@@ -117,12 +121,14 @@ class InputBuffers:
         self.slots[:num_tokens].copy_(st.slots[:num_tokens], non_blocking=nb)
         if self.lora_slots is not None:
             self.lora_slots[:num_tokens].copy_(st.lora_slots[:num_tokens], non_blocking=nb)
-        self.ctx_lens[:num_rows].copy_(st.ctx_lens[:num_rows], non_blocking=nb)
-        self.query_start[: num_rows + 2].copy_(st.query_start[: num_rows + 2], non_blocking=nb)
+        # ctx_lens and query_start in one copy: the rows past num_rows in between are no step's input (a step
+        # stages every row it reads)
+        meta_end = self.max_rows + num_rows + 2
+        self.row_meta[:meta_end].copy_(st.row_meta[:meta_end], non_blocking=nb)
         if used_width:
             self.block_tables[:num_rows, :used_width].copy_(
                 st.tables[: num_rows * used_width].view(num_rows, used_width), non_blocking=nb)
         if num_fill:
-            dst = st.fill_dst[:num_fill].to(self.device, non_blocking=nb)
-            src = st.fill_src[:num_fill].to(self.device, non_blocking=nb)
-            self.ids.index_copy_(0, dst, prev_token_ids.index_select(0, src))
+            fill = self.fill[: 2 * num_fill]
+            fill.copy_(st.fill[: 2 * num_fill], non_blocking=nb)
+            self.ids.index_copy_(0, fill[:num_fill], prev_token_ids.index_select(0, fill[num_fill:]))

@@ -279,8 +279,8 @@ class ModelRunner:
             a["positions"][t:end] = 0
             a["slots"][t:end] = buf.scratch_slot
             t = end
-        a["fill_dst"][: len(fill_dst)] = fill_dst
-        a["fill_src"][: len(fill_src)] = fill_src
+        a["fill"][: len(fill_dst)] = fill_dst
+        a["fill"][len(fill_dst) : 2 * len(fill_dst)] = fill_src
         if self.lora is not None:
             self._stage_lora_slots(a["lora_slots"], decodes, prefills, padded, pbase, t)
         return st, t if prefills else padded, rows, width, len(fill_dst), decode_rows, prefill_rows, prefill_meta
