@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from server_wait import wait_ready
+
 MODEL_NAME = "bench"
 # long outputs under the grammar: an object holding an array of free strings (a random model closes it at will)
 SCHEMA = {"type": "object", "properties": {"notes": {"type": "array", "items": {"type": "string"}}},
@@ -104,17 +106,20 @@ def bench_engine(args: argparse.Namespace, settings: Any) -> Any:
     return engine
 
 
-def serve_child(args: argparse.Namespace) -> None:
-    import uvicorn
-
-    from deepfleet.server.app import create_app
+def serve_settings(args: argparse.Namespace, model_dir: str) -> Any:
+    """The serve defaults (admission slots = the engine's max_num_seqs, queue, engine process, API processes for
+    this host), as `deepfleet serve`."""
     from deepfleet.server.config import ServeSettings
 
-    # the serve defaults (admission slots = the engine's max_num_seqs, queue, engine process), as `deepfleet serve`
-    settings = ServeSettings(model=args.model_dir, served_model_name=MODEL_NAME, host="127.0.0.1", port=args.port,
-                             warmup_requests=2, log_level="warning", engine_process=not args.engine_thread)
-    uvicorn.run(create_app(settings, functools.partial(bench_engine, args)), host="127.0.0.1", port=args.port,
-                log_level="warning", timeout_keep_alive=settings.keep_alive_s)
+    return ServeSettings(model=model_dir, served_model_name=MODEL_NAME, host="127.0.0.1", port=args.port,
+                         warmup_requests=2, log_level="warning", engine_process=not args.engine_thread,
+                         api_processes=args.api_processes)
+
+
+def serve_child(args: argparse.Namespace) -> None:
+    from deepfleet.server.lifecycle import run
+
+    raise SystemExit(run(serve_settings(args, args.model_dir), functools.partial(bench_engine, args)))
 
 
 # ---- load generator --------------------------------------------------------------------------------------------
@@ -213,6 +218,7 @@ def main() -> None:
                     "evenly); keep them on cores the server does not need")
     ap.add_argument("--engine-thread", action="store_true", help="run the server's engine in a thread of the server "
                     "process (engine_process: false), the baseline of the default engine process")
+    ap.add_argument("--api-processes", type=int, help="server API processes (default: serve's for this host)")
     ap.add_argument("--results", help="append JSON records (bench/results.jsonl format) to this file")
     ap.add_argument("--json-schema", action="store_true", help="measure the structured-output overhead (above)")
     ap.add_argument("--max-num-seqs", type=int, help="engine max_num_seqs (default: sized from memory)")
@@ -234,6 +240,7 @@ def run_shape(args: argparse.Namespace) -> None:
 
     from deepfleet.engine.benchmark import write_shape_dir
     from deepfleet.models.tiny import make_tiny_model
+    from deepfleet.server import api_processes
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.shape == "tiny":
@@ -241,26 +248,22 @@ def run_shape(args: argparse.Namespace) -> None:
         else:
             model_dir = write_shape_dir(args.shape, Path(tmp) / args.shape)
         offline_out = Path(tmp) / "offline.json"
+        args.api_count = api_processes.count(serve_settings(args, str(model_dir)))
+        print(f"server: {args.api_count} API process(es)", flush=True)
         child = subprocess.Popen(
             [sys.executable, __file__, "serve-child", "--model-dir", str(model_dir), "--offline-out",
              str(offline_out), "--shape", args.shape, "--port", str(args.port), "--prompt-len", str(args.prompt_len),
              "--output-len", str(args.output_len), "--min-requests", str(args.min_requests),
              *(["--engine-thread"] if args.engine_thread else []), *(["--json-schema"] if args.json_schema else []),
              *(["--max-num-seqs", str(args.max_num_seqs)] if args.max_num_seqs else []),
+             *(["--api-processes", str(args.api_processes)] if args.api_processes else []),
              "--concurrency", *map(str, args.concurrency)],
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
         url = f"http://127.0.0.1:{args.port}"
         try:
             t0 = time.monotonic()
-            while True:
-                if child.poll() is not None:
-                    raise SystemExit(f"server exited with {child.returncode}")
-                try:
-                    if httpx.get(url + "/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.5)
+            if not wait_ready(args.port, child):
+                raise SystemExit(f"server exited with {child.returncode}")
             print(f"server ready after {time.monotonic() - t0:.0f} s (engine init + offline runs + warm-up)")
             offline = {int(k): v for k, v in json.loads(offline_out.read_text()).items()}
             if args.json_schema:
@@ -345,7 +348,8 @@ def _append_records(args: argparse.Namespace, c: int, offline: dict, online: dic
     base = dict(date=datetime.date.today().isoformat(), device=torch.cuda.get_device_name(),
                 commit=os.environ.get("DEEPFLEET_COMMIT", "unknown"),
                 shape=f"R1-Distill-Qwen-{args.shape.upper()} bf16",
-                workload=f"http closed loop C={c}, {args.prompt_len}->{args.output_len}, serve defaults")
+                workload=f"http closed loop C={c}, {args.prompt_len}->{args.output_len}, serve defaults "
+                         f"(api_processes {args.api_count})")
     with open(args.results, "a") as f:
         for metric, value, unit in (("offline_tok_s", offline["tok_s"], "tok/s"),
                                     ("http_tok_s", online["tok_s"], "tok/s"),

@@ -9,7 +9,9 @@ process runs a closed loop of C streaming `/v1/completions` clients (the body `b
 prompt, `logprobs: 0`, usage chunk) over raw loopback sockets (an HTTP client library would cost more CPU than
 the server on a 2-core machine), and reports output tok/s as a share of the pace, the SSE events received, and the
 API process's CPU time (from /proc) per event and per token: the figure that does not depend on what else the
-machine runs. Load stays bounded: C connections on 127.0.0.1, `--requests` in all.
+machine runs. `--api-processes N`: N API processes in front of the engine (`api_processes`; their CPU time summed;
+default 1, serve's default on a host without a GPU). Load stays bounded: C connections on 127.0.0.1, `--requests`
+in all.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from server_wait import wait_ready
 
 MODEL_NAME = "bench"
 PIECE = "ab "  # each token's text
@@ -108,21 +112,21 @@ class PacedEngine:
 
 def paced_engine(args: argparse.Namespace, settings) -> PacedEngine:
     """The server's engine factory (module level: it runs in the engine process)."""
-    return PacedEngine(args.step_ms / 1e3, max(args.concurrency))
+    # twice the streams: admission is never the limit, also where it is split between API processes whose
+    # connection counts differ (the kernel spreads connections by hash)
+    return PacedEngine(args.step_ms / 1e3, 2 * max(args.concurrency))
 
 
 def serve_child(args: argparse.Namespace) -> None:
     import functools
 
-    import uvicorn
-
-    from deepfleet.server.app import create_app
     from deepfleet.server.config import ServeSettings
+    from deepfleet.server.lifecycle import run
 
     settings = ServeSettings(model="paced", served_model_name=MODEL_NAME, host="127.0.0.1", port=args.port,
-                             warmup_requests=1, log_level="warning", generation_config="vllm")
-    uvicorn.run(create_app(settings, functools.partial(paced_engine, args)), host="127.0.0.1", port=args.port,
-                log_level="warning", timeout_keep_alive=settings.keep_alive_s)
+                             warmup_requests=1, log_level="warning", generation_config="vllm",
+                             api_processes=args.api_processes)
+    raise SystemExit(run(settings, functools.partial(paced_engine, args)))
 
 
 # ---- load generator: raw HTTP/1.1 over loopback -----------------------------------------------------------------
@@ -178,10 +182,13 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def _engine_pid(server_pid: int) -> int:
+def _server_pids(server_pid: int) -> tuple[list[int], int]:
+    """(the API processes: the server itself, or its deepfleet-api children with api_processes > 1; the engine)."""
     children = [int(c) for task in Path(f"/proc/{server_pid}/task").iterdir()
                 for c in (task / "children").read_text().split()]
-    return next(c for c in children if b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes())
+    names = {c: Path(f"/proc/{c}/comm").read_text().strip() for c in children}
+    apis = [c for c, name in names.items() if name.startswith("deepfleet-api")] or [server_pid]
+    return apis, next(c for c, name in names.items() if name == "deepfleet-eng")
 
 
 def closed_loop(port: int, server_pid: int, concurrency: int, requests: int, prompt_len: int, output_len: int,
@@ -192,11 +199,15 @@ def closed_loop(port: int, server_pid: int, concurrency: int, requests: int, pro
     shares = [(port, concurrency // workers + (w < concurrency % workers),
                requests // workers + (w < requests % workers), prompt_len, output_len, seed + w)
               for w in range(workers)]
-    engine_pid = _engine_pid(server_pid)
+    api_pids, engine_pid = _server_pids(server_pid)
+
+    def api_cpu_s() -> float:
+        return sum(map(_cpu_s, api_pids))
+
     with ProcessPoolExecutor(workers) as pool:
-        api0, engine0, t0 = _cpu_s(server_pid), _cpu_s(engine_pid), time.monotonic()
+        api0, engine0, t0 = api_cpu_s(), _cpu_s(engine_pid), time.monotonic()
         parts = list(pool.map(_run_share, shares))
-        elapsed, api_s, engine_s = time.monotonic() - t0, _cpu_s(server_pid) - api0, _cpu_s(engine_pid) - engine0
+        elapsed, api_s, engine_s = time.monotonic() - t0, api_cpu_s() - api0, _cpu_s(engine_pid) - engine0
     events = sum(p["events"] for p in parts)
     tokens = sum(p["tokens"] for p in parts)
     return {"tok_s": tokens / elapsed, "events": events, "tokens": tokens, "elapsed_s": elapsed,
@@ -215,31 +226,25 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--client-processes", type=int, default=1)
     ap.add_argument("--port", type=int, default=0, help="default: a free one")
+    ap.add_argument("--api-processes", type=int, default=1, help="server API processes (serve's default on a "
+                    "host without a GPU is 1)")
     ap.add_argument("--label", default="", help="a name for this run's rows (e.g. the commit under test)")
     ap.add_argument("--results", help="append JSON records (bench/results.jsonl format) to this file")
     args = ap.parse_args()
     if args.mode == "serve-child":
         serve_child(args)
         return
-    import httpx
-
     if not args.port:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             args.port = s.getsockname()[1]
     child = subprocess.Popen([sys.executable, __file__, "serve-child", "--port", str(args.port), "--step-ms",
-                              str(args.step_ms), "--concurrency", *map(str, args.concurrency)],
+                              str(args.step_ms), "--api-processes", str(args.api_processes),
+                              "--concurrency", *map(str, args.concurrency)],
                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        while True:
-            if child.poll() is not None:
-                raise SystemExit(f"server exited with {child.returncode}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{args.port}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        if not wait_ready(args.port, child, interval=0.2):
+            raise SystemExit(f"server exited with {child.returncode}")
         for c in args.concurrency:
             closed_loop(args.port, child.pid, c, c, args.prompt_len, args.output_len, args.client_processes, 7)
             r = closed_loop(args.port, child.pid, c, args.requests, args.prompt_len, args.output_len,
@@ -247,7 +252,8 @@ def main() -> None:
             pace = c / (args.step_ms / 1e3)
             print(f"{args.label} C={c} step {args.step_ms:g} ms: {r['tok_s']:,.0f} tok/s = "
                   f"{100 * r['tok_s'] / pace:.1f}% of the pace {pace:,.0f}; {r['events']} events "
-                  f"({r['tokens_per_event']:.2f} tokens each); API process {r['api_cpu_s']:.2f} CPU s = "
+                  f"({r['tokens_per_event']:.2f} tokens each); {args.api_processes} API process(es) "
+                  f"{r['api_cpu_s']:.2f} CPU s = "
                   f"{r['api_us_per_event']:.1f} us/event, {r['api_us_per_token']:.1f} us/token; engine process "
                   f"{r['engine_cpu_s']:.2f} CPU s; {r['elapsed_s']:.1f} s", flush=True)
             if args.results:
@@ -263,7 +269,7 @@ def _append_records(args: argparse.Namespace, c: int, r: dict, pace: float) -> N
     base = dict(date=datetime.date.today().isoformat(), device="CPU (2-core build machine, loopback)",
                 commit=args.label or os.environ.get("DEEPFLEET_COMMIT", "unknown"), shape="paced fake engine",
                 workload=f"sse_cpu closed loop C={c}, {args.prompt_len}->{args.output_len}, step {args.step_ms:g} ms, "
-                         "completions stream logprobs=0 + usage, serve defaults")
+                         f"completions stream logprobs=0 + usage, serve defaults, api_processes {args.api_processes}")
     with open(args.results, "a") as f:
         for metric, value, unit in (("http_tok_s", r["tok_s"], "tok/s"),
                                     ("http_of_pace", 100 * r["tok_s"] / pace, "percent"),

@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from server_wait import wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 PHASES = ("parity", "batch1", "offline", "sharegpt", "allreduce", "serve")
@@ -243,14 +244,7 @@ def serve_check(mdir: Path, tp: int, args, dtype: str, log_path: Path) -> dict:
     try:
         import httpx
 
-        end = time.monotonic() + args.serve_timeout
-        while time.monotonic() < end and proc.poll() is None:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
+        wait_ready(port, proc, args.serve_timeout, interval=1.0)  # not ready in time: the request below tells
         if proc.poll() is not None:
             return res
         try:

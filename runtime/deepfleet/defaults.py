@@ -58,3 +58,9 @@ AUDIT_BACKUPS = 4
 # Generic dynamic batcher (source documents: max_batch 32, max wait 5 ms; grow x1.5 < 30 %, shrink x0.7 > 80 %)
 BATCHER_MAX_BATCH_SIZE = 32
 BATCHER_MAX_QUEUE_DELAY_MS = 5.0
+# API server processes in front of the one engine process (server.api_processes, as vLLM's --api-server-count): one
+# Python process emits ~32k SSE tokens/s (H200, 1.5B at 256 streams: 58 % of the offline engine, bench/RESULTS.md).
+# On a GPU host the default is one per CPUS_PER_API_PROCESS cores, at most API_PROCESSES_MAX: the rest of the cores
+# stay with the engine process, its tensor-parallel workers and tokenization; 1 on CPU hosts (no gain there).
+API_PROCESSES_MAX = 4
+CPUS_PER_API_PROCESS = 4

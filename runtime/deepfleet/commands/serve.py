@@ -50,6 +50,9 @@ def register(app: typer.Typer) -> None:
             str | None, typer.Option(help="Model id clients send (setting: served_model_name).")
         ] = None,
         max_concurrent: Annotated[int | None, typer.Option(help="Admission slots (setting: max_concurrent).")] = None,
+        api_processes: Annotated[int | None, typer.Option(
+            help="HTTP server processes in front of the engine, as vLLM's --api-server-count (setting: "
+            "api_processes).")] = None,
         generation_config: Annotated[
             str | None, typer.Option(help="auto: the model's generation_config.json defaults; vllm: the API's.")
         ] = None,
@@ -125,7 +128,8 @@ def register(app: typer.Typer) -> None:
             for item in set_ or []:
                 overrides = merge(overrides, parse_assignment(item))
             flags = {"host": host, "port": port, "served_model_name": served_model_name,
-                     "max_concurrent": max_concurrent, "generation_config": generation_config,
+                     "max_concurrent": max_concurrent, "api_processes": api_processes,
+                     "generation_config": generation_config,
                      "reasoning_parser": reasoning_parser, "chat_template": chat_template}
             engine_flags = {"dtype": dtype, "max_model_len": max_model_len,
                             "gpu_memory_utilization": gpu_memory_utilization, "max_num_seqs": max_num_seqs,

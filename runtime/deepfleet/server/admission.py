@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+from collections.abc import Callable
 
 
 class QueueFull(Exception):
@@ -14,9 +15,12 @@ class QueueFull(Exception):
 
 
 class Admission:
-    def __init__(self, max_concurrent: int, max_queue: int) -> None:
+    def __init__(self, max_concurrent: int, max_queue: int,
+                 on_change: Callable[[int, int], None] | None = None) -> None:
+        """`on_change(active, queued)`: told of every change (the API processes' shared load board)."""
         self.max_concurrent = max_concurrent
         self.max_queue = max_queue
+        self._on_change = on_change or (lambda active, queued: None)
         self.active = 0
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._order = itertools.count()
@@ -29,11 +33,13 @@ class Admission:
         """Take a slot, waiting at most `timeout` s (TimeoutError); QueueFull at once when the queue is full."""
         if self.active < self.max_concurrent and not self._waiters:
             self.active += 1
+            self._on_change(self.active, len(self._waiters))
             return
         if len(self._waiters) >= self.max_queue:
             raise QueueFull
         entry = (priority, next(self._order), asyncio.get_running_loop().create_future())
         heapq.heappush(self._waiters, entry)
+        self._on_change(self.active, len(self._waiters))
         try:
             await asyncio.wait_for(entry[2], timeout)
         except BaseException:
@@ -43,6 +49,7 @@ class Admission:
             elif entry in self._waiters:
                 self._waiters.remove(entry)
                 heapq.heapify(self._waiters)
+                self._on_change(self.active, len(self._waiters))
             raise
 
     def release(self) -> None:
@@ -51,5 +58,7 @@ class Admission:
             _, _, fut = heapq.heappop(self._waiters)
             if not fut.done():
                 fut.set_result(None)
+                self._on_change(self.active, len(self._waiters))
                 return
         self.active -= 1
+        self._on_change(self.active, len(self._waiters))

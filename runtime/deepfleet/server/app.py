@@ -49,6 +49,8 @@ def _record(request: Request, status: int) -> None:
 
 async def _start_audited(state: ServerState, guard: Guard) -> None:
     await state.start()
+    if state.peer is not None and state.peer.index > 0:  # several API processes: the first one tells
+        return
     if state.phase == "failed":
         guard.audit.event("MODEL_LOAD_FAILED", model_id=state.model_name, reason=state.error, trigger="start")
     else:
@@ -79,8 +81,10 @@ def _parameter_errors(doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
-def create_app(settings: ServeSettings, engine_factory: Callable[[ServeSettings], Any] = build_engine) -> FastAPI:
-    state = ServerState(settings, engine_factory)
+def create_app(settings: ServeSettings, engine_factory: Callable[[ServeSettings], Any] = build_engine,
+               peer: Any = None) -> FastAPI:
+    """`peer` (api_processes.Peer): this app is one of several API processes in front of a shared engine."""
+    state = ServerState(settings, engine_factory, peer)
     guard = Guard(settings)  # reads and checks JWKS, policy and audit path: a bad one stops the start here
 
     @asynccontextmanager

@@ -99,10 +99,15 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, driver: Any, max_concurrent: int, max_queue: int) -> None:
-        """`driver`: ProcessDriver or ThreadDriver (start(report), send(command), stop())."""
+    def __init__(self, driver: Any, max_concurrent: int, max_queue: int, id_prefix: str = "",
+                 board: Any = None) -> None:
+        """`driver`: ProcessDriver or ThreadDriver (start(report), send(command), stop()). `id_prefix`: names this
+        API process in its requests' ids, `board` (api_processes.Board) its admission counts, where several API
+        processes share one engine."""
         self.driver = driver
-        self.admission = Admission(max_concurrent, max_queue)
+        self.admission = Admission(max_concurrent, max_queue, None if board is None else board.publish)
+        self._id_prefix = id_prefix
+        self._board = board
         self._ids = itertools.count()
         self._pending: dict[str, RequestStream] = {}  # request id -> stream the engine has not accepted yet
         self._routes: dict[str, tuple[RequestStream, int]] = {}  # engine id -> (stream, choice index)
@@ -125,7 +130,7 @@ class AsyncEngine:
         if self.dead is not None:
             raise EngineDead(str(self.dead))
         await self.admission.acquire(priority, queue_timeout)
-        stream = RequestStream(f"req-{next(self._ids)}", len(prompts))
+        stream = RequestStream(f"{self._id_prefix}req-{next(self._ids)}", len(prompts))
         self._pending[stream.request_id] = stream
         self._routes.update((engine_id, (stream, i)) for i, engine_id in enumerate(stream.engine_ids))
         try:
@@ -146,7 +151,7 @@ class AsyncEngine:
         engine's reason) or EngineDead."""
         if self.dead is not None:
             raise EngineDead(str(self.dead))
-        command.request_id = f"adapter-{next(self._ids)}"
+        command.request_id = f"{self._id_prefix}adapter-{next(self._ids)}"
         answer = self._loop.create_future()
         self._adapter_calls[command.request_id] = answer
         try:
@@ -172,7 +177,9 @@ class AsyncEngine:
         engine = (0, 0, 0.0, 0, 0, 0, 0, 0) if s is None else (
             s.num_running, s.num_waiting, s.kv_cache_usage, s.prefix_cache_queries, s.prefix_cache_hits,
             s.num_preemptions, s.prompt_tokens_total, s.generation_tokens_total)
-        return LoadSnapshot(self.admission.active, self.admission.queued, *engine, ready=ready,
+        a = self.admission
+        admitted, queued = (a.active, a.queued) if self._board is None else self._board.load()
+        return LoadSnapshot(admitted, queued, *engine, ready=ready,
                             spec_decode=None if s is None else s.spec_decode, lora=None if s is None else s.lora)
 
     async def stop(self) -> None:

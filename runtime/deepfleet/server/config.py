@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from deepfleet import defaults
 from deepfleet.engine.spec_decode import config as spec_config
@@ -137,6 +137,12 @@ class ServeSettings(BaseModel):
         True, description="Run the engine in a child process of its own, so the HTTP event loop never waits for its "
         "Python work; false: in a thread of the server process (same results, lower throughput under load).",
     )
+    api_processes: int | None = Field(
+        None, ge=1, description="HTTP server processes in front of the one engine process (vLLM's "
+        "--api-server-count), sharing the port (SO_REUSEPORT); admission slots and queue are split between them. "
+        f"unset = min({defaults.API_PROCESSES_MAX}, CPUs // {defaults.CPUS_PER_API_PROCESS}) where a GPU is visible, "
+        "else 1; 1 also while auth, LoRA or audit.max_bytes is on (not supported with several yet).",
+    )
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above).")
     max_n: int = Field(16, ge=1, description="Largest `n` (choices per request).")
     reasoning_parser: Literal["deepseek_r1", "none"] = Field(
@@ -159,6 +165,28 @@ class ServeSettings(BaseModel):
     audit: AuditSettings = Field(default_factory=AuditSettings, description="Audit log.")
     tls: TLSSettings = Field(default_factory=TLSSettings, description="HTTPS, TLS 1.3 only; mutual TLS.")
     weights: WeightsSettings = Field(default_factory=WeightsSettings, description="Keys of encrypted weights.")
+
+    @model_validator(mode="after")
+    def _check_api_processes(self) -> ServeSettings:
+        """Several API processes: the combinations that would be wrong with per-process state are refused."""
+        n = self.api_processes
+        if n is None or n == 1:
+            return self
+        why = None
+        if not self.engine_process:
+            why = "engine_process: false runs the engine inside the one server process"
+        elif self.auth.enabled:
+            why = ("auth is on: rate limits are counted per process (a principal would get api_processes x its "
+                   "limit)")
+        elif self.engine.enable_lora or self.engine.lora_modules:
+            why = "LoRA is on: a runtime load or unload would reach one process's adapter list only"
+        elif self.audit.max_bytes is not None:
+            why = "audit.max_bytes is set: several processes would rotate the one audit log at once"
+        elif self.max_concurrent is not None and self.max_concurrent < n:
+            why = f"max_concurrent {self.max_concurrent} leaves some processes no admission slot"
+        if why:
+            raise ValueError(f"api_processes {n}: not supported while {why}; set api_processes: 1")
+        return self
 
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model).resolve().name

@@ -7,6 +7,9 @@ pipe); events come up a pipe that the event loop reads whenever it holds data. O
 engine's RequestOutput is cumulative (the whole text and token list every step), this side appends the deltas to
 its own copy.
 
+With several API processes (`api_processes`, server/api_processes.py) the commands of all of them share the queue
+and each has its own event pipe: the child routes outputs and answers by the request id's prefix ("2:req-7").
+
 The child ignores SIGINT/SIGTERM (systemd and terminals signal the whole group): the server drains, then stops
 it. It exits when the server process is gone, and the server exits (status 1) when the child dies.
 """
@@ -28,7 +31,7 @@ from typing import Any
 
 from deepfleet.engine.errors import StartupError
 from deepfleet.engine.outputs import CompletionOutput, RequestOutput
-from deepfleet.server.engine_loop import Abort, Add, Died, Stepped, describe, run_engine_loop
+from deepfleet.server.engine_loop import Abort, Accepted, Add, Died, Refused, Stepped, describe, run_engine_loop
 
 log = logging.getLogger(__name__)
 
@@ -123,37 +126,98 @@ class _DeltaDecoder:
 _STOP = "stop"
 
 
-def _child_main(factory: Callable[[Any], Any], settings: Any, commands: Any, events: Any) -> None:
+@dataclass
+class Detach:
+    """An API process stops (api_processes > 1): no more events to it; its requests still running are aborted."""
+
+    owner: str
+
+
+def owner_of(request_id: str) -> str:
+    """The API process that sent a request: the id's prefix up to ':' (api_processes > 1), "" with one process."""
+    return request_id.partition(":")[0] if ":" in request_id else ""
+
+
+class _Channels:
+    """Child side: the event pipe of each API process (one, or `server.api_processes`), keyed by the id prefix its
+    requests carry. A Stepped event is split by owner (every owner gets the stats); outputs of an owner that is
+    gone or detached become aborts of the next receive. Once every pipe is gone there is nobody to serve: the
+    BrokenPipeError ends the engine loop."""
+
+    def __init__(self, pipes: dict[str, Any]) -> None:
+        self._pipes = pipes
+        self._split = len(pipes) > 1  # by owner, also once only one is left
+        self._lock = threading.Lock()  # the tensor-parallel watchdog may report from its own thread
+        self.orphans: list[str] = []  # engine ids of requests whose API process is gone
+
+    def drop(self, owner: str) -> None:
+        pipe = self._pipes.pop(owner, None)
+        if pipe is not None:
+            pipe.close()
+
+    def _send(self, owner: str, event: Any) -> None:
+        try:
+            self._pipes[owner].send(event)
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            log.warning("API process %r is gone: its requests are aborted", owner or 0)
+            self.drop(owner)
+
+    def send(self, event: Any) -> None:
+        with self._lock:
+            if isinstance(event, Stepped) and self._split:
+                parts: dict[str, list] = {owner: [] for owner in self._pipes}
+                for delta in event.outputs:
+                    part = parts.get(owner_of(delta[0]))
+                    if part is not None:
+                        part.append(delta)
+                    elif not delta[6]:  # still running, for nobody
+                        self.orphans.append(delta[0])
+                for owner, part in parts.items():
+                    self._send(owner, Stepped(part, event.stats))
+            elif isinstance(event, Accepted | Refused) and self._split:
+                if (owner := owner_of(event.request_id)) in self._pipes:
+                    self._send(owner, event)
+            else:  # one API process: everything is its; _Loaded and Died: every API process's
+                for owner in list(self._pipes):
+                    self._send(owner, event)
+            if not self._pipes:
+                raise BrokenPipeError("no API process left")
+
+
+def _child_main(factory: Callable[[Any], Any], settings: Any, commands: Any, pipes: dict[str, Any]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    name_process("deepfleet-eng")
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
     parent = os.getppid()
+    channels = _Channels(pipes)
     try:
         engine = factory(settings)
     except StartupError as exc:  # a setting that cannot work here: the message says which, no trace needed
         log.error("engine failed to load: %s", exc)
-        events.send(Died(describe(exc)))
+        channels.send(Died(describe(exc)))
         return
     except BaseException as exc:
         log.exception("engine failed to load")
-        events.send(Died(describe(exc)))
+        channels.send(Died(describe(exc)))
         return
-    sending = threading.Lock()  # the tensor-parallel watchdog may report from its own thread
 
     def die(message: str) -> None:  # a tensor-parallel worker died or hung: report it and end now
-        with sending:
-            events.send(Died(message))
+        channels.send(Died(message))
         os._exit(1)
 
     if hasattr(getattr(engine, "runner", None), "on_fatal"):
         engine.runner.on_fatal = die
-    with sending:
-        events.send(_Loaded(engine.tokenizer, engine.max_model_len, engine.max_num_seqs))
+    channels.send(_Loaded(engine.tokenizer, engine.max_model_len, engine.max_num_seqs))
     encoder = _DeltaEncoder()
 
     def receive(block: bool) -> list | None:
         got = []
+        if channels.orphans:
+            got.append(Abort(channels.orphans))
+            encoder.forget(channels.orphans)
+            channels.orphans = []
         while True:
             try:
                 item = commands.get(timeout=_PARENT_CHECK_S) if block and not got else commands.get_nowait()
@@ -165,6 +229,9 @@ def _child_main(factory: Callable[[Any], Any], settings: Any, commands: Any, eve
                 continue
             if item == _STOP:
                 return None
+            if isinstance(item, Detach):
+                channels.drop(item.owner)
+                continue
             if isinstance(item, Abort):
                 encoder.forget(item.engine_ids)
             got.append(item)
@@ -172,8 +239,7 @@ def _child_main(factory: Callable[[Any], Any], settings: Any, commands: Any, eve
     def report(event: Any) -> None:
         if isinstance(event, Stepped):
             event = Stepped(encoder.encode(event.outputs), event.stats)
-        with sending:
-            events.send(event)
+        channels.send(event)
 
     try:
         run_engine_loop(engine, receive, report)
@@ -181,9 +247,20 @@ def _child_main(factory: Callable[[Any], Any], settings: Any, commands: Any, eve
         return
     except BaseException as exc:
         log.exception("engine loop died")
-        with sending:
-            events.send(Died(describe(exc)))
+        try:
+            channels.send(Died(describe(exc)))
+        except BrokenPipeError:
+            pass
         os._exit(1)  # no interpreter clean-up: a broken CUDA context can hang it
+
+
+def name_process(name: str) -> None:
+    """The name `ps`, `top` and the benchmarks show (Linux: at most 15 characters); elsewhere nothing."""
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(name[:15])
+    except OSError:
+        pass
 
 
 _READ_BYTES = 1 << 20
@@ -206,13 +283,52 @@ def _frames(unread: bytearray) -> list[Any]:
     return events
 
 
-class ProcessDriver:
-    """Server side of the engine process: start it (loads the model), send commands, report its events."""
+def spawn_engine(ctx: Any, factory: Callable[[Any], Any], settings: Any, commands: Any,
+                 pipes: dict[str, Any]) -> Any:
+    """Start the engine process: it reads `commands` and reports to `pipes` (id prefix -> write end)."""
+    process = ctx.Process(target=_child_main, args=(factory, settings, commands, pipes), name="deepfleet-engine",
+                          daemon=True)
+    process.start()
+    return process
 
-    def __init__(self, process: Any, commands: Any, events: Any, loaded: _Loaded) -> None:
-        self._process = process
+
+def stop_engine(process: Any, commands: Any) -> None:
+    """Blocking: the engine aborts what is left, reports, and exits (killed if it does not in time)."""
+    if process.is_alive():
+        commands.put(_STOP)
+    process.join(_STOP_TIMEOUT_S)
+    if process.is_alive():
+        log.warning("engine process did not stop in %.0f s: killed", _STOP_TIMEOUT_S)
+        process.kill()
+        process.join()
+
+
+def _first_event(events: Any, process: Any | None) -> _Loaded:
+    """Blocking: the engine's first event, its model loaded; raises StartupError with its reason."""
+    try:
+        first = events.recv()
+    except EOFError:
+        if process is None:
+            raise RuntimeError("engine process exited while loading") from None
+        process.join()
+        raise RuntimeError(f"engine process exited with status {process.exitcode} while loading") from None
+    if isinstance(first, Died):
+        if process is not None:
+            process.join()
+        raise StartupError(first.message)
+    return first
+
+
+class ProcessDriver:
+    """API side of the engine process: send commands, report its events. With one API process that process
+    spawns the engine (`launch`) and stops it; with several (server/api_processes.py) each `connect`s to the
+    engine the supervisor spawned, its requests' ids prefixed with `owner`, and only detaches on stop."""
+
+    def __init__(self, process: Any | None, commands: Any, events: Any, loaded: _Loaded, owner: str = "") -> None:
+        self._process = process  # None: the supervisor owns the engine process
         self._commands = commands
         self._events = events
+        self.owner = owner
         self.tokenizer = loaded.tokenizer
         self.max_model_len = loaded.max_model_len
         self.max_num_seqs = loaded.max_num_seqs
@@ -230,19 +346,14 @@ class ProcessDriver:
         ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA or threads
         commands = ctx.Queue()
         events, child_events = ctx.Pipe(duplex=False)
-        process = ctx.Process(target=_child_main, args=(factory, settings, commands, child_events),
-                              name="deepfleet-engine", daemon=True)
-        process.start()
+        process = spawn_engine(ctx, factory, settings, commands, {"": child_events})
         child_events.close()
-        try:
-            first = events.recv()
-        except EOFError:
-            process.join()
-            raise RuntimeError(f"engine process exited with status {process.exitcode} while loading") from None
-        if isinstance(first, Died):
-            process.join()
-            raise StartupError(first.message)
-        return cls(process, commands, events, first)
+        return cls(process, commands, events, _first_event(events, process))
+
+    @classmethod
+    def connect(cls, commands: Any, events: Any, owner: str) -> ProcessDriver:
+        """Blocking: wait until the engine the supervisor spawned has loaded its model (same errors as launch)."""
+        return cls(None, commands, events, _first_event(events, None), owner)
 
     @property
     def pid(self) -> int:
@@ -278,6 +389,9 @@ class ProcessDriver:
                 self._loop.run_in_executor(None, self._report_exit)
 
     def _report_exit(self) -> None:
+        if self._process is None:  # the supervisor's child: it knows the status
+            self._report(Died("engine process exited"))
+            return
         self._process.join(5)
         self._report(Died(f"engine process exited with status {self._process.exitcode}"))
 
@@ -285,15 +399,16 @@ class ProcessDriver:
         self._commands.put(command)
 
     def stop(self) -> None:
-        """Blocking: the child aborts what is left, reports, and exits (killed if it does not in time)."""
+        """Blocking: the child aborts what is left, reports, and exits (killed if it does not in time). Connected
+        to the supervisor's engine: it aborts this process's requests and closes its pipe; the engine goes on."""
         self._stopping = True
-        if self._process.is_alive():
-            self._commands.put(_STOP)
-        self._process.join(_STOP_TIMEOUT_S)
-        if self._process.is_alive():
-            log.warning("engine process did not stop in %.0f s: killed", _STOP_TIMEOUT_S)
-            self._process.kill()
-            self._process.join()
+        if self._process is None:
+            self._commands.put(Detach(self.owner))
+            if self._loop is not None:
+                self._drained.wait(_STOP_TIMEOUT_S)
+            self._commands.cancel_join_thread()
+            return
+        stop_engine(self._process, self._commands)
         if self._loop is not None:
             self._drained.wait(_STOP_TIMEOUT_S)  # the events it reported on its way out are in
         self._commands.cancel_join_thread()  # a command the stopped child never read must not block our exit

@@ -3,17 +3,20 @@
 On SIGTERM (or SIGINT): /readyz turns 503 and new requests get 503 at once (`draining`), uvicorn closes the
 listening socket, requests already accepted run to completion for up to `shutdown_grace_s`, then the engine
 stops and the process exits. A model that fails to load, or an engine that dies, ends the process with status 1.
+With `api_processes` > 1 this process supervises several such servers sharing one engine (api_processes.py).
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
 import uvicorn
 
+from deepfleet.server import api_processes
 from deepfleet.server.app import build_engine, create_app
 from deepfleet.server.config import ServeSettings
 from deepfleet.server.state import ServerState
@@ -33,7 +36,15 @@ class _DrainingServer(uvicorn.Server):
 def run(settings: ServeSettings, engine_factory: Callable[[ServeSettings], Any] = build_engine) -> int:
     """Serve until SIGTERM/SIGINT (status 0) or a fatal engine error (status 1)."""
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings, engine_factory)
+    n = api_processes.count(settings)
+    if n > 1:
+        return api_processes.supervise(settings, engine_factory, n)
+    return serve(create_app(settings, engine_factory), settings)
+
+
+def serve(app: Any, settings: ServeSettings, sockets: list[socket.socket] | None = None) -> int:
+    """Run `app` under uvicorn on settings' host and port (or on `sockets`, bound already) until SIGTERM/SIGINT
+    (status 0) or a fatal engine error (status 1)."""
     state: ServerState = app.state.server
     config = uvicorn.Config(
         app,
@@ -54,5 +65,5 @@ def run(settings: ServeSettings, engine_factory: Callable[[ServeSettings], Any] 
         server.should_exit = True
 
     state.on_fatal = fatal
-    server.run()
+    server.run(sockets=sockets)
     return 0 if state.alive else 1

@@ -13,9 +13,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from deepfleet.engine.outputs import LoRAStats
@@ -111,13 +113,26 @@ def nvml_collector() -> _NvmlCollector | None:
         return None
 
 
+class _Summed:
+    """One histogram summed over the API processes, for the vLLM views (which read `collect()`)."""
+
+    def __init__(self, every: MultiProcessCollector, name: str) -> None:
+        self._every = every
+        self._name = name
+
+    def collect(self) -> list[Metric]:
+        return [family for family in self._every.collect() if family.name == self._name]
+
+
 class ServerMetrics:
     """Per-request instruments; the load gauges are read from `snapshot` at scrape time."""
 
     def __init__(self, snapshot: Callable[[], LoadSnapshot], gpu: Collector | None = None,
-                 model_name: str = "") -> None:
+                 model_name: str = "", multiprocess_dir: str | None = None) -> None:
+        """`registry`: what /metrics exposes. `multiprocess_dir`: one of several API processes (prometheus_client's
+        multiprocess mode, its files there): the counters and histograms exposed are every process's sums."""
         self.registry = CollectorRegistry()
-        r = self.registry
+        r = self.registry if multiprocess_dir is None else CollectorRegistry()  # the latter: this process's own
         self.requests = Counter(
             "deepseek_inference_requests", "Inference requests answered, by endpoint and HTTP status (499: the "
             "client went away)", ["endpoint", "status"], registry=r,
@@ -138,12 +153,16 @@ class ServerMetrics:
             "deepseek_inference_queue_time_seconds", "Time from arrival until the engine accepted the request",
             ["endpoint"], buckets=TTFT_BUCKETS, registry=r,
         )
-        r.register(_LoadCollector(snapshot))
-        views = {"ttft": (self.ttft, TTFT_BUCKETS), "tpot": (self.tpot, TPOT_BUCKETS),
-                 "queue_time": (self.queue_time, TTFT_BUCKETS), "latency": (self.latency, LATENCY_BUCKETS)}
-        r.register(VllmView(model_name, snapshot, views))
+        sources: dict[str, Any] = {"ttft": self.ttft, "tpot": self.tpot, "queue_time": self.queue_time,
+                                   "latency": self.latency}
+        if multiprocess_dir is not None:
+            every = MultiProcessCollector(self.registry, multiprocess_dir)
+            sources = {key: _Summed(every, h.describe()[0].name) for key, h in sources.items()}
+        bounds = {"ttft": TTFT_BUCKETS, "tpot": TPOT_BUCKETS, "queue_time": TTFT_BUCKETS, "latency": LATENCY_BUCKETS}
+        self.registry.register(_LoadCollector(snapshot))
+        self.registry.register(VllmView(model_name, snapshot, {k: (sources[k], bounds[k]) for k in bounds}))
         if gpu is not None:
-            r.register(gpu)
+            self.registry.register(gpu)
 
     def request_done(self, endpoint: str, status: int, latency_s: float) -> None:
         self.requests.labels(endpoint, str(status)).inc()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from starlette.requests import Request
 from deepfleet.engine.errors import StartupError
 from deepfleet.engine.sampling_params import SamplingParams
 from deepfleet.models.generation_config import generation_defaults
+from deepfleet.server.api_processes import MULTIPROC_ENV
 from deepfleet.server.async_engine import AsyncEngine
 from deepfleet.server.config import ServeSettings
 from deepfleet.server.engine_loop import ThreadDriver
@@ -72,8 +74,10 @@ class RequestRecord:
 class ServerState:
     """Lifecycle: loading -> warming_up -> ready (or failed); `draining` once SIGTERM arrived."""
 
-    def __init__(self, settings: ServeSettings, engine_factory: Callable[[ServeSettings], Any]) -> None:
+    def __init__(self, settings: ServeSettings, engine_factory: Callable[[ServeSettings], Any],
+                 peer: Any = None) -> None:
         self.settings = settings
+        self.peer = peer  # api_processes.Peer: one of several API processes sharing the engine
         self.model_name = settings.model_name()
         self.created = int(time.time())
         self._engine_factory = engine_factory
@@ -91,7 +95,8 @@ class ServerState:
         # Set by the process runner: exit (status 1) when loading fails or the engine dies, so systemd or the
         # kubelet restarts the server instead of leaving a process that can only answer 503.
         self.on_fatal: Callable[[], None] | None = None
-        self.metrics = ServerMetrics(self._snapshot, nvml_collector(), self.model_name)
+        self.metrics = ServerMetrics(self._snapshot, nvml_collector(), self.model_name,
+                                     multiprocess_dir=None if peer is None else os.environ[MULTIPROC_ENV])
 
     def _snapshot(self) -> LoadSnapshot:
         if self.engine is None:
@@ -100,7 +105,8 @@ class ServerState:
 
     @property
     def ready(self) -> bool:
-        return self.phase == "ready" and not self.draining and self.alive
+        ready = self.phase == "ready" and not self.draining and self.alive
+        return ready and (self.peer is None or self.peer.board.all_ready())
 
     @property
     def alive(self) -> bool:
@@ -128,7 +134,9 @@ class ServerState:
             t0 = time.monotonic()
             if s.generation_config == "auto":
                 self.generation_defaults = generation_defaults(s.model)
-            if s.engine_process:
+            if self.peer is not None:
+                driver = await asyncio.to_thread(self.peer.connect)
+            elif s.engine_process:
                 driver = await asyncio.to_thread(ProcessDriver.launch, self._engine_factory, s)
             else:
                 driver = ThreadDriver(await asyncio.to_thread(self._engine_factory, s))
@@ -138,7 +146,12 @@ class ServerState:
             self.token_text = TokenText(driver.tokenizer)
             self.max_model_len = driver.max_model_len
             # unset: as many as the engine batches at once, so admission never caps its throughput
-            self.engine = AsyncEngine(driver, s.max_concurrent or driver.max_num_seqs, s.max_queue)
+            slots = s.max_concurrent or driver.max_num_seqs
+            if self.peer is None:
+                self.engine = AsyncEngine(driver, slots, s.max_queue)
+            else:  # the slots and queue places split between the API processes
+                self.engine = AsyncEngine(driver, max(1, self.peer.share(slots)), self.peer.share(s.max_queue),
+                                          f"{self.peer.owner}:", self.peer.board)
             self.engine.on_death = self._fatal
             self.engine.start()
             log.info("model %s loaded in %.1f s", self.model_name, time.monotonic() - t0)
@@ -148,6 +161,8 @@ class ServerState:
                 await self._warmup_once()
             log.info("warm-up: %d requests in %.2f s; ready", s.warmup_requests, time.monotonic() - t0)
             self.phase = "ready"
+            if self.peer is not None:
+                self.peer.board.set_ready(True)
         except StartupError as exc:  # the message names the settings to change
             log.error("model %s failed to load: %s", self.model_name, exc)
             self.phase, self.error = "failed", str(exc)
