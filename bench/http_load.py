@@ -7,7 +7,8 @@ weights) and first measures it *offline*: a closed loop keeping C requests in fl
 directly. Then it serves that engine over HTTP (the real app: admission, async loop, SSE), and this process runs
 the same closed loop with C concurrent streaming clients, spread over `--client-processes` processes so the
 load generator is not what is measured. Both report requests/s, output tokens/s and TTFT
-P50/P99, so the HTTP + scheduling overhead is the difference. Results go to bench/RESULTS.md.
+P50/P99, so the HTTP + scheduling overhead is the difference. Requests ask for no logprobs unless `--logprobs K`
+(then both loops ask for them). Results go to bench/RESULTS.md.
 
 `--json-schema`: the structured-output overhead instead (issue 17). No offline loop; per concurrency, after
 warm-ups with the schema (which also compiles it once) and without, the same closed loop over HTTP without a
@@ -57,10 +58,11 @@ def _summary(ttfts: list[float], tokens: int, elapsed: float, n: int) -> dict:
 # ---- server child: offline figures, then serve ---------------------------------------------------------------------
 
 
-def offline_closed_loop(engine, concurrency: int, n: int, prompt_len: int, output_len: int, seed: int) -> dict:
+def offline_closed_loop(engine, concurrency: int, n: int, prompt_len: int, output_len: int, seed: int,
+                        logprobs: int | None = None) -> dict:
     from deepfleet.engine.sampling_params import SamplingParams
 
-    params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=output_len)
+    params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=output_len, logprobs=logprobs)
     prompts = _prompts(n, prompt_len, seed)
     added: dict[str, float] = {}
     ttfts: list[float] = []
@@ -100,8 +102,8 @@ def bench_engine(args: argparse.Namespace, settings: Any) -> Any:
         return engine
     for c in args.concurrency:  # warm-up at every level: kernels compiled, CUDA graphs of these batch sizes
         offline_closed_loop(engine, c, c, args.prompt_len, args.output_len, seed=99 + c)
-    results = {c: offline_closed_loop(engine, c, _num_requests(c, args), args.prompt_len, args.output_len, c)
-               for c in args.concurrency}
+    results = {c: offline_closed_loop(engine, c, _num_requests(c, args), args.prompt_len, args.output_len, c,
+                                      args.logprobs) for c in args.concurrency}
     Path(args.offline_out).write_text(json.dumps(results))
     return engine
 
@@ -126,7 +128,8 @@ def serve_child(args: argparse.Namespace) -> None:
 
 
 async def _client_share(url: str, indices: list[int], concurrency: int, prompts: list[list[int]],
-                        output_len: int, schema: dict | None = None, schema_every: int = 1) -> dict:
+                        output_len: int, schema: dict | None = None, schema_every: int = 1,
+                        logprobs: int | None = None) -> dict:
     """One load-generator process: `concurrency` streaming clients working through `indices`; with a schema,
     request i is constrained when i % schema_every == 0 (1: all of them)."""
     import httpx
@@ -139,7 +142,9 @@ async def _client_share(url: str, indices: list[int], concurrency: int, prompts:
     async def one_request(client: httpx.AsyncClient, i: int) -> None:
         nonlocal tokens
         body = {"model": MODEL_NAME, "prompt": prompts[i], "max_tokens": output_len, "temperature": 0,
-                "ignore_eos": True, "stream": True, "logprobs": 0, "stream_options": {"include_usage": True}}
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        if logprobs is not None:
+            body["logprobs"] = logprobs
         constrained = schema is not None and i % schema_every == 0
         if constrained:  # the grammar ends the output (EOS once the JSON closed): ignore_eos off
             body.update(ignore_eos=False, response_format={"type": "json_schema", "json_schema": {
@@ -175,7 +180,8 @@ def _run_share(args: tuple) -> dict:
 
 
 def http_closed_loop(url: str, concurrency: int, n: int, prompt_len: int, output_len: int, seed: int,
-                     processes: int, schema: dict | None = None, schema_every: int = 1) -> dict:
+                     processes: int, schema: dict | None = None, schema_every: int = 1,
+                     logprobs: int | None = None) -> dict:
     """C streaming clients spread over several processes: one Python process parsing SSE tops out at a few
     thousand events/s, which would measure the load generator instead of the server."""
     from concurrent.futures import ProcessPoolExecutor
@@ -183,7 +189,7 @@ def http_closed_loop(url: str, concurrency: int, n: int, prompt_len: int, output
     prompts = _prompts(n, prompt_len, seed)  # other seeds than the offline run's: no prefix-cache head start
     workers = max(1, min(processes, concurrency))
     shares = [(url, list(range(w, n, workers)), concurrency // workers + (w < concurrency % workers), prompts,
-               output_len, schema, schema_every) for w in range(workers)]
+               output_len, schema, schema_every, logprobs) for w in range(workers)]
     with ProcessPoolExecutor(workers) as pool:
         parts = list(pool.map(_run_share, shares))
     errors = [e for part in parts for e in part["errors"]]
@@ -221,6 +227,8 @@ def main() -> None:
     ap.add_argument("--api-processes", type=int, help="server API processes (default: serve's for this host)")
     ap.add_argument("--results", help="append JSON records (bench/results.jsonl format) to this file")
     ap.add_argument("--json-schema", action="store_true", help="measure the structured-output overhead (above)")
+    ap.add_argument("--logprobs", type=int, help="ask every request (HTTP and offline alike) for its sampled "
+                    "tokens' logprobs with this many alternatives (default: none, as vLLM's serving benchmark)")
     ap.add_argument("--max-num-seqs", type=int, help="engine max_num_seqs (default: sized from memory)")
     ap.add_argument("--model-dir")
     ap.add_argument("--offline-out")
@@ -256,6 +264,7 @@ def run_shape(args: argparse.Namespace) -> None:
              "--output-len", str(args.output_len), "--min-requests", str(args.min_requests),
              *(["--engine-thread"] if args.engine_thread else []), *(["--json-schema"] if args.json_schema else []),
              *(["--max-num-seqs", str(args.max_num_seqs)] if args.max_num_seqs else []),
+             *(["--logprobs", str(args.logprobs)] if args.logprobs is not None else []),
              *(["--api-processes", str(args.api_processes)] if args.api_processes else []),
              "--concurrency", *map(str, args.concurrency)],
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -272,7 +281,7 @@ def run_shape(args: argparse.Namespace) -> None:
             _print_header(args)
             for c in args.concurrency:  # each row as soon as it is measured: a cut-short run keeps what it has
                 online = http_closed_loop(url, c, _num_requests(c, args), args.prompt_len, args.output_len,
-                                          10_000 + c, args.client_processes)
+                                          10_000 + c, args.client_processes, logprobs=args.logprobs)
                 _print_row(c, _num_requests(c, args), offline[c], online)
                 if args.results:
                     _append_records(args, c, offline[c], online)
@@ -349,7 +358,8 @@ def _append_records(args: argparse.Namespace, c: int, offline: dict, online: dic
                 commit=os.environ.get("DEEPFLEET_COMMIT", "unknown"),
                 shape=f"R1-Distill-Qwen-{args.shape.upper()} bf16",
                 workload=f"http closed loop C={c}, {args.prompt_len}->{args.output_len}, serve defaults "
-                         f"(api_processes {args.api_count})")
+                         f"(api_processes {args.api_count})"
+                         + ("" if args.logprobs is None else f", logprobs {args.logprobs}"))
     with open(args.results, "a") as f:
         for metric, value, unit in (("offline_tok_s", offline["tok_s"], "tok/s"),
                                     ("http_tok_s", online["tok_s"], "tok/s"),
@@ -364,7 +374,9 @@ def _print_header(args: argparse.Namespace) -> None:
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     where = "a thread of the server" if args.engine_thread else "its own process"
-    print(f"\n== {args.shape}, prompt {args.prompt_len} -> {args.output_len} tokens, {device}, engine in {where} ==")
+    asked = "no logprobs" if args.logprobs is None else f"logprobs {args.logprobs}"
+    print(f"\n== {args.shape}, prompt {args.prompt_len} -> {args.output_len} tokens, {asked}, {device}, engine in "
+          f"{where} ==")
     print(f"{'C':>4} {'req':>5} | {'offline req/s':>13} {'tok/s':>8} {'TTFT p50':>9} {'p99':>8} | "
           f"{'HTTP req/s':>10} {'tok/s':>8} {'TTFT p50':>9} {'p99':>8} {'errors':>6} | {'HTTP/offline tok/s':>18}")
 

@@ -152,7 +152,7 @@ class Sampler:
     watermarks), and grammar masks (structured/xgrammar_backend.GrammarMask), which fill their rows of one bitmask
     applied to the batch in one call after a row's other processors (masking to -inf commutes with theirs: they
     add to logits or mask them). Fast paths: an all-greedy batch with nothing to apply is one argmax (no
-    softmax, no copy); log_softmax runs only when some row asked for logprobs."""
+    softmax, no copy); the logprobs' normaliser is computed only when some row asked for them."""
 
     def __call__(self, logits: torch.Tensor, seqs: list[SamplingState]) -> list[SampledToken]:
         return self.sample(logits, seqs).to_host()
@@ -166,7 +166,9 @@ class Sampler:
             return SampleResult(tokens, tokens, [None] * len(seqs))
         params = [s.params for s in seqs]
         wanted = [p.logprobs for p in params]
-        raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if any(w is not None for w in wanted) else None
+        # logprobs are of the raw logits (x - logsumexp x): the [N, vocab] log_softmax is never materialised, only
+        # the rows' normaliser, then the chosen and top entries (nothing below changes `raw` in place)
+        raw = logits.float() if any(w is not None for w in wanted) else None
         logits = self._apply_logits_processors(logits, seqs)
         logits = self._apply_penalties(logits, seqs)
         if all(p.greedy for p in params):
@@ -182,12 +184,13 @@ class Sampler:
             if any(p.greedy for p in params):
                 is_greedy = to_device(torch.tensor([p.greedy for p in params]), logits.device)
                 tokens = torch.where(is_greedy, greedy_tokens, tokens)
-        if raw_logprobs is None:
+        if raw is None:
             return SampleResult(tokens, tokens, wanted)
-        chosen = raw_logprobs.gather(1, tokens.unsqueeze(1))
+        log_norm = torch.logsumexp(raw, dim=-1, keepdim=True)
+        chosen = raw.gather(1, tokens.unsqueeze(1)) - log_norm
         # [N, 0] when every row asked for logprobs=0: each row then gets an empty dict
-        top = raw_logprobs.topk(max(w or 0 for w in wanted), dim=-1)
-        packed = torch.cat([tokens.unsqueeze(1).float(), chosen, top.indices.float(), top.values], dim=1)
+        top = raw.topk(max(w or 0 for w in wanted), dim=-1)
+        packed = torch.cat([tokens.unsqueeze(1).float(), chosen, top.indices.float(), top.values - log_norm], dim=1)
         return SampleResult(tokens, packed, wanted)
 
     @staticmethod
