@@ -42,6 +42,8 @@ class TextSoFar:
         """Characters start..end; costs their length (plus a bisection), not the text's."""
         if start >= end:
             return ""
+        if end == self._len and start == end - len(self._chunks[-1]):  # a reader one step behind: the last piece
+            return self._chunks[-1]
         i = bisect_right(self._ends, start)
         first = start - (self._ends[i - 1] if i else 0)
         j = bisect_right(self._ends, end - 1, lo=i)  # the chunk holding the last character

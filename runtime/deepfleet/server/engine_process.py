@@ -57,12 +57,14 @@ def _aborted(engine_id: str) -> tuple:
     return (engine_id, "", [], None, "abort", None, True, 0, None)
 
 
-@dataclass
 class _Sent:
-    chars: int = 0
-    tokens: int = 0
-    logprobs: int = 0
-    prompt_logprobs: bool = False  # sent already
+    """How much of a request's cumulative output went out already (slots: read and set 256 times a step)."""
+
+    __slots__ = ("chars", "tokens", "logprobs", "prompt_logprobs")
+
+    def __init__(self) -> None:
+        self.chars = self.tokens = self.logprobs = 0
+        self.prompt_logprobs = False  # sent already
 
 
 class _DeltaEncoder:
@@ -78,18 +80,25 @@ class _DeltaEncoder:
     def encode(self, outputs: list[Any]) -> list[tuple]:
         deltas = [_aborted(e) for e in self._ended]
         self._ended = []
+        sent = self._sent
         for out in outputs:
-            c = out.outputs[0]
-            s = self._sent.setdefault(out.request_id, _Sent())
-            logprobs = None if c.logprobs is None else [
-                (e["token_id"], e["logprob"], e["top_logprobs"]) for e in c.logprobs[s.logprobs:]]
-            deltas.append((out.request_id, c.text_since(s.chars), c.token_ids[s.tokens:], logprobs, c.finish_reason,
-                           c.stop_reason, out.finished, out.num_cached_tokens,
-                           None if s.prompt_logprobs else out.prompt_logprobs))
-            s.prompt_logprobs = out.prompt_logprobs is not None
-            s.chars, s.tokens, s.logprobs = c.text_len, len(c.token_ids), len(c.logprobs or ())
+            c, request_id = out.outputs[0], out.request_id
+            s = sent.get(request_id)
+            if s is None:
+                s = sent[request_id] = _Sent()
+            logprobs = None
+            if c.logprobs is not None:
+                logprobs = [(e["token_id"], e["logprob"], e["top_logprobs"]) for e in c.logprobs[s.logprobs:]]
+                s.logprobs = len(c.logprobs)
+            prompt = None
+            if not s.prompt_logprobs and out.prompt_logprobs is not None:
+                prompt, s.prompt_logprobs = out.prompt_logprobs, True
+            token_ids, text_len = c.token_ids, c.text_len
+            deltas.append((request_id, c.text_since(s.chars, text_len), token_ids[s.tokens:], logprobs,
+                           c.finish_reason, c.stop_reason, out.finished, out.num_cached_tokens, prompt))
+            s.chars, s.tokens = text_len, len(token_ids)
             if out.finished:
-                del self._sent[out.request_id]
+                del sent[request_id]
         return deltas
 
 

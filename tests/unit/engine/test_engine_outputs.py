@@ -20,9 +20,13 @@ def test_text_so_far_reads_like_slices_of_the_joined_string(seed):
     text, full = TextSoFar(), ""
     for _ in range(200):
         piece = "".join(rng.choice("ab é€🙂\n") for _ in range(rng.randint(0, 5)))
+        before = len(full)
         text.append(piece)
         full += piece
         assert len(text) == len(full)
+        assert text.since(before, len(full)) == piece  # a reader one step behind (the streaming case)
+        if before:
+            assert text.since(before - 1, len(full)) == full[before - 1 :]
         a = rng.randint(0, len(full))
         b = rng.randint(a, len(full))
         assert text.since(a, b) == full[a:b]
