@@ -6,7 +6,7 @@ A server process (`serve-child`: the real app, `deepfleet serve` defaults, the e
 *paced* fake engine: every `--step-ms` it gives each running request one token (3 characters, with a logprob entry
 when asked), as a GPU engine at that step time would, so the offline rate is known: C / step tokens/s. This
 process runs a closed loop of C streaming `/v1/completions` clients (the body `bench/http_load.py` sends: token
-prompt, `logprobs: 0`, usage chunk) over raw loopback sockets (an HTTP client library would cost more CPU than
+prompt, usage chunk; `logprobs` only with `--logprobs K`) over raw loopback sockets (an HTTP client library would cost more CPU than
 the server on a 2-core machine), and reports output tok/s as a share of the pace, the SSE events received, and the
 API process's CPU time (from /proc) per event and per token: the figure that does not depend on what else the
 machine runs. `--api-processes N`: N API processes in front of the engine (`api_processes`; their CPU time summed;
@@ -152,7 +152,7 @@ async def _stream_once(reader, writer, body: bytes) -> tuple[int, int]:
 
 
 async def _client_share(port: int, clients: int, requests: int, prompt_len: int, output_len: int,
-                        seed: int) -> dict:
+                        seed: int, logprobs: int | None) -> dict:
     rng = random.Random(seed)
     todo = [requests // clients + (k < requests % clients) for k in range(clients)]
     totals = {"events": 0, "tokens": 0, "requests": 0}
@@ -160,9 +160,12 @@ async def _client_share(port: int, clients: int, requests: int, prompt_len: int,
     async def client(n: int) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         for _ in range(n):
-            body = json.dumps({"model": MODEL_NAME, "prompt": [rng.randrange(10, 540) for _ in range(prompt_len)],
-                               "max_tokens": output_len, "temperature": 0, "ignore_eos": True, "stream": True,
-                               "logprobs": 0, "stream_options": {"include_usage": True}}).encode()
+            body = {"model": MODEL_NAME, "prompt": [rng.randrange(10, 540) for _ in range(prompt_len)],
+                    "max_tokens": output_len, "temperature": 0, "ignore_eos": True, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            if logprobs is not None:
+                body["logprobs"] = logprobs
+            body = json.dumps(body).encode()
             events, tokens = await _stream_once(reader, writer, body)
             totals["events"] += events
             totals["tokens"] += tokens
@@ -192,12 +195,12 @@ def _server_pids(server_pid: int) -> tuple[list[int], int]:
 
 
 def closed_loop(port: int, server_pid: int, concurrency: int, requests: int, prompt_len: int, output_len: int,
-                processes: int, seed: int) -> dict:
+                processes: int, seed: int, logprobs: int | None = None) -> dict:
     from concurrent.futures import ProcessPoolExecutor
 
     workers = max(1, min(processes, concurrency))
     shares = [(port, concurrency // workers + (w < concurrency % workers),
-               requests // workers + (w < requests % workers), prompt_len, output_len, seed + w)
+               requests // workers + (w < requests % workers), prompt_len, output_len, seed + w, logprobs)
               for w in range(workers)]
     api_pids, engine_pid = _server_pids(server_pid)
 
@@ -228,6 +231,8 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=0, help="default: a free one")
     ap.add_argument("--api-processes", type=int, default=1, help="server API processes (serve's default on a "
                     "host without a GPU is 1)")
+    ap.add_argument("--logprobs", type=int, help="ask every request for its tokens' logprobs with this many "
+                    "alternatives (default: none, as bench/http_load.py)")
     ap.add_argument("--label", default="", help="a name for this run's rows (e.g. the commit under test)")
     ap.add_argument("--results", help="append JSON records (bench/results.jsonl format) to this file")
     args = ap.parse_args()
@@ -246,9 +251,10 @@ def main() -> None:
         if not wait_ready(args.port, child, interval=0.2):
             raise SystemExit(f"server exited with {child.returncode}")
         for c in args.concurrency:
-            closed_loop(args.port, child.pid, c, c, args.prompt_len, args.output_len, args.client_processes, 7)
+            closed_loop(args.port, child.pid, c, c, args.prompt_len, args.output_len, args.client_processes, 7,
+                        args.logprobs)
             r = closed_loop(args.port, child.pid, c, args.requests, args.prompt_len, args.output_len,
-                            args.client_processes, 1000 + c)
+                            args.client_processes, 1000 + c, args.logprobs)
             pace = c / (args.step_ms / 1e3)
             print(f"{args.label} C={c} step {args.step_ms:g} ms: {r['tok_s']:,.0f} tok/s = "
                   f"{100 * r['tok_s'] / pace:.1f}% of the pace {pace:,.0f}; {r['events']} events "
@@ -269,7 +275,7 @@ def _append_records(args: argparse.Namespace, c: int, r: dict, pace: float) -> N
     base = dict(date=datetime.date.today().isoformat(), device="CPU (2-core build machine, loopback)",
                 commit=args.label or os.environ.get("DEEPFLEET_COMMIT", "unknown"), shape="paced fake engine",
                 workload=f"sse_cpu closed loop C={c}, {args.prompt_len}->{args.output_len}, step {args.step_ms:g} ms, "
-                         f"completions stream logprobs=0 + usage, serve defaults, api_processes {args.api_processes}")
+                         f"completions stream logprobs={args.logprobs} + usage, serve defaults, api_processes {args.api_processes}")
     with open(args.results, "a") as f:
         for metric, value, unit in (("http_tok_s", r["tok_s"], "tok/s"),
                                     ("http_of_pace", 100 * r["tok_s"] / pace, "percent"),
