@@ -6,8 +6,8 @@ A server process (`serve-child`: the real app, `deepfleet serve` defaults, the e
 *paced* fake engine: every `--step-ms` it gives each running request one token (3 characters, with a logprob entry
 when asked), as a GPU engine at that step time would, so the offline rate is known: C / step tokens/s. This
 process runs a closed loop of C streaming `/v1/completions` clients (the body `bench/http_load.py` sends: token
-prompt, usage chunk; `logprobs` only with `--logprobs K`) over raw loopback sockets (an HTTP client library would cost more CPU than
-the server on a 2-core machine), and reports output tok/s as a share of the pace, the SSE events received, and the
+prompt, usage chunk; `logprobs` only with `--logprobs K`) over raw loopback sockets (an HTTP client library would
+cost more CPU than the server on a 2-core machine), and reports output tok/s as a share of the pace, the SSE events received, and the
 API process's CPU time (from /proc) per event and per token: the figure that does not depend on what else the
 machine runs. `--api-processes N`: N API processes in front of the engine (`api_processes`; their CPU time summed;
 default 1, serve's default on a host without a GPU). Load stays bounded: C connections on 127.0.0.1, `--requests`
@@ -275,7 +275,8 @@ def _append_records(args: argparse.Namespace, c: int, r: dict, pace: float) -> N
     base = dict(date=datetime.date.today().isoformat(), device="CPU (2-core build machine, loopback)",
                 commit=args.label or os.environ.get("DEEPFLEET_COMMIT", "unknown"), shape="paced fake engine",
                 workload=f"sse_cpu closed loop C={c}, {args.prompt_len}->{args.output_len}, step {args.step_ms:g} ms, "
-                         f"completions stream logprobs={args.logprobs} + usage, serve defaults, api_processes {args.api_processes}")
+                         f"completions stream logprobs={args.logprobs} + usage, serve defaults, "
+                         f"api_processes {args.api_processes}")
     with open(args.results, "a") as f:
         for metric, value, unit in (("http_tok_s", r["tok_s"], "tok/s"),
                                     ("http_of_pace", 100 * r["tok_s"] / pace, "percent"),
