@@ -7,11 +7,11 @@ A server process (`serve-child`: the real app, `deepfleet serve` defaults, the e
 when asked), as a GPU engine at that step time would, so the offline rate is known: C / step tokens/s. This
 process runs a closed loop of C streaming `/v1/completions` clients (the body `bench/http_load.py` sends: token
 prompt, usage chunk; `logprobs` only with `--logprobs K`) over raw loopback sockets (an HTTP client library would
-cost more CPU than the server on a 2-core machine), and reports output tok/s as a share of the pace, the SSE events received, and the
-API process's CPU time (from /proc) per event and per token: the figure that does not depend on what else the
-machine runs. `--api-processes N`: N API processes in front of the engine (`api_processes`; their CPU time summed;
-default 1, serve's default on a host without a GPU). Load stays bounded: C connections on 127.0.0.1, `--requests`
-in all.
+cost more CPU than the server on a 2-core machine), and reports output tok/s as a share of the pace, the SSE events
+received, and the API process's CPU time (from /proc) per event and per token: the figure that does not depend on
+what else the machine runs. `--api-processes N`: N API processes in front of the engine (`api_processes`; their CPU
+time summed; default 1, serve's default on a host without a GPU). Load stays bounded: C connections on 127.0.0.1,
+`--requests` in all.
 """
 
 from __future__ import annotations
