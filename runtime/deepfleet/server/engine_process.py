@@ -277,18 +277,21 @@ _READ_BYTES = 1 << 20
 
 def _frames(unread: bytearray) -> list[Any]:
     """The whole messages at the start of `unread` (taken out of it), framed as multiprocessing's Connection.send
-    writes them: a 4-byte big-endian signed length (-1: an 8-byte length follows), then the pickle."""
-    events = []
-    while len(unread) >= 4:
-        (size,), start = struct.unpack_from("!i", unread), 4
-        if size == -1:
-            if len(unread) < 12:
+    writes them: a 4-byte big-endian signed length (-1: an 8-byte length follows), then the pickle. Unpickled from a
+    view (no copy per message), the consumed bytes cut off once."""
+    events, pos = [], 0
+    with memoryview(unread) as view:
+        while len(unread) - pos >= 4:
+            (size,), start = struct.unpack_from("!i", unread, pos), pos + 4
+            if size == -1:
+                if len(unread) - pos < 12:
+                    break
+                (size,), start = struct.unpack_from("!Q", unread, pos + 4), pos + 12
+            if len(unread) < start + size:
                 break
-            (size,), start = struct.unpack_from("!Q", unread, 4), 12
-        if len(unread) < start + size:
-            break
-        events.append(pickle.loads(bytes(unread[start : start + size])))
-        del unread[: start + size]
+            events.append(pickle.loads(view[start : start + size]))
+            pos = start + size
+    del unread[:pos]
     return events
 
 
