@@ -12,7 +12,8 @@ with their same-run baselines. Prints a table and writes JSON records (bench/res
 4. a tiny FP8 DeepSeek-V3 through the engine with CUDA graphs vs eager (greedy tokens equal), float32 and bf16.
 5. V3 MoE at batch 256 (256 experts, 8 per token, H 7168, I 2048): fused FP8 and bf16 vs the per-expert loop.
 6. V3-shaped decoder layers at full width, random FP8 weights made on the GPU: one MoE layer's decode time at
-   batch 1 / 64 / 256 from the difference of 6- and 2-layer models (1 dense + 5 / 1 MoE), against the bytes it reads.
+   batch 1 / 64 / 256 from the difference of 6- and 2-layer models (1 dense + 5 / 1 MoE), against the bytes it reads;
+   batch 1 also after the engine's start-up choices (models/layers.py choose_gemv), which its batch-1 graph runs.
 7. v3profile: the 2-layer model's batch-1 decode step, GPU time per kernel (torch.profiler) against its graph time.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import math
 import tempfile
 import time
@@ -298,7 +300,23 @@ def _v3_decode(model, layers: int, b: int, ctx: int = 128, bs: int = 16):
     return lambda: model(ids, pos, caches, meta)
 
 
+def choose_start_up_paths(model) -> None:
+    """What the engine's start-up does before capturing its batch-1 graph (engine/model_runner.py): per projection
+    shape the one-row GEMV or the default kernel, and what else models/layers.py choose_gemv times, by timing."""
+    from deepfleet.models.layers import choose_gemv
+
+    t0 = time.time()
+    timings = choose_gemv(model, DEV, torch.bfloat16)
+    chosen = {f"{n}x{k}{' silu' if silu else ''}": tiles if gemv < default else None
+              for (n, k, silu), (default, gemv, tiles) in timings.items()}
+    moe = [m for m in model.modules() if hasattr(m, "one_row_tiles")]
+    print(f"start-up choices ({time.time() - t0:.1f} s): {chosen}; MoE one-row tiles "
+          f"{moe[0].one_row_tiles if moe else 'n/a'}", flush=True)
+
+
 def v3_layers(batches=(1, 64, 256)):
+    """One MoE layer's decode time from the 6- and 2-layer models; at batch 1 also after the engine's start-up
+    choices (choose_start_up_paths), which are what its batch-1 graph runs."""
     ctx = 128
     times = {}
     for layers in (2, 6):
@@ -306,6 +324,10 @@ def v3_layers(batches=(1, 64, 256)):
         for b in batches:
             with torch.inference_mode():
                 times[(layers, b)] = graph_time_ms(_v3_decode(model, layers, b, ctx), reps=10)
+        if 1 in batches:
+            choose_start_up_paths(model)
+            with torch.inference_mode():
+                times[(layers, "1 chosen")] = graph_time_ms(_v3_decode(model, layers, 1, ctx), reps=10)
         model = None  # free before the next size is made
         torch.cuda.empty_cache()
     # one MoE layer's bytes at batch 1: attention (FP8; kv_b_proj dequantized to bf16), 8 routed + 1 shared
@@ -321,6 +343,11 @@ def v3_layers(batches=(1, 64, 256)):
         if b == 1:
             record(shape, "FP8 bytes read per layer", "bytes", moe_bytes / 1e6, "MB")
             record(shape, "time vs bytes at 4.8 TB/s (datasheet)", "floor_ratio", per / (moe_bytes / 4.8e9), "x")
+            chosen = (times[(6, "1 chosen")] - times[(2, "1 chosen")]) / 4
+            record(shape, "decode, CUDA graph, start-up choices, (6-2)/4", "ms_per_layer", chosen, "ms")
+            record(shape, "6-layer model step, start-up choices", "ms", times[(6, "1 chosen")], "ms")
+            record(shape, "start-up choices: time vs bytes at 4.8 TB/s", "floor_ratio",
+                   chosen / (moe_bytes / 4.8e9), "x")
         else:
             record(shape, "tokens per second per layer", "throughput", b / per * 1e3, "tok/s")
 
@@ -358,6 +385,8 @@ def main():
     ap.add_argument("--skip", default="")
     ap.add_argument("--v3-batches", default="1,64,256", help="batch sizes of the v3 section")
     a = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("deepfleet.models.layers").setLevel(logging.INFO)  # the start-up choices' timings
     v3_batches = tuple(int(b) for b in a.v3_batches.split(","))
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     for name, fn in (("correctness", correctness), ("dispatch", dispatch), ("padded", padded),

@@ -2,7 +2,7 @@
 random weights made on the GPU), in launch order with its duration, and the step's CUDA-graph time: where the
 per-layer time goes beyond the bytes the layer reads (issue 14).
 
-    python bench/v3_decode_profile.py --out OUT [--commit SHA] [--batch 1]
+    python bench/v3_decode_profile.py --out OUT [--commit SHA] [--batch 1] [--start-up-choices]
 
 Writes OUT/v3_kernels.txt (the timeline), OUT/v3_profile.jsonl (bench/results.jsonl format: graph time, kernel
 sum, launch count) and OUT/v3_trace.json (chrome trace)."""
@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 import torch
-from fp8_kernels import _v3_decode, _v3_model, graph_time_ms
+from fp8_kernels import _v3_decode, _v3_model, choose_start_up_paths, graph_time_ms
 from torch.profiler import ProfilerActivity, profile
 
 
@@ -24,9 +24,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--commit", default="")
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--start-up-choices", action="store_true",
+                    help="first make the engine's start-up choices (choose_gemv), as its batch-1 graph runs them")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     model = _v3_model(2)
+    if a.start_up_choices:
+        choose_start_up_paths(model)
     step = _v3_decode(model, 2, a.batch)
     with torch.inference_mode():
         graph_ms = graph_time_ms(step)
@@ -47,7 +51,7 @@ def main() -> None:
         prev_end = e["ts"] + e["dur"]
     (a.out / "v3_kernels.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[:2]), flush=True)
-    shape = f"V3 2-layer (1 dense + 1 MoE) batch {a.batch}"
+    shape = f"V3 2-layer (1 dense + 1 MoE) batch {a.batch}{', start-up choices' if a.start_up_choices else ''}"
     date, dev = datetime.date.today().isoformat(), torch.cuda.get_device_name()
     with (a.out / "v3_profile.jsonl").open("w") as f:
         for workload, metric, value, unit in (
