@@ -35,7 +35,7 @@ from typing import Any
 
 from deepfleet import defaults
 from deepfleet.server.config import ServeSettings
-from deepfleet.server.engine_process import ProcessDriver, name_process, spawn_engine, stop_engine
+from deepfleet.server.engine_process import ProcessDriver, event_pipe, name_process, spawn_engine, stop_engine
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def supervise(settings: ServeSettings, engine_factory: Callable[[ServeSettings],
         os.environ[MULTIPROC_ENV] = metrics_dir  # read by prometheus_client when the API processes import it
         sockets = _listening_sockets(settings.host, settings.port, n)
         commands = ctx.Queue()
-        pipes = [ctx.Pipe(duplex=False) for _ in range(n)]
+        pipes = [event_pipe(ctx) for _ in range(n)]
         board = Board(ctx, n)
         engine = spawn_engine(ctx, engine_factory, settings, commands, {str(k): w for k, (_, w) in enumerate(pipes)})
         apis = []

@@ -17,6 +17,7 @@ it. It exits when the server process is gone, and the server exits (status 1) wh
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import multiprocessing
 import os
@@ -35,6 +36,7 @@ from deepfleet.server.engine_loop import Abort, Accepted, Add, Died, Refused, St
 
 log = logging.getLogger(__name__)
 
+_PIPE_BYTES = 1 << 20  # an event pipe's buffer (Linux's default 64 KiB holds ~5 steps of 256 streams' deltas)
 _PARENT_CHECK_S = 1.0  # how often an idle child looks whether the server process is still there
 _STOP_TIMEOUT_S = 30.0
 
@@ -295,6 +297,17 @@ def _frames(unread: bytearray) -> list[Any]:
     return events
 
 
+def event_pipe(ctx: Any) -> tuple[Any, Any]:
+    """(read end, write end) of an engine event pipe, its buffer widened to _PIPE_BYTES where the OS allows: an API
+    process busy for a moment then falls a few hundred steps behind before the engine's send blocks, not five."""
+    events, child_events = ctx.Pipe(duplex=False)
+    try:
+        fcntl.fcntl(child_events.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+    except OSError:  # over the user's pipe-buffer quota (or above pipe-max-size unprivileged): the default stays
+        pass
+    return events, child_events
+
+
 def spawn_engine(ctx: Any, factory: Callable[[Any], Any], settings: Any, commands: Any,
                  pipes: dict[str, Any]) -> Any:
     """Start the engine process: it reads `commands` and reports to `pipes` (id prefix -> write end)."""
@@ -357,7 +370,7 @@ class ProcessDriver:
         (a module-level function). Raises RuntimeError with the child's reason when loading fails."""
         ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA or threads
         commands = ctx.Queue()
-        events, child_events = ctx.Pipe(duplex=False)
+        events, child_events = event_pipe(ctx)
         process = spawn_engine(ctx, factory, settings, commands, {"": child_events})
         child_events.close()
         return cls(process, commands, events, _first_event(events, process))

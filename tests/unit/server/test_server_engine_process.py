@@ -4,6 +4,7 @@ reported (never a hang), and the engine process does not outlive the server."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import multiprocessing
 import os
@@ -21,7 +22,7 @@ import pytest
 from server_helpers import MODEL_NAME, free_port, live_server, settings_for
 
 from deepfleet.engine.outputs import CompletionOutput, RequestOutput
-from deepfleet.server.engine_process import _DeltaDecoder, _DeltaEncoder, _frames
+from deepfleet.server.engine_process import _DeltaDecoder, _DeltaEncoder, _frames, event_pipe
 
 
 def _output(rid: str, text: str, tokens: list[int], finish: str | None, logprobs: bool = True) -> RequestOutput:
@@ -183,3 +184,14 @@ def test_events_read_in_pieces_come_out_whole_and_in_order():
         got.extend(_frames(unread))
     feeder.join()
     assert got == sent and not unread
+
+
+def test_event_pipes_hold_hundreds_of_steps_before_the_engine_blocks():
+    # 256 streams' deltas are ~12 KB a step: the default 64 KiB pipe would stall the engine behind a busy API process
+    # after ~5 steps
+    events, child_events = event_pipe(multiprocessing.get_context("spawn"))
+    try:
+        assert fcntl.fcntl(child_events.fileno(), fcntl.F_GETPIPE_SZ) == 1 << 20
+    finally:
+        events.close()
+        child_events.close()
