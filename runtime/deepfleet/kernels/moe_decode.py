@@ -76,7 +76,7 @@ def _dot_step(acc, rows, scale_row, a, a_scale, k, t):
 
 
 @triton.jit
-def _gate_up_kernel(act_ptr, x_ptr, ids_ptr, w_ptr, ws_ptr, shared_w_ptr, shared_ws_ptr, held, I,
+def _gate_up_kernel(act_ptr, x_ptr, ids_ptr, w_ptr, ws_ptr, shared_w_ptr, shared_ws_ptr, held, INNER,
                     K: tl.constexpr, stride_we, stride_wse, stride_wn, stride_wsn, TOP_K: tl.constexpr,
                     FP8_W: tl.constexpr, DOT: tl.constexpr, BLOCK_WN: tl.constexpr, BLOCK_WK: tl.constexpr,
                     BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
@@ -91,12 +91,12 @@ def _gate_up_kernel(act_ptr, x_ptr, ids_ptr, w_ptr, ws_ptr, shared_w_ptr, shared
     else:
         w_base = shared_w_ptr
         s_base = shared_ws_ptr
-    n = block * BN + tl.arange(0, BN)  # (I is a multiple of BN: no row mask)
+    n = block * BN + tl.arange(0, BN)  # (INNER is a multiple of BN: no row mask)
     gate_rows = w_base + n.to(tl.int64) * stride_wn
-    up_rows = gate_rows + I.to(tl.int64) * stride_wn
+    up_rows = gate_rows + INNER.to(tl.int64) * stride_wn
     # BN divides the scale block's rows: one row of block scales per half
     gate_scales = s_base + ((block * BN) // BLOCK_WN) * stride_wsn
-    up_scales = s_base + ((I + block * BN) // BLOCK_WN) * stride_wsn
+    up_scales = s_base + ((INNER + block * BN) // BLOCK_WN) * stride_wsn
     if DOT:
         acc_gate = tl.zeros([16, BN], tl.float32)
         acc_up = tl.zeros([16, BN], tl.float32)
@@ -116,13 +116,13 @@ def _gate_up_kernel(act_ptr, x_ptr, ids_ptr, w_ptr, ws_ptr, shared_w_ptr, shared
             acc_gate = _fma_step(acc_gate, gate_rows, gate_scales, xv, k, k_ok, FP8_W, BLOCK_WK)
             acc_up = _fma_step(acc_up, up_rows, up_scales, xv, k, k_ok, FP8_W, BLOCK_WK)
         gate, up = tl.sum(acc_gate, 1), tl.sum(acc_up, 1)
-    store_rows(act_ptr + slot * I, gate, up, n, n < I, I, x_ptr, x_ptr, x_ptr, x_ptr, x_ptr, 0.0,
+    store_rows(act_ptr + slot * INNER, gate, up, n, n < INNER, INNER, x_ptr, x_ptr, x_ptr, x_ptr, x_ptr, 0.0,
                HAS_BIAS=False, SILU_MUL=True, ADD_NORM=False, BLOCK_ROW=1)
 
 
 @triton.jit
 def _down_kernel(out_ptr, act_ptr, ids_ptr, route_w_ptr, w_ptr, ws_ptr, shared_w_ptr, shared_ws_ptr, held, H,
-                 I: tl.constexpr, stride_we, stride_wse, stride_wn, stride_wsn, TOP_K: tl.constexpr,
+                 INNER: tl.constexpr, stride_we, stride_wse, stride_wn, stride_wsn, TOP_K: tl.constexpr,
                  SLOTS: tl.constexpr, FP8_W: tl.constexpr, DOT: tl.constexpr, BLOCK_WN: tl.constexpr,
                  BLOCK_WK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
     block = tl.program_id(0)
@@ -145,19 +145,19 @@ def _down_kernel(out_ptr, act_ptr, ids_ptr, route_w_ptr, w_ptr, ws_ptr, shared_w
             weight = 1.0
             rows = shared_w_ptr + row_offs
             scales = shared_ws_ptr + scale_offs
-        act = act_ptr + slot * I
+        act = act_ptr + slot * INNER
         if DOT:
             acc = tl.zeros([16, BN], tl.float32)
-            for t in range(0, I // BK):
+            for t in range(0, INNER // BK):
                 k = t * BK + tl.arange(0, BK)
                 a, a_scale = _quantized_row(tl.load(act + k).to(tl.float32))
                 acc = _dot_step(acc, rows, scales, a, a_scale, k, t)
             part = _row0(acc)
         else:
             acc = tl.zeros([BN, BK], tl.float32)
-            for t in range(0, (I + BK - 1) // BK):
+            for t in range(0, (INNER + BK - 1) // BK):
                 k = t * BK + tl.arange(0, BK)
-                k_ok = k < I
+                k_ok = k < INNER
                 xv = tl.load(act + k, mask=k_ok, other=0.0).to(tl.float32)
                 acc = _fma_step(acc, rows, scales, xv, k, k_ok, FP8_W, BLOCK_WK)
             part = tl.sum(acc, 1)

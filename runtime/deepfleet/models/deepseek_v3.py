@@ -33,8 +33,9 @@ from deepfleet.models.attention import AttentionMetadata, _kernel_attention, pag
 from deepfleet.models.base import FUSED_PROJECTIONS, Backbone, CausalLM, decoder_layer_forward
 from deepfleet.models.config import ModelConfig
 from deepfleet.models.deepseek_mtp import MtpLayer
-from deepfleet.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, _yarn_mscale, linear, silu_and_mul
+from deepfleet.models.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, _yarn_mscale, linear, silu_and_mul
 from deepfleet.quant import fp8
+from deepfleet.quant.linear import Fp8Linear
 
 _EXPERT_SHARDS = {"gate_proj": ("w13", 0), "up_proj": ("w13", 1), "down_proj": ("w2", None)}
 
@@ -231,6 +232,38 @@ class Experts(nn.Module):
             w2 = fp8.dequantize(w2, self.w2_scale_inv, self.block, x.dtype)
         return experts_reference(x, w13, w2, topk_ids, topk_weights)
 
+    def one_row_candidates(self) -> list[tuple]:
+        """kernels/moe_decode.py's candidate tiles that can run these expert stacks (CUDA only: imports triton)."""
+        from deepfleet.kernels import moe_decode
+
+        return [t for t in moe_decode.CANDIDATE_TILES if moe_decode.fits(t, self.w13, self.w2, self.block)]
+
+    def decode(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, shared: nn.Module | None,
+               tiles: tuple) -> torch.Tensor:
+        """One row x [1, H] on CUDA: this rank's routed experts plus `shared` (the shared expert, or None) through
+        kernels/moe_decode.py at `tiles`, the shared expert as its extra slot where it is a plain gated MLP with an
+        expert's shapes (else added after)."""
+        from deepfleet.kernels.moe_decode import moe_decode
+
+        topk_ids, topk_weights = self._held(topk_ids, topk_weights)
+        folded = self._as_slot(shared)
+        out = moe_decode(x, self.w13, self.w13_scale_inv, self.w2, self.w2_scale_inv, topk_ids, topk_weights,
+                         self.block, tiles, shared=folded)
+        return out + shared(x) if shared is not None and folded is None else out
+
+    def _as_slot(self, shared: nn.Module | None) -> tuple | None:
+        """(gate_up, its scales, down, its scales) of a shared expert the decode kernels can take as a slot: a
+        gated MLP of plain (or FP8) projections without bias, with an expert's shapes and dtype."""
+        if not isinstance(shared, GatedMLP):
+            return None
+        gate_up, down = shared.gate_up_proj, shared.down_proj
+        if not all(isinstance(p, Linear | Fp8Linear) and p.bias is None for p in (gate_up, down)) \
+                or (gate_up.weight.shape, down.weight.shape) != (self.w13.shape[1:], self.w2.shape[1:]) \
+                or gate_up.weight.dtype != self.w13.dtype:
+            return None
+        return (gate_up.weight, getattr(gate_up, "weight_scale_inv", None), down.weight,
+                getattr(down, "weight_scale_inv", None))
+
     def _held(self, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert parallelism: ids of the experts held here, relative to the first; a token's slot routed to another
         rank's expert gets the id `held` (one past the last local expert), which the fused kernel sorts past its
@@ -310,8 +343,22 @@ class MoE(nn.Module):
             return _grouped_topk_kernel()(logits, *args)
         return route_reference(logits, *args)
 
+    # batch-1 tiles of kernels/moe_decode.py (routed and shared experts in two launches, no sort by expert), or
+    # None (kernels/fused_moe.py's grouped path): set per model by models/layers.py choose_gemv where start-up
+    # timing found them faster
+    one_row_tiles: tuple | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.gate.weight.shape[1]
+
+    def one_row_candidates(self) -> list[tuple]:
+        return self.experts.one_row_candidates()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.route(x)
+        if self.one_row_tiles is not None and x.is_cuda and x.shape[0] == 1:
+            return ps.all_reduce(self.experts.decode(x, ids, weights, self.shared_experts, self.one_row_tiles))
         out = self.experts(x, ids, weights)
         return ps.all_reduce(out + self.shared_experts(x) if self.shared_experts is not None else out)
 

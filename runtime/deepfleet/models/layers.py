@@ -281,7 +281,8 @@ def choose_gemv(model: nn.Module, device: torch.device, dtype: torch.dtype) -> d
     of its candidate tiles (kernels/gemv.py CANDIDATE_TILES, kernels/fp8_gemm.py GEMV_CANDIDATES) over all the
     model's weights of that shape, each way in one CUDA graph (weights streamed from memory as in a decode step, not
     from L2), and set the fastest on the model's layers (`gemv_tiles`, `GatedMLP.gemv_silu_tiles`; None = the
-    default way). Then the projections followed by a residual RMSNorm (O, and down before the next layer's norm:
+    default way). Then the modules with a batch-1 path of their own (DeepSeek-V3's MoE: `_choose_one_row_paths`), then
+    the projections followed by a residual RMSNorm (O, and down before the next layer's norm:
     the backbone's `add_norm_pairs`): that pair as chosen so far (two launches) against the GEMV with the add + norm
     in its epilogue (`gemv_norm_tiles`), logged.
     Returns {(N, K, silu_mul): (default ms, GEMV ms, tiles)} of the fastest tiles, for the log."""
@@ -319,8 +320,51 @@ def choose_gemv(model: nn.Module, device: torch.device, dtype: torch.dtype) -> d
                 m.gemv_silu_tiles = chosen
             else:
                 m.gemv_tiles = chosen
+    _choose_one_row_paths(model, device, dtype)
     _choose_gemv_add_norm(model, device, dtype)
     return timings
+
+
+def _choose_one_row_paths(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Modules with a batch-1 path of their own (`one_row_candidates()`, `one_row_tiles`, `in_features`:
+    DeepSeek-V3's MoE, kernels/moe_decode.py): per module type and input width, the modules' forward over all of
+    them with `one_row_tiles` None (their default way, their projections as chosen before) against each candidate,
+    each way in one CUDA graph; the fastest is set where its output agrees with the default way's (logged)."""
+    sites: dict[tuple[type, int], list[nn.Module]] = {}
+    for module in model.modules():
+        if hasattr(module, "one_row_candidates"):
+            sites.setdefault((type(module), module.in_features), []).append(module)
+    for (kind, width), modules in sites.items():
+        candidates = modules[0].one_row_candidates()
+        x = torch.randn(1, width, device=device, dtype=dtype)
+
+        def run(tiles, x=x, modules=modules):
+            for m in modules:
+                m.one_row_tiles = tiles
+                m(x)
+
+        default_ms = _graph_ms(lambda: run(None))
+        timed = sorted((_graph_ms(lambda t=t: run(t)), t) for t in candidates)
+        chosen = next(((ms, t) for ms, t in timed if ms < default_ms and _one_row_agrees(modules[0], x, t)), None)
+        for m in modules:
+            m.one_row_tiles = chosen[1] if chosen else None
+        log.info("batch-1 %s (width %d) over %d modules: default %.3f ms, candidates %s: %s", kind.__name__, width,
+                 len(modules), default_ms, ", ".join(f"{t} {ms:.3f}" for ms, t in timed),
+                 f"{chosen[1]}" if chosen else "default")
+
+
+def _one_row_agrees(module: nn.Module, x: torch.Tensor, tiles: tuple) -> bool:
+    """The module's output at `tiles` against its default way's on one input, within 20% of the largest: room
+    for FP8 activation rounding (~5%), none for a wrong expert or a lost slot (off by their whole size)."""
+    module.one_row_tiles = None
+    want = module(x).float()
+    module.one_row_tiles = tiles
+    got = module(x).float()
+    ok = bool(torch.isfinite(got).all()) and (got - want).abs().max().item() <= 0.2 * want.abs().max().item()
+    if not ok:
+        log.error("batch-1 %s at %s disagrees with its default way on this device; not used", type(module).__name__,
+                  tiles)
+    return ok
 
 
 def _choose_gemv_add_norm(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:

@@ -130,3 +130,39 @@ def test_batch1_fp8_gemv_matches_cpu(tmp_path, recording_sampler, monkeypatch):
     assert forced and engine.runner.graphs
     assert gpu_tokens == cpu_tokens
     assert (cpu_logits[0] - gpu_logits[0]).abs().max() <= 2e-2 * cpu_logits[0].abs().max()
+
+
+def test_batch1_moe_decode_matches_cpu_deepseek(tiny_models, recording_sampler, monkeypatch):
+    """One request of the tiny DeepSeek-V3 (batch-1 decode graphs) with every MoE layer forced onto
+    kernels/moe_decode.py (routed and shared experts in two launches, no sort by expert) at its first candidate,
+    whatever the start-up timing chose: the CPU reference's greedy tokens and logits."""
+    from deepfleet.engine import model_runner
+    from deepfleet.kernels import moe_decode
+
+    choose = model_runner.choose_gemv
+
+    def forced(model, device, dtype):
+        timings = choose(model, device, dtype)
+        for m in model.modules():
+            if hasattr(m, "one_row_candidates"):
+                m.one_row_tiles = m.one_row_candidates()[0]
+        calls.clear()  # (the start-up timing's own calls)
+        return timings
+
+    monkeypatch.setattr(model_runner, "choose_gemv", forced)
+    calls = []
+    real = moe_decode.moe_decode
+
+    def counted(*args, **kw):  # (called at graph capture)
+        calls.append(kw["tiles"] if "tiles" in kw else args[8])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(moe_decode, "moe_decode", counted)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 530, (40,), generator=g).tolist()]
+    cpu_tokens, cpu_logits, _ = _run(tiny_models["deepseek_v3"], "cpu", recording_sampler, prompts)
+    gpu_tokens, gpu_logits, engine = _run(tiny_models["deepseek_v3"], "cuda", recording_sampler, prompts,
+                                          max_num_seqs=4)
+    assert calls and engine.runner.graphs
+    assert gpu_tokens == cpu_tokens
+    assert (cpu_logits[0] - gpu_logits[0]).abs().max() <= 1e-4 * cpu_logits[0].abs().max()

@@ -88,3 +88,30 @@ def test_unquantized_experts_take_the_fma_form_only():
         gate, up = F.linear(x, w13[e]).chunk(2, dim=-1)
         want += weight * F.linear(F.silu(gate) * up, w2[e])
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny_fp8_moe(tmp_path_factory):
+    from deepfleet.models.config import load_config
+    from deepfleet.models.loader import load_model
+    from deepfleet.models.tiny import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path_factory.mktemp("m") / "ds_fp8", "deepseek_v3", fp8=True)
+    model = load_model(load_config(model_dir), torch.float32, torch.device("cpu"), 256)
+    return model.model.layers[1].mlp  # (layer 0 is dense)
+
+
+def test_the_moe_layer_routes_one_row_through_the_decode_kernels_with_its_shared_expert(tiny_fp8_moe):
+    """Experts.decode (what MoE.forward takes for one CUDA row at the chosen tiles) against the layer's own
+    reference path: the routed experts' per-expert loop plus the shared expert, both on dequantized weights, with
+    unrounded activations: the FMA form to float32 rounding, the tensor-core form to its e4m3 rounding of x and of
+    the activation (~5% of the largest output here; the exact check is the tile tests above)."""
+    moe = tiny_fp8_moe
+    x = torch.randn(1, moe.in_features, generator=torch.Generator().manual_seed(5))
+    ids, weights = moe.route(x)
+    want = moe.experts(x, ids, weights) + moe.shared_experts(x)
+    candidates = moe.one_row_candidates()
+    assert moe.experts._as_slot(moe.shared_experts) is not None  # the shared expert rides along as a slot
+    for tiles in (next(t for t in candidates if not t[0] and not t[3]), next(t for t in candidates if t[0])):
+        got = moe.experts.decode(x, ids, weights, moe.shared_experts, tiles)
+        assert ((got - want).abs().max() / want.abs().max()).item() < (0.1 if tiles[0] else 1e-5)
