@@ -33,14 +33,14 @@ from deepfleet.kernels.fp8_gemm import _round_to_e4m3
 from deepfleet.kernels.gemv import store_rows
 
 FP8 = torch.float8_e4m3fn
-DOT_ROWS = 16  # the smallest M of a tensor-core dot: x in row 0, zeros below
 # (gate_up DOT, gate_up BN, gate_up BK, down DOT, down BN, down BK, num_warps), timed at start-up against
 # fused_moe's grouped path: vLLM's 64-wide N tiles for block FP8 at low batch, narrower ones for more programs, and
 # the dense one-row GEMV's fastest 7B tiles (BN 8 / 4, BK 512) for the FMA form
 CANDIDATE_TILES = [
-    (True, 16, 128, True, 16, 128, 4),
+    (True, 16, 128, False, 4, 512, 4),
     (True, 32, 128, False, 8, 512, 4),
     (True, 64, 128, False, 4, 512, 4),
+    (True, 16, 128, True, 16, 128, 4),
     (False, 8, 512, False, 8, 512, 4),
     (False, 4, 512, False, 4, 512, 4),
 ]
