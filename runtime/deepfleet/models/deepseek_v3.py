@@ -232,7 +232,7 @@ class Experts(nn.Module):
             w2 = fp8.dequantize(w2, self.w2_scale_inv, self.block, x.dtype)
         return experts_reference(x, w13, w2, topk_ids, topk_weights)
 
-    def one_row_candidates(self) -> list[tuple]:
+    def decode_candidates(self) -> list[tuple]:
         """kernels/moe_decode.py's candidate tiles that can run these expert stacks (CUDA only: imports triton)."""
         from deepfleet.kernels import moe_decode
 
@@ -353,7 +353,7 @@ class MoE(nn.Module):
         return self.gate.weight.shape[1]
 
     def one_row_candidates(self) -> list[tuple]:
-        return self.experts.one_row_candidates()
+        return self.experts.decode_candidates()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.route(x)

@@ -330,11 +330,7 @@ def _choose_one_row_paths(model: nn.Module, device: torch.device, dtype: torch.d
     DeepSeek-V3's MoE, kernels/moe_decode.py): per module type and input width, the modules' forward over all of
     them with `one_row_tiles` None (their default way, their projections as chosen before) against each candidate,
     each way in one CUDA graph; the fastest is set where its output agrees with the default way's (logged)."""
-    sites: dict[tuple[type, int], list[nn.Module]] = {}
-    for module in model.modules():
-        if hasattr(module, "one_row_candidates"):
-            sites.setdefault((type(module), module.in_features), []).append(module)
-    for (kind, width), modules in sites.items():
+    for (kind, width), modules in one_row_sites(model).items():
         candidates = modules[0].one_row_candidates()
         x = torch.randn(1, width, device=device, dtype=dtype)
 
@@ -351,6 +347,16 @@ def _choose_one_row_paths(model: nn.Module, device: torch.device, dtype: torch.d
         log.info("batch-1 %s (width %d) over %d modules: default %.3f ms, candidates %s: %s", kind.__name__, width,
                  len(modules), default_ms, ", ".join(f"{t} {ms:.3f}" for ms, t in timed),
                  f"{chosen[1]}" if chosen else "default")
+
+
+def one_row_sites(model: nn.Module) -> dict[tuple[type, int], list[nn.Module]]:
+    """The modules with a batch-1 path of their own (all of `one_row_candidates`, `one_row_tiles`, `in_features`),
+    by type and input width."""
+    sites: dict[tuple[type, int], list[nn.Module]] = {}
+    for module in model.modules():
+        if all(hasattr(module, a) for a in ("one_row_candidates", "one_row_tiles", "in_features")):
+            sites.setdefault((type(module), module.in_features), []).append(module)
+    return sites
 
 
 def _one_row_agrees(module: nn.Module, x: torch.Tensor, tiles: tuple) -> bool:

@@ -98,7 +98,17 @@ def tiny_fp8_moe(tmp_path_factory):
 
     model_dir = make_tiny_model(tmp_path_factory.mktemp("m") / "ds_fp8", "deepseek_v3", fp8=True)
     model = load_model(load_config(model_dir), torch.float32, torch.device("cpu"), 256)
-    return model.model.layers[1].mlp  # (layer 0 is dense)
+    return model
+
+
+def test_start_up_timing_finds_exactly_the_moe_layers(tiny_fp8_moe):
+    """choose_gemv's one-row paths: the MoE layers (layer 0 is dense; the routed experts inside are no site)."""
+    from deepfleet.models.deepseek_v3 import MoE
+    from deepfleet.models.layers import one_row_sites
+
+    sites = one_row_sites(tiny_fp8_moe)
+    moes = [m for m in tiny_fp8_moe.modules() if isinstance(m, MoE)]
+    assert list(sites) == [(MoE, 256)] and sites[(MoE, 256)] == moes and len(moes) == 2
 
 
 def test_the_moe_layer_routes_one_row_through_the_decode_kernels_with_its_shared_expert(tiny_fp8_moe):
@@ -106,7 +116,7 @@ def test_the_moe_layer_routes_one_row_through_the_decode_kernels_with_its_shared
     reference path: the routed experts' per-expert loop plus the shared expert, both on dequantized weights, with
     unrounded activations: the FMA form to float32 rounding, the tensor-core form to its e4m3 rounding of x and of
     the activation (~5% of the largest output here; the exact check is the tile tests above)."""
-    moe = tiny_fp8_moe
+    moe = tiny_fp8_moe.model.layers[1].mlp  # (layer 0 is dense)
     x = torch.randn(1, moe.in_features, generator=torch.Generator().manual_seed(5))
     ids, weights = moe.route(x)
     want = moe.experts(x, ids, weights) + moe.shared_experts(x)
