@@ -8,6 +8,7 @@
 - kernels: at each --kernel-batches (batch 1: decode at 512 context, engine ms/token; larger: 128-token prompts
   10 steps in), the decode graph's GPU time per replay, and a torch.profiler table of its kernels per replay
   (count, mean and total time by kernel name) with the GPU time inside kernels against the replay's span.
+  `--quantization fp8`: the shape's weights quantized on load (the FP8 decode graphs).
 - prefill: attention alone on one fresh 8k prompt, the Triton paged kernel vs torch SDPA (flash / cuDNN), and the
   engine's SDPA route for long chunks (models/attention.py) against the paged kernel: a fresh 8k chunk and a 4k
   chunk over 4k of cached context.
@@ -158,7 +159,8 @@ def kernels(e, out: Path, batch: int = 1, replays: int = 20) -> None:
         span = (kern[-1][1] - kern[0][0]) / replays
         lines.append(f"replay span {span:.1f} us per replay over {len(kern)} device events")
     text = "\n".join(lines)
-    (out / f"kernels_{e.model_name}_{batch}.txt").write_text(text)
+    (out / f"kernels_{e.model_name}{'_' + e.config.quantization if e.config.quantization else ''}_{batch}.txt"
+     ).write_text(text)
     print(text)
     while e.has_unfinished_requests():
         e.step()
@@ -253,6 +255,7 @@ if __name__ == "__main__":
     ap.add_argument("--parts", nargs="+", default=["prefill", "ttft", "host"])
     ap.add_argument("--host-batches", type=int, nargs="+", default=[256])
     ap.add_argument("--kernel-batches", type=int, nargs="+", default=[1], help="decode graph sizes to profile")
+    ap.add_argument("--quantization", choices=["fp8"], default=None, help="engine.quantization (default: bf16)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -269,7 +272,8 @@ if __name__ == "__main__":
         d = write_shape_dir(args.shape, Path(tmp) / args.shape)
         t = time.perf_counter()
         e = LLMEngine(EngineConfig(model=str(d), dtype="bfloat16", device="cuda", load_format="dummy",
-                                   max_num_seqs=max(256, *args.kernel_batches, *args.host_batches)))
+                                   max_num_seqs=max(256, *args.kernel_batches, *args.host_batches),
+                                   quantization=args.quantization))
         print(f"ready in {time.perf_counter() - t:.1f} s")
         if "ttft" in args.parts:
             part(ttft, e, args.out)
