@@ -48,15 +48,17 @@ class StepInputs:
     # (start, num_tokens, new tokens, block table, placeholder row, speculative drafts among the new tokens)
     seqs: list[tuple[int, int, list[int], list[int], int, int]]
     prev_rows: int = 0
+    num_decodes: int = 0  # SchedulerOutput.num_decodes
 
     @classmethod
     def of(cls, out: SchedulerOutput, prev_token_ids=None) -> StepInputs:
         return cls([(s.num_computed_tokens, s.num_tokens,
                      s.token_ids[s.num_computed_tokens : s.num_computed_tokens + n], s.block_table, s.pending_row,
                      s.num_draft_tokens)
-                    for s, n in out.scheduled], 0 if prev_token_ids is None else prev_token_ids.numel())
+                    for s, n in out.scheduled], 0 if prev_token_ids is None else prev_token_ids.numel(),
+                   out.num_decodes)
 
     def scheduler_output(self) -> SchedulerOutput:
         return SchedulerOutput(scheduled=[
             (SeqView(start, total, _Window(start, new, total), table, row, drafts), len(new))
-            for start, total, new, table, row, drafts in self.seqs])
+            for start, total, new, table, row, drafts in self.seqs], num_decodes=self.num_decodes)

@@ -32,6 +32,9 @@ class BlockManager:
         self.seq_hashes: dict[str, list[bytes]] = {}  # request id -> hashes of its full blocks so far
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of those, tokens found
+        # sequences whose block table changed since the last take_changed(): the model runner's persistent rows
+        # (engine/input_batch.py) copy only these (an ordered set: a table may change several times in between)
+        self.changed: dict[Sequence, None] = {}
 
     @property
     def num_free_blocks(self) -> int:
@@ -44,6 +47,10 @@ class BlockManager:
     def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
         total = seq.num_computed_tokens + num_new_tokens
         return max(0, -(-total // self.block_size) - len(seq.block_table))
+
+    def take_changed(self) -> list[Sequence]:
+        changed, self.changed = list(self.changed), {}
+        return changed
 
     def _take(self) -> int:
         block, _ = self.free.popitem(last=False)
@@ -77,6 +84,8 @@ class BlockManager:
             parent = h
         hit = len(seq.block_table) * bs
         seq.num_computed_tokens = hit
+        if hit:
+            self.changed[seq] = None
         return n_full * bs, hit
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
@@ -84,7 +93,9 @@ class BlockManager:
         need = self.blocks_needed(seq, num_new_tokens)
         if need > len(self.free):
             return False
-        seq.block_table.extend(self._take() for _ in range(need))
+        if need:
+            seq.block_table.extend(self._take() for _ in range(need))
+            self.changed[seq] = None
         return True
 
     def register_full_blocks(self, seq: Sequence) -> None:
@@ -109,4 +120,5 @@ class BlockManager:
                 self.free[block] = None
         seq.block_table = []
         seq.num_computed_tokens = 0
+        self.changed[seq] = None
         self.seq_hashes.pop(seq.request_id, None)

@@ -6,64 +6,12 @@ Two staging sets alternate: the set used by step N-1 is free again once step N-1
 which the engine waits for before it prepares step N+1.
 
 Layout of one step: the decode rows first (padded up to the CUDA-graph batch size with harmless rows that write
-to the scratch block), then the prefill chunks. Block tables are kept as rows of one host matrix, extended
-with only the blocks added since the last step (TableRows), and gathered into the staging rows."""
+to the scratch block), then the prefill chunks. Block tables are gathered into the staging rows from the
+persistent rows of engine/input_batch.py."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-
-
-class TableRows:
-    """The requests' block tables as rows of one host matrix, each row extended with only the blocks added since it
-    was last read (the block manager appends to a table, or replaces it with a new list when the sequence is
-    freed): a step's tables are then one gather of rows, not a copy per sequence. Entries past a table's length
-    hold older valid block ids (the kernels read only a sequence's own blocks)."""
-
-    def __init__(self, width: int, rows: int = 64):
-        self.matrix = np.zeros((rows, width), np.int32)
-        self._row: dict[str, int] = {}  # request id -> its row
-        self._free = list(range(rows - 1, -1, -1))
-        self._source: list[list[int] | None] = [None] * rows  # the list each row mirrors
-        self._len = [0] * rows  # entries of the row up to date
-
-    def rows(self, seqs) -> tuple[list[int], int]:
-        """Each sequence's row, brought up to date, and the longest table's length."""
-        rows, width = [], 0
-        row_of, sources, lens, matrix = self._row, self._source, self._len, self.matrix
-        for seq in seqs:
-            row = row_of.get(seq.request_id)
-            if row is None:
-                row = self._take(seq.request_id)
-                sources, lens, matrix = self._source, self._len, self.matrix
-            table, done = seq.block_table, lens[row]
-            n = len(table)
-            if table is not sources[row] or n < done:
-                sources[row], done = table, 0
-            if n > done:
-                matrix[row, done:n] = table[done:n]
-            lens[row] = n
-            if n > width:
-                width = n
-            rows.append(row)
-        return rows, width
-
-    def forget(self, request_id: str) -> None:
-        row = self._row.pop(request_id, None)
-        if row is not None:
-            self._source[row] = None
-            self._free.append(row)
-
-    def _take(self, request_id: str) -> int:
-        if not self._free:  # more requests with tables than rows (preempted ones keep theirs): twice the rows
-            n = len(self._len)
-            self.matrix = np.concatenate([self.matrix, np.zeros_like(self.matrix)])
-            self._source += [None] * n
-            self._len += [0] * n
-            self._free = list(range(2 * n - 1, n - 1, -1))
-        row = self._row[request_id] = self._free.pop()
-        return row
 
 
 class _Staging:

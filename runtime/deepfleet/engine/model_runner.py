@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from itertools import chain
 
 import numpy as np
 import torch
@@ -38,7 +37,8 @@ import torch
 from deepfleet import defaults
 from deepfleet.engine import memory
 from deepfleet.engine.errors import StartupError
-from deepfleet.engine.input_buffers import InputBuffers, TableRows
+from deepfleet.engine.input_batch import InputBatch
+from deepfleet.engine.input_buffers import InputBuffers
 from deepfleet.engine.sampler import to_device
 from deepfleet.engine.sampling_params import SamplingParams
 from deepfleet.engine.scheduler import SchedulerOutput
@@ -110,7 +110,7 @@ class ModelRunner:
         self.prefill_buckets: list[int] = []
         self.prefill_graph_seqs = defaults.PREFILL_GRAPH_MAX_SEQS
         self.buffers: InputBuffers | None = None
-        self._tables = TableRows(self.max_blocks_per_seq)  # the requests' block tables, kept up to date
+        self.batch = InputBatch(self.max_blocks_per_seq)  # the requests' block tables, updated by delta
         # prompt logprobs of the last step's prefill chunks: (sequence, index of the first prompt token they score,
         # device tensors: the tokens' logprobs, ranks, top ids, top logprobs); the engine takes them after execute
         self.prompt_logprobs: list[tuple[Sequence, int, tuple[torch.Tensor, ...]]] = []
@@ -141,7 +141,7 @@ class ModelRunner:
         if self.use_graphs:
             peak += (peak - before) * min(defaults.PREFILL_GRAPH_MAX_TOKENS, n) // n
         self.kv_caches, self.draft_kv_caches, self.buffers = [], [], None
-        self._tables.forget("profile")
+        self.batch.remove("profile")
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
         used_elsewhere = total - free - torch.cuda.memory_allocated()  # other processes, CUDA context
@@ -202,21 +202,24 @@ class ModelRunner:
 
     def forget(self, request_id: str) -> None:
         """A request ended: free its block-table row."""
-        self._tables.forget(request_id)
+        self.batch.remove(request_id)
 
     # ---- inputs ---------------------------------------------------------------------------------------------------
-    def _block_tables(self, seqs: list[Sequence]) -> np.ndarray:
-        """The sequences' block tables as rows [len(seqs), longest table]; a tensor-parallel worker's SeqViews
-        (no request id: their tables arrive with each step) are copied in for this step only."""
+    def _block_tables(self, seqs: list[Sequence], changes: list[Sequence]) -> tuple[np.ndarray, np.ndarray, int]:
+        """(a matrix of block-table rows, the sequences' rows in it, the longest table's length): the persistent
+        rows updated by `changes`; a tensor-parallel worker's SeqViews (no request id: their tables arrive with
+        each step) are copied into a matrix of this step only."""
         if getattr(seqs[0], "request_id", None) is not None:
-            rows, width = self._tables.rows(seqs)
-            return self._tables.matrix[rows, :width]
+            batch = self.batch
+            batch.apply(changes)
+            rows = batch.rows(seqs)
+            return batch.tables, rows, int(batch.num_blocks[rows].max())
         tables = [np.asarray(s.block_table, dtype=np.int32) for s in seqs]
         out = np.zeros((len(seqs), max(map(len, tables))), np.int32)
         _copy_rows(out, tables)
-        return out
+        return out, np.arange(len(seqs)), out.shape[1]
 
-    def _stage(self, decodes, prefills, padded: int, pbase: int, bucket: int | None):
+    def _stage(self, decodes, prefills, changes, padded: int, pbase: int, bucket: int | None):
         """Fill a staging set; returns it with (tokens, rows, width, fills, sampled decode rows, sampled prefill
         rows relative to pbase, prefill metadata). `bucket`: the prefill graph's token count (its padding tokens
         write to the scratch slot; its empty chunks end where the last real one does), or None (eager)."""
@@ -225,29 +228,33 @@ class ModelRunner:
         a = st.np
         bs = self.block_size
         seqs = [seq for seq, _ in decodes]
-        tables = self._block_tables(seqs + [seq for seq, _ in prefills])
-        width = tables.shape[1]
+        tables, table_rows, width = self._block_tables(seqs + [seq for seq, _ in prefills] if prefills else seqs,
+                                                       changes)
         # rows: the decodes, then from pbase the chunks (a graph's all its chunks: empty ones' metadata is uploaded
         # too, as the graph reads its whole query_start_loc)
         rows = pbase + (self.prefill_graph_seqs if bucket is not None else len(prefills)) if prefills else padded
         tab = a["tables"][: rows * width].reshape(rows, width)
-        # decode rows: per sequence (position, input token, token count, placeholder row) in one pass, the rest
-        # vectorized (a list comprehension and len(): faster than a generator and the num_tokens property)
+        # decode rows: per sequence its position, input token and placeholder row (list comprehensions: faster
+        # than one generator of tuples), the rest vectorized
         nd = len(decodes)
-        per_seq = np.fromiter(chain.from_iterable([
-            (seq.num_computed_tokens, seq.token_ids[seq.num_computed_tokens], len(seq.token_ids), seq.pending_row)
-            for seq in seqs]), np.int64, 4 * nd).reshape(nd, 4)
-        dpos, ids = per_seq[:, 0], per_seq[:, 1]
+        positions = [seq.num_computed_tokens for seq in seqs]
+        dpos = np.array(positions, np.int64)
+        tokens = [seq.token_ids[p] for seq, p in zip(seqs, positions, strict=True)]
+        ids = np.array(tokens, np.int64)
         fill_dst = np.flatnonzero(ids < 0)  # sampled by the step still in flight: read on the device
-        fill_src = per_seq[fill_dst, 3]
-        tab[:nd] = tables[:nd]
+        fill_src = np.array([seqs[i].pending_row for i in fill_dst.tolist()], np.int64)
+        # a placeholder is its sequence's last token, so its row is sampled; a host token's row is sampled when it
+        # is its sequence's last (not when the budget cut a prompt chunk to one token)
+        decode_rows = list(range(nd))
+        if len(fill_dst) < nd:
+            decode_rows = [i for i in decode_rows if tokens[i] < 0 or positions[i] + 1 == len(seqs[i].token_ids)]
+        tab[:nd] = tables[table_rows[:nd], :width]
         rows_nd = np.arange(nd)
         a["ids"][:nd] = ids
         a["ids"][fill_dst] = 0
         a["positions"][:nd] = dpos
         a["slots"][:nd] = tab[rows_nd, dpos // bs].astype(np.int64) * bs + dpos % bs
         a["ctx_lens"][:nd] = dpos + 1
-        decode_rows = rows_nd[dpos + 1 == per_seq[:, 2]].tolist()
         a["ids"][nd:padded] = 0
         a["positions"][nd:padded] = 0
         a["slots"][nd:padded] = buf.scratch_slot
@@ -259,14 +266,14 @@ class ModelRunner:
         t = pbase
         for j, (seq, n) in enumerate(prefills):
             start = seq.num_computed_tokens
-            table = tables[nd + j]
+            table = tables[table_rows[nd + j]]
             pos = np.arange(start, start + n)
             a["ids"][t : t + n] = seq.token_ids[start : start + n]
             a["positions"][t : t + n] = pos
             a["slots"][t : t + n] = table[pos // bs] * bs + pos % bs
             a["ctx_lens"][pbase + j] = start + n
             a["query_start"][q_start + j + 1] = t + n - pbase
-            tab[pbase + j] = table
+            tab[pbase + j] = table[:width]
             prefill_meta.append((n, start + n))
             if start + n == seq.num_tokens:  # sampled: its last row, or every row that scores a draft and the last
                 drafts = seq.num_draft_tokens
@@ -329,14 +336,14 @@ class ModelRunner:
         `prev_token_ids`: the previous step's sampled tokens on the device, for decode rows whose input token is
         still a placeholder (Sequence.pending_row names its row there)."""
         self.prompt_logprobs = []
-        nd = next((i for i, (_, n) in enumerate(out.scheduled) if n != 1), len(out.scheduled))  # decodes first
+        nd = out.num_decodes
         decodes, prefills = out.scheduled[:nd], out.scheduled[nd:]
         graph = self.use_graphs and 0 < nd <= self.graph_max_batch
         padded = next(b for b in self.graph_batch_sizes if b >= nd) if graph else nd
         pbase = self._prefill_base(padded)
         bucket = self._prefill_bucket(prefills) if prefills else None
         st, num_tokens, rows, width, fills, decode_rows, prefill_rows, prefill_meta = self._stage(
-            decodes, prefills, padded, pbase, bucket)
+            decodes, prefills, out.table_changes, padded, pbase, bucket)
         buf = self.buffers
         buf.upload(st, num_tokens, rows, width, fills, prev_token_ids)
         parts = []

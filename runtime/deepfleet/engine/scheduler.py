@@ -24,6 +24,9 @@ class SchedulerOutput:
     # (sequence, tokens to compute this step); decodes (one token, something already cached) come first
     scheduled: list[tuple[Sequence, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    num_decodes: int = 0  # the entries of one token, all first in `scheduled`
+    # sequences whose block tables changed since the last step that ran (the runner updates only their rows)
+    table_changes: list[Sequence] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -82,7 +85,7 @@ class Scheduler:
             self._running_sorted = True
         chunks = False  # any scheduled prefill chunk (else the decodes-first order below holds already)
         bs = self.blocks.block_size
-        i, running, scheduled = 0, self.running, out.scheduled
+        i, running, scheduled, decodes = 0, self.running, out.scheduled, 0
         while i < len(running) and budget > 0:
             seq = running[i]
             if seq.final_pending:  # its last token is still in flight: nothing to compute
@@ -94,6 +97,7 @@ class Scheduler:
                 n = budget
             if n == 1 and computed < len(seq.block_table) * bs:  # a decode with room in its block
                 scheduled.append((seq, 1))
+                decodes += 1
                 budget -= 1
                 i += 1
                 continue
@@ -104,6 +108,7 @@ class Scheduler:
                     break
             if seq.status is Status.RUNNING:
                 out.scheduled.append((seq, n))
+                decodes += n == 1
                 chunks = chunks or n != 1
                 budget -= n
                 i += 1
@@ -130,6 +135,7 @@ class Scheduler:
             seq.status = Status.RUNNING
             admitted.append(seq)
             out.scheduled.append((seq, n))
+            decodes += n == 1
             chunks = chunks or n != 1
             budget -= n
         for seq in admitted:
@@ -141,6 +147,9 @@ class Scheduler:
         # decodes first: the attention batches them in one call
         if chunks:
             out.scheduled.sort(key=lambda sn: sn[1] != 1)
+        out.num_decodes = decodes
+        if scheduled:  # (a step that runs nothing leaves the changes for the next that does)
+            out.table_changes = self.blocks.take_changed()
         return out
 
     def update_after_step(self, out: SchedulerOutput) -> None:
