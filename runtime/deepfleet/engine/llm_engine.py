@@ -23,6 +23,7 @@ from deepfleet.engine.detokenizer import IncrementalDetokenizer, StopChecker, de
 from deepfleet.engine.errors import StartupError
 from deepfleet.engine.logits_processors import LogitsProcessors
 from deepfleet.engine.outputs import CompletionOutput, EngineStats, LoRAStats, RequestOutput
+from deepfleet.engine.sampled_rows import SampledRows
 from deepfleet.engine.sampler import SampledToken, Sampler, SampleResult, argmax_only, make_generator, reads_output
 from deepfleet.engine.sampling_params import SamplingParams
 from deepfleet.engine.scheduler import Scheduler
@@ -141,6 +142,7 @@ class LLMEngine:
         self._aborted: list[Sequence] = []  # reported (finish_reason "abort") by the next step
         self._to_decode: list[tuple[Sequence, list[int]]] = []  # ended, text decoded once: (request, its tokens)
         self._in_flight: _Launched | None = None  # the launched step whose tokens are not taken in yet
+        self._sampled_rows = SampledRows([])  # the last step's sampled sequences (engine/sampled_rows.py)
         # unfinished requests that are not argmax_only (reads_output ones among them): while there are none, a step
         # checks no row for either
         self._num_not_argmax = 0
@@ -354,7 +356,7 @@ class LLMEngine:
         if out.scheduled:
             logits = self.runner.execute(out) if prev is None else self.runner.execute(out, prev.result.token_ids)
             self._take_prompt_logprobs()
-            to_sample = [s for s, n in out.scheduled if s.num_computed_tokens + n == len(s.token_ids)]
+            to_sample = self.runner.sampled
             if prev is not None and self._num_not_argmax and _reads_output(to_sample):
                 advanced, prev = self._resolve(prev), None  # taken in while the forward runs, before sampling
                 live = [row for row, s in enumerate(to_sample) if not s.is_finished]  # not those that just ended
@@ -386,9 +388,12 @@ class LLMEngine:
         """Launch the sampler without waiting for the GPU; every sampled sequence gets a placeholder token that
         the next step reads on the device and `_resolve` later replaces."""
         all_argmax = not self._num_not_argmax or all(s.argmax_only for s in to_sample)
-        result = self.sampler.sample(logits, [s.sampling for s in to_sample], all_argmax)
+        if to_sample != self._sampled_rows.seqs:  # (the same list as the last step's: kept)
+            self._sampled_rows = SampledRows(to_sample)
+        rows = self._sampled_rows
+        result = self.sampler.sample(logits, rows.states, all_argmax)
         result.start_copy()
-        return _Launched([(seq, seq.add_placeholder(row)) for row, seq in enumerate(to_sample)], result)
+        return _Launched(rows.seqs, rows.add_placeholders(), result)
 
     def _speculative_step(self, out) -> list[Sequence]:
         """Serial step with drafts (spec_decode/speculator.py): run, verify, append the emitted tokens, count only
@@ -439,7 +444,7 @@ class LLMEngine:
         reported, dropped = [], 0
         token_ids, sampled = launched.result.to_host_ids()
         append = self._append
-        for row, ((seq, index), token_id) in enumerate(zip(launched.entries, token_ids, strict=True)):
+        for row, (seq, index, token_id) in enumerate(zip(launched.seqs, launched.indices, token_ids, strict=True)):
             if seq.status is FINISHED:
                 dropped += 1
                 continue
@@ -506,5 +511,6 @@ def _reads_output(seqs: list[Sequence]) -> bool:
 
 @dataclass
 class _Launched:
-    entries: list[tuple[Sequence, int]]  # sampled sequences in row order, with their placeholder's index
+    seqs: list[Sequence]  # sampled sequences in row order
+    indices: list[int]  # their placeholders' indices in token_ids
     result: SampleResult

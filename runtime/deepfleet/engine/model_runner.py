@@ -114,6 +114,8 @@ class ModelRunner:
         # prompt logprobs of the last step's prefill chunks: (sequence, index of the first prompt token they score,
         # device tensors: the tokens' logprobs, ranks, top ids, top logprobs); the engine takes them after execute
         self.prompt_logprobs: list[tuple[Sequence, int, tuple[torch.Tensor, ...]]] = []
+        # the last step's sampled sequences (their last token computed), in the order of execute's logits rows
+        self.sampled: list[Sequence] = []
 
     # ---- KV cache -------------------------------------------------------------------------------------------------
     def block_bytes(self) -> int:
@@ -220,9 +222,10 @@ class ModelRunner:
         return out, np.arange(len(seqs)), out.shape[1]
 
     def _stage(self, decodes, prefills, changes, padded: int, pbase: int, bucket: int | None):
-        """Fill a staging set; returns it with (tokens, rows, width, fills, sampled decode rows, sampled prefill
-        rows relative to pbase, prefill metadata). `bucket`: the prefill graph's token count (its padding tokens
-        write to the scratch slot; its empty chunks end where the last real one does), or None (eager)."""
+        """Fill a staging set and set `sampled`; returns the set with (tokens, rows, width, fills, sampled decode
+        rows, sampled prefill rows relative to pbase, prefill metadata). `bucket`: the prefill graph's token count
+        (its padding tokens write to the scratch slot; its empty chunks end where the last real one does), or None
+        (eager)."""
         buf = self.buffers
         st = buf.staging()
         a = st.np
@@ -248,6 +251,7 @@ class ModelRunner:
         decode_rows = list(range(nd))
         if len(fill_dst) < nd:
             decode_rows = [i for i in decode_rows if tokens[i] < 0 or positions[i] + 1 == len(seqs[i].token_ids)]
+        sampled = seqs if len(decode_rows) == nd else [seqs[i] for i in decode_rows]
         tab[:nd] = tables[table_rows[:nd], :width]
         rows_nd = np.arange(nd)
         a["ids"][:nd] = ids
@@ -278,6 +282,7 @@ class ModelRunner:
             if start + n == seq.num_tokens:  # sampled: its last row, or every row that scores a draft and the last
                 drafts = seq.num_draft_tokens
                 prefill_rows.extend(range(t + n - 1 - drafts - pbase, t + n - pbase))
+                sampled = [*sampled, seq]
             t += n
         if bucket is not None:  # the graph's padding: tokens of no sequence, empty chunks
             a["query_start"][q_start + len(prefills) + 1 : q_start + self.prefill_graph_seqs + 1] = t - pbase
@@ -290,6 +295,7 @@ class ModelRunner:
         a["fill"][len(fill_dst) : 2 * len(fill_dst)] = fill_src
         if self.lora is not None:
             self._stage_lora_slots(a["lora_slots"], decodes, prefills, padded, pbase, t)
+        self.sampled = sampled
         return st, t if prefills else padded, rows, width, len(fill_dst), decode_rows, prefill_rows, prefill_meta
 
     def _stage_lora_slots(self, out: np.ndarray, decodes, prefills, padded: int, pbase: int, end: int) -> None:
@@ -332,7 +338,8 @@ class ModelRunner:
     # ---- execution ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, prev_token_ids: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Run one step. Returns logits [num sampled sequences, vocab] (float32), or None if none is sampled.
+        """Run one step. Returns logits [num sampled sequences, vocab] (float32), rows in the order of `sampled`,
+        or None if none is sampled.
         `prev_token_ids`: the previous step's sampled tokens on the device, for decode rows whose input token is
         still a placeholder (Sequence.pending_row names its row there)."""
         self.prompt_logprobs = []
