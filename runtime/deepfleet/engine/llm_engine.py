@@ -143,6 +143,7 @@ class LLMEngine:
         self._to_decode: list[tuple[Sequence, list[int]]] = []  # ended, text decoded once: (request, its tokens)
         self._in_flight: _Launched | None = None  # the launched step whose tokens are not taken in yet
         self._sampled_rows = SampledRows([])  # the last step's sampled sequences (engine/sampled_rows.py)
+        self._num_finished = 0  # requests ended so far
         # unfinished requests that are not argmax_only (reads_output ones among them): while there are none, a step
         # checks no row for either
         self._num_not_argmax = 0
@@ -330,6 +331,7 @@ class LLMEngine:
         self.requests.pop(seq.request_id, None)
         self._with_deadline.pop(seq.request_id, None)
         self._num_not_argmax -= not seq.argmax_only
+        self._num_finished += 1
 
     def step(self) -> list[RequestOutput]:
         """Schedule and launch this step, then (overlapped with the GPU running it) take in the previous step's
@@ -393,7 +395,7 @@ class LLMEngine:
         rows = self._sampled_rows
         result = self.sampler.sample(logits, rows.states, all_argmax)
         result.start_copy()
-        return _Launched(rows.seqs, rows.add_placeholders(), result)
+        return _Launched(rows, rows.add_placeholders(), result, self._num_finished)
 
     def _speculative_step(self, out) -> list[Sequence]:
         """Serial step with drafts (spec_decode/speculator.py): run, verify, append the emitted tokens, count only
@@ -441,10 +443,13 @@ class LLMEngine:
         and logprob work (`_append`) runs for the rows that need it: text built per token, an end token, the
         last token by length, logprobs asked. Returns the requests to report: the streamed ones (their text is built
         per token, so they take that path) and those that ended."""
-        reported, dropped = [], 0
         token_ids, sampled = launched.result.to_host_ids()
+        if sampled is None and launched.num_finished == self._num_finished:  # no logprobs, none of its rows ended
+            return self._take_in(launched, token_ids)
+        reported, dropped = [], 0
         append = self._append
-        for row, (seq, index, token_id) in enumerate(zip(launched.seqs, launched.indices, token_ids, strict=True)):
+        for row, (seq, index, token_id) in enumerate(zip(launched.rows.seqs, launched.indices, token_ids,
+                                                         strict=True)):
             if seq.status is FINISHED:
                 dropped += 1
                 continue
@@ -455,6 +460,17 @@ class LLMEngine:
                 if seq.stream or seq.status is FINISHED:
                     reported.append(seq)
         self.generation_tokens_total += len(token_ids) - dropped
+        return reported
+
+    def _take_in(self, launched: _Launched, token_ids: list[int]) -> list[Sequence]:
+        """`_resolve` for all rows at once (engine/sampled_rows.py), then `_append` for those that need it."""
+        reported, seqs, indices = [], launched.rows.seqs, launched.indices
+        for row in launched.rows.take_in(indices, token_ids):
+            seq = seqs[row]
+            self._append(seq, indices[row], token_ids[row])
+            if seq.stream or seq.status is FINISHED:
+                reported.append(seq)
+        self.generation_tokens_total += len(token_ids)
         return reported
 
     def _append(self, seq: Sequence, index: int, token_id: int, sampled: SampledToken | None = None) -> None:
@@ -511,6 +527,7 @@ def _reads_output(seqs: list[Sequence]) -> bool:
 
 @dataclass
 class _Launched:
-    seqs: list[Sequence]  # sampled sequences in row order
+    rows: SampledRows  # the sampled sequences in row order
     indices: list[int]  # their placeholders' indices in token_ids
     result: SampleResult
+    num_finished: int  # LLMEngine._num_finished at the launch: unchanged, none of its sequences ended since

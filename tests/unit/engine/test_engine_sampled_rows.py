@@ -21,3 +21,26 @@ def test_placeholders_rows_and_final_pending():
     assert not a.final_pending
     rows.add_placeholders()
     assert a.final_pending and a.token_ids[5] == PLACEHOLDER
+
+
+def _offline(rid: str, max_tokens: int) -> Sequence:
+    seq = Sequence(rid, None, [1], SamplingParams(max_tokens=max_tokens))
+    seq.text_per_token = False  # (as the engine sets it for a request not streamed, without stop strings)
+    return seq
+
+
+def test_take_in_writes_every_row_and_names_the_rows_that_need_work():
+    plain, ends, texted = _offline("plain", 9), _offline("ends", 9), _offline("texted", 9)
+    ends.end_ids = frozenset({42})
+    texted.text_per_token = True
+    last = _offline("last", 1)  # its first token is its last
+    rows = SampledRows([plain, ends, texted, last])
+    indices = rows.add_placeholders()
+    assert indices == [1, 1, 1, 1]
+    # 42 ends `ends`; on `plain` it is a row to check too (the engine finds it is not plain's end token)
+    assert rows.take_in(indices, [42, 7, 8, 9]) == [0, 2, 3]
+    assert [s.token_ids for s in (plain, ends, texted, last)] == [[1, 42], [1, 7], [1, 8], [1, 9]]
+    assert [s.output_token_ids for s in (plain, ends, texted, last)] == [[42], [7], [8], [9]]
+    indices = rows.add_placeholders()
+    assert rows.take_in(indices, [5, 42, 6, 6]) == [1, 2, 3]
+    assert plain.token_ids == [1, 42, 5] and ends.output_token_ids == [7, 42]
