@@ -241,15 +241,17 @@ class ModelRunner:
         # than one generator of tuples), the rest vectorized
         nd = len(decodes)
         positions = [seq.num_computed_tokens for seq in seqs]
-        dpos = np.array(positions, np.int64)
-        tokens = [seq.token_ids[p] for seq, p in zip(seqs, positions, strict=True)]
-        ids = np.array(tokens, np.int64)
+        dpos = np.fromiter(positions, np.int64, nd)
+        tokens = [seq.token_ids[seq.num_computed_tokens] for seq in seqs]
+        ids = np.fromiter(tokens, np.int64, nd)
         fill_dst = np.flatnonzero(ids < 0)  # sampled by the step still in flight: read on the device
-        fill_src = np.array([seqs[i].pending_row for i in fill_dst.tolist()], np.int64)
-        # a placeholder is its sequence's last token, so its row is sampled; a host token's row is sampled when it
-        # is its sequence's last (not when the budget cut a prompt chunk to one token)
         decode_rows = list(range(nd))
-        if len(fill_dst) < nd:
+        if len(fill_dst) == nd:  # (the steady state under async scheduling: every input token is in flight)
+            fill_src = np.fromiter([seq.pending_row for seq in seqs], np.int64, nd)
+        else:
+            fill_src = np.array([seqs[i].pending_row for i in fill_dst.tolist()], np.int64)
+            # a placeholder is its sequence's last token, so its row is sampled; a host token's row is sampled when
+            # it is its sequence's last (not when the budget cut a prompt chunk to one token)
             decode_rows = [i for i in decode_rows if tokens[i] < 0 or positions[i] + 1 == len(seqs[i].token_ids)]
         sampled = seqs if len(decode_rows) == nd else [seqs[i] for i in decode_rows]
         tab[:nd] = tables[table_rows[:nd], :width]
