@@ -12,6 +12,7 @@ are freed and it goes back to waiting, to be recomputed from its prompt plus the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import repeat
 
 from deepfleet.engine.block_manager import BlockManager
 from deepfleet.engine.sequence import RUNNING, Sequence, Status
@@ -77,6 +78,21 @@ class Scheduler:
         out.preempted.append(seq)
         self.num_preemptions += 1
 
+    def _decode_run(self, start: int, budget: int) -> int:
+        """The end of the run of running sequences from `start` that are decodes whose last block has room or gets
+        a free block now (the steady state: nobody to preempt), as far as `budget` tokens go. One tight loop: no
+        entry built, no counter kept per sequence."""
+        bs, running, allocate = self.blocks.block_size, self.running, self.blocks.allocate
+        stop = min(len(running), start + budget)
+        for end in range(start, stop):
+            seq = running[end]
+            computed = seq.num_computed_tokens
+            if seq.final_pending or len(seq.token_ids) - computed != 1:
+                return end
+            if computed >= len(seq.block_table) * bs and not allocate(seq, 1):  # (False: nothing changed)
+                return end
+        return stop
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
@@ -84,23 +100,18 @@ class Scheduler:
             self.running.sort(key=self.urgency)
             self._running_sorted = True
         chunks = False  # any scheduled prefill chunk (else the decodes-first order below holds already)
-        bs = self.blocks.block_size
         i, running, scheduled, decodes = 0, self.running, out.scheduled, 0
         while i < len(running) and budget > 0:
+            end = self._decode_run(i, budget)
+            if end > i:  # (their (sequence, 1) entries built in C)
+                scheduled.extend(zip(running[i:end], repeat(1)))
+                decodes, budget, i = decodes + end - i, budget - (end - i), end
+                continue
             seq = running[i]
             if seq.final_pending:  # its last token is still in flight: nothing to compute
                 i += 1
                 continue
-            computed = seq.num_computed_tokens
-            n = len(seq.token_ids) - computed
-            if n > budget:
-                n = budget
-            if n == 1 and computed < len(seq.block_table) * bs:  # a decode with room in its block
-                scheduled.append((seq, 1))
-                decodes += 1
-                budget -= 1
-                i += 1
-                continue
+            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
             while not self.blocks.allocate(seq, n):
                 victim = self.running[-1]  # least urgent, newest
                 self._preempt(victim, out)
