@@ -444,7 +444,8 @@ class LLMEngine:
         last token by length, logprobs asked. Returns the requests to report: the streamed ones (their text is built
         per token, so they take that path) and those that ended."""
         token_ids, sampled = launched.result.to_host_ids()
-        if sampled is None and launched.num_finished == self._num_finished:  # no logprobs, none of its rows ended
+        # no logprobs, none of its rows ended, some row without per-token text: all rows at once
+        if sampled is None and launched.num_finished == self._num_finished and not launched.rows.all_per_token:
             return self._take_in(launched, token_ids)
         reported, dropped = [], 0
         append = self._append

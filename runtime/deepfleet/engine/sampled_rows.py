@@ -26,6 +26,7 @@ class SampledRows:
         self._outputs = [seq.sampling.output_token_ids for seq in seqs]
         self._last_index = np.array([seq.last_index for seq in seqs], np.int64)
         self._per_token = np.array([seq.text_per_token for seq in seqs], bool)
+        self.all_per_token = bool(self._per_token.all())  # (streams: take_in would find every row, for nothing)
         self._end_ids = np.array(sorted(set().union(*(seq.end_ids for seq in seqs))), np.int64)
         for row, seq in enumerate(seqs):
             seq.pending_row = row

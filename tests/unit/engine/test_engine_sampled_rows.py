@@ -35,6 +35,7 @@ def test_take_in_writes_every_row_and_names_the_rows_that_need_work():
     texted.text_per_token = True
     last = _offline("last", 1)  # its first token is its last
     rows = SampledRows([plain, ends, texted, last])
+    assert not rows.all_per_token and SampledRows([texted]).all_per_token  # (streams take the per-row loop)
     indices = rows.add_placeholders()
     assert indices == [1, 1, 1, 1]
     # 42 ends `ends`; on `plain` it is a row to check too (the engine finds it is not plain's end token)
