@@ -446,7 +446,7 @@ class LLMEngine:
         token_ids, sampled = launched.result.to_host_ids()
         # no logprobs, none of its rows ended, some row without per-token text: all rows at once
         if sampled is None and launched.num_finished == self._num_finished and not launched.rows.all_per_token:
-            return self._take_in(launched, token_ids)
+            return self._resolve_all_rows(launched, token_ids)
         reported, dropped = [], 0
         append = self._append
         for row, (seq, index, token_id) in enumerate(zip(launched.rows.seqs, launched.indices, token_ids,
@@ -463,7 +463,7 @@ class LLMEngine:
         self.generation_tokens_total += len(token_ids) - dropped
         return reported
 
-    def _take_in(self, launched: _Launched, token_ids: list[int]) -> list[Sequence]:
+    def _resolve_all_rows(self, launched: _Launched, token_ids: list[int]) -> list[Sequence]:
         """`_resolve` for all rows at once (engine/sampled_rows.py), then `_append` for those that need it."""
         reported, seqs, indices = [], launched.rows.seqs, launched.indices
         for row in launched.rows.take_in(indices, token_ids):
