@@ -303,13 +303,13 @@ def _v3_decode(model, layers: int, b: int, ctx: int = 128, bs: int = 16):
 def choose_start_up_paths(model) -> None:
     """What the engine's start-up does before capturing its batch-1 graph (engine/model_runner.py): per projection
     shape the one-row GEMV or the default kernel, and what else models/layers.py choose_gemv times, by timing."""
-    from deepfleet.models.layers import choose_gemv
+    from deepfleet.models.layers import choose_gemv, one_row_sites
 
     t0 = time.time()
     timings = choose_gemv(model, DEV, torch.bfloat16)
     chosen = {f"{n}x{k}{' silu' if silu else ''}": tiles if gemv < default else None
               for (n, k, silu), (default, gemv, tiles) in timings.items()}
-    moe = [m for m in model.modules() if hasattr(m, "one_row_tiles")]
+    moe = [m for modules in one_row_sites(model).values() for m in modules]
     print(f"start-up choices ({time.time() - t0:.1f} s): {chosen}; MoE one-row tiles "
           f"{moe[0].one_row_tiles if moe else 'n/a'}", flush=True)
 
